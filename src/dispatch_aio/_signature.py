@@ -1,0 +1,593 @@
+"""HTTP Message Signatures (RFC 9421, Ed25519) and Content-Digest (RFC 9530), Dispatch profile.
+
+A signed Run request carries ``Content-Digest: sha-512=:<b64>:``, ``Signature-Input`` and
+``Signature`` headers. The single signature (label ``dispatch``) covers ``"@method" "@path"
+"@authority" "content-type" "content-digest"`` with the parameters
+``created=<unix seconds>;keyid="default";alg="ed25519"``.
+
+Verification failures come in two kinds, matching the endpoint's HTTP answers:
+
+* ``MalformedSignatureError`` (401 ``unauthenticated``): a header, parameter or covered
+  component is missing, unsupported or not valid structured-field syntax (RFC 8941).
+* ``InvalidSignatureError`` (403 ``permission_denied``): the request is well formed but does not
+  check out: wrong key id, algorithm or signature, body digest mismatch, stale or expired.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TypeVar, cast
+from urllib.parse import urlsplit
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+__all__ = [
+    "InvalidSignatureError",
+    "MalformedSignatureError",
+    "SignatureError",
+    "content_digest",
+    "load_private_key",
+    "load_public_key",
+    "private_key_to_pem",
+    "public_key_to_base64",
+    "sign_request",
+    "verify_request",
+]
+
+_REQUIRED_COMPONENTS = ("@method", "@path", "@authority", "content-type", "content-digest")
+_ALLOWED_PARAMS = frozenset({"alg", "created", "expires", "keyid", "nonce"})
+_CLOCK_SKEW = 5  # seconds a signer's clock may run ahead; also grace after expiry
+_MAX_AGE = 300  # seconds a signature stays acceptable after `created`
+_DIGESTS = MappingProxyType({"sha-512": "sha512", "sha-256": "sha256"})  # preference order
+
+_KEY = re.compile(r"[a-z*][a-z0-9_.*-]*")
+_BARE = re.compile(  # RFC 8941 bare items; the group name says which kind matched
+    r"(?P<dec>-?[0-9]{1,12}\.[0-9]{1,3})|(?P<int>-?[0-9]{1,15})"
+    r'|"(?P<str>(?:[ !#-\[\]-~]|\\["\\])*)"'
+    r"|:(?P<bin>[A-Za-z0-9+/=]*):|\?(?P<bool>[01])|(?P<tok>[A-Za-z*][-!#$%&'*+.^_`|~:/A-Za-z0-9]*)"
+)
+_T = TypeVar("_T")
+
+
+class SignatureError(Exception):
+    """Base class of request signature failures."""
+
+
+class MalformedSignatureError(SignatureError):
+    """A signature header, parameter or covered component is missing or malformed (HTTP 401)."""
+
+
+class InvalidSignatureError(SignatureError):
+    """The signature is well formed but wrong, stale or does not match the request (HTTP 403)."""
+
+
+# --- RFC 8941 structured fields: the subset HTTP signatures need ------------------------------
+
+
+class _Token(str):
+    """An sf-token, kept distinct from an sf-string (``keyid=default`` is not ``"default"``)."""
+
+    __slots__ = ()
+
+
+_Bare = int | float | str | bytes | bool
+
+
+@dataclass(frozen=True)
+class _Item:
+    value: _Bare
+    params: dict[str, _Bare]
+
+
+@dataclass(frozen=True)
+class _InnerList:
+    items: list[_Item]
+    params: dict[str, _Bare]
+
+
+class _Parser:
+    """Parser for an RFC 8941 dictionary (section 4.2), failing with MalformedSignatureError."""
+
+    def __init__(self, text: str, field: str) -> None:
+        self._s = text
+        self._i = 0
+        self._field = field
+
+    def _fail(self, what: str) -> MalformedSignatureError:
+        where = f"at character {self._i}"
+        return MalformedSignatureError(f"malformed {self._field} header: {what} {where}")
+
+    def _peek(self) -> str:
+        return self._s[self._i] if self._i < len(self._s) else ""
+
+    def _skip(self, chars: str) -> None:
+        while self._i < len(self._s) and self._s[self._i] in chars:
+            self._i += 1
+
+    def dictionary(self) -> dict[str, _Item | _InnerList]:
+        members: dict[str, _Item | _InnerList] = {}
+        self._skip(" ")
+        while self._i < len(self._s):
+            key = self._key()
+            if self._peek() == "=":
+                self._i += 1
+                members[key] = self._inner_list() if self._peek() == "(" else self._item()
+            else:
+                members[key] = _Item(True, self._params())
+            self._skip(" \t")
+            if self._i == len(self._s):
+                break
+            if self._peek() != ",":
+                raise self._fail("expected ',' between members")
+            self._i += 1
+            self._skip(" \t")
+            if self._i == len(self._s):
+                raise self._fail("trailing ','")
+        return members
+
+    def _inner_list(self) -> _InnerList:
+        self._i += 1
+        items: list[_Item] = []
+        while True:
+            self._skip(" ")
+            if self._peek() == ")":
+                self._i += 1
+                return _InnerList(items, self._params())
+            if not self._peek():
+                raise self._fail("unterminated inner list")
+            items.append(self._item())
+            if self._peek() and self._peek() not in " )":
+                raise self._fail("expected ' ' or ')' in inner list")
+
+    def _item(self) -> _Item:
+        return _Item(self._bare(), self._params())  # arguments evaluate left to right
+
+    def _params(self) -> dict[str, _Bare]:
+        params: dict[str, _Bare] = {}
+        while self._peek() == ";":
+            self._i += 1
+            self._skip(" ")
+            key = self._key()
+            value: _Bare = True
+            if self._peek() == "=":
+                self._i += 1
+                value = self._bare()
+            params[key] = value
+        return params
+
+    def _key(self) -> str:
+        m = _KEY.match(self._s, self._i)
+        if m is None:
+            raise self._fail("expected a lowercase key")
+        self._i = m.end()
+        return m.group()
+
+    def _bare(self) -> _Bare:
+        m = _BARE.match(self._s, self._i)
+        if m is None or m.lastgroup is None:
+            what = {'"': "string", ":": "byte sequence"}.get(self._peek(), "item")
+            raise self._fail(f"invalid or unterminated {what}")
+        self._i, kind, text = m.end(), m.lastgroup, m.group(m.lastgroup)
+        if kind == "bin":
+            try:
+                return base64.b64decode(text, validate=True)
+            except ValueError:
+                raise self._fail("invalid base64 in byte sequence") from None
+        if kind == "str":
+            return re.sub(r"\\(.)", r"\1", text)
+        if kind == "tok":
+            return _Token(text)
+        return text == "1" if kind == "bool" else float(text) if kind == "dec" else int(text)
+
+
+def _ser_bare(value: _Bare) -> str:
+    if isinstance(value, bool):
+        return "?1" if value else "?0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = f"{value:.3f}".rstrip("0")
+        return text + "0" if text.endswith(".") else text
+    if isinstance(value, bytes):
+        return ":" + base64.b64encode(value).decode("ascii") + ":"
+    if isinstance(value, _Token):
+        return str(value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ser_params(params: Mapping[str, _Bare]) -> str:
+    return "".join(f";{k}" if v is True else f";{k}={_ser_bare(v)}" for k, v in params.items())
+
+
+def _ser_inner_list(value: _InnerList) -> str:
+    inner = " ".join(_ser_bare(i.value) + _ser_params(i.params) for i in value.items)
+    return f"({inner}){_ser_params(value.params)}"
+
+
+# --- Signature base (RFC 9421 section 2.5) ------------------------------------------------------
+
+_Headers = Sequence[tuple[str, str]]
+
+
+def _header_values(headers: _Headers, name: str) -> list[str]:
+    name = name.lower()
+    return [value for key, value in headers if key.lower() == name]
+
+
+def _parse_header(headers: _Headers, name: str) -> dict[str, _Item | _InnerList]:
+    values = _header_values(headers, name)
+    if not values:
+        raise MalformedSignatureError(
+            f"the request has no {name} header; requests must be signed (RFC 9421)"
+        )
+    return _Parser(", ".join(values), name).dictionary()
+
+
+def _derived(name: str, method: str, url: str) -> str:
+    parts = urlsplit(url)
+    if name == "@method":
+        return method.upper()
+    if name == "@scheme":
+        return parts.scheme.lower()
+    if name == "@authority":
+        # Without userinfo or a default port, as the Go SDK signs it.
+        host = parts.netloc.rpartition("@")[2].lower()
+        default_port = {"http": ":80", "https": ":443"}.get(parts.scheme.lower())
+        return host.removesuffix(default_port) if default_port else host
+    if name == "@target-uri":
+        return url.partition("#")[0]
+    path = parts.path or "/"
+    if name == "@path":
+        return path
+    if name == "@query":
+        return "?" + parts.query
+    if name == "@request-target":
+        return path + ("?" + parts.query if parts.query else "")
+    raise MalformedSignatureError(f"the signature covers unsupported component {name!r}")
+
+
+def _signature_base(method: str, url: str, headers: _Headers, covered: _InnerList) -> str:
+    """Build the signature base for the covered components and parameters in ``covered``."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for item in covered.items:
+        name = item.value
+        if not isinstance(name, str) or isinstance(name, _Token):
+            raise MalformedSignatureError(
+                f"covered component {_ser_bare(name)} must be a quoted string"
+            )
+        if item.params:
+            raise MalformedSignatureError(f"component parameters are not supported ({name!r})")
+        if name in seen or name != name.lower() or name == "@signature-params":
+            raise MalformedSignatureError(f"invalid or repeated covered component {name!r}")
+        seen.add(name)
+        if name.startswith("@"):
+            value = _derived(name, method, url)
+        else:
+            values = _header_values(headers, name)
+            if not values:
+                raise MalformedSignatureError(
+                    f"the signature covers the {name!r} header but the request has none"
+                )
+            value = ", ".join(v.strip() for v in values)
+        if "\n" in value or "\r" in value:
+            raise MalformedSignatureError(f"component {name!r} contains a line break")
+        lines.append(f"{_ser_bare(name)}: {value}")
+    lines.append(f'"@signature-params": {_ser_inner_list(covered)}')
+    base = "\n".join(lines)
+    if not base.isascii():
+        raise MalformedSignatureError("covered component values must be ASCII")
+    return base
+
+
+def _sign(
+    key: Ed25519PrivateKey,
+    method: str,
+    url: str,
+    headers: _Headers,
+    components: Sequence[str],
+    params: Mapping[str, _Bare],
+    label: str,
+) -> tuple[str, str]:
+    """Sign ``components`` with ``params``; return the Signature-Input and Signature values."""
+    if not _KEY.fullmatch(label):
+        raise ValueError(f"invalid signature label {label!r}: use lowercase letters, digits, _-.*")
+    covered = _InnerList([_Item(c, {}) for c in components], dict(params))
+    try:
+        base = _signature_base(method, url, headers, covered)
+    except MalformedSignatureError as exc:
+        raise ValueError(f"cannot sign the request: {exc}") from None
+    signature = key.sign(base.encode("ascii"))
+    return f"{label}={_ser_inner_list(covered)}", f"{label}={_ser_bare(signature)}"
+
+
+def content_digest(body: bytes, algorithm: str = "sha-512") -> str:
+    """Compute an RFC 9530 ``Content-Digest`` header value.
+
+    Args:
+        body: The message body.
+        algorithm: ``"sha-512"`` (default) or ``"sha-256"``.
+
+    Returns:
+        The header value, e.g. ``"sha-512=:<base64>:"``.
+
+    Raises:
+        ValueError: If ``algorithm`` is not supported.
+    """
+    if algorithm not in _DIGESTS:
+        raise ValueError(f"unsupported digest algorithm {algorithm!r}; use 'sha-512' or 'sha-256'")
+    return f"{algorithm}={_ser_bare(hashlib.new(_DIGESTS[algorithm], body).digest())}"
+
+
+def sign_request(
+    key: Ed25519PrivateKey,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    created: int | None = None,
+    label: str = "dispatch",
+    key_id: str = "default",
+) -> dict[str, str]:
+    """Sign a request the way the Dispatch scheduler does.
+
+    Args:
+        key: The Ed25519 signing key.
+        method: The HTTP method.
+        url: The absolute request URL (its host and path are signed).
+        headers: The request headers; must include ``Content-Type`` (a signed component).
+        body: The request body, digested into ``Content-Digest``.
+        created: Signature creation time in Unix seconds (default: now).
+        label: The signature label.
+        key_id: The ``keyid`` parameter.
+
+    Returns:
+        The headers to add: ``Content-Digest``, ``Signature-Input`` and ``Signature``.
+
+    Raises:
+        ValueError: If ``headers`` has no Content-Type, or the URL, label or key id is unusable.
+    """
+    pairs = [(k, v) for k, v in headers.items() if k.lower() != "content-digest"]
+    if not _header_values(pairs, "content-type"):
+        raise ValueError("cannot sign a request without a Content-Type header (it is signed)")
+    if not urlsplit(url).netloc:
+        raise ValueError(f"cannot sign request URL {url!r}: it must be absolute (scheme://host/…)")
+    if not key_id.isascii() or not key_id.isprintable():
+        raise ValueError(f"key id {key_id!r} must be printable ASCII")
+    digest = content_digest(body)
+    pairs.append(("Content-Digest", digest))
+    when = int(time.time()) if created is None else created
+    params: dict[str, _Bare] = {"created": when, "keyid": key_id, "alg": "ed25519"}
+    sig_input, signature = _sign(key, method, url, pairs, _REQUIRED_COMPONENTS, params, label)
+    return {"Content-Digest": digest, "Signature-Input": sig_input, "Signature": signature}
+
+
+def verify_request(
+    key: Ed25519PublicKey,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float | None = None,
+) -> None:
+    """Verify a request signed per the Dispatch profile (see the module docstring).
+
+    Args:
+        key: The verification key.
+        method: The HTTP method.
+        url: The absolute request URL as the server saw it.
+        headers: The request headers; a multidict's repeated fields are joined with ``", "``.
+        body: The request body.
+        now: The current Unix time (default: the system clock).
+
+    Raises:
+        MalformedSignatureError: A signature header, parameter or component is missing or malformed.
+        InvalidSignatureError: The signature or digest does not match, or is stale or expired.
+    """
+    _verify(key, method, url, headers, body, now=now)
+
+
+def _verify(
+    key: Ed25519PublicKey,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float | None = None,
+    required_components: Sequence[str] = _REQUIRED_COMPONENTS,
+    key_id: str = "default",
+) -> None:
+    """Verify with configurable requirements; every shape check precedes every value check."""
+    pairs = list(headers.items())
+    inputs = _parse_header(pairs, "Signature-Input")
+    signatures = _parse_header(pairs, "Signature")
+    if len(inputs) != 1 or len(signatures) != 1:
+        raise MalformedSignatureError(
+            f"expected exactly one signature, found {len(inputs)} in Signature-Input "
+            f"({', '.join(inputs)}) and {len(signatures)} in Signature ({', '.join(signatures)})"
+        )
+    ((label, covered),) = inputs.items()
+    sig_item = signatures.get(label)
+    if not isinstance(covered, _InnerList):
+        raise MalformedSignatureError(
+            f'Signature-Input {label!r} must be an inner list ("@method" …)'
+        )
+    if not isinstance(sig_item, _Item) or not isinstance(sig_item.value, bytes):
+        raise MalformedSignatureError(f"Signature must hold a byte sequence labelled {label!r}")
+    params = covered.params
+    if unknown := sorted(set(params) - _ALLOWED_PARAMS):
+        raise MalformedSignatureError(
+            f"unsupported signature parameter(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(_ALLOWED_PARAMS))}"
+        )
+    created, expires = _param(params, "created", int), _param(params, "expires", int)
+    keyid, alg = _param(params, "keyid", str), _param(params, "alg", str)
+    _param(params, "nonce", str)
+    if created is None or keyid is None:
+        raise MalformedSignatureError("the signature must have 'created' and 'keyid' parameters")
+    claimed, actual = _digests(pairs, body)
+    base = _signature_base(method, url, pairs, covered)
+    names = [item.value for item in covered.items]
+    if missing := [c for c in required_components if c not in names]:
+        raise MalformedSignatureError(
+            f"the signature does not cover required component(s) {' '.join(missing)}"
+        )
+
+    if keyid != key_id:
+        raise InvalidSignatureError(f"unknown signature keyid {keyid!r}; expected {key_id!r}")
+    if alg is not None and alg != "ed25519":
+        raise InvalidSignatureError(f"unexpected signature alg {alg!r}; expected 'ed25519'")
+    current = time.time() if now is None else now
+    if created > current + _CLOCK_SKEW:
+        raise InvalidSignatureError(
+            f"signature created {created - current:.0f} s in the future "
+            f"(allowed clock skew {_CLOCK_SKEW} s); check the signer's clock"
+        )
+    if created + _MAX_AGE < current - _CLOCK_SKEW:
+        raise InvalidSignatureError(
+            f"signature is too old: created {current - created:.0f} s ago (max {_MAX_AGE} s)"
+        )
+    if expires is not None and expires < current - _CLOCK_SKEW:
+        raise InvalidSignatureError(f"signature expired {current - expires:.0f} s ago")
+    if not hmac.compare_digest(claimed, actual):
+        raise InvalidSignatureError(
+            "digest of the request body does not match the Content-Digest header"
+        )
+    try:
+        key.verify(sig_item.value, base.encode("ascii"))
+    except InvalidSignature:
+        raise InvalidSignatureError(
+            "request signature does not match the request and verification key"
+        ) from None
+
+
+def _param(params: Mapping[str, _Bare], name: str, kind: type[_T]) -> _T | None:
+    value = params.get(name)
+    if value is not None and type(value) is not kind:  # exact: bool is no int, token no str
+        what = "an integer" if kind is int else "a quoted string"
+        raise MalformedSignatureError(f"signature parameter {name!r} must be {what}")
+    return value
+
+
+def _digests(headers: _Headers, body: bytes) -> tuple[bytes, bytes]:
+    """Return (claimed, actual) digests using the preferred algorithm present."""
+    members = _parse_header(headers, "Content-Digest")
+    for algorithm, hash_name in _DIGESTS.items():
+        if (member := members.get(algorithm)) is not None:
+            if not isinstance(member, _Item) or not isinstance(member.value, bytes):
+                raise MalformedSignatureError(f"Content-Digest {algorithm} must be a byte sequence")
+            return member.value, hashlib.new(hash_name, body).digest()
+    raise MalformedSignatureError(
+        f"Content-Digest has no sha-512 or sha-256 member (found: {', '.join(members) or 'none'})"
+    )
+
+
+# --- Keys -----------------------------------------------------------------------------------
+
+
+def _load_key(value: str | bytes, private: bool) -> Ed25519PrivateKey | Ed25519PublicKey:
+    kind, sizes = ("private", (32, 64)) if private else ("public", (32,))
+    if isinstance(value, bytes) and len(value) == 32:
+        raw = value
+    else:
+        try:
+            text = value.decode("ascii") if isinstance(value, bytes) else value
+        except UnicodeDecodeError:
+            raise ValueError(f"{kind} key bytes are neither 32 raw bytes nor ASCII") from None
+        text = text.strip().replace("\\n", "\n")  # env vars often carry PEM with literal "\n"
+        if "-----BEGIN" in text:
+            if ("PRIVATE KEY" in text) != private:
+                other = "public" if private else "private"
+                raise ValueError(f"got a {other} key where the {kind} key was expected")
+            try:
+                data = text.encode("ascii")
+                key = (
+                    serialization.load_pem_private_key(data, password=None)
+                    if private
+                    else serialization.load_pem_public_key(data)
+                )
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                fmt = "unencrypted PKCS#8" if private else "SubjectPublicKeyInfo"
+                raise ValueError(f"not a valid PEM {kind} key (expected {fmt})") from None
+            if not isinstance(key, Ed25519PrivateKey | Ed25519PublicKey):
+                raise ValueError(f"PEM {kind} key is {type(key).__name__}, not Ed25519")
+            return key
+        try:
+            raw = base64.b64decode(text, validate=True)
+            problem = "" if len(raw) in sizes else f"base64 of {len(raw)} bytes"
+        except ValueError:
+            problem = "not valid base64"
+        if problem:
+            raise ValueError(
+                f"not a PEM Ed25519 {kind} key nor base64 of 32 bytes ({problem}); expected "
+                f"'-----BEGIN {kind.upper()} KEY-----…' or standard base64 of the raw 32 bytes"
+            )
+    if not private:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    key = Ed25519PrivateKey.from_private_bytes(raw[:32])
+    if len(raw) == 64 and raw[32:] != key.public_key().public_bytes_raw():
+        raise ValueError("64-byte private key: its second half is not the matching public key")
+    return key
+
+
+def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
+    r"""Load an Ed25519 verification key.
+
+    Args:
+        value: PEM SubjectPublicKeyInfo (literal ``\n`` sequences allowed), standard base64 of
+            the raw 32-byte key, 32 raw bytes, or a key object.
+
+    Returns:
+        The public key.
+
+    Raises:
+        ValueError: If the value is not an Ed25519 public key in one of those forms.
+    """
+    if isinstance(value, Ed25519PublicKey):
+        return value
+    return cast(Ed25519PublicKey, _load_key(value, private=False))
+
+
+def load_private_key(value: str | bytes | Ed25519PrivateKey) -> Ed25519PrivateKey:
+    r"""Load an Ed25519 signing key.
+
+    Args:
+        value: Unencrypted PEM PKCS#8 (literal ``\n`` sequences allowed), standard base64 of
+            the raw 32-byte seed (or of the 64-byte seed+public form), 32 raw bytes, or a key.
+
+    Returns:
+        The private key.
+
+    Raises:
+        ValueError: If the value is not an Ed25519 private key in one of those forms. The
+            message never contains key material.
+    """
+    if isinstance(value, Ed25519PrivateKey):
+        return value
+    return cast(Ed25519PrivateKey, _load_key(value, private=True))
+
+
+def public_key_to_base64(key: Ed25519PublicKey) -> str:
+    """Return the standard base64 of the raw 32-byte public key."""
+    return base64.b64encode(key.public_bytes_raw()).decode("ascii")
+
+
+def private_key_to_pem(key: Ed25519PrivateKey) -> str:
+    """Return the key as unencrypted PEM PKCS#8 (``-----BEGIN PRIVATE KEY-----``)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
