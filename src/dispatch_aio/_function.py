@@ -1,0 +1,99 @@
+"""Function: a registered async function, called durably inside a run and in process outside."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, NoReturn, ParamSpec, TypeVar
+
+from ._codec import encode_input
+from .durable import TailCall, durable_call, in_durable_function
+
+__all__ = ["FUNCTION_NAME", "Function", "check_function_name"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The protocol's function name pattern; '-' is not allowed.
+FUNCTION_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_<>.]*")
+
+
+def check_function_name(name: str) -> str:
+    """Return ``name`` if the protocol accepts it as a function name.
+
+    Raises:
+        ValueError: The name does not match ``^[a-zA-Z_][a-zA-Z0-9_<>.]*$``.
+    """
+    if not FUNCTION_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid function name {name!r}: names must match ^[a-zA-Z_][a-zA-Z0-9_<>.]*$ "
+            "(letters, digits, '_', '.', '<', '>'; no '-'); pass name= to choose another"
+        )
+    return name
+
+
+def _call_site(depth: int) -> str:
+    frame = sys._getframe(depth + 1)
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class Function(Generic[P, R]):
+    """A registered async function.
+
+    Inside a function run by Dispatch, calling it makes a durable call: the
+    scheduler runs it (possibly elsewhere) and its result is journaled.
+    Outside, calling it simply runs the function in process.
+    """
+
+    def __init__(self, fn: Callable[P, Coroutine[Any, Any, R]], name: str | None = None) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"{getattr(fn, '__qualname__', fn)!r} is not an async function: durable "
+                "functions are declared with `async def`"
+            )
+        self._fn = fn
+        self._name = check_function_name(name if name is not None else fn.__qualname__)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    @property
+    def name(self) -> str:
+        """The name the function is registered and called under."""
+        return self._name
+
+    @property
+    def fn(self) -> Callable[P, Coroutine[Any, Any, R]]:
+        """The undecorated coroutine function."""
+        return self._fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        """Call the function: durably inside a run, in process outside one."""
+        if in_durable_function():
+            input = encode_input(args, kwargs, function=self._name)
+            return durable_call(self._name, input, call_site=_call_site(1))
+        return self._fn(*args, **kwargs)
+
+    def tail_call(self, *args: P.args, **kwargs: P.kwargs) -> NoReturn:
+        """End the running durable function by handing its call over to this function.
+
+        The scheduler runs this function with the given arguments under the
+        same dispatch id; its result becomes the result of the original call.
+        Only valid inside a function run by Dispatch::
+
+            @dispatch.function
+            async def countdown(n: int) -> str:
+                if n == 0:
+                    return "done"
+                countdown.tail_call(n - 1)
+
+        Raises:
+            RuntimeError: Called outside a durable function.
+        """
+        if not in_durable_function():
+            raise RuntimeError(f"{self._name}.tail_call() is only valid inside a durable function")
+        raise TailCall(self._name, encode_input(args, kwargs, function=self._name))
+
+    def __repr__(self) -> str:
+        return f"<Function {self._name}>"

@@ -1,0 +1,38 @@
+"""The durable engine: runs one RunRequest on a deterministic, replayable event loop.
+
+It knows nothing about HTTP; the endpoint hands it requests and sends back
+its responses.
+"""
+
+from ._context import (
+    TailCall,
+    current_run,
+    durable_call,
+    get_logger,
+    in_durable_function,
+    now,
+    random,
+    run_on_host,
+    uuid4,
+)
+from ._journal import JOURNAL_TYPE_URL, JOURNAL_VERSION
+from ._loop import Clock, DurableLoop
+from ._runner import Run, Runner
+
+__all__ = [
+    "JOURNAL_TYPE_URL",
+    "JOURNAL_VERSION",
+    "Clock",
+    "DurableLoop",
+    "Run",
+    "Runner",
+    "TailCall",
+    "current_run",
+    "durable_call",
+    "get_logger",
+    "in_durable_function",
+    "now",
+    "random",
+    "run_on_host",
+    "uuid4",
+]

@@ -1,0 +1,646 @@
+"""DurableLoop: the event loop that durable functions run on.
+
+The loop is stepped by its owner (the run in ``_runner.py``) from the host
+event loop: each step installs the durable loop as the running loop, runs the
+ready callbacks in FIFO order until none are left, and restores the host loop.
+It never runs by itself. Timers made by tasks are durable: they carry an
+identity derived from program position and fire only when the owner says so,
+which is what makes replay deterministic. I/O (sockets, DNS, executors,
+subprocesses) is forwarded to the host loop, whose results complete futures
+of this loop and wake its owner.
+
+Every use of asyncio's private API is in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import heapq
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, TypeVar
+
+from ..errors import HostLoopError
+
+__all__ = ["Clock", "DurableFuture", "DurableLoop", "DurableTask", "Timer"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# A single callback running longer than this blocks the whole endpoint.
+_SLOW_CALLBACK = 2.0
+
+_HOST_LOOP_HINT = (
+    "an object bound to the host event loop (for example an aiohttp ClientSession or a "
+    "connection pool created outside the function) was awaited inside a durable function; "
+    "create it inside the function, or run the code that uses it with "
+    "`await dispatch_aio.run_on_host(coro)`"
+)
+
+
+class Clock:
+    """The wall clock of live runs; tests substitute a virtual one."""
+
+    def time(self) -> float:
+        """Return the current time in unix seconds."""
+        return time.time()
+
+    async def wait(self, wake: asyncio.Event, deadline: float | None, *, idle: bool) -> None:
+        """Wait on the host loop until ``wake`` is set or the clock reaches ``deadline``.
+
+        ``idle`` says that nothing but timers can wake the loop (no I/O in
+        flight): a virtual clock may then jump to the deadline.
+        """
+        timeout = None if deadline is None else max(0.0, deadline - self.time())
+        try:
+            async with asyncio.timeout(timeout):
+                await wake.wait()
+        except TimeoutError:
+            pass
+
+
+class DurableFuture(asyncio.Future[_T]):
+    """A future whose hash is its creation number, so sets of them iterate alike on replay."""
+
+    def __init__(self, *, loop: DurableLoop) -> None:
+        super().__init__(loop=loop)
+        self._seq = loop._next_seq()
+
+    def __hash__(self) -> int:
+        return self._seq
+
+
+class DurableTask(asyncio.Task[_T]):
+    """A task with a durable path: its parent's path and its index among the parent's children.
+
+    The path, and a counter of durable operations (calls, timers) made by the
+    task, give every durable operation an identity that depends only on
+    program position.
+    """
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, _T],
+        *,
+        loop: DurableLoop,
+        path: str,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> None:
+        self._seq = loop._next_seq()
+        self._path = path
+        self._children = 0
+        self._ops = 0
+        super().__init__(coro, loop=loop, name=name, context=context)
+
+    def __hash__(self) -> int:
+        return self._seq
+
+    @property
+    def path(self) -> str:
+        """Position of the task in the task tree, e.g. ``"0.2.1"``."""
+        return self._path
+
+    def next_identity(self) -> str:
+        """Return the identity of the next durable operation made by this task."""
+        ident = f"{self._path}#{self._ops}"
+        self._ops += 1
+        return ident
+
+    def child_path(self) -> str:
+        """Return the path of the next task created by this task."""
+        path = f"{self._path}.{self._children}"
+        self._children += 1
+        return path
+
+
+class Timer(asyncio.TimerHandle):
+    """A timer handle; durable when it has an identity."""
+
+    __slots__ = ("fired", "identity", "seq")
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        loop: DurableLoop,
+        context: contextvars.Context | None,
+        identity: str | None,
+        seq: int,
+    ) -> None:
+        super().__init__(when, callback, args, loop, context)
+        self.identity = identity
+        self.seq = seq
+        self.fired = False
+
+    @property
+    def dead(self) -> bool:
+        """Whether the timer was cancelled or already fired."""
+        return bool(self._cancelled) or self.fired
+
+
+class DurableLoop(asyncio.AbstractEventLoop):
+    """An event loop stepped by its owner; see the module docstring.
+
+    Args:
+        host: The event loop that serves the endpoint; I/O is forwarded to it.
+        clock: Source of wall-clock time while the run is live.
+        start_time: Durable time (unix seconds) at which the run started.
+    """
+
+    def __init__(
+        self,
+        host: asyncio.AbstractEventLoop,
+        clock: Clock,
+        start_time: float,
+    ) -> None:
+        self._host = host
+        self._clock = clock
+        self._ready: collections.deque[asyncio.Handle] = collections.deque()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._durable_timers: dict[str, Timer] = {}
+        self._seq = 0
+        self._orphans = 0
+        self._stepping = False
+        self._closed = False
+        self._debug = False
+        self._exception_handler: Callable[..., object] | None = None
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._wake: asyncio.Event | None = None
+        # Replaying: time() is the time of the epoch being replayed.
+        self.replaying = False
+        self._epoch_time = start_time
+        # Set by the owner, read by code inside the run (see _context.py).
+        self.owner: Any = None
+
+    # -- owner interface -------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def set_epoch_time(self, when: float) -> None:
+        """Set the durable time of the epoch being applied."""
+        self._epoch_time = when
+
+    def create_root_task(self, coro: Coroutine[Any, Any, _T]) -> DurableTask[_T]:
+        """Create the task that runs the function itself (path ``"0"``)."""
+        return DurableTask(coro, loop=self, path="0")
+
+    def has_ready(self) -> bool:
+        """Whether callbacks are waiting to run."""
+        return bool(self._ready)
+
+    @property
+    def io_inflight(self) -> int:
+        """Number of forwarded I/O operations still running on the host loop."""
+        return len(self._inflight)
+
+    def step(self) -> None:
+        """Run ready callbacks, in order, until none are left."""
+        ready = self._ready
+        if not ready:
+            return
+        host = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        self._stepping = True
+        try:
+            while ready:
+                handle = ready.popleft()
+                if handle._cancelled:
+                    continue
+                started = time.monotonic()
+                handle._run()
+                elapsed = time.monotonic() - started
+                if elapsed > _SLOW_CALLBACK:
+                    logger.warning(
+                        "a durable function blocked the event loop for %.1f s in %r; "
+                        "use asyncio.to_thread() for blocking work",
+                        elapsed,
+                        handle,
+                    )
+        finally:
+            self._stepping = False
+            asyncio.events._set_running_loop(host)
+
+    def next_timer(self, *, durable: bool | None = None) -> Timer | None:
+        """Return the earliest pending timer (only durable or non-durable ones if asked)."""
+        self._prune_timers()
+        if durable is None:
+            return self._timers[0][2] if self._timers else None
+        best: Timer | None = None
+        for _, _, timer in self._timers:
+            if timer.dead or (timer.identity is not None) != durable:
+                continue
+            if best is None or (timer.when(), timer.seq) < (best.when(), best.seq):
+                best = timer
+        return best
+
+    def due_timers(self, now: float) -> list[Timer]:
+        """Remove and return the timers due at ``now``, in firing order."""
+        due = []
+        while self._timers:
+            when, _, timer = self._timers[0]
+            if timer.dead:
+                heapq.heappop(self._timers)
+                continue
+            if when > now:
+                break
+            heapq.heappop(self._timers)
+            due.append(timer)
+        return due
+
+    def durable_timer(self, identity: str) -> Timer | None:
+        """Return the pending durable timer with this identity, if any."""
+        timer = self._durable_timers.get(identity)
+        if timer is None or timer.dead:
+            return None
+        return timer
+
+    def fire(self, timer: Timer) -> None:
+        """Schedule a timer's callback now; its heap entry is pruned lazily."""
+        timer.fired = True
+        if timer.identity is not None:
+            self._durable_timers.pop(timer.identity, None)
+        if not timer._cancelled:
+            self._ready.append(timer)
+
+    def drop_volatile_timers(self) -> None:
+        """Forget timers made outside any task; they do not survive a suspension."""
+        self._timers = [e for e in self._timers if e[2].identity is not None]
+        heapq.heapify(self._timers)
+
+    def pending_durable_timers(self) -> int:
+        """Number of durable timers that have not fired nor been cancelled."""
+        return sum(1 for t in self._durable_timers.values() if not t.dead)
+
+    async def wait(self, deadline: float | None) -> None:
+        """Wait on the host loop until woken by I/O or until ``deadline`` (clock time)."""
+        if self._ready:
+            return
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.clear()
+        await self._clock.wait(self._wake, deadline, idle=not self._inflight)
+
+    def _prune_timers(self) -> None:
+        while self._timers and self._timers[0][2].dead:
+            heapq.heappop(self._timers)
+
+    def _notify(self) -> None:
+        if not self._stepping and self._wake is not None:
+            self._wake.set()
+
+    async def teardown(self) -> None:
+        """Cancel every task and forwarded operation, and close the loop."""
+        for fut in list(self._inflight):
+            fut.cancel()
+        tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        # Let cancelled tasks run their cleanup; bounded so a stubborn task cannot hang us.
+        for _ in range(100):
+            self.step()
+            if not self._ready and not self._inflight:
+                break
+            if self._inflight and not self._ready:
+                await self.wait(self._clock.time() + 1.0)
+        self._timers.clear()
+        self._durable_timers.clear()
+        self._closed = True
+
+    # -- scheduling ------------------------------------------------------------
+
+    def call_soon(  # type: ignore[override]
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        """Schedule a callback; FIFO order is what makes the loop deterministic."""
+        if (
+            args
+            and type(args[0]) is RuntimeError
+            and "attached to a different loop" in str(args[0])
+        ):
+            # A task awaited a future of the host loop; asyncio throws this
+            # RuntimeError into the task through call_soon. Explain the fix.
+            error = HostLoopError(_HOST_LOOP_HINT)
+            error.__cause__ = args[0]
+            args = (error, *args[1:])
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        self._notify()
+        return handle
+
+    def call_soon_threadsafe(  # type: ignore[override]
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        """Schedule a callback from another thread."""
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        if self._wake is not None:
+            self._host.call_soon_threadsafe(self._wake.set)
+        return handle
+
+    def call_later(  # type: ignore[override]
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        """Schedule a callback after ``delay`` seconds of durable time."""
+        return self.call_at(self.time() + delay, callback, *args, context=context)
+
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        """Schedule a callback at durable time ``when``; durable when made by a task."""
+        task = asyncio.current_task(self) if self._stepping else None
+        identity = task.next_identity() if isinstance(task, DurableTask) else None
+        seq = self._next_seq()
+        timer = Timer(when, callback, args, self, context, identity, seq)
+        heapq.heappush(self._timers, (when, seq, timer))
+        if identity is not None:
+            self._durable_timers[identity] = timer
+        return timer
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        # Cancelled timers are pruned lazily from the heap.
+        identity = getattr(handle, "identity", None)
+        if identity is not None:
+            self._durable_timers.pop(identity, None)
+
+    def time(self) -> float:
+        """Durable time in unix seconds: recorded while replaying, the clock while live."""
+        if self.replaying:
+            return self._epoch_time
+        return max(self._clock.time(), self._epoch_time)
+
+    def create_future(self) -> asyncio.Future[Any]:
+        """Create a future attached to this loop."""
+        return DurableFuture(loop=self)
+
+    def create_task(
+        self,
+        coro: Coroutine[Any, Any, _T] | Generator[Any, None, _T],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[_T]:
+        """Create a task whose path follows from the task that creates it."""
+        parent = asyncio.current_task(self) if self._stepping else None
+        if isinstance(parent, DurableTask):
+            path = parent.child_path()
+        else:
+            # Made from a callback: still deterministic, as callbacks run in order.
+            self._orphans += 1
+            path = f"cb{self._orphans}"
+        return DurableTask(coro, loop=self, path=path, name=name, context=context)  # type: ignore[arg-type]
+
+    # -- I/O forwarded to the host loop ----------------------------------------
+
+    def _bridge(self, awaitable: Awaitable[_T]) -> asyncio.Future[_T]:
+        """Run ``awaitable`` on the host loop; return a future of this loop for its result."""
+        host_future = asyncio.ensure_future(awaitable, loop=self._host)
+        future: asyncio.Future[_T] = self.create_future()
+        self._inflight.add(host_future)
+
+        def transfer(done: asyncio.Future[_T]) -> None:
+            self._inflight.discard(done)
+            if future.done():
+                return
+            if done.cancelled():
+                future.cancel()
+            elif (exc := done.exception()) is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(done.result())
+            self._notify()
+
+        def cancel_host(fut: asyncio.Future[_T]) -> None:
+            if fut.cancelled() and not host_future.done():
+                host_future.cancel()
+
+        host_future.add_done_callback(transfer)
+        future.add_done_callback(cancel_host)
+        return future
+
+    async def run_on_host(self, awaitable: Awaitable[_T]) -> _T:
+        """Await ``awaitable`` on the host loop and return its result here."""
+        return await self._bridge(awaitable)
+
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Callable[..., _T], *args: Any
+    ) -> asyncio.Future[_T]:
+        """Run ``func`` in an executor of the host loop."""
+        return self._bridge(self._host.run_in_executor(executor, func, *args))
+
+    def set_default_executor(self, executor: Any) -> None:
+        """Refuse: the executor belongs to the host loop."""
+        raise RuntimeError(
+            "set the default executor on the host event loop, not in a durable function"
+        )
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        """Resolve a host name on the host loop."""
+        return await self._bridge(self._host.getaddrinfo(*args, **kwargs))
+
+    async def getnameinfo(self, *args: Any, **kwargs: Any) -> Any:
+        """Resolve an address on the host loop."""
+        return await self._bridge(self._host.getnameinfo(*args, **kwargs))
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """Open a connection on the host loop."""
+        return await self._bridge(self._host.create_connection(*args, **kwargs))
+
+    async def create_unix_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """Open a Unix socket connection on the host loop."""
+        return await self._bridge(self._host.create_unix_connection(*args, **kwargs))
+
+    async def create_datagram_endpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Open a datagram endpoint on the host loop."""
+        return await self._bridge(self._host.create_datagram_endpoint(*args, **kwargs))
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+        """Open a server on the host loop."""
+        return await self._bridge(self._host.create_server(*args, **kwargs))
+
+    async def create_unix_server(self, *args: Any, **kwargs: Any) -> Any:
+        """Open a Unix socket server on the host loop."""
+        return await self._bridge(self._host.create_unix_server(*args, **kwargs))
+
+    async def connect_accepted_socket(self, *args: Any, **kwargs: Any) -> Any:
+        """Wrap an accepted socket on the host loop."""
+        return await self._bridge(self._host.connect_accepted_socket(*args, **kwargs))
+
+    async def start_tls(self, *args: Any, **kwargs: Any) -> Any:
+        """Upgrade a connection to TLS on the host loop."""
+        return await self._bridge(self._host.start_tls(*args, **kwargs))
+
+    async def sendfile(self, *args: Any, **kwargs: Any) -> Any:
+        """Send a file on the host loop."""
+        return await self._bridge(self._host.sendfile(*args, **kwargs))
+
+    async def sock_recv(self, sock: socket.socket, nbytes: int) -> bytes:
+        """Receive from a socket on the host loop."""
+        return await self._bridge(self._host.sock_recv(sock, nbytes))
+
+    async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
+        """Receive into a buffer on the host loop."""
+        return await self._bridge(self._host.sock_recv_into(sock, buf))
+
+    async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> Any:
+        """Receive a datagram on the host loop."""
+        return await self._bridge(self._host.sock_recvfrom(sock, bufsize))
+
+    async def sock_recvfrom_into(self, sock: socket.socket, buf: Any, nbytes: int = 0) -> Any:
+        """Receive a datagram into a buffer on the host loop."""
+        return await self._bridge(self._host.sock_recvfrom_into(sock, buf, nbytes))
+
+    async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
+        """Send on a socket on the host loop."""
+        return await self._bridge(self._host.sock_sendall(sock, data))
+
+    async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
+        """Send a datagram on the host loop."""
+        return await self._bridge(self._host.sock_sendto(sock, data, address))
+
+    async def sock_connect(self, sock: socket.socket, address: Any) -> None:
+        """Connect a socket on the host loop."""
+        return await self._bridge(self._host.sock_connect(sock, address))
+
+    async def sock_accept(self, sock: socket.socket) -> Any:
+        """Accept a connection on the host loop."""
+        return await self._bridge(self._host.sock_accept(sock))
+
+    async def sock_sendfile(self, *args: Any, **kwargs: Any) -> Any:
+        """Send a file on a socket on the host loop."""
+        return await self._bridge(self._host.sock_sendfile(*args, **kwargs))
+
+    async def subprocess_exec(self, *args: Any, **kwargs: Any) -> Any:
+        """Start a subprocess on the host loop."""
+        return await self._bridge(self._host.subprocess_exec(*args, **kwargs))
+
+    async def subprocess_shell(self, *args: Any, **kwargs: Any) -> Any:
+        """Start a shell subprocess on the host loop."""
+        return await self._bridge(self._host.subprocess_shell(*args, **kwargs))
+
+    async def connect_read_pipe(self, *args: Any, **kwargs: Any) -> Any:
+        """Connect a read pipe on the host loop."""
+        return await self._bridge(self._host.connect_read_pipe(*args, **kwargs))
+
+    async def connect_write_pipe(self, *args: Any, **kwargs: Any) -> Any:
+        """Connect a write pipe on the host loop."""
+        return await self._bridge(self._host.connect_write_pipe(*args, **kwargs))
+
+    def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]
+        """Watch a file descriptor for reading, on the host loop."""
+        self._host.add_reader(fd, callback, *args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        """Stop watching a file descriptor for reading."""
+        return self._host.remove_reader(fd)
+
+    def add_writer(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]
+        """Watch a file descriptor for writing, on the host loop."""
+        self._host.add_writer(fd, callback, *args)
+
+    def remove_writer(self, fd: Any) -> bool:
+        """Stop watching a file descriptor for writing."""
+        return self._host.remove_writer(fd)
+
+    def add_signal_handler(self, sig: int, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]
+        """Refuse: signals belong to the host process."""
+        raise RuntimeError("durable functions cannot install signal handlers")
+
+    def remove_signal_handler(self, sig: int) -> bool:
+        """Refuse: signals belong to the host process."""
+        raise RuntimeError("durable functions cannot install signal handlers")
+
+    # -- running and closing ---------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Refuse: the loop is stepped by dispatch_aio."""
+        raise RuntimeError("a DurableLoop is stepped by dispatch_aio and cannot be run directly")
+
+    def run_until_complete(self, future: Any) -> Any:
+        """Refuse: the loop is stepped by dispatch_aio."""
+        raise RuntimeError("a DurableLoop is stepped by dispatch_aio and cannot be run directly")
+
+    def stop(self) -> None:
+        """Refuse: the loop is stepped by dispatch_aio."""
+        raise RuntimeError("a DurableLoop cannot be stopped from inside a durable function")
+
+    def is_running(self) -> bool:
+        """Whether the loop is executing callbacks right now."""
+        return self._stepping
+
+    def is_closed(self) -> bool:
+        """Whether the loop was torn down."""
+        return self._closed
+
+    def close(self) -> None:
+        """Mark the loop closed (teardown() is the full shutdown)."""
+        self._closed = True
+
+    async def shutdown_asyncgens(self) -> None:
+        """Nothing to do: async generators are finalized by the host loop."""
+
+    async def shutdown_default_executor(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Nothing to do: the executor belongs to the host loop."""
+
+    # -- errors and debug ------------------------------------------------------
+
+    def set_exception_handler(self, handler: Callable[..., object] | None) -> None:
+        """Set the handler of errors raised by callbacks."""
+        self._exception_handler = handler
+
+    def get_exception_handler(self) -> Callable[..., object] | None:
+        """Return the handler of errors raised by callbacks."""
+        return self._exception_handler
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        """Log an error raised by a callback."""
+        message = context.get("message", "unhandled exception in a durable function")
+        exc = context.get("exception")
+        if self.replaying:
+            return
+        logger.error("%s: %r", message, context, exc_info=exc)
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        """Report an error raised by a callback."""
+        if self._exception_handler is None:
+            self.default_exception_handler(context)
+        else:
+            self._exception_handler(self, context)
+
+    def get_debug(self) -> bool:
+        """Whether asyncio debug mode is on."""
+        return self._debug
+
+    def set_debug(self, enabled: bool) -> None:
+        """Turn asyncio debug mode on or off."""
+        self._debug = enabled
+
+    def set_task_factory(self, factory: Any) -> None:
+        """Refuse: tasks must be durable tasks."""
+        raise RuntimeError("durable functions cannot replace the task factory")
+
+    def get_task_factory(self) -> None:
+        """Return None: tasks are always durable tasks."""
+        return None

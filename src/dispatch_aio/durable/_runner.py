@@ -1,0 +1,682 @@
+"""RunRequest -> RunResponse: start, replay, resume, suspend and exit of durable functions.
+
+A ``Run`` is one execution of a function on its own ``DurableLoop``. It
+records every durable call and every event applied to it (call results, timer
+firings, poll errors) in the journal, which it sends as the coroutine state of
+each Poll. A resume continues the live run kept in the ``Runner``'s cache
+when the echoed state is exactly the one it sent; otherwise the function is
+replayed from the journal: run from the start on a fresh loop, with the
+recorded events applied at the same points, and it must make the same calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf import any_pb2, duration_pb2
+
+from .._codec import (
+    DecodeError,
+    EncodeError,
+    decode_error,
+    decode_input,
+    decode_value,
+    encode_error,
+    encode_value,
+    input_digest,
+)
+from .._status import Classifier, Status
+from ..errors import NondeterminismError
+from ..proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, poll_pb2, status_pb2
+from ..proto.v1 import journal_pb2
+from ._context import TailCall
+from ._journal import JOURNAL_VERSION, IncompatibleState, decode_state, pack_state
+from ._loop import Clock, DurableFuture, DurableLoop, DurableTask
+
+__all__ = ["Run", "Runner"]
+
+logger = logging.getLogger(__name__)
+
+FunctionLookup = Callable[[str], Callable[..., Awaitable[Any]] | None]
+
+# Timers due within this margin fire now rather than costing another round trip.
+_TIMER_SLACK = 0.005
+_MAX_RESULTS = 1000
+
+
+class _Diverged(BaseException):
+    """Unwinds user code after a divergence.
+
+    It derives from BaseException so that ``except Exception`` does not
+    swallow it; do not catch it with a bare ``except:``.
+    """
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Call:
+    index: int  # correlation id - 1
+    identity: str
+    function: str
+    digest: bytes
+    site: str
+    epoch: int  # epochs applied when the call was made
+    poll: int = 0  # poll in which it was sent; 0 = not yet
+    input: any_pb2.Any | None = None  # kept until sent
+    endpoint: str = ""
+    future: DurableFuture[Any] | None = None  # None: not made (yet) in this process
+    resolved: bool = False
+
+    def describe(self) -> str:
+        return _describe(self.identity, self.function, self.site, self.digest)
+
+
+def _describe(identity: str, function: str, site: str, digest: bytes) -> str:
+    where = f" at {site}" if site else ""
+    return f"call {identity} to {function!r}{where} (input sha256:{digest.hex()[:12]})"
+
+
+class Run:
+    """One execution of a durable function; see the module docstring."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        function: str,
+        fn: Callable[..., Awaitable[Any]],
+        input: any_pb2.Any,
+        run_id: bytes,
+        seed: int,
+        start_time: float,
+    ) -> None:
+        self.runner = runner
+        self.function = function
+        self.fn = fn
+        self.input = input
+        self.run_id = run_id
+        self.seed = seed
+        self.start_time = start_time
+        self.loop = DurableLoop(asyncio.get_running_loop(), runner.clock, start_time)
+        self.loop.owner = self
+        self.random = random.Random(seed)
+        self.calls: list[_Call] = []
+        self.by_identity: dict[str, _Call] = {}
+        self.epochs_applied = 0
+        self.polls = 0
+        self.sent = 0  # calls[:sent] went out in Polls
+        self.outstanding = 0  # sent and not resolved
+        self.state = b""  # journal bytes as of the last Poll
+        self.new_epochs: list[journal_pb2.Epoch] = []
+        self.replaying = False
+        self.divergence: str | None = None
+        self.root: DurableTask[Any] | None = None
+        self.last_used = 0.0
+        self._verified = 0  # while replaying: calls[:_verified] were made again
+
+    # -- inside the function ----------------------------------------------------
+
+    def make_call(
+        self, function: str, input: any_pb2.Any, *, call_site: str, endpoint: str
+    ) -> DurableFuture[Any]:
+        """Record a durable call made by the current task; return the future of its result."""
+        task = asyncio.current_task()
+        if not isinstance(task, DurableTask):
+            raise RuntimeError(f"durable call to {function!r} made outside a durable task")
+        identity = task.next_identity()
+        digest = input_digest(input)
+        future: DurableFuture[Any] = DurableFuture(loop=self.loop)
+        if self.replaying:
+            call = self.by_identity.get(identity)
+            here = _describe(identity, function, call_site, digest)
+            if call is None:
+                self._diverge(f"the code now makes {here}, which the journal does not have")
+            elif call.function != function or call.digest != digest:
+                self._diverge(f"the journal has {call.describe()}, but the code now makes {here}")
+            assert call is not None
+            call.future = future
+            return future
+        call = _Call(
+            index=len(self.calls),
+            identity=identity,
+            function=function,
+            digest=digest,
+            site=call_site,
+            epoch=self.epochs_applied,
+            input=input,
+            endpoint=endpoint,
+            future=future,
+        )
+        self.calls.append(call)
+        self.by_identity[identity] = call
+        return future
+
+    def _diverge(self, report: str) -> None:
+        if self.divergence is None:
+            self.divergence = f"function {self.function!r} diverged from its journal: {report}"
+        raise _Diverged(self.divergence)
+
+    # -- applying events ----------------------------------------------------------
+
+    def _resolve(
+        self, call: _Call, output: any_pb2.Any | None, error: error_pb2.Error | None
+    ) -> None:
+        call.resolved = True
+        if call.poll:
+            self.outstanding -= 1
+        future = call.future
+        if future is None or future.done():
+            return  # cancelled while waiting: the late result is ignored
+        if error is not None:
+            exc = decode_error(error)
+            if isinstance(exc, StopIteration | StopAsyncIteration):
+                exc = RuntimeError(f"call to {call.function!r} failed with {exc!r}")
+            future.set_exception(exc)
+            return
+        if output is None:
+            future.set_result(None)
+            return
+        try:
+            future.set_result(decode_value(output))
+        except DecodeError as exc:
+            future.set_exception(exc)
+
+    def _reject_poll(self, poll: int, error: error_pb2.Error) -> None:
+        for call in self.calls:
+            if call.poll == poll and not call.resolved:
+                self._resolve(call, None, error)
+
+    def apply_poll_result(self, result: poll_pb2.PollResult) -> None:
+        """Apply a PollResult's events live, as a new epoch."""
+        events: list[journal_pb2.Event] = []
+        if result.HasField("error"):
+            events.append(
+                journal_pb2.Event(
+                    poll_error=journal_pb2.PollError(poll=self.polls, error=result.error)
+                )
+            )
+        for res in result.results:
+            index = res.correlation_id - 1
+            if not 0 <= index < self.sent or self.calls[index].resolved:
+                logger.debug(
+                    "ignoring a result for unknown or already resolved correlation id %d of %s",
+                    res.correlation_id,
+                    self.function,
+                )
+                continue
+            kept = call_pb2.CallResult(correlation_id=res.correlation_id)
+            if res.HasField("output"):
+                kept.output.CopyFrom(res.output)
+            if res.HasField("error"):
+                kept.error.CopyFrom(res.error)
+            events.append(journal_pb2.Event(result=kept))
+        if events:
+            self._apply_live(events, during_io=False)
+
+    def _apply_live(self, events: list[journal_pb2.Event], during_io: bool) -> None:
+        now = self.runner.clock.time()
+        self.loop.set_epoch_time(now)
+        self.epochs_applied += 1
+        self.new_epochs.append(journal_pb2.Epoch(time=now, during_io=during_io, events=events))
+        for event in events:
+            self._apply(event)
+
+    def _apply(self, event: journal_pb2.Event) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "result":
+            res = event.result
+            index = res.correlation_id - 1
+            if not 0 <= index < len(self.calls):
+                raise IncompatibleState(
+                    f"the journal has a result for unknown call {res.correlation_id}"
+                )
+            call = self.calls[index]
+            if call.future is None:
+                self._diverge(f"the journal has {call.describe()}, which the code no longer makes")
+            self._resolve(
+                call,
+                res.output if res.HasField("output") else None,
+                res.error if res.HasField("error") else None,
+            )
+        elif kind == "timer":
+            timer = self.loop.durable_timer(event.timer)
+            if timer is None:
+                self._diverge(
+                    f"the journal has timer {event.timer} firing, which the code no longer sets"
+                )
+            assert timer is not None
+            self.loop.fire(timer)
+        elif kind == "poll_error":
+            self._reject_poll(event.poll_error.poll, event.poll_error.error)
+        else:
+            raise IncompatibleState("the journal has an event of an unknown kind")
+
+    def _fire_due_timers(self) -> bool:
+        due = self.loop.due_timers(self.runner.clock.time() + _TIMER_SLACK)
+        if not due:
+            return False
+        durable = [t for t in due if t.identity is not None]
+        if durable:
+            events = [journal_pb2.Event(timer=t.identity) for t in durable if t.identity]
+            self._apply_live(events, during_io=self.loop.io_inflight > 0)
+        for timer in due:
+            if timer.identity is None:
+                self.loop.fire(timer)
+        return True
+
+    # -- stepping -----------------------------------------------------------------
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Create the root task running the function."""
+        fn = self.fn
+
+        async def main() -> Any:
+            return await fn(*args, **kwargs)
+
+        self.root = self.loop.create_root_task(main())
+
+    def _step(self) -> None:
+        # sys.exit() in a function: the task that raised it holds it as its
+        # exception, and the function fails with it; the endpoint goes on.
+        with contextlib.suppress(SystemExit):
+            self.loop.step()
+
+    async def settle(self, *, wait_io: bool) -> None:
+        """Replay: run until no callback is ready (and, if asked, no I/O is in flight)."""
+        loop = self.loop
+        while True:
+            self._step()
+            if self.divergence is not None:
+                return
+            if wait_io and loop.io_inflight:
+                timer = loop.next_timer(durable=False)
+                await loop.wait(None if timer is None else timer.when())
+                for due in loop.due_timers(self.runner.clock.time()):
+                    if due.identity is None:
+                        loop.fire(due)
+                continue
+            return
+
+    async def drive(self) -> str:
+        """Run live until the function exits, must suspend, diverges or can never resume.
+
+        Returns:
+            "exit", "suspend", "diverged" or "stuck".
+        """
+        loop = self.loop
+        runner = self.runner
+        assert self.root is not None
+        while True:
+            self._step()
+            if self.divergence is not None:
+                return "diverged"
+            if self.root.done():
+                return "exit"
+            if self._fire_due_timers():
+                continue
+            if loop.io_inflight:
+                timer = loop.next_timer()
+                await loop.wait(None if timer is None else timer.when())
+                continue
+            if self.sent < len(self.calls):
+                return "suspend"
+            durable = loop.next_timer(durable=True)
+            if durable is not None:
+                if durable.when() - runner.clock.time() <= runner.live_timer_threshold:
+                    await loop.wait(durable.when())
+                    continue
+                return "suspend"
+            if self.outstanding:
+                return "suspend"
+            volatile = loop.next_timer(durable=False)
+            if volatile is not None:
+                await loop.wait(volatile.when())
+                continue
+            return "stuck"
+
+    # -- answers ------------------------------------------------------------------
+
+    def suspend(self) -> function_pb2.RunResponse:
+        """Answer with a Poll carrying the new calls and the journal."""
+        self.loop.drop_volatile_timers()
+        self.polls += 1
+        new_calls = self.calls[self.sent :]
+        for call in new_calls:
+            call.poll = self.polls
+        self.sent = len(self.calls)
+        self.outstanding += len(new_calls)
+        delta = journal_pb2.Journal(
+            polls=self.polls,
+            epochs=self.new_epochs,
+            calls=[
+                journal_pb2.CallRecord(
+                    identity=c.identity,
+                    function=c.function,
+                    input_digest=c.digest,
+                    call_site=c.site,
+                    epoch=c.epoch,
+                    poll=c.poll,
+                )
+                for c in new_calls
+            ],
+        )
+        if not self.state:
+            delta.version = JOURNAL_VERSION
+            delta.function = self.function
+            delta.input.CopyFrom(self.input)
+            delta.run_id = self.run_id
+            delta.seed = self.seed
+            delta.start_time = self.start_time
+        self.state += delta.SerializeToString()
+        self.new_epochs = []
+        poll = poll_pb2.Poll(
+            typed_coroutine_state=pack_state(self.state),
+            min_results=1,
+            max_results=max(1, min(self.outstanding, _MAX_RESULTS)),
+        )
+        for call in new_calls:
+            assert call.input is not None
+            poll.calls.append(
+                call_pb2.Call(
+                    correlation_id=call.index + 1,
+                    function=call.function,
+                    input=call.input,
+                    endpoint=call.endpoint,
+                )
+            )
+            call.input = None
+        timer = self.loop.next_timer(durable=True)
+        if timer is not None:
+            wait = max(1.0, timer.when() - self.runner.clock.time())
+            millis = math.ceil(wait * 1000)
+            poll.max_wait.CopyFrom(
+                duration_pb2.Duration(seconds=millis // 1000, nanos=millis % 1000 * 1_000_000)
+            )
+        return function_pb2.RunResponse(status=_wire(Status.OK), poll=poll)
+
+    def exit(self) -> function_pb2.RunResponse:
+        """Answer with the function's result, error or tail call."""
+        root = self.root
+        assert root is not None and root.done()
+        classifier = self.runner.classifier
+        exc: BaseException | None
+        if root.cancelled():
+            exc = asyncio.CancelledError(f"function {self.function!r} was cancelled")
+        else:
+            exc = root.exception()
+        if isinstance(exc, TailCall):
+            tail = call_pb2.Call(function=exc.function, input=exc.input)
+            return function_pb2.RunResponse(
+                status=_wire(Status.OK), exit=exit_pb2.Exit(tail_call=tail)
+            )
+        if exc is None:
+            value = root.result()
+            try:
+                status = classifier.status_for_output(value)
+                result = call_pb2.CallResult()
+                if value is not None:
+                    result.output.CopyFrom(
+                        encode_value(value, context=f"the result of {self.function!r}")
+                    )
+            except EncodeError as error:
+                exc = error
+            else:
+                return function_pb2.RunResponse(
+                    status=_wire(status), exit=exit_pb2.Exit(result=result)
+                )
+        return error_response(exc, classifier.status_for_error(exc))
+
+    async def close(self) -> None:
+        """Tear the loop down: cancel its tasks and forwarded I/O."""
+        await self.loop.teardown()
+
+
+def error_response(exc: BaseException, status: Status) -> function_pb2.RunResponse:
+    """Build an Exit response carrying ``exc``."""
+    result = call_pb2.CallResult(error=encode_error(exc))
+    return function_pb2.RunResponse(status=_wire(status), exit=exit_pb2.Exit(result=result))
+
+
+class Runner:
+    """Runs RunRequests of registered functions; keeps suspended runs live in a cache.
+
+    Args:
+        lookup: Returns the coroutine function registered under a name, or None.
+        classifier: Maps results and exceptions to statuses.
+        cache_size: Most suspended runs kept live; 0 disables the cache (every
+            resume replays from the journal).
+        cache_idle_timeout: Seconds after which an unused live run is dropped.
+        live_timer_threshold: Timers due within this many seconds are waited
+            out live instead of suspending the function.
+        clock: Source of time; tests pass a virtual clock.
+    """
+
+    def __init__(
+        self,
+        lookup: FunctionLookup,
+        *,
+        classifier: Classifier | None = None,
+        cache_size: int = 1024,
+        cache_idle_timeout: float = 300.0,
+        live_timer_threshold: float = 1.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self.lookup = lookup
+        self.classifier = classifier or Classifier()
+        self.cache_size = cache_size
+        self.cache_idle_timeout = cache_idle_timeout
+        self.live_timer_threshold = live_timer_threshold
+        self.clock = clock or Clock()
+        self._cache: collections.OrderedDict[bytes, Run] = collections.OrderedDict()
+
+    async def run(self, request: function_pb2.RunRequest) -> function_pb2.RunResponse:
+        """Run one request; never raises for anything the request or the function does."""
+        try:
+            return await self._run(request)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            raise
+        except BaseException as exc:
+            logger.exception("internal error while running %r", request.function)
+            return error_response(exc, Status.TEMPORARY_ERROR)
+
+    async def _run(self, request: function_pb2.RunRequest) -> function_pb2.RunResponse:
+        fn = self.lookup(request.function)
+        if fn is None:
+            return _failure(
+                Status.NOT_FOUND, "NotFoundError", f"function {request.function!r} does not exist"
+            )
+        directive = request.WhichOneof("directive")
+        if directive == "poll_result":
+            try:
+                run = await self._resume(request, fn)
+            except IncompatibleState as exc:
+                logger.warning("cannot resume %s, it restarts: %s", request.function, exc)
+                return _failure(Status.INCOMPATIBLE_STATE, "IncompatibleStateError", str(exc))
+            except NondeterminismError as exc:
+                logger.warning("cannot resume %s, it restarts: %s", request.function, exc)
+                return error_response(exc, Status.INCOMPATIBLE_STATE)
+        else:
+            try:
+                run = self._first(request, fn)
+            except DecodeError as exc:
+                return error_response(exc, Status.INVALID_ARGUMENT)
+        try:
+            return await self._continue(run)
+        except BaseException:
+            await run.close()
+            raise
+
+    def _first(self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]]) -> Run:
+        args, kwargs = decode_input(request.input)
+        run = Run(
+            self,
+            request.function,
+            fn,
+            request.input,
+            os.urandom(16),
+            int.from_bytes(os.urandom(8), "big"),
+            self.clock.time(),
+        )
+        run.start(args, kwargs)
+        return run
+
+    async def _resume(
+        self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]]
+    ) -> Run:
+        journal, state = decode_state(request.poll_result, request.function)
+        run = await self._take(journal.run_id, state)
+        if run is None:
+            run = await self._replay(journal, state, fn)
+        run.apply_poll_result(request.poll_result)
+        return run
+
+    async def _continue(self, run: Run) -> function_pb2.RunResponse:
+        outcome = await run.drive()
+        if outcome == "suspend":
+            response = run.suspend()
+            await self._keep(run)
+            return response
+        await run.close()
+        if outcome == "exit":
+            return run.exit()
+        if outcome == "diverged":
+            assert run.divergence is not None
+            return error_response(NondeterminismError(run.divergence), Status.INCOMPATIBLE_STATE)
+        return _failure(
+            Status.PERMANENT_ERROR,
+            "DeadlockError",
+            f"function {run.function!r} waits for something that nothing will complete: "
+            "no durable call, timer or I/O is pending (it may await a future or event "
+            "that no task resolves)",
+        )
+
+    async def _replay(
+        self, journal: journal_pb2.Journal, state: bytes, fn: Callable[..., Awaitable[Any]]
+    ) -> Run:
+        try:
+            args, kwargs = decode_input(journal.input)
+        except DecodeError as exc:
+            raise IncompatibleState(f"the journal's input cannot be decoded: {exc}") from None
+        run = Run(
+            self,
+            journal.function,
+            fn,
+            journal.input,
+            journal.run_id,
+            journal.seed,
+            journal.start_time,
+        )
+        run.replaying = run.loop.replaying = True
+        for index, record in enumerate(journal.calls):
+            call = _Call(
+                index=index,
+                identity=record.identity,
+                function=record.function,
+                digest=record.input_digest,
+                site=record.call_site,
+                epoch=record.epoch,
+                poll=record.poll,
+            )
+            run.calls.append(call)
+            run.by_identity[record.identity] = call
+        run.sent = len(run.calls)
+        run.outstanding = run.sent
+        run.polls = journal.polls
+        run.state = state
+        try:
+            run.start(args, kwargs)
+            for number, epoch in enumerate(journal.epochs):
+                await run.settle(wait_io=not epoch.during_io)
+                self._check_replay(run, number)
+                run.loop.set_epoch_time(epoch.time)
+                run.epochs_applied += 1
+                for event in epoch.events:
+                    run._apply(event)
+            await run.settle(wait_io=True)
+            self._check_replay(run, None)
+        except _Diverged:
+            await run.close()
+            assert run.divergence is not None
+            raise NondeterminismError(run.divergence) from None
+        except BaseException:
+            await run.close()
+            raise
+        run.loop.drop_volatile_timers()
+        run.replaying = run.loop.replaying = False
+        return run
+
+    def _check_replay(self, run: Run, epoch: int | None) -> None:
+        """Check that the calls recorded before ``epoch`` (all if None) were made again."""
+        if run.divergence is not None:
+            raise _Diverged(run.divergence)
+        assert run.root is not None
+        if run.root.done():
+            run.divergence = (
+                f"function {run.function!r} diverged from its journal: it returned while "
+                "replaying, before all recorded events were applied"
+            )
+            raise _Diverged(run.divergence)
+        calls = run.calls
+        while run._verified < len(calls) and (epoch is None or calls[run._verified].epoch <= epoch):
+            call = calls[run._verified]
+            if call.future is None:
+                run.divergence = (
+                    f"function {run.function!r} diverged from its journal: the journal has "
+                    f"{call.describe()}, which the code no longer makes"
+                )
+                raise _Diverged(run.divergence)
+            run._verified += 1
+
+    # -- live cache -----------------------------------------------------------------
+
+    async def _take(self, run_id: bytes, state: bytes) -> Run | None:
+        run = self._cache.pop(run_id, None)
+        if run is None:
+            return None
+        if run.state != state:
+            # Another round of the same run (a retry, another replica's state): replay.
+            await run.close()
+            return None
+        return run
+
+    async def _keep(self, run: Run) -> None:
+        if self.cache_size <= 0:
+            await run.close()
+            return
+        now = time.monotonic()
+        run.last_used = now
+        self._cache[run.run_id] = run
+        evicted = []
+        while len(self._cache) > self.cache_size:
+            evicted.append(self._cache.popitem(last=False)[1])
+        while self._cache:
+            oldest = next(iter(self._cache.values()))
+            if now - oldest.last_used <= self.cache_idle_timeout:
+                break
+            evicted.append(self._cache.popitem(last=False)[1])
+        for old in evicted:
+            await old.close()
+
+    async def aclose(self) -> None:
+        """Tear down every live run in the cache."""
+        while self._cache:
+            _, run = self._cache.popitem()
+            await run.close()
+
+
+def _failure(status: Status, type_name: str, message: str) -> function_pb2.RunResponse:
+    error = error_pb2.Error(type=type_name, message=message)
+    result = call_pb2.CallResult(error=error)
+    return function_pb2.RunResponse(status=_wire(status), exit=exit_pb2.Exit(result=result))
+
+
+def _wire(status: Status) -> status_pb2.Status.ValueType:
+    return status_pb2.Status.ValueType(status)

@@ -1,0 +1,149 @@
+"""Durable time: sleeps, timeouts, wait_for; now(), random(), uuid4() replay identically."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dispatch_aio import durable
+from dispatch_aio._function import Function
+
+from .conftest import DriverFactory
+
+
+async def _double(x: int) -> int:
+    return 2 * x
+
+
+double = Function(_double, name="double")
+
+
+async def _slow_double(x: int) -> int:
+    await asyncio.sleep(3)  # a durable sleep of its own, longer than the live threshold
+    return 2 * x
+
+
+slow_double = Function(_slow_double, name="slow_double")
+
+
+async def _long_sleep(seconds: float) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.sleep(seconds)
+    return loop.time() - start
+
+
+long_sleep = Function(_long_sleep, name="long_sleep")
+
+
+async def test_long_sleep_suspends_with_max_wait(make_driver: DriverFactory) -> None:
+    driver = make_driver(long_sleep)
+    started = time.monotonic()
+    elapsed = await driver.call(long_sleep, 3600.0)
+    assert time.monotonic() - started < 5, "virtual time: an hour passes instantly"
+    assert elapsed >= 3600.0
+    polls = [r.poll for r in driver.responses if r.WhichOneof("directive") == "poll"]
+    assert len(polls) == 1
+    assert not polls[0].calls
+    assert 3599 <= polls[0].max_wait.ToTimedelta().total_seconds() <= 3601
+
+
+async def test_short_sleep_stays_live(make_driver: DriverFactory) -> None:
+    driver = make_driver(long_sleep, virtual_time=False)
+    elapsed = await driver.call(long_sleep, 0.05)
+    assert elapsed >= 0.05
+    assert all(r.WhichOneof("directive") == "exit" for r in driver.responses)
+
+
+async def _sleeps_and_calls() -> list[int]:
+    out = []
+    for i in range(3):
+        await asyncio.sleep(10)
+        out.append(await double(i))
+    return out
+
+
+sleeps_and_calls = Function(_sleeps_and_calls, name="sleeps_and_calls")
+
+
+async def test_sleeps_between_calls(make_driver: DriverFactory) -> None:
+    driver = make_driver(double, sleeps_and_calls)
+    assert await driver.call(sleeps_and_calls) == [0, 2, 4]
+
+
+async def _timeout_call(seconds: float) -> str:
+    try:
+        async with asyncio.timeout(seconds):
+            result = await slow_double(4)
+    except TimeoutError:
+        return "timed out"
+    return f"result {result}"
+
+
+timeout_call = Function(_timeout_call, name="timeout_call")
+
+
+async def test_timeout_around_call(make_driver: DriverFactory) -> None:
+    driver = make_driver(slow_double, timeout_call)
+    assert await driver.call(timeout_call, 10.0) == "result 8"
+    driver = make_driver(slow_double, timeout_call)
+    assert await driver.call(timeout_call, 1.5) == "timed out"
+
+
+async def _wait_for_call(seconds: float) -> str:
+    try:
+        return f"result {await asyncio.wait_for(slow_double(5), seconds)}"
+    except TimeoutError:
+        return "timed out"
+
+
+wait_for_call = Function(_wait_for_call, name="wait_for_call")
+
+
+async def test_wait_for_around_call(make_driver: DriverFactory) -> None:
+    driver = make_driver(slow_double, wait_for_call)
+    assert await driver.call(wait_for_call, 60.0) == "result 10"
+    driver = make_driver(slow_double, wait_for_call)
+    assert await driver.call(wait_for_call, 1.5) == "timed out"
+
+
+async def _helpers() -> list[object]:
+    before = (durable.now(), durable.random(), durable.uuid4())
+    await double(1)
+    after = (durable.now(), durable.random(), durable.uuid4())
+    return [*before, *after]
+
+
+helpers = Function(_helpers, name="helpers")
+
+
+async def test_deterministic_helpers(make_driver: DriverFactory) -> None:
+    driver = make_driver(double, helpers)
+    t1, r1, u1, t2, r2, u2 = await driver.call(helpers)
+    assert t1 <= t2 and t1.tzinfo is not None
+    assert r1 != r2 and 0 <= r1 < 1
+    assert u1 != u2 and u1.version == 4
+
+
+async def _observes_replay() -> list[object]:
+    seen = [durable.now().timestamp(), durable.random()]
+    await asyncio.sleep(5)
+    seen += [durable.now().timestamp(), durable.random()]
+    await double(0)
+    return seen
+
+
+observes_replay = Function(_observes_replay, name="observes_replay")
+
+
+@pytest.mark.parametrize("mode", ["replay"])
+async def test_replay_sees_recorded_values(make_driver: DriverFactory) -> None:
+    # With the cache off, each round replays; values computed before a
+    # suspension must be those of the first execution, or the call inputs and
+    # results below would diverge.
+    driver = make_driver(double, observes_replay)
+    t1, r1, t2, r2 = await driver.call(observes_replay)
+    assert t2 - t1 >= 5
+    assert r1 != r2
