@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from ..errors import HostLoopError
 
-__all__ = ["Clock", "DurableFuture", "DurableLoop", "DurableTask", "Timer"]
+__all__ = ["Clock", "DurableFuture", "DurableLoop", "DurableTask", "Timer", "host_loop_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,29 @@ _T = TypeVar("_T")
 
 # A single callback running longer than this blocks the whole endpoint.
 _SLOW_CALLBACK = 2.0
+# Before declaring a function stuck, wait this long for late I/O callbacks.
+_LINGER_STEP = 0.01
+_LINGER_STEPS = 50
 
-_HOST_LOOP_HINT = (
+_HOST_LOOP_HINT = (  # see host_loop_error()
     "an object bound to the host event loop (for example an aiohttp ClientSession or a "
     "connection pool created outside the function) was awaited inside a durable function; "
     "create it inside the function, or run the code that uses it with "
     "`await dispatch_aio.run_on_host(coro)`"
 )
+
+
+def host_loop_error(exc: BaseException | None) -> HostLoopError | None:
+    """Explain asyncio's "attached to a different loop" error, if ``exc`` is one.
+
+    The C task implementation throws it straight into the coroutine, so it is
+    explained where it leaves the function rather than where it is raised.
+    """
+    if type(exc) is RuntimeError and "attached to a different loop" in str(exc):
+        error = HostLoopError(_HOST_LOOP_HINT)
+        error.__cause__ = exc
+        return error
+    return None
 
 
 class Clock:
@@ -172,6 +188,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._debug = False
         self._exception_handler: Callable[..., object] | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
+        # Transports opened from this loop: data may still arrive while they are open.
+        self._transports: set[asyncio.BaseTransport] = set()
         self._wake: asyncio.Event | None = None
         # Replaying: time() is the time of the epoch being replayed.
         self.replaying = False
@@ -199,8 +217,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     @property
     def io_inflight(self) -> int:
-        """Number of forwarded I/O operations still running on the host loop."""
-        return len(self._inflight)
+        """Number of forwarded I/O operations running, and transports open, on the host loop."""
+        return len(self._inflight) + len(self._transports)
 
     def step(self) -> None:
         """Run ready callbacks, in order, until none are left."""
@@ -284,10 +302,34 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Wait on the host loop until woken by I/O or until ``deadline`` (clock time)."""
         if self._ready:
             return
+        closing = [t for t in self._transports if t.is_closing()]
+        if closing:
+            # connection_lost() runs on the host loop's next iterations.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            self._transports.difference_update(closing)
+            return
         if self._wake is None:
             self._wake = asyncio.Event()
         self._wake.clear()
-        await self._clock.wait(self._wake, deadline, idle=not self._inflight)
+        idle = not self.io_inflight
+        if self._transports and not self._inflight:
+            # A transport closing may schedule nothing here: look again soon.
+            soon = self._clock.time() + 1.0
+            deadline = soon if deadline is None else min(deadline, soon)
+        await self._clock.wait(self._wake, deadline, idle=idle)
+
+    async def linger(self) -> bool:
+        """Give the host loop a moment to deliver late I/O callbacks (a TLS shutdown, say).
+
+        Returns:
+            Whether a callback became ready.
+        """
+        for _ in range(_LINGER_STEPS):
+            if self._ready:
+                return True
+            await asyncio.sleep(_LINGER_STEP)
+        return bool(self._ready)
 
     def _prune_timers(self) -> None:
         while self._timers and self._timers[0][2].dead:
@@ -301,6 +343,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Cancel every task and forwarded operation, and close the loop."""
         for fut in list(self._inflight):
             fut.cancel()
+        for transport in self._transports:
+            transport.close()
         tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
         for task in tasks:
             task.cancel()
@@ -324,16 +368,6 @@ class DurableLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
         """Schedule a callback; FIFO order is what makes the loop deterministic."""
-        if (
-            args
-            and type(args[0]) is RuntimeError
-            and "attached to a different loop" in str(args[0])
-        ):
-            # A task awaited a future of the host loop; asyncio throws this
-            # RuntimeError into the task through call_soon. Explain the fix.
-            error = HostLoopError(_HOST_LOOP_HINT)
-            error.__cause__ = args[0]
-            args = (error, *args[1:])
         handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
         self._notify()
@@ -440,6 +474,10 @@ class DurableLoop(asyncio.AbstractEventLoop):
         future.add_done_callback(cancel_host)
         return future
 
+    def _track(self, pair: tuple[asyncio.BaseTransport, Any]) -> tuple[asyncio.BaseTransport, Any]:
+        self._transports.add(pair[0])
+        return pair
+
     async def run_on_host(self, awaitable: Awaitable[_T]) -> _T:
         """Await ``awaitable`` on the host loop and return its result here."""
         return await self._bridge(awaitable)
@@ -466,15 +504,15 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
         """Open a connection on the host loop."""
-        return await self._bridge(self._host.create_connection(*args, **kwargs))
+        return self._track(await self._bridge(self._host.create_connection(*args, **kwargs)))
 
     async def create_unix_connection(self, *args: Any, **kwargs: Any) -> Any:
         """Open a Unix socket connection on the host loop."""
-        return await self._bridge(self._host.create_unix_connection(*args, **kwargs))
+        return self._track(await self._bridge(self._host.create_unix_connection(*args, **kwargs)))
 
     async def create_datagram_endpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Open a datagram endpoint on the host loop."""
-        return await self._bridge(self._host.create_datagram_endpoint(*args, **kwargs))
+        return self._track(await self._bridge(self._host.create_datagram_endpoint(*args, **kwargs)))
 
     async def create_server(self, *args: Any, **kwargs: Any) -> Any:
         """Open a server on the host loop."""
@@ -486,11 +524,14 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     async def connect_accepted_socket(self, *args: Any, **kwargs: Any) -> Any:
         """Wrap an accepted socket on the host loop."""
-        return await self._bridge(self._host.connect_accepted_socket(*args, **kwargs))
+        return self._track(await self._bridge(self._host.connect_accepted_socket(*args, **kwargs)))
 
     async def start_tls(self, *args: Any, **kwargs: Any) -> Any:
         """Upgrade a connection to TLS on the host loop."""
-        return await self._bridge(self._host.start_tls(*args, **kwargs))
+        transport = await self._bridge(self._host.start_tls(*args, **kwargs))
+        if transport is not None:
+            self._transports.add(transport)
+        return transport
 
     async def sendfile(self, *args: Any, **kwargs: Any) -> Any:
         """Send a file on the host loop."""
@@ -534,19 +575,19 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     async def subprocess_exec(self, *args: Any, **kwargs: Any) -> Any:
         """Start a subprocess on the host loop."""
-        return await self._bridge(self._host.subprocess_exec(*args, **kwargs))
+        return self._track(await self._bridge(self._host.subprocess_exec(*args, **kwargs)))
 
     async def subprocess_shell(self, *args: Any, **kwargs: Any) -> Any:
         """Start a shell subprocess on the host loop."""
-        return await self._bridge(self._host.subprocess_shell(*args, **kwargs))
+        return self._track(await self._bridge(self._host.subprocess_shell(*args, **kwargs)))
 
     async def connect_read_pipe(self, *args: Any, **kwargs: Any) -> Any:
         """Connect a read pipe on the host loop."""
-        return await self._bridge(self._host.connect_read_pipe(*args, **kwargs))
+        return self._track(await self._bridge(self._host.connect_read_pipe(*args, **kwargs)))
 
     async def connect_write_pipe(self, *args: Any, **kwargs: Any) -> Any:
         """Connect a write pipe on the host loop."""
-        return await self._bridge(self._host.connect_write_pipe(*args, **kwargs))
+        return self._track(await self._bridge(self._host.connect_write_pipe(*args, **kwargs)))
 
     def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]
         """Watch a file descriptor for reading, on the host loop."""

@@ -41,7 +41,7 @@ from ..proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
 from ._context import TailCall
 from ._journal import JOURNAL_VERSION, IncompatibleState, decode_state, pack_state
-from ._loop import Clock, DurableFuture, DurableLoop, DurableTask
+from ._loop import Clock, DurableFuture, DurableLoop, DurableTask, host_loop_error
 
 __all__ = ["Run", "Runner"]
 
@@ -340,6 +340,8 @@ class Run:
             if volatile is not None:
                 await loop.wait(volatile.when())
                 continue
+            if await loop.linger():
+                continue
             return "stuck"
 
     # -- answers ------------------------------------------------------------------
@@ -412,6 +414,7 @@ class Run:
             exc = asyncio.CancelledError(f"function {self.function!r} was cancelled")
         else:
             exc = root.exception()
+            exc = host_loop_error(exc) or exc
         if isinstance(exc, TailCall):
             tail = call_pb2.Call(function=exc.function, input=exc.input)
             return function_pb2.RunResponse(
@@ -617,13 +620,6 @@ class Runner:
         """Check that the calls recorded before ``epoch`` (all if None) were made again."""
         if run.divergence is not None:
             raise _Diverged(run.divergence)
-        assert run.root is not None
-        if run.root.done():
-            run.divergence = (
-                f"function {run.function!r} diverged from its journal: it returned while "
-                "replaying, before all recorded events were applied"
-            )
-            raise _Diverged(run.divergence)
         calls = run.calls
         while run._verified < len(calls) and (epoch is None or calls[run._verified].epoch <= epoch):
             call = calls[run._verified]
@@ -634,6 +630,13 @@ class Runner:
                 )
                 raise _Diverged(run.divergence)
             run._verified += 1
+        assert run.root is not None
+        if run.root.done():
+            run.divergence = (
+                f"function {run.function!r} diverged from its journal: it returned while "
+                "replaying, before all recorded events were applied"
+            )
+            raise _Diverged(run.divergence)
 
     # -- live cache -----------------------------------------------------------------
 

@@ -1,0 +1,50 @@
+"""Run the `mixed` workflow once and print its final journal (normalized) as JSON.
+
+Used by the determinism test (in subprocesses with different PYTHONHASHSEED
+values) and to record golden journals: `python tests/durable/record_journal.py
+--golden tests/durable/golden/mixed.bin`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from dispatch_aio.proto.v1 import journal_pb2
+from durable.driver import Driver
+from durable.workflows import FUNCTIONS, mixed
+
+
+def normalize(state: bytes) -> bytes:
+    """Drop what legitimately differs between runs: ids, seeds, times."""
+    journal = journal_pb2.Journal.FromString(state)
+    journal.run_id = b"\0" * 16
+    journal.seed = 0
+    journal.start_time = 0
+    for epoch in journal.epochs:
+        epoch.time = 0
+    return journal.SerializeToString(deterministic=True)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--golden", type=pathlib.Path)
+    args = parser.parse_args()
+    driver = Driver(FUNCTIONS, "live")
+    result = await driver.call(mixed, 8)
+    last = [r for r in driver.requests if r.function == "mixed" and r.HasField("poll_result")][-1]
+    state = last.poll_result.typed_coroutine_state.value
+    if args.golden:
+        args.golden.write_bytes(last.SerializeToString())
+    await driver.close()
+    print(json.dumps({"digest": hashlib.sha256(normalize(state)).hexdigest(), "result": result}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

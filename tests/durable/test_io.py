@@ -1,0 +1,126 @@
+"""I/O inside durable functions is forwarded to the host loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from dispatch_aio import durable
+from dispatch_aio._function import Function
+from dispatch_aio.errors import HostLoopError
+
+from .conftest import DriverFactory
+from .driver import Failed
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    async def hello(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.01)
+        return web.json_response({"hello": request.query.get("name", "world")})
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}"
+    await runner.cleanup()
+
+
+async def _double(x: int) -> int:
+    return 2 * x
+
+
+double = Function(_double, name="double")
+
+
+async def _fetch(url: str) -> dict[str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        body: dict[str, str] = await response.json()
+    # A durable call after the I/O: the request runs again on replay.
+    body["after"] = str(await double(1))
+    return body
+
+
+fetch = Function(_fetch, name="fetch")
+
+
+async def test_aiohttp_request_inside_function(make_driver: DriverFactory, server: str) -> None:
+    driver = make_driver(fetch, double, virtual_time=False)
+    assert await driver.call(fetch, f"{server}/hello?name=durable") == {
+        "hello": "durable",
+        "after": "2",
+    }
+
+
+async def _resolve(host: str) -> list[str]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, 80, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+resolve = Function(_resolve, name="resolve")
+
+
+async def test_dns(make_driver: DriverFactory) -> None:
+    driver = make_driver(resolve, virtual_time=False)
+    assert "127.0.0.1" in await driver.call(resolve, "localhost")
+
+
+async def _threads() -> list[str]:
+    def work(x: int) -> str:
+        return f"{x}@{threading.current_thread() is not threading.main_thread()}"
+
+    loop = asyncio.get_running_loop()
+    a = await asyncio.to_thread(work, 1)
+    b = await loop.run_in_executor(None, work, 2)
+    await double(3)
+    return [a, b]
+
+
+threads = Function(_threads, name="threads")
+
+
+async def test_executors(make_driver: DriverFactory) -> None:
+    driver = make_driver(threads, double, virtual_time=False)
+    assert await driver.call(threads) == ["1@True", "2@True"]
+
+
+def _host_bound_functions(
+    misused: asyncio.Future[int], host_future: asyncio.Future[int]
+) -> tuple[Function[[], int], Function[[], int]]:
+    async def _misuse() -> int:
+        return await misused
+
+    async def _helper() -> int:
+        async def on_host() -> int:
+            return await host_future
+
+        return await durable.run_on_host(on_host())
+
+    return Function(_misuse, name="misuse"), Function(_helper, name="helper")
+
+
+async def test_host_loop_object(make_driver: DriverFactory) -> None:
+    loop = asyncio.get_running_loop()
+    misused: asyncio.Future[int] = loop.create_future()
+    host_future: asyncio.Future[int] = loop.create_future()
+    loop.call_later(0.05, host_future.set_result, 7)
+    misuse, helper = _host_bound_functions(misused, host_future)
+    driver = make_driver(misuse, helper, virtual_time=False)
+    with pytest.raises(Failed) as info:
+        await driver.call(misuse)
+    error = info.value.outcome.error
+    assert isinstance(error, HostLoopError)
+    assert "run_on_host" in str(error)
+    assert "host event loop" in str(error)
+    assert await driver.call(helper) == 7

@@ -1,0 +1,58 @@
+"""Workflows used by the golden-journal and determinism tests.
+
+Keep them stable: committed journals were recorded from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from dispatch_aio import durable
+from dispatch_aio._function import Function
+
+
+async def _square(x: int) -> int:
+    return x * x
+
+
+square = Function(_square, name="square")
+
+
+async def _slow_square(x: int) -> int:
+    await asyncio.sleep(30)
+    return x * x
+
+
+slow_square = Function(_slow_square, name="slow_square")
+
+
+async def _mixed(n: int) -> dict[str, object]:
+    # asyncio.wait, FIRST_COMPLETED, in a loop over many calls
+    pending = {asyncio.create_task(square(i)) for i in range(n)}
+    firsts: list[int] = []
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        firsts.extend(t.result() for t in done)
+    # as_completed over calls
+    completed = [await f for f in asyncio.as_completed([square(i) for i in range(n)])]
+    # gather, a durable sleep and a timeout around a slow call
+    gathered = await asyncio.gather(*(square(i) for i in range(3)))
+    await asyncio.sleep(10)
+    try:
+        async with asyncio.timeout(5):
+            late = await slow_square(3)
+    except TimeoutError:
+        late = -1
+    return {
+        "firsts": firsts,
+        "completed": completed,
+        "gathered": list(gathered),
+        "late": late,
+        "token": durable.uuid4().hex,
+        "coin": durable.random() < 2,
+    }
+
+
+mixed = Function(_mixed, name="mixed")
+
+FUNCTIONS = [square, slow_square, mixed]
