@@ -14,7 +14,14 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 from ..proto.sdk.v1 import poll_pb2
 from ..proto.v1 import journal_pb2
 
-__all__ = ["JOURNAL_TYPE_URL", "JOURNAL_VERSION", "IncompatibleState", "decode_state", "pack_state"]
+__all__ = [
+    "JOURNAL_TYPE_URL",
+    "JOURNAL_VERSION",
+    "IncompatibleState",
+    "decode_state",
+    "pack_state",
+    "peek_run_id",
+]
 
 JOURNAL_VERSION = 1
 JOURNAL_TYPE_URL = "type.googleapis.com/" + journal_pb2.Journal.DESCRIPTOR.full_name
@@ -66,3 +73,52 @@ def decode_state(result: poll_pb2.PollResult, function: str) -> tuple[journal_pb
     if len(journal.run_id) != 16:
         raise IncompatibleState("the journal has no valid run id")
     return journal, state.value
+
+
+_RUN_ID_FIELD = 4
+
+
+def peek_run_id(state: bytes) -> bytes | None:
+    """Return the run id of serialized journal bytes without parsing the whole journal.
+
+    The first Poll writes the header fields first, so the run id comes within
+    the first few top-level fields; this keeps a live-cache hit O(1) in the
+    length of the journal. Returns None when the bytes do not look like that.
+    """
+    pos, end = 0, len(state)
+    for _ in range(8):
+        tag, pos = _varint(state, pos)
+        if tag < 0:
+            return None
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _varint(state, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(state, pos)
+            if length < 0 or pos + length > end:
+                return None
+            if field == _RUN_ID_FIELD:
+                return state[pos : pos + length]
+            pos += length
+        else:
+            return None
+        if pos < 0 or pos > end:
+            return None
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode a protobuf varint at ``pos``; (-1, -1) when truncated or too long."""
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return -1, -1

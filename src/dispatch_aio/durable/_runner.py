@@ -40,7 +40,7 @@ from ..errors import NondeterminismError
 from ..proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, poll_pb2, status_pb2
 from ..proto.v1 import journal_pb2
 from ._context import TailCall
-from ._journal import JOURNAL_VERSION, IncompatibleState, decode_state, pack_state
+from ._journal import JOURNAL_VERSION, IncompatibleState, decode_state, pack_state, peek_run_id
 from ._loop import Clock, DurableFuture, DurableLoop, DurableTask, host_loop_error
 
 __all__ = ["Run", "Runner"]
@@ -78,6 +78,13 @@ class _Call:
 
     def describe(self) -> str:
         return _describe(self.identity, self.function, self.site, self.digest)
+
+
+def _short_site(site: str) -> str:
+    """Keep the last two path components of a call site: enough to find it, small to carry."""
+    path, _, line = site.rpartition(":")
+    parts = path.replace("\\", "/").rsplit("/", 2)
+    return f"{'/'.join(parts[-2:])}:{line}" if path else site
 
 
 def _describe(identity: str, function: str, site: str, digest: bytes) -> str:
@@ -132,11 +139,12 @@ class Run:
         if not isinstance(task, DurableTask):
             raise RuntimeError(f"durable call to {function!r} made outside a durable task")
         identity = task.next_identity()
-        digest = input_digest(input)
+        # 128 bits are plenty to tell inputs apart, and the journal is copied every round.
+        digest = input_digest(input)[:16]
         future: DurableFuture[Any] = DurableFuture(loop=self.loop)
         if self.replaying:
             call = self.by_identity.get(identity)
-            here = _describe(identity, function, call_site, digest)
+            here = _describe(identity, function, _short_site(call_site), digest)
             if call is None:
                 self._diverge(f"the code now makes {here}, which the journal does not have")
             elif call.function != function or call.digest != digest:
@@ -149,7 +157,7 @@ class Run:
             identity=identity,
             function=function,
             digest=digest,
-            site=call_site,
+            site=_short_site(call_site),
             epoch=self.epochs_applied,
             input=input,
             endpoint=endpoint,
@@ -534,9 +542,9 @@ class Runner:
     async def _resume(
         self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]]
     ) -> Run:
-        journal, state = decode_state(request.poll_result, request.function)
-        run = await self._take(journal.run_id, state)
+        run = await self._take(request)
         if run is None:
+            journal, state = decode_state(request.poll_result, request.function)
             run = await self._replay(journal, state, fn)
         run.apply_poll_result(request.poll_result)
         return run
@@ -640,11 +648,21 @@ class Runner:
 
     # -- live cache -----------------------------------------------------------------
 
-    async def _take(self, run_id: bytes, state: bytes) -> Run | None:
-        run = self._cache.pop(run_id, None)
+    async def _take(self, request: function_pb2.RunRequest) -> Run | None:
+        """Return the live run this resume continues, if the cache has it.
+
+        A hit needs no decoding: the echoed state must be byte for byte the
+        one the live run sent.
+        """
+        result = request.poll_result
+        if not self._cache or result.WhichOneof("state") != "typed_coroutine_state":
+            return None
+        state = result.typed_coroutine_state.value
+        run_id = peek_run_id(state)
+        run = None if run_id is None else self._cache.pop(run_id, None)
         if run is None:
             return None
-        if run.state != state:
+        if run.state != state or run.function != request.function:
             # Another round of the same run (a retry, another replica's state): replay.
             await run.close()
             return None
