@@ -1,0 +1,382 @@
+"""HTTP API of the scheduler: DispatchService, the test-only Wait RPC and InspectService.
+
+All RPCs are Connect unary over HTTP POST, authenticated with ``Authorization: Bearer
+<api key>`` (compared in constant time). Requests and responses are binary protobuf
+(``application/proto``) or protobuf JSON (``application/json``); the response uses the
+request's encoding. Failures are Connect errors: a JSON body ``{"code", "message"}``
+with the matching HTTP status.
+
+- ``/dispatch.sdk.v1.DispatchService/Dispatch``: submit calls atomically; the ids come
+  back in request order once every call is committed.
+- ``/dispatch.sdk.v1.DispatchService/Wait``: the RPC of dispatch-py's test server; the
+  body is a dispatch id as UTF-8 text, the answer the call's final ``CallResult``
+  (binary) once it is done.
+- ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall}``: see inspect.proto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+from google.protobuf import (
+    any_pb2,
+    descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    json_format,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
+from google.protobuf.message import DecodeError, Message
+
+from ..proto.sdk.python.v1 import pickled_pb2
+from ..proto.sdk.v1 import dispatch_pb2
+from ..proto.v1 import inspect_pb2
+from ._engine import Engine, EngineClosedError, InvalidCallError
+from ._store import CallQuery, CallRecord, Phase, Store, StoreError
+
+__all__ = [
+    "DISPATCH_PATH",
+    "INSPECT_PREFIX",
+    "WAIT_PATH",
+    "create_app",
+]
+
+logger = logging.getLogger("dispatch_aio.scheduler")
+
+DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
+WAIT_PATH = "/dispatch.sdk.v1.DispatchService/Wait"
+INSPECT_PREFIX = "/dispatch_aio.v1.InspectService/"
+
+_PROTO = "application/proto"
+_JSON = "application/json"
+_PROTO_TYPES = frozenset({_PROTO, "application/protobuf", "application/x-protobuf"})
+_MAX_BODY = 64 * 1024 * 1024
+_PAGE = 100
+_MAX_PAGE = 1000
+
+# Message types that JSON responses can render inside a google.protobuf.Any: importing
+# the modules registers them in the default descriptor pool.
+_JSON_TYPES = (
+    duration_pb2,
+    empty_pb2,
+    pickled_pb2,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
+
+_M = TypeVar("_M", bound=Message)
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATES = {
+    Phase.PENDING: inspect_pb2.CALL_STATE_PENDING,
+    Phase.SUSPENDED: inspect_pb2.CALL_STATE_SUSPENDED,
+    Phase.DONE: inspect_pb2.CALL_STATE_DONE,
+}
+# Stored phases that may show as each state (RUNNING is known only in memory).
+_PHASES_OF_STATE = {
+    inspect_pb2.CALL_STATE_PENDING: (Phase.PENDING,),
+    inspect_pb2.CALL_STATE_RUNNING: (Phase.PENDING, Phase.SUSPENDED),
+    inspect_pb2.CALL_STATE_SUSPENDED: (Phase.SUSPENDED,),
+    inspect_pb2.CALL_STATE_DONE: (Phase.DONE,),
+}
+
+
+class _ConnectError(Exception):
+    def __init__(self, http_status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.code = code
+        self.message = message
+
+
+def _error_response(http_status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=http_status)
+
+
+@web.middleware
+async def _connect_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Answer every failure as a Connect error."""
+    try:
+        return await handler(request)
+    except _ConnectError as exc:
+        return _error_response(exc.http_status, exc.code, exc.message)
+    except StoreError as exc:
+        logger.error("%s failed: %s", request.path, exc)
+        return _error_response(503, "unavailable", f"the scheduler's database failed: {exc}")
+    except EngineClosedError as exc:
+        return _error_response(503, "unavailable", str(exc))
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return _error_response(
+                404,
+                "unimplemented",
+                f"no RPC at {request.path}; this scheduler serves {DISPATCH_PATH}, "
+                f"{WAIT_PATH} and {INSPECT_PREFIX}*",
+            )
+        if exc.status == 405:
+            return _error_response(405, "unimplemented", "RPCs are called with POST")
+        if exc.status == 413:
+            return _error_response(
+                413, "resource_exhausted", f"the request body exceeds {_MAX_BODY} bytes"
+            )
+        raise
+
+
+class _Service:
+    def __init__(self, engine: Engine, store: Store, api_key: str) -> None:
+        self._engine = engine
+        self._store = store
+        self._api_key = api_key.encode()
+
+    def _check_auth(self, request: web.Request) -> None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise _ConnectError(
+                401,
+                "unauthenticated",
+                "missing Authorization header: send 'Authorization: Bearer <api key>' with "
+                "the scheduler's API key (DISPATCH_API_KEY)",
+            )
+        valid = hmac.compare_digest(token.strip().encode(), self._api_key)
+        if scheme.lower() != "bearer" or not valid:
+            raise _ConnectError(
+                401,
+                "unauthenticated",
+                "invalid API key: send 'Authorization: Bearer <api key>' with the key the "
+                "scheduler was started with (check DISPATCH_API_KEY)",
+            )
+
+    async def _read(self, request: web.Request, message: _M) -> tuple[_M, bool]:
+        """Authenticate and decode the request body into `message`; True means JSON."""
+        self._check_auth(request)
+        content_type = request.content_type
+        body = await request.read()
+        if content_type == _JSON:
+            try:
+                json_format.Parse(body.decode("utf-8"), message)
+            except (json_format.ParseError, UnicodeDecodeError) as exc:
+                raise _ConnectError(
+                    400, "invalid_argument", f"cannot decode the JSON request: {exc}"
+                ) from exc
+            return message, True
+        # aiohttp reports a missing Content-Type as application/octet-stream.
+        if content_type not in _PROTO_TYPES and content_type != "application/octet-stream":
+            raise _ConnectError(
+                415,
+                "invalid_argument",
+                f"unsupported Content-Type {content_type!r}: use {_PROTO} or {_JSON}",
+            )
+        try:
+            message.ParseFromString(body)
+        except DecodeError as exc:
+            raise _ConnectError(
+                400, "invalid_argument", f"cannot decode the protobuf request: {exc}"
+            ) from exc
+        return message, False
+
+    # DispatchService
+
+    async def dispatch(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, dispatch_pb2.DispatchRequest())
+        try:
+            ids = await self._engine.submit(req.calls)
+        except InvalidCallError as exc:
+            raise _ConnectError(400, "invalid_argument", str(exc)) from exc
+        return _reply(dispatch_pb2.DispatchResponse(dispatch_ids=ids), as_json)
+
+    async def wait(self, request: web.Request) -> web.Response:
+        self._check_auth(request)
+        try:
+            dispatch_id = (await request.read()).decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise _ConnectError(
+                400, "invalid_argument", "the body must be a dispatch id in UTF-8 text"
+            ) from exc
+        rec = await self._engine.wait(dispatch_id)
+        if rec is None:
+            raise _not_found(dispatch_id)
+        return web.Response(body=rec.result, content_type=_PROTO)
+
+    # InspectService
+
+    async def list_calls(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, inspect_pb2.ListCallsRequest())
+        limit = min(req.limit or _PAGE, _MAX_PAGE)
+        try:
+            after = int(req.page_token) if req.page_token else 0
+        except ValueError as exc:
+            raise _ConnectError(
+                400, "invalid_argument", "invalid page_token: pass next_page_token back as is"
+            ) from exc
+        states = set(req.states)
+        phases = {p for s in states for p in _PHASES_OF_STATE.get(s, ())}
+        if states and not phases:
+            raise _ConnectError(400, "invalid_argument", "states has no valid CallState")
+        query = CallQuery(
+            phases=tuple(sorted(phases)),
+            statuses=tuple(req.statuses),
+            root_id=req.root_dispatch_id,
+            parent_id="" if req.top_level_only else None,
+            after=after,
+            limit=limit + 1,
+        )
+        found: list[tuple[int, CallRecord]] = []
+        while len(found) <= limit:
+            rows = await self._store.list_calls(query)
+            for seq, rec in rows:
+                if not states or self._state(rec) in states:
+                    found.append((seq, rec))
+            if len(rows) < (query.limit or 0):
+                break
+            query = dataclasses.replace(query, after=rows[-1][0])
+        page = found[:limit]
+        counts = await self._store.count_children([rec.id for _, rec in page])
+        response = inspect_pb2.ListCallsResponse(
+            calls=[
+                self._info(rec, counts.get(rec.id, 0), payloads=not req.omit_payloads)
+                for _, rec in page
+            ]
+        )
+        if len(found) > limit:
+            response.next_page_token = str(page[-1][0])
+        return _reply(response, as_json)
+
+    async def get_call(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, inspect_pb2.GetCallRequest())
+        rec = await self._store.get_call(req.dispatch_id)
+        if rec is None:
+            raise _not_found(req.dispatch_id)
+        children: dict[str, list[CallRecord]] = {}
+        for _, member in await self._store.list_calls(CallQuery(root_id=rec.root_id)):
+            if member.parent_id:
+                children.setdefault(member.parent_id, []).append(member)
+        top = inspect_pb2.CallTree()
+        stack = [(top, rec, 1)]
+        while stack:
+            node, call, depth = stack.pop()
+            kids = children.get(call.id, [])
+            node.call.CopyFrom(self._info(call, len(kids)))
+            if req.max_depth and depth > req.max_depth:
+                continue
+            for kid in kids:
+                stack.append((node.children.add(), kid, depth + 1))
+        return _reply(inspect_pb2.GetCallResponse(tree=top), as_json)
+
+    async def wait_call(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, inspect_pb2.WaitCallRequest())
+        timeout = req.timeout.ToNanoseconds() / 1e9 if req.HasField("timeout") else None
+        rec = await self._engine.wait(req.dispatch_id, timeout)
+        if rec is None:
+            raise _not_found(req.dispatch_id)
+        counts = await self._store.count_children([rec.id])
+        info = self._info(rec, counts.get(rec.id, 0))
+        return _reply(inspect_pb2.WaitCallResponse(call=info), as_json)
+
+    def _state(self, rec: CallRecord) -> inspect_pb2.CallState.ValueType:
+        if rec.phase is not Phase.DONE:
+            view = self._engine.live_view(rec.id)
+            if view is not None and view[0]:
+                return inspect_pb2.CALL_STATE_RUNNING
+        return _STATES[rec.phase]
+
+    def _info(
+        self, rec: CallRecord, child_count: int, *, payloads: bool = True
+    ) -> inspect_pb2.CallInfo:
+        view = self._engine.live_view(rec.id) if rec.phase is not Phase.DONE else None
+        info = inspect_pb2.CallInfo(
+            dispatch_id=rec.id,
+            parent_dispatch_id=rec.parent_id,
+            root_dispatch_id=rec.root_id,
+            endpoint=rec.endpoint,
+            function=rec.function,
+            state=self._state(rec),
+            status=rec.status,  # type: ignore[arg-type]
+            attempts=rec.attempts,
+            polls=rec.polls,
+            last_error=rec.last_error,
+            queued_results=view[1] if view is not None else 0,
+            correlation_id=rec.correlation_id,
+            child_count=child_count,
+        )
+        info.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
+        info.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
+        info.update_time.FromNanoseconds(round(rec.updated_at * 1e9))
+        if rec.finished_at is not None:
+            info.finish_time.FromNanoseconds(round(rec.finished_at * 1e9))
+        if payloads:
+            if rec.input:
+                info.input.MergeFromString(rec.input)
+            if rec.phase is Phase.DONE:
+                info.result.MergeFromString(rec.result)
+        return info
+
+
+def _not_found(dispatch_id: str) -> _ConnectError:
+    return _ConnectError(404, "not_found", f"no call with dispatch id {dispatch_id!r}")
+
+
+def _reply(message: Message, as_json: bool) -> web.Response:
+    if not as_json:
+        return web.Response(body=message.SerializeToString(), content_type=_PROTO)
+    _make_any_renderable(message)
+    text = json_format.MessageToJson(message, indent=None)
+    return web.Response(body=text.encode(), content_type=_JSON)
+
+
+def _make_any_renderable(message: Message) -> None:
+    """Replace each Any whose type is unknown here by an OpaqueValue (JSON needs the type)."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        items = value if field.is_repeated else [value]
+        for item in items:
+            if isinstance(item, any_pb2.Any):
+                if not _renders(item):
+                    opaque = inspect_pb2.OpaqueValue(type_url=item.type_url, value=item.value)
+                    item.Pack(opaque)
+            elif isinstance(item, Message):
+                _make_any_renderable(item)
+
+
+def _renders(value: any_pb2.Any) -> bool:
+    name = value.TypeName()
+    try:
+        descriptor_pool.Default().FindMessageTypeByName(name)
+        json_format.MessageToDict(value)
+    except (KeyError, TypeError, ValueError, json_format.Error, DecodeError):
+        return False
+    return True
+
+
+def create_app(engine: Engine, store: Store, *, api_key: str) -> web.Application:
+    """Build the scheduler's aiohttp application.
+
+    Args:
+        engine: The running engine calls are submitted to.
+        store: The store inspected.
+        api_key: The key clients must send as ``Authorization: Bearer <api key>``.
+
+    Returns:
+        The application; it owns no resources (the caller starts and stops them).
+    """
+    service = _Service(engine, store, api_key)
+    app = web.Application(client_max_size=_MAX_BODY, middlewares=[_connect_errors])
+    app.add_routes(
+        [
+            web.post(DISPATCH_PATH, service.dispatch),
+            web.post(WAIT_PATH, service.wait),
+            web.post(INSPECT_PREFIX + "ListCalls", service.list_calls),
+            web.post(INSPECT_PREFIX + "GetCall", service.get_call),
+            web.post(INSPECT_PREFIX + "WaitCall", service.wait_call),
+        ]
+    )
+    return app

@@ -1,0 +1,777 @@
+"""The call state machine of the local scheduler.
+
+Every unfinished call lives in memory (`_Live`) and every change is written through
+the `Store` before anything depends on it: a child's Run is sent only once the Poll
+that made it is committed, a result is delivered only once it is committed in its
+poller's queue, and a submission is acknowledged only once its calls are committed.
+
+A call is PENDING (run from its input at `due_at`), SUSPENDED (polled) or DONE. Each
+attempt sends one RunRequest; its outcome moves the call:
+
+- ``exit`` with a ``tail_call``, whatever the status: the same dispatch id runs the new
+  function and input (same parent, root, creation and expiration times); the
+  generation is incremented so that results meant for the old run are dropped.
+- ``poll`` (status OK): the calls are validated; if any is invalid, none is dispatched
+  and the next resume carries ``PollResult.error``. Otherwise each becomes a child
+  (endpoint defaults to the poller's). The poller resumes when its queue holds
+  ``min_results`` results, when ``max_wait`` elapses, or on the poll error; a resume
+  delivers at most ``max_results`` results (oldest first) and echoes the state, same
+  oneof member, same bytes. Delivered results leave the queue only when the response
+  to the resume is committed, so a failed resume delivers them again.
+- ``exit`` with status OK, or a non-temporary status: the call is DONE. A non-OK
+  result without an error gets one (``type`` is the status's protobuf name, e.g.
+  ``STATUS_NOT_FOUND``). The result is queued for the parent with the correlation id
+  the parent gave.
+- a temporary status (and HTTP/network failures): retried after an exponential
+  backoff with full jitter; INCOMPATIBLE_STATE restarts the call from the input of
+  its current run.
+- past its expiration the call is DONE with STATUS_TIMEOUT. Calls without an
+  expiration get `DEFAULT_EXPIRATION`; a child never outlives its parent's expiration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .._status import Status
+from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
+from ._invoker import Invoker, Outcome
+from ._store import (
+    AddResult,
+    CallRecord,
+    InsertCall,
+    Op,
+    Phase,
+    QueuedResult,
+    RemovePollerResults,
+    RemoveResults,
+    StateKind,
+    Store,
+    UpdateCall,
+)
+from ._validate import call_problem
+
+__all__ = [
+    "DEFAULT_EXPIRATION",
+    "Engine",
+    "EngineClosedError",
+    "EngineSettings",
+    "InvalidCallError",
+    "RetryPolicy",
+]
+
+logger = logging.getLogger("dispatch_aio.scheduler")
+
+DEFAULT_EXPIRATION = 7 * 24 * 3600.0
+"""Seconds a call may take when it does not set an expiration: 7 days, long enough for
+durable sleeps of hours or days."""
+
+_MAX_RESULTS = 1000
+_TIMER_SLACK = 0.001  # fire timers a little late rather than early
+
+
+class InvalidCallError(ValueError):
+    """A submitted call cannot be dispatched; the message says why."""
+
+
+class EngineClosedError(RuntimeError):
+    """The scheduler is shutting down and accepts no more calls."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Backoff between attempts of a call that failed with a temporary status.
+
+    The delay before retry n (1-based) is drawn uniformly from
+    ``[0, min(max_backoff, initial_backoff * multiplier ** (n - 1))]`` (full jitter).
+    """
+
+    initial_backoff: float = 0.1
+    """Upper bound of the first delay, in seconds."""
+    max_backoff: float = 30.0
+    """Upper bound of any delay, in seconds."""
+    multiplier: float = 2.0
+    """Growth of the upper bound per consecutive failure."""
+    max_attempts: int = 0
+    """Consecutive failed attempts after which the call fails; 0 retries until the
+    call expires."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.initial_backoff <= self.max_backoff):
+            raise ValueError(
+                "RetryPolicy needs 0 <= initial_backoff <= max_backoff, got "
+                f"{self.initial_backoff} and {self.max_backoff}"
+            )
+        if self.multiplier < 1:
+            raise ValueError(f"RetryPolicy.multiplier must be at least 1, got {self.multiplier}")
+        if self.max_attempts < 0:
+            raise ValueError(f"RetryPolicy.max_attempts must be >= 0, got {self.max_attempts}")
+
+    def backoff(self, failures: int, rng: random.Random) -> float:
+        """Return the delay before the retry that follows `failures` failures."""
+        exponent = min(max(failures - 1, 0), 1000)
+        try:
+            cap = self.initial_backoff * self.multiplier**exponent
+        except OverflowError:
+            cap = math.inf
+        return rng.uniform(0, min(self.max_backoff, cap))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Tunables of the engine."""
+
+    default_expiration: float = DEFAULT_EXPIRATION
+    """Seconds a call may take when it sets no expiration (or zero)."""
+    max_expiration: float | None = None
+    """Cap on any call's expiration, in seconds (None: no cap)."""
+    request_timeout: float = 300.0
+    """Seconds one Run request may take."""
+    retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+    default_endpoint: str = ""
+    """Endpoint of submitted calls that name none (empty: they must name one)."""
+
+
+class _Live:
+    """In-memory companion of an unfinished call."""
+
+    __slots__ = ("queue", "rec", "running", "stalls", "timer", "timer_at", "waiters")
+
+    def __init__(self, rec: CallRecord) -> None:
+        self.rec = rec
+        # Committed results of children, oldest first: (seq, result).
+        self.queue: collections.deque[tuple[int, call_pb2.CallResult]] = collections.deque()
+        self.running = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.waiters: list[asyncio.Future[CallRecord]] = []
+        self.stalls = 0  # consecutive attempts whose outcome could not be recorded
+
+
+class _Ids:
+    """Dispatch ids: 12 hex digits of milliseconds, 4 of a counter, 16 random."""
+
+    __slots__ = ("_count", "_last")
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._count = 0
+
+    def next(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms <= self._last:
+            ms = self._last
+            self._count += 1
+            if self._count > 0xFFFF:
+                ms += 1
+                self._count = 0
+        else:
+            self._count = 0
+        self._last = ms
+        return f"{ms:012x}{self._count:04x}{secrets.randbits(64):016x}"
+
+
+class Engine:
+    """Runs calls: submissions, attempts, polls, results, retries and expiration.
+
+    Args:
+        store: Where every change is written before it takes effect.
+        invoker: Sends the Run requests.
+        settings: Tunables.
+        rng: Source of the backoff jitter.
+        clock: Wall clock (Unix seconds) for creation, expiration and due times.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        invoker: Invoker,
+        settings: EngineSettings | None = None,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._invoker = invoker
+        self._settings = settings or EngineSettings()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._live: dict[str, _Live] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = _Ids()
+        self._seq = 1
+        self._closed = True
+
+    @property
+    def settings(self) -> EngineSettings:
+        """The engine's tunables."""
+        return self._settings
+
+    async def start(self) -> None:
+        """Load every unfinished call from the store and carry on with it."""
+        snapshot = await self._store.load()
+        self._seq = snapshot.next_seq
+        self._closed = False
+        for rec in snapshot.calls:
+            self._live[rec.id] = _Live(rec)
+        stale: list[int] = []
+        for queued in snapshot.results:
+            poller = self._live.get(queued.poller_id)
+            if poller is None or poller.rec.generation != queued.generation:
+                stale.append(queued.seq)
+            else:
+                result = call_pb2.CallResult.FromString(queued.result)
+                poller.queue.append((queued.seq, result))
+        if stale:
+            await self._store.write([RemoveResults(tuple(stale))])
+        if self._live:
+            logger.info("picking up %d unfinished calls", len(self._live))
+        for live in list(self._live.values()):
+            self._arm(live)
+
+    async def close(self) -> None:
+        """Stop every attempt and timer; unfinished calls stay in the store."""
+        self._closed = True
+        for live in self._live.values():
+            if live.timer is not None:
+                live.timer.cancel()
+                live.timer = None
+            for waiter in live.waiters:
+                if not waiter.done():
+                    waiter.set_exception(EngineClosedError("the scheduler is shutting down"))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # Submissions and waiting.
+
+    async def submit(self, calls: Sequence[call_pb2.Call]) -> list[str]:
+        """Persist top-level calls atomically and start them.
+
+        Returns:
+            The dispatch ids, in the order of `calls`.
+
+        Raises:
+            InvalidCallError: A call is invalid; nothing was submitted.
+            EngineClosedError: The engine is not running.
+            StoreError: The calls could not be persisted; nothing was submitted.
+        """
+        if self._closed:
+            raise EngineClosedError("the scheduler is not running")
+        default = self._settings.default_endpoint
+        problems = [
+            problem
+            for i, call in enumerate(calls)
+            if (problem := call_problem(call, f"calls[{i}]", default_endpoint=default))
+        ]
+        if problems:
+            more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+            raise InvalidCallError("; ".join(problems[:3]) + more)
+        now = self._clock()
+        records = []
+        for call in calls:
+            dispatch_id = self._ids.next()
+            records.append(
+                self._record(call, dispatch_id, dispatch_id, "", call.endpoint or default, now)
+            )
+        await self._store.write([InsertCall(r) for r in records])
+        for rec in records:
+            self._adopt(rec)
+        return [r.id for r in records]
+
+    async def wait(self, dispatch_id: str, max_seconds: float | None = None) -> CallRecord | None:
+        """Wait until a call is done.
+
+        Args:
+            dispatch_id: The call.
+            max_seconds: Seconds to wait at most (None: no limit).
+
+        Returns:
+            The call's record (DONE unless the timeout elapsed), or None if the
+            scheduler has no such call.
+        """
+        live = self._live.get(dispatch_id)
+        if live is None:
+            return await self._store.get_call(dispatch_id)
+        waiter: asyncio.Future[CallRecord] = asyncio.get_running_loop().create_future()
+        live.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(max_seconds):
+                return await waiter
+        except TimeoutError:
+            return live.rec
+        finally:
+            if waiter in live.waiters:
+                live.waiters.remove(waiter)
+
+    def live_view(self, dispatch_id: str) -> tuple[bool, int] | None:
+        """Return (running, queued results) of an unfinished call, or None."""
+        live = self._live.get(dispatch_id)
+        if live is None:
+            return None
+        return live.running, len(live.queue)
+
+    @property
+    def unfinished(self) -> int:
+        """Number of calls not done yet."""
+        return len(self._live)
+
+    # Scheduling.
+
+    def _adopt(self, rec: CallRecord) -> None:
+        live = _Live(rec)
+        self._live[rec.id] = live
+        self._arm(live)
+
+    def _arm(self, live: _Live) -> None:
+        """Start the call's next attempt now, or set a timer for it."""
+        rec = live.rec
+        if self._closed or live.running or rec.phase is Phase.DONE:
+            return
+        now = self._clock()
+        when: float | None
+        if rec.phase is Phase.PENDING:
+            when = rec.due_at if rec.due_at is not None else now
+        elif rec.failures == 0 and (rec.poll_error or len(live.queue) >= rec.min_results):
+            when = now
+        else:
+            when = rec.due_at
+        if live.stalls:
+            not_before = now + self._settings.retry.backoff(live.stalls, self._rng)
+            when = not_before if when is None else max(when, not_before)
+        if when is None or when > rec.expires_at:
+            when = rec.expires_at
+        if live.timer is not None:
+            if when > now and when == live.timer_at:
+                return  # already set (a poller re-armed by each child's result)
+            live.timer.cancel()
+            live.timer = None
+        if when <= now:
+            self._start(live)
+        else:
+            loop = asyncio.get_running_loop()
+            live.timer = loop.call_later(when - now + _TIMER_SLACK, self._fire, live)
+            live.timer_at = when
+
+    def _fire(self, live: _Live) -> None:
+        live.timer = None
+        self._arm(live)
+
+    def _start(self, live: _Live) -> None:
+        live.running = True
+        task = asyncio.get_running_loop().create_task(self._attempt(live))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, live: _Live) -> None:
+        delivered: list[tuple[int, call_pb2.CallResult]] = []
+        try:
+            rec = live.rec
+            now = self._clock()
+            if now >= rec.expires_at:
+                await self._expire(live, [], attempted=False)
+            else:
+                request, delivered = self._request(live)
+                timeout = min(self._settings.request_timeout, rec.expires_at - now)
+                outcome = await self._invoker.run(rec.endpoint, request, timeout)
+                if not await self._handle(live, outcome, delivered):
+                    live.queue.extendleft(reversed(delivered))
+                delivered = []
+            live.stalls = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            live.stalls += 1
+            logger.exception("call %s: the outcome of an attempt was not recorded", live.rec.id)
+            live.queue.extendleft(reversed(delivered))
+        finally:
+            live.running = False
+        self._arm(live)
+
+    def _request(
+        self, live: _Live
+    ) -> tuple[function_pb2.RunRequest, list[tuple[int, call_pb2.CallResult]]]:
+        rec = live.rec
+        request = function_pb2.RunRequest(
+            function=rec.function,
+            dispatch_id=rec.id,
+            parent_dispatch_id=rec.parent_id,
+            root_dispatch_id=rec.root_id,
+        )
+        request.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
+        request.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
+        delivered: list[tuple[int, call_pb2.CallResult]] = []
+        if rec.phase is Phase.SUSPENDED:
+            poll_result = request.poll_result
+            poll_result.SetInParent()
+            if rec.state_kind is StateKind.BYTES:
+                poll_result.coroutine_state = rec.state
+            elif rec.state_kind is StateKind.TYPED:
+                poll_result.typed_coroutine_state.SetInParent()
+                poll_result.typed_coroutine_state.MergeFromString(rec.state)
+            count = min(rec.max_results, len(live.queue))
+            delivered = [live.queue.popleft() for _ in range(count)]
+            poll_result.results.extend(result for _, result in delivered)
+            if rec.poll_error:
+                poll_result.error.MergeFromString(rec.poll_error)
+        else:
+            request.input.SetInParent()
+            if rec.input:
+                request.input.MergeFromString(rec.input)
+        return request, delivered
+
+    # Outcomes. Each returns True when the delivered results were consumed.
+
+    async def _handle(
+        self, live: _Live, outcome: Outcome, delivered: list[tuple[int, call_pb2.CallResult]]
+    ) -> bool:
+        rec = live.rec
+        now = self._clock()
+        response = outcome.response
+        if response is not None:
+            directive = response.WhichOneof("directive")
+            if directive == "exit" and response.exit.HasField("tail_call"):
+                await self._tail_call(live, response, delivered, now)
+                return True
+            if directive == "poll" and outcome.status in (Status.OK, Status.UNSPECIFIED):
+                if now >= rec.expires_at:
+                    await self._expire(live, delivered)
+                else:
+                    await self._poll(live, response.poll, delivered, now)
+                return True
+            if directive == "exit" and outcome.status is Status.OK:
+                await self._finish(live, Status.OK, response.exit.result, "", delivered)
+                return True
+            if directive is None and outcome.status is Status.OK:
+                outcome = Outcome(
+                    Status.INVALID_RESPONSE,
+                    error="the RunResponse has status OK but neither exit nor poll",
+                )
+        status = outcome.status
+        failure = _describe(outcome)
+        retry = self._settings.retry
+        if status.temporary:
+            failures = rec.failures + 1
+            if now >= rec.expires_at:
+                await self._expire(live, delivered, failure)
+                return True
+            if retry.max_attempts and failures >= retry.max_attempts:
+                failure = f"gave up after {failures} failed attempts; the last one: {failure}"
+                await self._finish(live, status, _exit_result(outcome), failure, delivered)
+                return True
+            due = now + retry.backoff(failures, self._rng)
+            if status is Status.INCOMPATIBLE_STATE:
+                await self._restart(live, delivered, failures, due, failure, now)
+                return True
+            logger.debug("call %s: attempt failed (%s), retrying", rec.id, failure)
+            new = dataclasses.replace(
+                rec,
+                due_at=due,
+                attempts=rec.attempts + 1,
+                failures=failures,
+                status=int(status),
+                last_error=failure,
+                updated_at=now,
+            )
+            await self._store.write([UpdateCall(new)])
+            live.rec = new
+            return False
+        await self._finish(live, status, _exit_result(outcome), failure, delivered)
+        return True
+
+    async def _poll(
+        self,
+        live: _Live,
+        poll: poll_pb2.Poll,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        now: float,
+    ) -> None:
+        rec = live.rec
+        problem = None
+        for i, call in enumerate(poll.calls):
+            problem = call_problem(call, f"calls[{i}]", default_endpoint=rec.endpoint)
+            if problem is not None:
+                break
+        children: list[CallRecord] = []
+        poll_error = b""
+        if problem is None:
+            for call in poll.calls:
+                children.append(
+                    self._record(
+                        call,
+                        self._ids.next(),
+                        rec.root_id,
+                        rec.id,
+                        call.endpoint or rec.endpoint,
+                        now,
+                        parent=rec,
+                    )
+                )
+        else:
+            problem = f"the Poll's calls were not dispatched: {problem}"
+            logger.info("call %s: %s", rec.id, problem)
+            error = error_pb2.Error(type=Status.INVALID_ARGUMENT.proto_name, message=problem)
+            poll_error = error.SerializeToString()
+        state_kind, state = _state_of(poll)
+        max_wait = poll.max_wait.ToNanoseconds() / 1e9 if poll.HasField("max_wait") else 0.0
+        new = dataclasses.replace(
+            rec,
+            phase=Phase.SUSPENDED,
+            state_kind=state_kind,
+            state=state,
+            min_results=min(max(poll.min_results, 1), _MAX_RESULTS),
+            max_results=min(max(poll.max_results, 1), _MAX_RESULTS),
+            due_at=now + max_wait if max_wait > 0 else None,
+            poll_error=poll_error,
+            attempts=rec.attempts + 1,
+            failures=0,
+            polls=rec.polls + 1,
+            status=int(Status.OK),
+            last_error=problem or "",
+            updated_at=now,
+        )
+        ops: list[Op] = [InsertCall(c) for c in children]
+        ops.append(UpdateCall(new))
+        if delivered:
+            ops.append(RemoveResults(tuple(seq for seq, _ in delivered)))
+        await self._store.write(ops)
+        live.rec = new
+        for child in children:
+            self._adopt(child)
+
+    async def _tail_call(
+        self,
+        live: _Live,
+        response: function_pb2.RunResponse,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        now: float,
+    ) -> None:
+        rec = live.rec
+        tail = response.exit.tail_call
+        problem = call_problem(tail, "tail_call", default_endpoint=rec.endpoint)
+        if problem is not None:
+            failure = f"the function answered an invalid tail call: {problem}"
+            await self._finish(live, Status.INVALID_ARGUMENT, None, failure, delivered)
+            return
+        logger.debug("call %s: tail call to %s", rec.id, tail.function)
+        new = dataclasses.replace(
+            _fresh_run(rec),
+            endpoint=tail.endpoint or rec.endpoint,
+            function=tail.function,
+            input=tail.input.SerializeToString() if tail.HasField("input") else b"",
+            due_at=None,
+            attempts=rec.attempts + 1,
+            failures=0,
+            status=response.status,
+            last_error="",
+            updated_at=now,
+        )
+        await self._replace_run(live, new, delivered)
+
+    async def _restart(
+        self,
+        live: _Live,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        failures: int,
+        due: float,
+        failure: str,
+        now: float,
+    ) -> None:
+        rec = live.rec
+        logger.info("call %s: incompatible state, restarting from its input", rec.id)
+        new = dataclasses.replace(
+            _fresh_run(rec),
+            due_at=due,
+            attempts=rec.attempts + 1,
+            failures=failures,
+            status=int(Status.INCOMPATIBLE_STATE),
+            last_error=failure,
+            updated_at=now,
+        )
+        await self._replace_run(live, new, delivered)
+
+    async def _replace_run(
+        self, live: _Live, new: CallRecord, delivered: list[tuple[int, call_pb2.CallResult]]
+    ) -> None:
+        ops: list[Op] = [UpdateCall(new)]
+        if live.queue or delivered:
+            ops.append(RemovePollerResults(new.id))
+        await self._store.write(ops)
+        live.rec = new
+        live.queue.clear()
+
+    async def _expire(
+        self,
+        live: _Live,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        last: str = "",
+        *,
+        attempted: bool = True,
+    ) -> None:
+        rec = live.rec
+        failure = (
+            f"the call expired: it did not finish within {rec.expires_at - rec.created_at:.6g} s"
+        )
+        last = last or rec.last_error
+        if last:
+            failure += f" (last attempt: {last})"
+        await self._finish(live, Status.TIMEOUT, None, failure, delivered, attempted=attempted)
+
+    async def _finish(
+        self,
+        live: _Live,
+        status: Status,
+        result: call_pb2.CallResult | None,
+        failure: str,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        *,
+        attempted: bool = True,
+    ) -> None:
+        rec = live.rec
+        now = self._clock()
+        final = call_pb2.CallResult()
+        if result is not None:
+            final.CopyFrom(result)
+        final.correlation_id = rec.correlation_id
+        final.dispatch_id = rec.id
+        if status is not Status.OK and not final.HasField("error"):
+            if not failure or failure == f"status {status.name}":
+                message = f"function {rec.function!r} ended with status {status.name}, no error"
+            else:
+                message = f"function {rec.function!r}: {failure}"
+            final.error.CopyFrom(error_pb2.Error(type=status.proto_name, message=message))
+        data = final.SerializeToString()
+        new = dataclasses.replace(
+            rec,
+            phase=Phase.DONE,
+            due_at=None,
+            state_kind=StateKind.NONE,
+            state=b"",
+            poll_error=b"",
+            attempts=rec.attempts + int(attempted),
+            status=int(status),
+            last_error=failure,
+            result=data,
+            updated_at=now,
+            finished_at=now,
+        )
+        ops: list[Op] = [UpdateCall(new)]
+        if live.queue or delivered:
+            ops.append(RemovePollerResults(rec.id))
+        parent = self._live.get(rec.parent_id) if rec.parent_id else None
+        seq = 0
+        if parent is not None and parent.rec.generation == rec.parent_generation:
+            seq = self._seq
+            self._seq += 1
+            ops.append(AddResult(QueuedResult(seq, parent.rec.id, rec.parent_generation, data)))
+        await self._store.write(ops)
+        live.rec = new
+        live.queue.clear()
+        del self._live[rec.id]
+        if live.timer is not None:
+            live.timer.cancel()
+            live.timer = None
+        if status is Status.OK:
+            logger.debug("call %s (%s) succeeded", rec.id, rec.function)
+        else:
+            logger.info("call %s (%s) failed: %s", rec.id, rec.function, final.error.message)
+        for waiter in live.waiters:
+            if not waiter.done():
+                waiter.set_result(new)
+        live.waiters.clear()
+        # The parent may have moved on while the write was in flight.
+        parent = self._live.get(rec.parent_id) if seq else None
+        if parent is not None and parent.rec.generation == rec.parent_generation:
+            parent.queue.append((seq, final))
+            self._arm(parent)
+
+    # Records.
+
+    def _record(
+        self,
+        call: call_pb2.Call,
+        dispatch_id: str,
+        root_id: str,
+        parent_id: str,
+        endpoint: str,
+        now: float,
+        *,
+        parent: CallRecord | None = None,
+    ) -> CallRecord:
+        seconds = self._settings.default_expiration
+        if call.HasField("expiration"):
+            requested = call.expiration.ToNanoseconds() / 1e9
+            if requested > 0:
+                seconds = requested
+        if self._settings.max_expiration is not None:
+            seconds = min(seconds, self._settings.max_expiration)
+        expires_at = now + seconds
+        if parent is not None:
+            expires_at = min(expires_at, parent.expires_at)
+        return CallRecord(
+            id=dispatch_id,
+            root_id=root_id,
+            parent_id=parent_id,
+            correlation_id=call.correlation_id if parent is not None else 0,
+            parent_generation=parent.generation if parent is not None else 0,
+            endpoint=endpoint,
+            function=call.function,
+            input=call.input.SerializeToString() if call.HasField("input") else b"",
+            version=call.version,
+            created_at=now,
+            expires_at=expires_at,
+            phase=Phase.PENDING,
+            updated_at=now,
+        )
+
+
+def _fresh_run(rec: CallRecord) -> CallRecord:
+    """Return `rec` reset to start a new run of the same call (restart or tail call)."""
+    return dataclasses.replace(
+        rec,
+        phase=Phase.PENDING,
+        generation=rec.generation + 1,
+        state_kind=StateKind.NONE,
+        state=b"",
+        poll_error=b"",
+        min_results=1,
+        max_results=1,
+    )
+
+
+def _state_of(poll: poll_pb2.Poll) -> tuple[StateKind, bytes]:
+    member = poll.WhichOneof("state")
+    if member == "coroutine_state":
+        return StateKind.BYTES, poll.coroutine_state
+    if member == "typed_coroutine_state":
+        return StateKind.TYPED, poll.typed_coroutine_state.SerializeToString()
+    return StateKind.NONE, b""
+
+
+def _exit_result(outcome: Outcome) -> call_pb2.CallResult | None:
+    response = outcome.response
+    if response is not None and response.WhichOneof("directive") == "exit":
+        return response.exit.result
+    return None
+
+
+def _describe(outcome: Outcome) -> str:
+    """One line saying what an unsuccessful attempt produced."""
+    if outcome.response is None:
+        return outcome.error or outcome.status.name
+    text = f"status {outcome.status.name}"
+    result = _exit_result(outcome)
+    if result is not None and result.HasField("error"):
+        error = result.error
+        text += f": {error.type}: {error.message}" if error.type else f": {error.message}"
+    return text

@@ -1,0 +1,266 @@
+"""Signed Run requests to function endpoints, with adaptive concurrency per endpoint.
+
+The invoker makes one attempt and reports what happened as an `Outcome`; deciding
+whether to retry is the engine's job. Each endpoint has its own concurrency window
+(AIMD): it grows by one slot per success until the first sign of overload (slow
+start), then by about one slot per window's worth of successes, and it halves on
+THROTTLED, HTTP 429/503, timeouts and connection errors, at most once per window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.message import DecodeError
+
+from .. import __version__
+from .._signature import sign_request
+from .._status import Status, status_for_http
+from ..proto.sdk.v1 import function_pb2
+
+__all__ = ["RUN_PATH", "Invoker", "Outcome", "run_url"]
+
+logger = logging.getLogger("dispatch_aio.scheduler")
+
+RUN_PATH = "/dispatch.sdk.v1.FunctionService/Run"
+_PROTO = "application/proto"
+_OVERLOAD_HTTP = frozenset({429, 503})
+_BODY_EXCERPT = 300
+
+
+def run_url(endpoint: str) -> str:
+    """Return the URL of FunctionService.Run under an endpoint URL."""
+    return endpoint.rstrip("/") + RUN_PATH
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one Run attempt produced."""
+
+    status: Status
+    """The RunResponse's status, or the status of the HTTP or network failure."""
+    response: function_pb2.RunResponse | None = None
+    """The RunResponse, when the endpoint answered one."""
+    error: str = ""
+    """What went wrong when there is no RunResponse (names the HTTP code or error)."""
+    http_status: int = 0
+    """The HTTP status code, when the endpoint answered at all."""
+
+
+class _Window:
+    """AIMD concurrency limit of one endpoint."""
+
+    __slots__ = ("ceiling", "epoch", "inflight", "limit", "slow_start", "waiters")
+
+    def __init__(self, initial: int, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = float(min(initial, ceiling))
+        self.inflight = 0
+        self.epoch = 0
+        self.slow_start = True
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> int:
+        if self.inflight < int(self.limit) and not self.waiters:
+            self.inflight += 1
+            return self.epoch
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.inflight -= 1  # the slot was handed over: pass it on
+                self._wake()
+            else:
+                self.waiters.remove(waiter)
+            raise
+        return self.epoch
+
+    def release(self, epoch: int, *, success: bool, overload: bool) -> None:
+        self.inflight -= 1
+        if overload:
+            # One decrease per window: only requests sent since the last decrease count.
+            if epoch == self.epoch:
+                self.limit = max(1.0, self.limit / 2)
+                self.epoch += 1
+                self.slow_start = False
+        elif success:
+            step = 1.0 if self.slow_start else 1.0 / self.limit
+            self.limit = min(float(self.ceiling), self.limit + step)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiters and self.inflight < int(self.limit):
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                self.inflight += 1
+                waiter.set_result(None)
+
+
+class Invoker:
+    """Sends signed RunRequests to endpoints.
+
+    Args:
+        key: The scheduler's Ed25519 signing key.
+        max_concurrency: Ceiling of in-flight requests per endpoint.
+        initial_concurrency: Starting window per endpoint.
+    """
+
+    def __init__(
+        self,
+        key: Ed25519PrivateKey,
+        *,
+        max_concurrency: int = 64,
+        initial_concurrency: int = 8,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self._key = key
+        self._ceiling = max_concurrency
+        self._initial = max(1, initial_concurrency)
+        self._windows: dict[str, _Window] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """Create the HTTP client session (inside the running loop)."""
+        self._session = aiohttp.ClientSession(
+            # Concurrency is limited per endpoint by the windows, not by the connector.
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": f"dispatch-aio-scheduler/{__version__}"},
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP client session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def concurrency(self, endpoint: str) -> float:
+        """Return the current concurrency window of an endpoint."""
+        window = self._windows.get(endpoint)
+        return window.limit if window is not None else float(min(self._initial, self._ceiling))
+
+    async def run(
+        self, endpoint: str, request: function_pb2.RunRequest, time_limit: float
+    ) -> Outcome:
+        """Make one Run attempt.
+
+        Args:
+            endpoint: Base URL of the function endpoint.
+            request: The request to send.
+            time_limit: Seconds the whole attempt may take, queueing for a slot excluded.
+
+        Returns:
+            The outcome; network and HTTP failures are outcomes too, never exceptions.
+        """
+        if self._session is None:
+            raise RuntimeError("the invoker is not open")
+        window = self._windows.get(endpoint)
+        if window is None:
+            window = self._windows[endpoint] = _Window(self._initial, self._ceiling)
+        body = request.SerializeToString()
+        epoch = await window.acquire()
+        outcome = Outcome(Status.UNSPECIFIED, error="the attempt was interrupted")
+        try:
+            outcome = await self._send(self._session, run_url(endpoint), body, time_limit)
+        finally:
+            window.release(
+                epoch,
+                success=outcome.response is not None and outcome.status is not Status.THROTTLED,
+                overload=_is_overload(outcome),
+            )
+        return outcome
+
+    async def _send(
+        self, session: aiohttp.ClientSession, url: str, body: bytes, time_limit: float
+    ) -> Outcome:
+        # Signed after the slot is acquired, so that `created` is the sending time.
+        headers = {"Content-Type": _PROTO}
+        headers.update(sign_request(self._key, "POST", url, headers, body))
+        try:
+            async with session.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=max(time_limit, 0.001)),
+                allow_redirects=False,
+            ) as resp:
+                content = await resp.read()
+                code = resp.status
+                content_type = resp.content_type
+        except TimeoutError:
+            return Outcome(Status.TIMEOUT, error=f"no response within {time_limit:.3g} s")
+        except aiohttp.ClientConnectorDNSError as exc:
+            return Outcome(Status.DNS_ERROR, error=f"cannot resolve the endpoint: {exc}")
+        except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as exc:
+            return Outcome(Status.TLS_ERROR, error=f"TLS error: {exc}")
+        except aiohttp.ClientConnectionError as exc:
+            return Outcome(Status.TCP_ERROR, error=f"connection error: {exc!r}")
+        except aiohttp.ClientError as exc:
+            return Outcome(Status.HTTP_ERROR, error=f"HTTP error: {exc!r}")
+        if code == 200 and content_type == _PROTO:
+            try:
+                return _response(function_pb2.RunResponse.FromString(content))
+            except DecodeError as exc:
+                return Outcome(
+                    Status.INVALID_RESPONSE,
+                    error=f"the RunResponse cannot be decoded: {exc}",
+                    http_status=200,
+                )
+        if code == 200:
+            return Outcome(
+                Status.INVALID_RESPONSE,
+                error=f"HTTP 200 with Content-Type {content_type!r}, expected {_PROTO!r}",
+                http_status=200,
+            )
+        status = status_for_http(code)
+        if status in (Status.OK, Status.UNSPECIFIED):
+            status = Status.INVALID_RESPONSE if status is Status.OK else Status.HTTP_ERROR
+        return Outcome(
+            status, error=f"HTTP {code}{_describe_body(content, content_type)}", http_status=code
+        )
+
+
+def _response(response: function_pb2.RunResponse) -> Outcome:
+    try:
+        status = Status(response.status)
+    except ValueError:
+        status = Status.UNSPECIFIED
+    return Outcome(status, response=response)
+
+
+def _is_overload(outcome: Outcome) -> bool:
+    if outcome.status is Status.THROTTLED:
+        return True
+    if outcome.response is not None:
+        return False
+    if outcome.status in (Status.TIMEOUT, Status.TCP_ERROR):
+        return True
+    return outcome.http_status in _OVERLOAD_HTTP
+
+
+def _describe_body(content: bytes, content_type: str) -> str:
+    """Summarize an error body: the Connect error if it is one, else an excerpt."""
+    if not content:
+        return ""
+    if content_type == "application/json":
+        try:
+            doc = json.loads(content)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("message"), str):
+            code = doc.get("code")
+            prefix = f"{code}: " if isinstance(code, str) else ""
+            return f" ({prefix}{doc['message']})"
+    text = content[:_BODY_EXCERPT].decode("utf-8", "replace").strip()
+    if len(content) > _BODY_EXCERPT:
+        text += "..."
+    return f": {text}" if text else ""

@@ -1,0 +1,257 @@
+"""The `Scheduler`: store, engine, invoker and HTTP API assembled and run together."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .._signature import load_private_key, private_key_to_pem, public_key_to_base64
+from ..proto.sdk.v1 import call_pb2
+from ._api import create_app
+from ._engine import DEFAULT_EXPIRATION, Engine, EngineSettings, RetryPolicy
+from ._invoker import Invoker
+from ._sqlite import SQLiteStore
+from ._store import SetMeta, Store
+from ._validate import endpoint_problem
+
+__all__ = ["Scheduler"]
+
+_SIGNING_KEY = "signing_key"
+
+
+class Scheduler:
+    """The local Dispatch scheduler.
+
+    It accepts calls through ``DispatchService.Dispatch`` (see `app` and `serve`), runs
+    them by sending signed ``FunctionService.Run`` requests to their endpoints, and
+    keeps every accepted call and state change in its store, so that a restarted
+    scheduler on the same database finishes every call it had accepted.
+
+    Use it as an async context manager (or call `start` and `close`)::
+
+        async with Scheduler("dispatch.db", api_key="secret") as scheduler:
+            url = await scheduler.serve("127.0.0.1", 4450)
+            ...  # give the app DISPATCH_API_URL=url, DISPATCH_API_KEY="secret" and
+            ...  # DISPATCH_VERIFICATION_KEY=scheduler.verification_key
+
+    Args:
+        store: A SQLite database path (created if missing), ``":memory:"`` for a
+            database that lives as long as the scheduler, or a `Store`.
+        api_key: The key API clients must send as ``Authorization: Bearer <key>``.
+        signing_key: The Ed25519 key that signs Run requests (a key object, PEM or
+            base64). By default the key stored in the database is used, and one is
+            generated and stored on first use.
+        default_endpoint: Endpoint URL of submitted calls that name none.
+        default_expiration: Seconds a call may take when it sets no expiration
+            (default 7 days); past it the call fails with STATUS_TIMEOUT.
+        max_expiration: Cap on any call's expiration, in seconds (None: no cap).
+        request_timeout: Seconds one Run request may take.
+        retry: Backoff of calls that failed with a temporary status.
+        max_concurrency: Ceiling of the adaptive number of concurrent Run requests to
+            one endpoint.
+        rng: Source of the backoff jitter (seed it for reproducible delays).
+
+    Raises:
+        ValueError: An argument is invalid (the message says which).
+    """
+
+    def __init__(
+        self,
+        store: str | Store = ":memory:",
+        *,
+        api_key: str,
+        signing_key: Ed25519PrivateKey | str | bytes | None = None,
+        default_endpoint: str = "",
+        default_expiration: float = DEFAULT_EXPIRATION,
+        max_expiration: float | None = None,
+        request_timeout: float = 300.0,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int = 64,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("api_key must not be empty: API clients authenticate with it")
+        if default_endpoint and (problem := endpoint_problem(default_endpoint)):
+            raise ValueError(f"default_endpoint {default_endpoint!r} {problem}")
+        if default_expiration <= 0:
+            raise ValueError(f"default_expiration must be positive, got {default_expiration}")
+        if request_timeout <= 0:
+            raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self._store = SQLiteStore(store) if isinstance(store, str) else store
+        self._api_key = api_key
+        self._key_arg = signing_key
+        self._settings = EngineSettings(
+            default_expiration=default_expiration,
+            max_expiration=max_expiration,
+            request_timeout=request_timeout,
+            retry=retry or RetryPolicy(),
+            default_endpoint=default_endpoint,
+        )
+        self._max_concurrency = max_concurrency
+        self._rng = rng
+        self._key: Ed25519PrivateKey | None = None
+        self._engine: Engine | None = None
+        self._invoker: Invoker | None = None
+        self._app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+        self._store_open = False
+
+    async def start(self) -> None:
+        """Open the store, load the signing key and pick up every unfinished call.
+
+        Raises:
+            StoreError: The database cannot be opened (locked by another scheduler,
+                newer schema, unreadable file ...).
+            ValueError: The signing key given cannot be loaded.
+        """
+        if self._engine is not None:
+            raise RuntimeError("the scheduler is already started")
+        key = load_private_key(self._key_arg) if self._key_arg is not None else None
+        await self._store.open()
+        self._store_open = True
+        try:
+            if key is None:
+                key = await self._stored_key()
+            self._key = key
+            self._invoker = Invoker(key, max_concurrency=self._max_concurrency)
+            await self._invoker.open()
+            self._engine = Engine(self._store, self._invoker, self._settings, rng=self._rng)
+            await self._engine.start()
+            self._app = create_app(self._engine, self._store, api_key=self._api_key)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _stored_key(self) -> Ed25519PrivateKey:
+        pem = await self._store.get_meta(_SIGNING_KEY)
+        if pem is not None:
+            return load_private_key(pem.decode("ascii"))
+        key = Ed25519PrivateKey.generate()
+        await self._store.write([SetMeta(_SIGNING_KEY, private_key_to_pem(key).encode("ascii"))])
+        return key
+
+    async def close(self) -> None:
+        """Stop serving and running calls; unfinished calls stay in the store."""
+        if self._engine is not None:
+            await self._engine.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self._url = None
+        if self._invoker is not None:
+            await self._invoker.close()
+            self._invoker = None
+        if self._store_open:
+            self._store_open = False
+            await self._store.close()
+        self._engine = None
+        self._app = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def app(self) -> web.Application:
+        """The aiohttp application serving the API (to run it yourself or mount it)."""
+        if self._app is None:
+            raise RuntimeError("the scheduler is not started: use `async with Scheduler(...)`")
+        return self._app
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve the API on `host`:`port` until `close`.
+
+        Args:
+            host: Address to bind.
+            port: Port to bind; 0 picks a free one.
+
+        Returns:
+            The base URL of the API (DISPATCH_API_URL), with the bound port.
+        """
+        if self._runner is not None:
+            raise RuntimeError(f"the scheduler already serves on {self._url}")
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        bound_host, bound_port = runner.addresses[0][:2]
+        if ":" in bound_host:
+            bound_host = f"[{bound_host}]"
+        self._runner = runner
+        self._url = f"http://{bound_host}:{bound_port}"
+        return self._url
+
+    @property
+    def url(self) -> str | None:
+        """The base URL `serve` bound, or None."""
+        return self._url
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The key that signs Run requests (known once started)."""
+        if self._key is None:
+            raise RuntimeError("the scheduler is not started: the signing key is not loaded")
+        return self._key
+
+    @property
+    def verification_key(self) -> str:
+        """The public key endpoints verify requests with (DISPATCH_VERIFICATION_KEY)."""
+        return public_key_to_base64(self.signing_key.public_key())
+
+    @property
+    def unfinished(self) -> int:
+        """Number of calls not done yet."""
+        return self._require().unfinished
+
+    async def dispatch(self, calls: Sequence[call_pb2.Call]) -> list[str]:
+        """Submit calls in process, as the Dispatch RPC does.
+
+        Args:
+            calls: The calls; each needs an endpoint unless `default_endpoint` is set.
+
+        Returns:
+            The dispatch ids, in order, once every call is persisted.
+
+        Raises:
+            ValueError: A call is invalid; none was submitted.
+            StoreError: The calls could not be persisted; none was submitted.
+        """
+        return await self._require().submit(calls)
+
+    async def wait(self, dispatch_id: str) -> call_pb2.CallResult:
+        """Wait for a call to finish and return its result (wrap in `asyncio.timeout`).
+
+        Args:
+            dispatch_id: The call.
+
+        Raises:
+            LookupError: There is no such call.
+        """
+        rec = await self._require().wait(dispatch_id)
+        if rec is None:
+            raise LookupError(f"no call with dispatch id {dispatch_id!r}")
+        return call_pb2.CallResult.FromString(rec.result)
+
+    def _require(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the scheduler is not started: use `async with Scheduler(...)`")
+        return self._engine

@@ -1,0 +1,548 @@
+"""SQLite implementation of the scheduler's `Store`.
+
+One connection, opened and used only on one writer thread (a single-thread executor),
+in WAL mode with `synchronous=FULL` and an exclusive lock so that two schedulers never
+share a database. Writes of concurrent operations are grouped: while a transaction
+commits, new writes queue up, and the next transaction takes all of them; each caller
+is answered once its transaction has committed.
+
+The schema version is kept in `PRAGMA user_version`; `_MIGRATIONS[n]` upgrades a
+database from version n to n + 1, so older databases are migrated on open and newer
+ones are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ._store import (
+    AddResult,
+    CallQuery,
+    CallRecord,
+    InsertCall,
+    Op,
+    Phase,
+    QueuedResult,
+    RemovePollerResults,
+    RemoveResults,
+    SetMeta,
+    Snapshot,
+    StateKind,
+    Store,
+    StoreError,
+    UpdateCall,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+logger = logging.getLogger("dispatch_aio.scheduler")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+"""Version of the schema this module writes (PRAGMA user_version)."""
+
+_SCHEMA_V1 = """
+CREATE TABLE calls (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    root_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    correlation_id INTEGER NOT NULL,
+    parent_generation INTEGER NOT NULL,
+    endpoint TEXT NOT NULL,
+    function TEXT NOT NULL,
+    input BLOB NOT NULL,
+    version TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    phase INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    generation INTEGER NOT NULL,
+    due_at REAL,
+    state_kind INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    min_results INTEGER NOT NULL,
+    max_results INTEGER NOT NULL,
+    poll_error BLOB NOT NULL,
+    attempts INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    polls INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    result BLOB NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX calls_unfinished ON calls (phase) WHERE phase != 4;
+CREATE INDEX calls_root ON calls (root_id);
+CREATE INDEX calls_parent ON calls (parent_id);
+CREATE TABLE results (
+    seq INTEGER PRIMARY KEY,
+    poller_id TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    result BLOB NOT NULL
+);
+CREATE INDEX results_poller ON results (poller_id);
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"""
+
+
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    # Statement by statement: executescript() would commit the migration's transaction.
+    for statement in _SCHEMA_V1.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
+
+# Column order of `calls` after `seq`, shared by inserts, updates and reads.
+_COLUMNS = (
+    "id, root_id, parent_id, correlation_id, parent_generation, endpoint, function, input, "
+    "version, created_at, expires_at, phase, updated_at, generation, due_at, state_kind, "
+    "state, min_results, max_results, poll_error, attempts, failures, polls, status, "
+    "last_error, result, finished_at"
+)
+_MUTABLE = (
+    "endpoint",
+    "function",
+    "input",
+    "phase",
+    "updated_at",
+    "generation",
+    "due_at",
+    "state_kind",
+    "state",
+    "min_results",
+    "max_results",
+    "poll_error",
+    "attempts",
+    "failures",
+    "polls",
+    "status",
+    "last_error",
+    "result",
+    "finished_at",
+)
+_INSERT_CALL = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * 27)})"
+_UPDATE_CALL = f"UPDATE calls SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?"
+_ADD_RESULT = "INSERT INTO results (seq, poller_id, generation, result) VALUES (?, ?, ?, ?)"
+_REMOVE_RESULT = "DELETE FROM results WHERE seq = ?"
+_REMOVE_POLLER_RESULTS = "DELETE FROM results WHERE poller_id = ?"
+_SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_SELECT_CALLS = f"SELECT seq, {_COLUMNS} FROM calls"
+
+_Statement = tuple[str, tuple[Any, ...]]
+
+
+def _signed(value: int) -> int:
+    """Map a uint64 to the int64 SQLite stores (and back with `_unsigned`)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+def _insert_params(r: CallRecord) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.root_id,
+        r.parent_id,
+        _signed(r.correlation_id),
+        r.parent_generation,
+        r.endpoint,
+        r.function,
+        r.input,
+        r.version,
+        r.created_at,
+        r.expires_at,
+        int(r.phase),
+        r.updated_at,
+        r.generation,
+        r.due_at,
+        int(r.state_kind),
+        r.state,
+        r.min_results,
+        r.max_results,
+        r.poll_error,
+        r.attempts,
+        r.failures,
+        r.polls,
+        r.status,
+        r.last_error,
+        r.result,
+        r.finished_at,
+    )
+
+
+def _update_params(r: CallRecord) -> tuple[Any, ...]:
+    return (
+        r.endpoint,
+        r.function,
+        r.input,
+        int(r.phase),
+        r.updated_at,
+        r.generation,
+        r.due_at,
+        int(r.state_kind),
+        r.state,
+        r.min_results,
+        r.max_results,
+        r.poll_error,
+        r.attempts,
+        r.failures,
+        r.polls,
+        r.status,
+        r.last_error,
+        r.result,
+        r.finished_at,
+        r.id,
+    )
+
+
+def _record(row: Sequence[Any]) -> tuple[int, CallRecord]:
+    return row[0], CallRecord(
+        id=row[1],
+        root_id=row[2],
+        parent_id=row[3],
+        correlation_id=_unsigned(row[4]),
+        parent_generation=row[5],
+        endpoint=row[6],
+        function=row[7],
+        input=row[8],
+        version=row[9],
+        created_at=row[10],
+        expires_at=row[11],
+        phase=Phase(row[12]),
+        updated_at=row[13],
+        generation=row[14],
+        due_at=row[15],
+        state_kind=StateKind(row[16]),
+        state=row[17],
+        min_results=row[18],
+        max_results=row[19],
+        poll_error=row[20],
+        attempts=row[21],
+        failures=row[22],
+        polls=row[23],
+        status=row[24],
+        last_error=row[25],
+        result=row[26],
+        finished_at=row[27],
+    )
+
+
+def _statements(op: Op) -> list[_Statement]:
+    match op:
+        case InsertCall(record):
+            return [(_INSERT_CALL, _insert_params(record))]
+        case UpdateCall(record):
+            return [(_UPDATE_CALL, _update_params(record))]
+        case AddResult(q):
+            return [(_ADD_RESULT, (q.seq, q.poller_id, q.generation, q.result))]
+        case RemoveResults(seqs):
+            return [(_REMOVE_RESULT, (s,)) for s in seqs]
+        case RemovePollerResults(poller_id):
+            return [(_REMOVE_POLLER_RESULTS, (poller_id,))]
+        case SetMeta(key, value):
+            return [(_SET_META, (key, value))]
+
+
+def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
+    # Consecutive statements with the same SQL go through one executemany.
+    i = 0
+    while i < len(statements):
+        sql = statements[i][0]
+        j = i + 1
+        while j < len(statements) and statements[j][0] == sql:
+            j += 1
+        if j - i == 1:
+            conn.execute(sql, statements[i][1])
+        else:
+            conn.executemany(sql, [params for _, params in statements[i:j]])
+        i = j
+
+
+class SQLiteStore(Store):
+    """The default `Store`: a SQLite database file, or ``":memory:"``.
+
+    Args:
+        path: Database file (created if missing), or ``":memory:"`` for a database
+            that lives as long as the store is open.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[tuple[list[_Statement], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._commits = 0
+
+    @property
+    def path(self) -> str:
+        """The database path given to the constructor."""
+        return self._path
+
+    @property
+    def commits(self) -> int:
+        """Number of write transactions committed so far (to observe batching)."""
+        return self._commits
+
+    async def open(self) -> None:
+        """Open the database on the writer thread, creating or migrating its schema.
+
+        Raises:
+            StoreError: The file cannot be opened, is locked by another process, or
+                was written by a newer version.
+        """
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dispatch-aio-db")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        """Commit pending writes and close the connection and the writer thread."""
+        if self._executor is None:
+            return
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        try:
+            await self._run(self._close_sync)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def write(self, ops: Sequence[Op]) -> None:
+        """Apply `ops` in one transaction shared with concurrent writes.
+
+        Raises:
+            StoreError: The transaction failed; none of `ops` was applied.
+        """
+        if self._executor is None:
+            raise StoreError("the store is not open")
+        statements = [s for op in ops for s in _statements(op)]
+        if not statements:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((statements, future))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    async def load(self) -> Snapshot:
+        """Return every unfinished call and the results queued for them."""
+        return await self._run(self._load_sync)
+
+    async def get_call(self, dispatch_id: str) -> CallRecord | None:
+        """Return a call by dispatch id, or None."""
+        rows = await self._run(self._query, f"{_SELECT_CALLS} WHERE id = ?", (dispatch_id,))
+        return _record(rows[0])[1] if rows else None
+
+    async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
+        """Return the calls matching `query` in creation order."""
+        where = ["seq > ?"]
+        params: list[Any] = [query.after]
+        if query.phases:
+            where.append(f"phase IN ({', '.join('?' * len(query.phases))})")
+            params.extend(int(p) for p in query.phases)
+        if query.statuses:
+            where.append(f"phase = 4 AND status IN ({', '.join('?' * len(query.statuses))})")
+            params.extend(query.statuses)
+        if query.root_id:
+            where.append("root_id = ?")
+            params.append(query.root_id)
+        if query.parent_id is not None:
+            where.append("parent_id = ?")
+            params.append(query.parent_id)
+        sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY seq"
+        if query.limit is not None:
+            sql += " LIMIT ?"
+            params.append(query.limit)
+        rows = await self._run(self._query, sql, tuple(params))
+        return [_record(row) for row in rows]
+
+    async def count_children(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
+        """Return how many direct children each of `dispatch_ids` has."""
+        if not dispatch_ids:
+            return {}
+        sql = (
+            "SELECT parent_id, count(*) FROM calls "
+            f"WHERE parent_id IN ({', '.join('?' * len(dispatch_ids))}) GROUP BY parent_id"
+        )
+        rows = await self._run(self._query, sql, tuple(dispatch_ids))
+        return {parent: count for parent, count in rows}
+
+    async def get_meta(self, key: str) -> bytes | None:
+        """Return a value stored with `SetMeta`, or None."""
+        rows = await self._run(self._query, "SELECT value FROM meta WHERE key = ?", (key,))
+        return bytes(rows[0][0]) if rows else None
+
+    # Event-loop side of the writer.
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise StoreError("the store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    errors = await self._run(self._commit_sync, [s for s, _ in batch])
+                except Exception as exc:  # the executor itself failed
+                    failed: StoreError | None = StoreError(f"the database write failed: {exc}")
+                    errors = [failed] * len(batch)
+                for (_, future), outcome in zip(batch, errors, strict=True):
+                    if future.done():
+                        continue
+                    if outcome is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(outcome)
+        finally:
+            self._flusher = None
+
+    # Writer-thread side: only these methods touch the connection.
+
+    def _open_sync(self) -> None:
+        try:
+            conn = sqlite3.connect(
+                self._path, isolation_level=None, timeout=1.0, check_same_thread=True
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the database {self._path!r}: {exc}") from exc
+        try:
+            # One scheduler per database: the exclusive lock is taken on first access.
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._migrate(conn)
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "locked" in str(exc):
+                raise StoreError(
+                    f"the database {self._path!r} is in use by another process "
+                    "(is another scheduler running on it?); stop it or use another file"
+                ) from exc
+            raise StoreError(f"cannot open the database {self._path!r}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database {self._path!r} has schema version {version}, newer than "
+                f"the {SCHEMA_VERSION} this version of dispatch_aio knows; upgrade "
+                "dispatch_aio or use another file"
+            )
+        while version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                _MIGRATIONS[version](conn)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            logger.info("database %s migrated to schema version %d", self._path, version + 1)
+            version += 1
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _commit_sync(self, groups: list[list[_Statement]]) -> list[StoreError | None]:
+        """Commit all groups in one transaction.
+
+        If a group fails, the batch is applied again in one transaction with a
+        savepoint per group, so that only the failing groups are left out.
+        """
+        conn = self._require()
+        try:
+            self._transaction(conn, [[s for group in groups for s in group]])
+            return [None] * len(groups)
+        except sqlite3.Error as exc:
+            if len(groups) == 1:
+                return [StoreError(f"the database write failed: {exc}")]
+        errors: list[StoreError | None] = []
+        try:
+            self._transaction(conn, groups, errors)
+        except sqlite3.Error as exc:
+            return [StoreError(f"the database write failed: {exc}")] * len(groups)
+        return errors
+
+    def _transaction(
+        self,
+        conn: sqlite3.Connection,
+        groups: list[list[_Statement]],
+        errors: list[StoreError | None] | None = None,
+    ) -> None:
+        """Apply `groups` in one transaction; with `errors`, each group in a savepoint."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for group in groups:
+                if errors is None:
+                    _execute(conn, group)
+                    continue
+                conn.execute("SAVEPOINT grp")
+                try:
+                    _execute(conn, group)
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO grp")
+                    errors.append(StoreError(f"the database write failed: {exc}"))
+                else:
+                    errors.append(None)
+                conn.execute("RELEASE grp")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._commits += 1
+
+    def _load_sync(self) -> Snapshot:
+        conn = self._require()
+        try:
+            calls = [
+                _record(row)[1]
+                for row in conn.execute(f"{_SELECT_CALLS} WHERE phase != 4 ORDER BY seq")
+            ]
+            results = [
+                QueuedResult(seq=row[0], poller_id=row[1], generation=row[2], result=row[3])
+                for row in conn.execute(
+                    "SELECT seq, poller_id, generation, result FROM results ORDER BY seq"
+                )
+            ]
+            top = conn.execute("SELECT max(seq) FROM results").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the database {self._path!r}: {exc}") from exc
+        return Snapshot(calls=calls, results=results, next_seq=(top or 0) + 1)
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        try:
+            return self._require().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the database {self._path!r}: {exc}") from exc
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("the store is not open")
+        return self._conn

@@ -1,0 +1,258 @@
+"""Storage interface of the scheduler: call records, queued results and write operations.
+
+The engine keeps every unfinished call in memory and writes each change through a
+`Store`. A write is a list of operations applied atomically: when `Store.write`
+returns, all of them are durable; when it raises, none of them happened. Nothing the
+scheduler acknowledges or sends depends on a write that has not returned.
+
+Reads serve the start-up recovery (`Store.load`) and the inspection service; the
+engine never reads on its hot path.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "AddResult",
+    "CallQuery",
+    "CallRecord",
+    "InsertCall",
+    "Op",
+    "Phase",
+    "QueuedResult",
+    "RemovePollerResults",
+    "RemoveResults",
+    "SetMeta",
+    "Snapshot",
+    "StateKind",
+    "Store",
+    "StoreError",
+    "UpdateCall",
+]
+
+
+class StoreError(Exception):
+    """The store could not read or write (disk full, locked or corrupt database ...)."""
+
+
+class Phase(enum.IntEnum):
+    """Where a call is, as stored. Values match `dispatch_aio.v1.CallState`.
+
+    A call being run is still stored as PENDING (first run, retry) or SUSPENDED
+    (resume): an attempt in flight is not recorded, it is simply made again after a
+    restart.
+    """
+
+    PENDING = 1
+    """Waiting to be run from its input, at `due_at` (now when unset)."""
+    SUSPENDED = 3
+    """Polled: waits for results of its children, or for `due_at` (max_wait)."""
+    DONE = 4
+    """Finished; `result` is final."""
+
+
+class StateKind(enum.IntEnum):
+    """Which member of the Poll `state` oneof the function sent (echoed exactly)."""
+
+    NONE = 0
+    BYTES = 1
+    """The deprecated `coroutine_state` bytes."""
+    TYPED = 2
+    """`typed_coroutine_state`, stored as the serialized Any."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """Everything the scheduler knows about one call.
+
+    Records are immutable: the engine makes a changed copy (`dataclasses.replace`),
+    writes it, and only then uses it.
+    """
+
+    id: str
+    """The dispatch id."""
+    root_id: str
+    """Dispatch id of the call tree's root (the call's own id for a top-level call)."""
+    parent_id: str
+    """Dispatch id of the poller that made this call; empty for a top-level call."""
+    correlation_id: int
+    """The parent's correlation id (uint64), echoed in the result delivered to it."""
+    parent_generation: int
+    """The parent's generation when it made the call; results of older generations
+    (before a restart or a tail call of the parent) are not delivered."""
+    endpoint: str
+    function: str
+    input: bytes
+    """Serialized google.protobuf.Any of the current run's input."""
+    version: str
+    created_at: float
+    """Unix seconds; not reset by a tail call."""
+    expires_at: float
+    """Unix seconds after which the call fails with STATUS_TIMEOUT."""
+    phase: Phase
+    updated_at: float
+    generation: int = 0
+    """Incremented by each restart (INCOMPATIBLE_STATE) and tail call."""
+    due_at: float | None = None
+    """PENDING: when to run (backoff). SUSPENDED: when max_wait elapses, or when a
+    failed resume is retried."""
+    state_kind: StateKind = StateKind.NONE
+    state: bytes = b""
+    min_results: int = 1
+    max_results: int = 1
+    poll_error: bytes = b""
+    """Serialized Error to deliver in the next resume (the last Poll was rejected)."""
+    attempts: int = 0
+    """Run requests answered (or failed) so far."""
+    failures: int = 0
+    """Consecutive failed attempts; drives the backoff, reset by any success."""
+    polls: int = 0
+    status: int = 0
+    """Final Status when DONE; otherwise the status of the last attempt."""
+    last_error: str = ""
+    result: bytes = b""
+    """Serialized CallResult when DONE."""
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedResult:
+    """A child's result waiting in its poller's queue."""
+
+    seq: int
+    """Store-wide increasing number: queue order, and the key to remove it."""
+    poller_id: str
+    generation: int
+    """The poller's generation the result is for; a restarted or tail-called poller
+    never sees results meant for an earlier generation."""
+    result: bytes
+    """Serialized CallResult, with the parent's correlation id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the engine needs to pick up after a start: every unfinished call."""
+
+    calls: list[CallRecord]
+    results: list[QueuedResult]
+    """Queued results, in `seq` order (results for finished pollers or earlier
+    generations may be among them: the engine drops those)."""
+    next_seq: int
+    """A `QueuedResult.seq` greater than any stored one."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallQuery:
+    """Filter and page of `Store.list_calls`; all conditions must hold."""
+
+    phases: tuple[Phase, ...] = ()
+    """Empty: any phase."""
+    statuses: tuple[int, ...] = ()
+    """Only DONE calls with one of these final statuses (empty: no filter)."""
+    root_id: str = ""
+    parent_id: str | None = None
+    """"" selects top-level calls."""
+    after: int = 0
+    """Only calls created after the one with this creation number (paging)."""
+    limit: int | None = None
+
+
+# Write operations. A store applies the operations of one `write` atomically, in order.
+
+
+@dataclass(frozen=True, slots=True)
+class InsertCall:
+    """Create a call."""
+
+    record: CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateCall:
+    """Replace the mutable fields of an existing call with those of `record`."""
+
+    record: CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """Queue a child's result for its poller."""
+
+    result: QueuedResult
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveResults:
+    """Remove delivered results from a queue."""
+
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RemovePollerResults:
+    """Drop every queued result of a poller (it finished, restarted or tail-called)."""
+
+    poller_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetMeta:
+    """Set a scheduler-wide value (the signing key ...)."""
+
+    key: str
+    value: bytes
+
+
+Op = InsertCall | UpdateCall | AddResult | RemoveResults | RemovePollerResults | SetMeta
+
+
+class Store(abc.ABC):
+    """Durable storage of the scheduler.
+
+    Implementations must make each `write` atomic and durable before returning, and
+    should group concurrent writes into shared transactions: the engine issues many
+    small writes concurrently and waits for each.
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Open (and create or migrate) the storage."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release the storage."""
+
+    @abc.abstractmethod
+    async def write(self, ops: Sequence[Op]) -> None:
+        """Apply `ops` atomically and durably.
+
+        The operations are captured when this is called: later changes by the
+        caller do not affect them.
+
+        Raises:
+            StoreError: Nothing was written.
+        """
+
+    @abc.abstractmethod
+    async def load(self) -> Snapshot:
+        """Return every unfinished call and the queued results of their pollers."""
+
+    @abc.abstractmethod
+    async def get_call(self, dispatch_id: str) -> CallRecord | None:
+        """Return a call by dispatch id, or None if there is none."""
+
+    @abc.abstractmethod
+    async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
+        """Return matching calls in creation order, each with its creation number."""
+
+    @abc.abstractmethod
+    async def count_children(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
+        """Return the number of direct children of each given call (absent: none)."""
+
+    @abc.abstractmethod
+    async def get_meta(self, key: str) -> bytes | None:
+        """Return a scheduler-wide value set with `SetMeta`, or None."""
