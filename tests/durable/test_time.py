@@ -147,3 +147,46 @@ async def test_replay_sees_recorded_values(make_driver: DriverFactory) -> None:
     t1, r1, t2, r2 = await driver.call(observes_replay)
     assert t2 - t1 >= 5
     assert r1 != r2
+
+
+log = durable.get_logger("tests.durable.workflow")
+
+
+async def _logs() -> int:
+    log.info("starting")
+    first = await double(1)
+    log.info("got %d", first)
+    return first + await double(2)
+
+
+logs = Function(_logs, name="logs")
+
+
+async def test_logger_quiet_while_replaying(make_driver: DriverFactory, caplog: pytest.LogCaptureFixture) -> None:
+    driver = make_driver(double, logs)
+    with caplog.at_level("INFO", logger="tests.durable.workflow"):
+        assert await driver.call(logs) == 6
+    lines = [r.getMessage() for r in caplog.records if r.name == "tests.durable.workflow"]
+    # Each line once, however many times the function was replayed.
+    assert lines == ["starting", "got 2"]
+
+
+async def _agen_consumer(n: int) -> list[int]:
+    async def doubles(k: int):  # type: ignore[no-untyped-def]
+        for i in range(k):
+            yield await double(i)
+
+    out = [x async for x in doubles(n)]
+    # An async generator left unfinished must not break the run either.
+    gen = doubles(n)
+    out.append(await gen.__anext__())
+    await gen.aclose()
+    return out
+
+
+agen_consumer = Function(_agen_consumer, name="agen_consumer")
+
+
+async def test_async_generators(make_driver: DriverFactory) -> None:
+    driver = make_driver(double, agen_consumer)
+    assert await driver.call(agen_consumer, 3) == [0, 2, 4, 0]

@@ -646,6 +646,29 @@ class Runner:
             )
             raise _Diverged(run.divergence)
 
+    async def check_journal(self, state: bytes) -> tuple[str, str | None]:
+        """Replay a serialized journal against the current code without running further.
+
+        Returns:
+            The journal's function, and a report of why it would not replay
+            (a divergence, an unusable state) or None when it replays.
+        """
+        result = poll_pb2.PollResult(typed_coroutine_state=pack_state(state))
+        try:
+            function = journal_pb2.Journal.FromString(state).function
+        except Exception:
+            function = ""
+        fn = self.lookup(function)
+        if fn is None:
+            return function, f"function {function!r} does not exist (any more)"
+        try:
+            journal, state = decode_state(result, function)
+            run = await self._replay(journal, state, fn)
+        except (IncompatibleState, NondeterminismError) as exc:
+            return function, str(exc)
+        await run.close()
+        return function, None
+
     # -- live cache -----------------------------------------------------------------
 
     async def _take(self, request: function_pb2.RunRequest) -> Run | None:
