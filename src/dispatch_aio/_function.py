@@ -6,10 +6,13 @@ import inspect
 import re
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 
 from ._codec import encode_input
 from .durable import TailCall, durable_call, in_durable_function
+
+if TYPE_CHECKING:
+    from ._dispatch import Dispatch
 
 __all__ = ["FUNCTION_NAME", "Function", "check_function_name"]
 
@@ -44,10 +47,20 @@ class Function(Generic[P, R]):
 
     Inside a function run by Dispatch, calling it makes a durable call: the
     scheduler runs it (possibly elsewhere) and its result is journaled.
-    Outside, calling it simply runs the function in process.
+    Outside, calling it simply runs the function in process. ``await
+    fn.dispatch(...)`` submits a call through the Dispatch API.
+
+    Functions are created by ``@dispatch.function``, which ties them to their
+    `Dispatch` object (its API client and endpoint).
     """
 
-    def __init__(self, fn: Callable[P, Coroutine[Any, Any, R]], name: str | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, R]],
+        name: str | None = None,
+        *,
+        owner: Dispatch | None = None,
+    ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(
                 f"{getattr(fn, '__qualname__', fn)!r} is not an async function: durable "
@@ -55,6 +68,7 @@ class Function(Generic[P, R]):
             )
         self._fn = fn
         self._name = check_function_name(name if name is not None else fn.__qualname__)
+        self._owner = owner
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -74,6 +88,41 @@ class Function(Generic[P, R]):
             input = encode_input(args, kwargs, function=self._name)
             return durable_call(self._name, input, call_site=_call_site(1))
         return self._fn(*args, **kwargs)
+
+    async def dispatch(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Submit a call to this function through the Dispatch API; return its dispatch id.
+
+        The call runs asynchronously: this returns once the API has recorded
+        it, not when it finishes. The arguments are encoded when this is
+        called (a single argument of a well-known type as itself, anything else
+        pickled).
+
+        Inside a durable function the request runs on the host event loop; it is
+        not journaled, so it is sent again when the function replays. Submit
+        from a function of its own (``await submit(...)``) to have the dispatch
+        id journaled instead, or simply ``await fn(...)`` for a durable call.
+
+        Returns:
+            The dispatch id of the new call.
+
+        Raises:
+            RuntimeError: The function is not registered with a `Dispatch` object.
+            dispatch_aio.errors.ConfigurationError: The API key or endpoint URL is
+                missing or invalid.
+            dispatch_aio.errors.ClientError: The Dispatch API refused the call.
+            dispatch_aio.errors.DispatchError: The API could not be reached
+                (`TCPError`, `DNSError`, `DispatchTimeoutError` ...).
+        """
+        owner = self._owner
+        if owner is None:
+            raise RuntimeError(
+                f"{self._name}.dispatch(): the function is not registered with a Dispatch "
+                "object; declare it with @dispatch.function"
+            )
+        from ._client import Call  # imported here: _client imports this module
+
+        (dispatch_id,) = await owner.client.dispatch([Call(self._name, args, kwargs)])
+        return dispatch_id
 
     def tail_call(self, *args: P.args, **kwargs: P.kwargs) -> NoReturn:
         """End the running durable function by handing its call over to this function.

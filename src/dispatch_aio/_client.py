@@ -1,0 +1,373 @@
+"""Client of the Dispatch API: submits calls with ``DispatchService.Dispatch``.
+
+The RPC is Connect unary with binary protobuf: ``POST {api_url}/dispatch.sdk.v1.
+DispatchService/Dispatch``, ``Content-Type: application/proto``, ``Connect-Protocol-Version:
+1`` and ``Authorization: Bearer <api key>``. Errors come back as Connect JSON bodies
+(``{"code", "message"}``) and are raised as `dispatch_aio.errors.ClientError`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_RETRIES", "DEFAULT_TIMEOUT", "DISPATCH_PATH", "Call", "Client"]
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any, Self
+
+import aiohttp
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from . import __version__, errors
+from ._codec import encode_input
+from ._config import Config
+from ._function import check_function_name
+from .durable import in_durable_function, run_on_host
+from .proto.sdk.v1 import call_pb2, dispatch_pb2
+
+logger = logging.getLogger(__name__)
+
+DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
+DEFAULT_TIMEOUT = 5.0
+"""Seconds a Dispatch request may take, connection included."""
+DEFAULT_RETRIES = 2
+"""Extra attempts after a connection that could not be established."""
+
+_ENDPOINT_SCHEMES = ("http://", "https://", "bridge://", "arn:aws:lambda")
+_RETRY_DELAY = 0.1  # first backoff, doubled at each attempt, with jitter
+_MAX_ERROR_TEXT = 500
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    """A call to submit with `Client.dispatch`.
+
+    The arguments are encoded when the object is created, so a value that cannot be
+    encoded fails here, naming the argument; later changes to a mutable argument are not
+    seen. A single positional argument of a well-known type (str, int, float, bool,
+    bytes, None, datetime, timedelta) is sent as itself, so functions written with other
+    Dispatch SDKs can read it; other arguments are pickled.
+
+    Raises:
+        ValueError: The function name does not match the protocol's pattern, the
+            endpoint is not an http, https or bridge URL, or the expiration is negative.
+        TypeError: An argument cannot be encoded.
+    """
+
+    function: str
+    """Name of the function to call, as registered at the endpoint."""
+    args: tuple[Any, ...] = ()
+    """Positional arguments."""
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments."""
+    endpoint: str | None = None
+    """URL of the endpoint serving the function; None means the client's endpoint
+    (``DISPATCH_ENDPOINT_URL``)."""
+    expiration: timedelta | None = None
+    """How long the call may take before it fails; None lets the scheduler decide."""
+    version: str = ""
+    """Application version to run, for schedulers that support it."""
+    _input: any_pb2.Any = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_function_name(self.function)
+        if self.endpoint is not None and not self.endpoint.startswith(_ENDPOINT_SCHEMES):
+            raise ValueError(
+                f"invalid endpoint {self.endpoint!r} for a call to {self.function!r}: use an "
+                "http://, https:// or bridge:// URL, or None for the client's endpoint"
+            )
+        if self.expiration is not None and self.expiration < timedelta(0):
+            raise ValueError(f"the expiration of a call to {self.function!r} must not be negative")
+        encoded = encode_input(tuple(self.args), self.kwargs, function=self.function)
+        object.__setattr__(self, "_input", encoded)
+
+    def _to_proto(self, default_endpoint: str) -> call_pb2.Call:
+        """Return the protobuf form, with `default_endpoint` when no endpoint was given."""
+        call = call_pb2.Call(
+            function=self.function,
+            input=self._input,
+            endpoint=self.endpoint if self.endpoint is not None else default_endpoint,
+            version=self.version,
+        )
+        if self.expiration is not None:
+            call.expiration.FromTimedelta(self.expiration)
+        return call
+
+
+class Client:
+    """Client of the Dispatch API (``DispatchService``).
+
+    Each `Dispatch` object has one, as ``dispatch.client``; build one yourself to submit
+    calls to functions served elsewhere. Configuration comes from the arguments, else
+    from ``DISPATCH_API_KEY``, ``DISPATCH_API_URL`` and ``DISPATCH_ENDPOINT_URL``, read
+    when a call is submitted (so a missing API key is an error only then).
+
+    The client owns an `aiohttp.ClientSession`, created inside the running event loop at
+    the first request, which opens a new connection for each request; close it with
+    ``await client.aclose()`` or ``async with client:`` (a `Dispatch` object closes its
+    client when it is closed). Used from another event loop after the first one ended
+    (``asyncio.run()`` twice, one event loop per test), it starts a new session.
+
+    Retries: a ``Dispatch`` request has no idempotency key, so sending it again after it
+    may have reached the API could create the calls twice. The client therefore retries
+    only when the connection could not be established (connection refused, unreachable
+    host, DNS failure), when the request provably never left; a timeout, a reset
+    connection or an error answer is raised at once.
+
+    Args:
+        api_key: The API key; default ``DISPATCH_API_KEY``.
+        api_url: The API base URL; default ``DISPATCH_API_URL``, else
+            ``https://api.dispatch.run``.
+        endpoint_url: The endpoint given to calls that do not name one; default
+            ``DISPATCH_ENDPOINT_URL``.
+        timeout: Seconds a request may take in total (5 by default).
+        retries: Extra attempts after a failed connection (2 by default).
+        session: A session to use instead of the client's own; the client does not
+            close it.
+        env: The environment to read instead of `os.environ`.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        api_url: str | None = None,
+        endpoint_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        session: aiohttp.ClientSession | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        config = Config(
+            api_key=api_key, api_url=api_url, endpoint_url=endpoint_url, env=env, owner="Client()"
+        )
+        self._setup(config, timeout=timeout, retries=retries, session=session)
+
+    @classmethod
+    def _with_config(
+        cls, config: Config, *, timeout: float, retries: int = DEFAULT_RETRIES
+    ) -> Client:
+        """Build a client that reads the configuration of a `Dispatch` object."""
+        client = cls.__new__(cls)
+        client._setup(config, timeout=timeout, retries=retries, session=None)
+        return client
+
+    def _setup(
+        self,
+        config: Config,
+        *,
+        timeout: float,
+        retries: int,
+        session: aiohttp.ClientSession | None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries!r}")
+        self._config = config
+        self._timeout = timeout
+        self._retries = retries
+        self._external = session
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<Client {self._config!r}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def dispatch(self, calls: Iterable[Call]) -> list[str]:
+        """Submit calls atomically (all are recorded or none); return their dispatch ids.
+
+        Calls without an endpoint get the client's endpoint URL. Inside a durable
+        function the request runs on the host event loop and is not journaled: it is sent
+        again when the function replays.
+
+        Args:
+            calls: The calls to submit.
+
+        Returns:
+            One dispatch id per call, in order. No request is made for no calls.
+
+        Raises:
+            dispatch_aio.errors.ConfigurationError: The API key, API URL or endpoint URL
+                is missing or invalid.
+            dispatch_aio.errors.ClientError: The API answered with an error.
+            dispatch_aio.errors.DispatchTimeoutError: No answer within the timeout; the
+                calls may or may not have been created.
+            dispatch_aio.errors.TCPError: The API could not be reached (also `DNSError`,
+                `TLSError`, `HTTPError` for those failures).
+            dispatch_aio.errors.InvalidResponseError: The answer is not a valid
+                ``DispatchResponse``.
+        """
+        calls = list(calls)
+        if not calls:
+            return []
+        endpoint = ""
+        if any(call.endpoint is None for call in calls):
+            endpoint = self._config.endpoint_url()
+        request = dispatch_pb2.DispatchRequest(calls=[call._to_proto(endpoint) for call in calls])
+        api_key = self._config.api_key()
+        url = self._config.api_url() + DISPATCH_PATH
+        send = self._send(url, api_key, request.SerializeToString(), len(calls))
+        if in_durable_function():
+            # The session belongs to the host loop, not to the function's durable loop.
+            return await run_on_host(send)
+        return await send
+
+    async def _send(self, url: str, api_key: str, body: bytes, count: int) -> list[str]:
+        session = self._get_session()
+        headers = {
+            "Content-Type": "application/proto",
+            "Connect-Protocol-Version": "1",
+            "Connect-Timeout-Ms": str(int(self._timeout * 1000)),
+            "Authorization": f"Bearer {api_key}",
+            "User-Agent": f"dispatch-aio/{__version__}",
+        }
+        timeout = aiohttp.ClientTimeout(total=self._timeout)
+        attempt = 0
+        while True:
+            try:
+                async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+                break
+            except aiohttp.ClientConnectorError as exc:
+                # The connection was never established, so nothing was sent: safe to retry.
+                # A TLS failure will not go away by itself.
+                if attempt >= self._retries or isinstance(exc, aiohttp.ClientSSLError):
+                    raise _transport_error(url, exc, attempts=attempt + 1) from exc
+                attempt += 1
+                delay = _RETRY_DELAY * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
+                logger.info(
+                    "cannot connect to the Dispatch API at %s (%s); retrying in %.2f s "
+                    "(attempt %d of %d)",
+                    url,
+                    exc,
+                    delay,
+                    attempt + 1,
+                    self._retries + 1,
+                )
+                await asyncio.sleep(delay)
+            except aiohttp.ConnectionTimeoutError as exc:
+                raise errors.DispatchTimeoutError(
+                    f"cannot connect to the Dispatch API at {url} within {self._timeout:g} s; "
+                    "the calls were not created; check DISPATCH_API_URL"
+                ) from exc
+            except TimeoutError as exc:
+                raise errors.DispatchTimeoutError(
+                    f"the Dispatch API at {url} did not answer within {self._timeout:g} s; "
+                    "the calls may or may not have been created (the request is not retried "
+                    "because that could create them twice)"
+                ) from exc
+            except aiohttp.ClientError as exc:
+                raise _transport_error(url, exc, attempts=attempt + 1) from exc
+        if status != 200:
+            raise _client_error(url, status, payload)
+        try:
+            response = dispatch_pb2.DispatchResponse.FromString(payload)
+        except DecodeError as exc:
+            raise errors.InvalidResponseError(
+                f"the Dispatch API at {url} answered HTTP 200 with a body that is not a "
+                f"DispatchResponse ({exc}); check DISPATCH_API_URL"
+            ) from None
+        ids = list(response.dispatch_ids)
+        if len(ids) != count:
+            raise errors.InvalidResponseError(
+                f"the Dispatch API at {url} returned {len(ids)} dispatch ids for {count} calls"
+            )
+        return ids
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._external is not None:
+            return self._external
+        loop = asyncio.get_running_loop()
+        if self._session is not None and self._session_loop is not loop:
+            assert self._session_loop is not None
+            if not self._session_loop.is_closed():
+                raise RuntimeError(
+                    "this Dispatch client is in use by another running event loop; use one "
+                    "client (one Dispatch object) per event loop"
+                )
+            # Left open by an earlier asyncio.run(): its connections died with that loop.
+            self._session.detach()
+            self._session = None
+        if self._session is None:
+            # A fresh connection per request: submissions are infrequent, a request never
+            # goes out on a stale pooled connection (where a failure would leave it unknown
+            # whether it arrived), and nothing stays open when a loop ends unclosed.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            self._session_loop = loop
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the client's session (not a session passed in); the client stays usable."""
+        session, self._session = self._session, None
+        if session is None:
+            return
+        if self._session_loop is asyncio.get_running_loop():
+            await session.close()
+        else:
+            session.detach()
+
+
+def _transport_error(url: str, exc: aiohttp.ClientError, *, attempts: int) -> errors.DispatchError:
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    where = f"cannot reach the Dispatch API at {url}{tries}: {exc}"
+    fix = "; check DISPATCH_API_URL and that the API (or the local scheduler) is running"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return errors.DNSError(where + fix)
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return errors.TLSError(where + "; check the API's TLS certificate and DISPATCH_API_URL")
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return errors.TCPError(where + fix)
+    return errors.HTTPError(f"the request to the Dispatch API at {url} failed: {exc}")
+
+
+def _client_error(url: str, status: int, payload: bytes) -> errors.ClientError:
+    code, message = "", ""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("code"), str):
+        code = body["code"]
+        text = body.get("message")
+        message = text if isinstance(text, str) else ""
+    else:
+        text = payload[:_MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
+        message = text + ("..." if len(payload) > _MAX_ERROR_TEXT else "")
+    hint = _hint(status, code, url)
+    if hint:
+        message = f"{message} ({hint})" if message else hint
+    return errors.ClientError(message, http_status=status, code=code)
+
+
+def _hint(status: int, code: str, url: str) -> str:
+    """Say what to fix, unless `errors.ClientError` adds a hint for `code` itself."""
+    if code in ("unauthenticated", "permission_denied"):
+        return ""
+    if status == 401:
+        return "the API key was rejected: check DISPATCH_API_KEY (or api_key= of Dispatch())"
+    if status == 403:
+        return "the API key (DISPATCH_API_KEY) is not allowed to dispatch calls"
+    if status == 404 or code in ("not_found", "unimplemented"):
+        return f"no Dispatch API answers at {url}: check DISPATCH_API_URL"
+    if status == 429 or code == "resource_exhausted":
+        return "the Dispatch API is rate limiting this application: try again later"
+    if status == 400 or code in ("invalid_argument", "out_of_range"):
+        return "the API rejected the calls: check the function names, inputs and endpoint"
+    if status >= 500 or code in ("unavailable", "internal", "unknown"):
+        return (
+            "the Dispatch API failed: try again later; the calls may or may not have been created"
+        )
+    return ""

@@ -1,0 +1,448 @@
+"""Dispatch: the registry of functions, their configuration, endpoint and API client."""
+
+from __future__ import annotations
+
+__all__ = ["Batch", "Dispatch"]
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from types import MappingProxyType
+from typing import Any, ParamSpec, Self, TypeVar, overload
+
+from aiohttp import web
+
+from ._client import DEFAULT_TIMEOUT, Call, Client
+from ._config import Config
+from ._endpoint import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
+    RUN_PATH,
+    Endpoint,
+    EndpointServer,
+)
+from ._function import Function
+from ._status import Classifier, Status
+from .durable import Runner
+from .http import Response, response_status
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_E = TypeVar("_E", bound=BaseException)
+_T = TypeVar("_T")
+
+_AsyncFn = Callable[P, Coroutine[Any, Any, R]]
+
+
+class Dispatch:
+    """An application's durable functions, with their endpoint and Dispatch API client.
+
+    Register functions with ``@dispatch.function``; serve them with `run` (blocking),
+    `serve`, `start`, or by mounting `routes` into an aiohttp application; submit calls
+    with ``await fn.dispatch(...)`` or `batch`. Several objects can live in one process:
+    nothing is shared between them.
+
+    Configuration comes from the arguments, else from the environment. It is read only
+    when it is needed, not here: the API key when a call is submitted, the endpoint
+    address and verification key when serving starts.
+
+    Use ``async with dispatch:`` or ``await dispatch.aclose()`` to release the client
+    session and the suspended runs kept in memory; serving does it when it stops.
+
+    Args:
+        api_key: The Dispatch API key (``DISPATCH_API_KEY``).
+        api_url: The Dispatch API base URL (``DISPATCH_API_URL``, default
+            ``https://api.dispatch.run``).
+        endpoint_url: The URL at which the scheduler reaches this application
+            (``DISPATCH_ENDPOINT_URL``); given to the calls this object submits.
+        endpoint_addr: The ``host:port`` that `run`, `serve` and `start` bind
+            (``DISPATCH_ENDPOINT_ADDR``, default ``127.0.0.1:8000``).
+        verification_key: The public key of the scheduler that signs Run requests
+            (``DISPATCH_VERIFICATION_KEY``), PEM or base64; without it requests are not
+            verified.
+        insecure: Allow serving on a non-loopback address without a verification key
+            (``DISPATCH_INSECURE``).
+        env: The environment to read instead of `os.environ`.
+        max_body_size: Largest accepted Run request body, in bytes (16,000,000).
+        body_timeout: Seconds a client may take to send a Run request body.
+        api_timeout: Seconds a request to the Dispatch API may take (5).
+        cache_size: Suspended runs kept live in memory, so that they resume without
+            replaying their journal; 0 disables the cache.
+        cache_idle_timeout: Seconds after which an unused live run is dropped.
+        live_timer_threshold: Timers due within this many seconds are waited out while
+            the run stays live, instead of suspending it.
+        shutdown_timeout: Seconds in-flight runs get to finish when serving stops.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        api_url: str | None = None,
+        endpoint_url: str | None = None,
+        endpoint_addr: str | None = None,
+        verification_key: str | None = None,
+        insecure: bool | None = None,
+        env: Mapping[str, str] | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        api_timeout: float = DEFAULT_TIMEOUT,
+        cache_size: int = 1024,
+        cache_idle_timeout: float = 300.0,
+        live_timer_threshold: float = 1.0,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        self._config = Config(
+            api_key=api_key,
+            api_url=api_url,
+            endpoint_url=endpoint_url,
+            endpoint_addr=endpoint_addr,
+            verification_key=verification_key,
+            insecure=insecure,
+            env=env,
+        )
+        self._functions: dict[str, Function[Any, Any]] = {}
+        self._classifier = Classifier()
+        self._runner_options: dict[str, Any] = {
+            "cache_size": cache_size,
+            "cache_idle_timeout": cache_idle_timeout,
+            "live_timer_threshold": live_timer_threshold,
+        }
+        self._runner: Runner | None = None
+        self._shutdown_timeout = shutdown_timeout
+        self._max_body_size = max_body_size
+        self._client = Client._with_config(self._config, timeout=api_timeout)
+        self._endpoint = Endpoint(
+            self._config,
+            self._functions,
+            self._get_runner,
+            max_body_size=max_body_size,
+            body_timeout=body_timeout,
+        )
+        # A function returning an http.Response reports the status of its HTTP code.
+        self._classifier.register_output_type(Response, response_status)
+
+    def __repr__(self) -> str:
+        return f"<Dispatch {len(self._functions)} functions, {self._config!r}>"
+
+    # -- functions --------------------------------------------------------------------
+
+    @overload
+    def function(self, fn: _AsyncFn[P, R], /) -> Function[P, R]: ...
+
+    @overload
+    def function(
+        self, fn: None = None, /, *, name: str | None = None
+    ) -> Callable[[_AsyncFn[P, R]], Function[P, R]]: ...
+
+    def function(
+        self, fn: _AsyncFn[..., Any] | None = None, /, *, name: str | None = None
+    ) -> Function[Any, Any] | Callable[[_AsyncFn[..., Any]], Function[Any, Any]]:
+        """Register an ``async def`` function as a durable function.
+
+        Use it bare (``@dispatch.function``) to register the function under its
+        qualified name, or with a name (``@dispatch.function(name="resize")``). The name
+        must match ``^[a-zA-Z_][a-zA-Z0-9_<>.]*$`` and be unique in this object.
+
+        Args:
+            fn: The coroutine function.
+            name: The name it is called under; default ``fn.__qualname__``.
+
+        Returns:
+            The `Function`, or a decorator that registers one.
+
+        Raises:
+            TypeError: `fn` is not an ``async def`` function, or a name was passed
+                positionally.
+            ValueError: The name is invalid or already registered.
+        """
+        if fn is None:
+
+            def register(fn: _AsyncFn[..., Any]) -> Function[Any, Any]:
+                return self._register(fn, name)
+
+            return register
+        if isinstance(fn, str):
+            raise TypeError(
+                f"@dispatch.function({fn!r}): pass the name as a keyword, "
+                f"@dispatch.function(name={fn!r})"
+            )
+        return self._register(fn, name)
+
+    def _register(self, fn: _AsyncFn[P, R], name: str | None) -> Function[P, R]:
+        if isinstance(fn, Function):
+            raise TypeError(f"{fn!r} is already a registered function")
+        function = Function(fn, name, owner=self)
+        existing = self._functions.get(function.name)
+        if existing is not None:
+            where = f"{existing.fn.__module__}.{existing.fn.__qualname__}"
+            raise ValueError(
+                f"a function named {function.name!r} is already registered (by {where}); "
+                "pass name= to register this one under another name"
+            )
+        self._functions[function.name] = function
+        return function
+
+    @property
+    def functions(self) -> Mapping[str, Function[Any, Any]]:
+        """The registered functions by name (read-only)."""
+        return MappingProxyType(self._functions)
+
+    def register_error_type(
+        self, cls: type[_E], status_or_fn: Status | Callable[[_E], Status]
+    ) -> None:
+        """Set the status of functions of this object that raise `cls` (or a subclass).
+
+        See `Status` for which statuses are retried.
+
+        Args:
+            cls: The exception class.
+            status_or_fn: The status, or a function of the exception returning it.
+        """
+        self._classifier.register_error_type(cls, status_or_fn)
+
+    def register_output_type(
+        self, cls: type[_T], status_or_fn: Status | Callable[[_T], Status]
+    ) -> None:
+        """Set the status of functions of this object that return a `cls` value.
+
+        Args:
+            cls: The type of the returned value.
+            status_or_fn: The status, or a function of the value returning it.
+        """
+        self._classifier.register_output_type(cls, status_or_fn)
+
+    # -- submitting calls ---------------------------------------------------------------
+
+    @property
+    def client(self) -> Client:
+        """The Dispatch API client that submits this object's calls."""
+        return self._client
+
+    def batch(self) -> Batch:
+        """Return an empty batch of calls, submitted together by `Batch.submit`."""
+        return Batch(self)
+
+    # -- serving ----------------------------------------------------------------------
+
+    def routes(self, prefix: str = "") -> list[web.RouteDef]:
+        """Return the endpoint's route, to mount in an aiohttp application.
+
+        ::
+
+            app = web.Application()
+            app.add_routes(dispatch.routes())
+            app.cleanup_ctx.append(dispatch.cleanup_ctx)
+
+        The route is ``POST {prefix}/dispatch.sdk.v1.FunctionService/Run``; the endpoint
+        URL given to the scheduler (``DISPATCH_ENDPOINT_URL``) must then end with the
+        prefix. Mounting in a sub-application (``app.add_subapp("/dispatch", sub)``)
+        works too. Appending `cleanup_ctx` checks the configuration at startup and
+        releases this object's resources at cleanup. Middlewares of the application must
+        leave the request body unread. A mounted endpoint cannot know the address it is
+        served on, so without a verification key it only logs a warning (`start` also
+        refuses a non-loopback address).
+
+        Args:
+            prefix: A path prefix such as ``"/dispatch"``, or ``""``.
+
+        Returns:
+            The route definitions, for ``app.add_routes``.
+        """
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+            raise ValueError(
+                f"invalid route prefix {prefix!r}: it must start with '/' and not end with "
+                "one, e.g. '/dispatch'"
+            )
+        return [web.post(prefix + RUN_PATH, self._endpoint.handle)]
+
+    async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """An aiohttp cleanup context: ``app.cleanup_ctx.append(dispatch.cleanup_ctx)``.
+
+        At startup it checks the verification key (and warns without one); at cleanup,
+        after in-flight requests, it closes this object (`aclose`).
+        """
+        self._endpoint.prepare()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def start(self) -> EndpointServer:
+        """Serve the endpoint on ``DISPATCH_ENDPOINT_ADDR`` until the server is closed.
+
+        ::
+
+            async with await dispatch.start() as server:
+                print(server.url)
+
+        Returns:
+            The running server; close it with ``await server.aclose()``.
+
+        Raises:
+            dispatch_aio.errors.ConfigurationError: The address or verification key is
+                invalid, or the address is not a loopback one while no verification key
+                is set and insecure mode is off.
+            OSError: The address cannot be bound (for example, it is in use).
+        """
+        host, port = self._config.endpoint_addr()
+        self._endpoint.check_bind(host, port)
+        app = web.Application(client_max_size=self._max_body_size)
+        app.add_routes(self.routes())
+        app.cleanup_ctx.append(self.cleanup_ctx)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self._shutdown_timeout)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(
+                exc.errno, f"cannot serve on {host}:{port} (DISPATCH_ENDPOINT_ADDR): {exc}"
+            ) from exc
+        except BaseException:
+            await runner.cleanup()
+            raise
+        server = EndpointServer(runner, site, host)
+        logger.info("serving Dispatch functions on %s", server.url)
+        return server
+
+    async def serve(self) -> None:
+        """Serve the endpoint on ``DISPATCH_ENDPOINT_ADDR`` until cancelled.
+
+        On cancellation the server stops accepting connections, lets in-flight runs
+        finish (for up to `shutdown_timeout` seconds), releases its resources and
+        re-raises the cancellation.
+
+        Raises:
+            dispatch_aio.errors.ConfigurationError: As `start`.
+            OSError: As `start`.
+        """
+        server = await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # Shielded: the shutdown must not see this task's cancellation.
+            await asyncio.shield(server.aclose())
+
+    def run(self) -> None:
+        """Serve the endpoint on ``DISPATCH_ENDPOINT_ADDR`` until SIGINT or SIGTERM.
+
+        Blocks; runs its own event loop. On the first signal the server stops gracefully
+        (as `serve`), and this returns; a second SIGINT interrupts the shutdown.
+
+        Raises:
+            dispatch_aio.errors.ConfigurationError: As `start`.
+            OSError: As `start`.
+        """
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(self._serve_until_signal())
+
+    async def _serve_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        server = await self.start()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        installed = []
+        for sig in signals:
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # no signals here: Ctrl-C only
+                pass
+        try:
+            await stop.wait()
+            logger.info("stopping: waiting for in-flight runs to finish")
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await server.aclose()
+
+    # -- resources ----------------------------------------------------------------------
+
+    def _get_runner(self) -> Runner:
+        if self._runner is None:
+            self._runner = Runner(self._lookup, classifier=self._classifier, **self._runner_options)
+        return self._runner
+
+    def _lookup(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]] | None:
+        function = self._functions.get(name)
+        return None if function is None else function.fn
+
+    async def aclose(self) -> None:
+        """Close the API client's session and drop the suspended runs kept in memory.
+
+        The object stays usable: resources are created again when needed.
+        """
+        runner, self._runner = self._runner, None
+        try:
+            await self._client.aclose()
+        finally:
+            self._endpoint.reset()
+            if runner is not None:
+                await runner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Batch:
+    """Calls submitted together, atomically, by `submit`.
+
+    ::
+
+        batch = dispatch.batch()
+        batch.add(resize, "a.png", width=100)
+        batch.add(resize, "b.png", width=200)
+        ids = await batch.submit()
+
+    Arguments are encoded when a call is added.
+    """
+
+    def __init__(self, dispatch: Dispatch) -> None:
+        self._dispatch = dispatch
+        self._calls: list[Call] = []
+
+    def add(self, fn: Function[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Add a call to `fn`, a function of the batch's `Dispatch` object.
+
+        Raises:
+            ValueError: `fn` is registered with another `Dispatch` object.
+            TypeError: An argument cannot be encoded.
+        """
+        if fn._owner is not self._dispatch:
+            raise ValueError(
+                f"{fn.name} is not a function of this batch's Dispatch object; use the "
+                "batch() of the Dispatch object it is registered with, or add_call()"
+            )
+        self._calls.append(Call(fn.name, args, kwargs))
+
+    def add_call(self, call: Call) -> None:
+        """Add a call described by a `Call` (any function name and endpoint)."""
+        self._calls.append(call)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def submit(self) -> list[str]:
+        """Submit the calls in one request (all are created or none) and empty the batch.
+
+        If the submission fails, the calls stay in the batch.
+
+        Returns:
+            The dispatch ids, in the order the calls were added.
+
+        Raises:
+            dispatch_aio.errors.DispatchError: As `Client.dispatch`.
+        """
+        calls = list(self._calls)
+        ids = await self._dispatch.client.dispatch(calls)
+        del self._calls[: len(calls)]
+        return ids

@@ -1,0 +1,352 @@
+"""The function endpoint: the aiohttp handler of ``FunctionService.Run``, and serving it.
+
+A Run request goes through these checks, each answered with a Connect JSON error
+(``{"code", "message"}``) when it fails, before any function runs:
+
+==========================================================  ======  ===================
+Problem                                                     HTTP    Connect code
+==========================================================  ======  ===================
+``Content-Encoding`` other than identity                    415     invalid_argument
+``Content-Type`` other than application/proto,              415     invalid_argument
+application/octet-stream or none
+no ``Content-Length`` (e.g. a chunked body)                 411     invalid_argument
+``Content-Length`` over the body limit                      413     invalid_argument
+body shorter than its ``Content-Length``                    400     invalid_argument
+body not received within the body timeout                   408     deadline_exceeded
+signature missing or malformed (when a key is set)          401     unauthenticated
+signature invalid, stale or for another body                403     permission_denied
+body is not a ``RunRequest``; no function name              400     invalid_argument
+function not registered                                     404     not_found
+==========================================================  ======  ===================
+
+Everything after that is answered with a ``RunResponse`` (HTTP 200, application/proto)
+whose status classifies the outcome. Nothing a request contains leads to a 500; only a
+misconfigured endpoint (an invalid verification key, when it was not checked at startup)
+answers 500 ``internal``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_MAX_BODY_SIZE",
+    "RUN_PATH",
+    "Endpoint",
+    "EndpointServer",
+    "is_loopback",
+]
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Self
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ._config import INSECURE, VERIFICATION_KEY, Config
+from ._signature import (
+    InvalidSignatureError,
+    MalformedSignatureError,
+    load_public_key,
+    public_key_to_base64,
+    verify_request,
+)
+from .durable import Runner
+from .errors import ConfigurationError
+from .proto.sdk.v1 import function_pb2
+
+logger = logging.getLogger(__name__)
+
+RUN_PATH = "/dispatch.sdk.v1.FunctionService/Run"
+DEFAULT_MAX_BODY_SIZE = 16_000_000
+"""The protocol's limit on Run request bodies, in bytes."""
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a client may take to send a request body."""
+
+_ACCEPTED_TYPES = frozenset({"application/proto", "application/octet-stream"})
+_MAX_LISTED = 20
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address to bind) only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+
+
+def _error(status: int, code: str, message: str, *, unread: bool = False) -> web.Response:
+    response = web.json_response({"code": code, "message": message}, status=status)
+    if unread:
+        # Close rather than drain a body that is not wanted (it may be huge or endless).
+        response.force_close()
+    return response
+
+
+class Endpoint:
+    """Serves ``FunctionService.Run`` for the functions of one `Dispatch` object.
+
+    Args:
+        config: Where the verification key and insecure mode are read.
+        functions: The registered functions by name (a live view).
+        runner: Returns the runner that executes requests.
+        max_body_size: Largest accepted request body, in bytes.
+        body_timeout: Seconds a client may take to send the body.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        functions: Mapping[str, Any],
+        runner: Callable[[], Runner],
+        *,
+        max_body_size: int,
+        body_timeout: float,
+    ) -> None:
+        if max_body_size <= 0:
+            raise ValueError(f"max_body_size must be positive, got {max_body_size!r}")
+        if body_timeout <= 0:
+            raise ValueError(f"body_timeout must be positive, got {body_timeout!r}")
+        self._config = config
+        self._functions = functions
+        self._runner = runner
+        self._max_body_size = max_body_size
+        self._body_timeout = body_timeout
+        self._prepared = False
+        self._key: Ed25519PublicKey | None = None
+
+    def prepare(self) -> None:
+        """Load the verification key (once until `reset`), warning if there is none.
+
+        Raises:
+            ConfigurationError: The verification key is empty or not an Ed25519 key.
+        """
+        if self._prepared:
+            return
+        raw = self._config.verification_key()
+        if raw is None:
+            self._key = None
+            if not self._bridged():
+                logger.warning(
+                    "request signature verification is disabled because "
+                    "%s is not set: anyone who can reach this endpoint can run its functions",
+                    VERIFICATION_KEY,
+                )
+        else:
+            try:
+                self._key = load_public_key(raw)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"invalid verification key {raw[:80]!r} ({VERIFICATION_KEY} or "
+                    f"verification_key=): {exc}",
+                    variable=VERIFICATION_KEY,
+                    value=raw,
+                ) from None
+            logger.info("verifying request signatures with key %s", public_key_to_base64(self._key))
+        self._prepared = True
+
+    def _bridged(self) -> bool:
+        # Requests relayed by a bridge are authenticated by the API key and have their
+        # Host rewritten, so they cannot carry a usable signature.
+        try:
+            return self._config.endpoint_url().startswith("bridge://")
+        except ConfigurationError:
+            return False
+
+    def reset(self) -> None:
+        """Forget the loaded key, so that the next start reads the configuration again."""
+        self._prepared = False
+        self._key = None
+
+    def check_bind(self, host: str, port: int) -> None:
+        """Refuse to serve on a non-loopback address without a verification key.
+
+        Raises:
+            ConfigurationError: No key is set, `host` is not a loopback address and
+                insecure mode is off; or the key is invalid.
+        """
+        self.prepare()
+        if self._key is not None or is_loopback(host) or self._config.insecure():
+            return
+        raise ConfigurationError(
+            f"refusing to serve on {host}:{port} without request signature verification: "
+            "anyone who can reach that address could run your functions. Set "
+            f"{VERIFICATION_KEY} to the scheduler's public key, serve on a loopback "
+            f"address (e.g. DISPATCH_ENDPOINT_ADDR=127.0.0.1:{port}), or set {INSECURE}=1 "
+            "(or insecure=True) to allow it",
+            variable=VERIFICATION_KEY,
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Handle ``POST .../dispatch.sdk.v1.FunctionService/Run``."""
+        try:
+            self.prepare()
+        except ConfigurationError as exc:
+            logger.error("cannot serve a Run request: %s", exc)
+            return _error(500, "internal", f"the endpoint is misconfigured: {exc}", unread=True)
+        rejected = self._check_headers(request)
+        if rejected is not None:
+            return rejected
+        length = request.content_length
+        assert length is not None  # checked above
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                body = await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            return _error(
+                400,
+                "invalid_argument",
+                f"the request body ended after {len(exc.partial)} of the {length} bytes "
+                "announced by Content-Length",
+            )
+        except TimeoutError:
+            return _error(
+                408,
+                "deadline_exceeded",
+                f"the request body was not received within {self._body_timeout:g} s",
+                unread=True,
+            )
+        except Exception as exc:  # a broken connection: the answer may never arrive
+            return _error(
+                400, "invalid_argument", f"cannot read the request body: {exc}", unread=True
+            )
+        if self._key is not None:
+            rejected = self._verify(request, body, self._key)
+            if rejected is not None:
+                return rejected
+        try:
+            run_request = function_pb2.RunRequest.FromString(body)
+        except Exception as exc:
+            return _error(
+                400,
+                "invalid_argument",
+                f"the request body is not a binary protobuf RunRequest ({exc})",
+            )
+        name = run_request.function
+        if not name:
+            return _error(400, "invalid_argument", "the RunRequest has no function name")
+        if name not in self._functions:
+            return _error(404, "not_found", self._not_found(name))
+        logger.debug(
+            "running %s (dispatch id %r, %s)",
+            name,
+            run_request.dispatch_id,
+            run_request.WhichOneof("directive") or "no directive",
+        )
+        response = await self._runner().run(run_request)
+        return web.Response(body=response.SerializeToString(), content_type="application/proto")
+
+    def _check_headers(self, request: web.Request) -> web.Response | None:
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            return _error(
+                415,
+                "invalid_argument",
+                f"Content-Encoding {encoding!r} is not supported: send the body uncompressed",
+                unread=True,
+            )
+        content_type = request.headers.get("Content-Type")
+        if content_type is not None:
+            mime = content_type.partition(";")[0].strip().lower()
+            if mime not in _ACCEPTED_TYPES:
+                return _error(
+                    415,
+                    "invalid_argument",
+                    f"Content-Type {content_type[:100]!r} is not supported: send a binary "
+                    "protobuf RunRequest as application/proto",
+                    unread=True,
+                )
+        length = request.content_length
+        if length is None:
+            return _error(
+                411,
+                "invalid_argument",
+                "Content-Length is required (chunked request bodies are not accepted)",
+                unread=True,
+            )
+        if length > self._max_body_size:
+            return _error(
+                413,
+                "invalid_argument",
+                f"the request body of {length} bytes exceeds the limit of "
+                f"{self._max_body_size} bytes",
+                unread=True,
+            )
+        return None
+
+    def _verify(
+        self, request: web.Request, body: bytes, key: Ed25519PublicKey
+    ) -> web.Response | None:
+        # The URL as the client addressed it: behind a proxy, the Host header must be the
+        # one that was signed.
+        url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
+        try:
+            verify_request(key, request.method, url, request.headers, body)
+        except InvalidSignatureError as exc:
+            logger.warning("rejected a Run request with an invalid signature: %s", exc)
+            return _error(403, "permission_denied", f"invalid request signature: {exc}")
+        except (MalformedSignatureError, ValueError) as exc:
+            logger.warning("rejected a Run request without a valid signature: %s", exc)
+            return _error(401, "unauthenticated", f"missing or malformed signature: {exc}")
+        return None
+
+    def _not_found(self, name: str) -> str:
+        names = sorted(self._functions)
+        listed = ", ".join(names[:_MAX_LISTED]) + (", ..." if len(names) > _MAX_LISTED else "")
+        return (
+            f"function {name[:200]!r} is not registered at this endpoint "
+            f"(registered: {listed or 'none'})"
+        )
+
+
+class EndpointServer:
+    """A running standalone endpoint, as returned by `Dispatch.start`.
+
+    Use it as an async context manager, or call `aclose` to stop it.
+    """
+
+    def __init__(self, runner: web.AppRunner, site: web.TCPSite, host: str) -> None:
+        self._runner = runner
+        self._site = site
+        self._host = host
+        self._closed = False
+
+    @property
+    def host(self) -> str:
+        """The address the server is bound to."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (the chosen one when 0 was asked for)."""
+        return self._site.port
+
+    @property
+    def url(self) -> str:
+        """The base URL of the endpoint, e.g. ``http://127.0.0.1:8000``."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    async def aclose(self) -> None:
+        """Stop accepting connections, let in-flight runs finish, then release resources.
+
+        Runs still going after the Dispatch object's shutdown timeout are cancelled.
+        Closing again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<EndpointServer {self.url}>"
