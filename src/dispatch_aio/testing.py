@@ -1,0 +1,541 @@
+"""Test durable functions in process: fast, on virtual time, with replay checking.
+
+`Environment` is a small scheduler that runs a `Dispatch`'s functions with the
+full Poll semantics and no HTTP::
+
+    from dispatch_aio.testing import Environment
+
+    async def test_total() -> None:
+        async with Environment(dispatch) as env:
+            assert await env.call(total, 10) == 90
+
+Time is virtual: durable sleeps and timeouts of hours complete at once, with
+``loop.time()`` and ``dispatch_aio.now()`` moving as if they had passed.
+
+Replay checking proves that a function is deterministic. ``replay="always"``
+turns the live cache off, so every round replays the function from its
+journal; ``shuffle=True`` delivers concurrent results in random order and
+``split=True`` splits them over several rounds. A divergence fails the call
+with `errors.NondeterminismError` and the engine's report (both sides and the
+call site). `check_determinism` runs a call under several such settings and
+seeds and checks that the results agree.
+
+`Environment.stub` replaces a function with a fake for one test, `Environment.calls`
+shows every call made (inputs, outputs, errors, attempts), and
+`check_journals` replays journals recorded earlier against the current code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, ParamSpec, Self, TypeVar
+
+from google.protobuf import any_pb2, timestamp_pb2
+
+from . import _codec
+from ._dispatch import Dispatch
+from ._function import Function
+from ._status import Classifier, Status
+from .durable import Clock, Runner
+from .errors import NondeterminismError
+from .proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
+
+__all__ = [
+    "CallInfo",
+    "Environment",
+    "JournalReport",
+    "VirtualClock",
+    "check_determinism",
+    "check_journals",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Replay = Literal["cached", "always"]
+# Per poller: children still running by correlation id, and results not yet delivered.
+_Poller = tuple[dict[int, "asyncio.Future[call_pb2.CallResult]"], list[call_pb2.CallResult]]
+_Target = Dispatch | Iterable[Function[Any, Any]]
+
+
+class VirtualClock(Clock):
+    """A clock that jumps to the next deadline as soon as nothing else can happen.
+
+    It starts at the real time. Whenever every waiter is waiting on time (and
+    the event loop has had nothing else to do for a few iterations), it
+    advances to the earliest deadline, so an hour-long sleep takes no time.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = 0
+        self._jumper: asyncio.Task[None] | None = None
+
+    def time(self) -> float:
+        """Return the virtual time in unix seconds."""
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``."""
+        self._now += max(0.0, seconds)
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Wait until the virtual time reaches ``deadline``."""
+        if deadline <= self._now:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._seq += 1
+        heapq.heappush(self._sleepers, (deadline, self._seq, future))
+        if self._jumper is None or self._jumper.done():
+            self._jumper = loop.create_task(self._jump())
+        await future
+
+    async def wait(self, wake: asyncio.Event, deadline: float | None, *, idle: bool) -> None:
+        """Wait until ``wake`` is set or the time reaches ``deadline``."""
+        sleeper = None if deadline is None else asyncio.ensure_future(self.sleep_until(deadline))
+        waker = asyncio.ensure_future(wake.wait())
+        waiters: list[asyncio.Future[Any]] = [waker] if sleeper is None else [sleeper, waker]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _jump(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = 0
+        while True:
+            while self._sleepers and self._sleepers[0][2].done():
+                heapq.heappop(self._sleepers)
+            if not self._sleepers:
+                return
+            await asyncio.sleep(0)
+            # Jump only once the loop has had nothing to run for a few iterations:
+            # whatever could still happen before the deadline has happened.
+            quiet = 0 if _has_ready(loop) else quiet + 1
+            if quiet < 3:
+                continue
+            quiet = 0
+            deadline, _, future = heapq.heappop(self._sleepers)
+            if not future.done():
+                self._now = max(self._now, deadline)
+                future.set_result(None)
+
+
+def _has_ready(loop: asyncio.AbstractEventLoop) -> bool:
+    # asyncio has no public way to ask whether callbacks are pending.
+    return bool(getattr(loop, "_ready", ()))
+
+
+class _RealClock(Clock):
+    async def sleep_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - self.time()))
+
+
+@dataclasses.dataclass(eq=False)
+class CallInfo:
+    """One call run by an `Environment`, with what became of it."""
+
+    id: str
+    """Dispatch id given to the call."""
+    function: str
+    """Function called (the last one, after tail calls)."""
+    args: tuple[Any, ...]
+    """Positional arguments of the call."""
+    kwargs: dict[str, Any]
+    """Keyword arguments of the call."""
+    parent: CallInfo | None = None
+    """The call that made this one, None for a call made by the test."""
+    children: list[CallInfo] = dataclasses.field(default_factory=list)
+    """Calls made by this one, in the order they were made."""
+    attempts: int = 0
+    """Number of times the call was started or retried after a failure."""
+    rounds: int = 0
+    """Number of Run requests sent for the call, resumes included."""
+    tail_calls: list[str] = dataclasses.field(default_factory=list)
+    """Functions the call was handed over to, in order."""
+    status: Status | None = None
+    """Final status; None while the call runs."""
+    output: Any = None
+    """Return value, when the call succeeded."""
+    error: BaseException | None = None
+    """Exception the call ended with, if any."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalReport:
+    """The outcome of replaying one recorded journal against the current code."""
+
+    name: str
+    """Label of the journal (a file name, a dispatch id)."""
+    function: str
+    """Function the journal belongs to."""
+    problem: str | None
+    """Why the journal would not replay (a divergence report), or None if it would."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the journal replays against the current code."""
+        return self.problem is None
+
+
+class Environment:
+    """An in-process scheduler for tests; see the module docstring.
+
+    Args:
+        target: A `Dispatch`, or the functions to run.
+        replay: ``"cached"`` keeps suspended runs live, as an endpoint does;
+            ``"always"`` replays every round from the journal.
+        shuffle: Deliver the results of concurrent calls in random order.
+        split: Deliver results over several rounds (between the Poll's
+            ``min_results`` and ``max_results``).
+        seed: Seed of the random choices of ``shuffle`` and ``split``.
+        virtual_time: Run on a `VirtualClock`; False uses the real clock
+            (needed when functions do real I/O with timeouts).
+        max_attempts: Attempts of a call that fails with a temporary status
+            before its error is final.
+        retry_delay: Seconds before the first retry; doubles at each retry.
+    """
+
+    def __init__(
+        self,
+        target: _Target,
+        *,
+        replay: Replay = "cached",
+        shuffle: bool = False,
+        split: bool = False,
+        seed: int = 0,
+        virtual_time: bool = True,
+        max_attempts: int = 10,
+        retry_delay: float = 1.0,
+    ) -> None:
+        if isinstance(target, Dispatch):
+            self._functions: Mapping[str, Function[Any, Any]] = target.functions
+            classifier = target._classifier
+        else:
+            self._functions = {f.name: f for f in target}
+            classifier = Classifier()
+        self._stubs: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._shuffle = shuffle
+        self._split = split
+        self._rng = random.Random(seed)
+        self._max_attempts = max_attempts
+        self._retry_delay = retry_delay
+        self.clock: VirtualClock | _RealClock = VirtualClock() if virtual_time else _RealClock()
+        self._runner = Runner(
+            self._lookup,
+            classifier=classifier,
+            cache_size=0 if replay == "always" else 1024,
+            clock=self.clock,
+        )
+        self._calls: list[CallInfo] = []
+        self._pollers: dict[str, _Poller] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.requests: list[function_pb2.RunRequest] = []
+        """Every Run request sent, in order."""
+        self.responses: list[function_pb2.RunResponse] = []
+        """Every Run response received, in order."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop calls still running and drop the live runs."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._runner.aclose()
+
+    # -- running calls ----------------------------------------------------------------
+
+    async def call(self, fn: Function[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(*args, **kwargs)`` and its call tree to completion; return its result.
+
+        Raises:
+            Exception: The error the call ended with (after retries).
+            errors.NondeterminismError: The function diverged from its journal.
+        """
+        info = await self.run(fn, *args, **kwargs)
+        if info.error is not None:
+            raise info.error
+        if info.status is not Status.OK:
+            raise RuntimeError(f"call to {fn.name!r} ended with status {info.status}")
+        return info.output  # type: ignore[no-any-return]
+
+    async def run(self, fn: Function[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> CallInfo:
+        """Like `call`, but return the `CallInfo` instead of raising the call's error."""
+        input = _codec.encode_input(args, kwargs, function=fn.name)
+        info = self._new_call(fn.name, input, None)
+        await self._execute(info, fn.name, input)
+        return info
+
+    def stub(self, fn: Function[P, R], fake: Callable[P, Awaitable[R]]) -> None:
+        """Run ``fake`` wherever ``fn`` is called, until `unstub`.
+
+        The fake runs as a durable function: it may make calls, sleep and
+        raise, e.g. `errors.ThrottledError` to have the call retried.
+        """
+        self._stubs[fn.name] = fake
+
+    def unstub(self, fn: Function[Any, Any]) -> None:
+        """Run the real function again."""
+        self._stubs.pop(fn.name, None)
+
+    def calls(self, fn: Function[Any, Any] | None = None) -> list[CallInfo]:
+        """Return the calls made so far (only those to ``fn`` if given), in creation order."""
+        return [c for c in self._calls if fn is None or c.function == fn.name]
+
+    def time(self) -> float:
+        """Return the environment's current time (virtual unless disabled)."""
+        return self.clock.time()
+
+    # -- the scheduler --------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> Callable[..., Awaitable[Any]] | None:
+        stub = self._stubs.get(name)
+        if stub is not None:
+            return stub
+        fn = self._functions.get(name)
+        return None if fn is None else fn.fn
+
+    def _new_call(self, function: str, input: any_pb2.Any, parent: CallInfo | None) -> CallInfo:
+        try:
+            args, kwargs = _codec.decode_input(input)
+        except _codec.DecodeError:
+            args, kwargs = (input,), {}
+        info = CallInfo(str(len(self._calls) + 1), function, args, kwargs, parent)
+        self._calls.append(info)
+        if parent is not None:
+            parent.children.append(info)
+        return info
+
+    def _first_request(
+        self, info: CallInfo, function: str, input: any_pb2.Any
+    ) -> function_pb2.RunRequest:
+        root = info
+        while root.parent is not None:
+            root = root.parent
+        created = timestamp_pb2.Timestamp()
+        created.FromNanoseconds(int(self.clock.time() * 1e9))
+        return function_pb2.RunRequest(
+            function=function,
+            input=input,
+            dispatch_id=info.id,
+            parent_dispatch_id=info.parent.id if info.parent else "",
+            root_dispatch_id=root.id,
+            creation_time=created,
+        )
+
+    async def _execute(
+        self, info: CallInfo, function: str, input: any_pb2.Any
+    ) -> call_pb2.CallResult:
+        request = self._first_request(info, function, input)
+        delay = self._retry_delay
+        while True:
+            response = await self._send(info, request)
+            if response.WhichOneof("directive") == "poll":
+                request = await self._resume(info, request, response.poll)
+                continue
+            done = response.exit
+            if done.HasField("tail_call"):
+                info.tail_calls.append(done.tail_call.function)
+                info.function = done.tail_call.function
+                input = done.tail_call.input
+                request = self._first_request(info, info.function, input)
+                continue
+            status = Status(response.status)
+            if status is Status.INCOMPATIBLE_STATE:
+                # A real scheduler would restart the call; a test wants to know.
+                return self._finish(info, status, done.result, nondeterministic=True)
+            if status.temporary and info.attempts < self._max_attempts:
+                info.attempts += 1
+                await self.clock.sleep_until(self.clock.time() + delay)
+                delay *= 2
+                request = self._first_request(info, info.function, input)
+                continue
+            return self._finish(info, status, done.result)
+
+    def _finish(
+        self,
+        info: CallInfo,
+        status: Status,
+        result: call_pb2.CallResult,
+        *,
+        nondeterministic: bool = False,
+    ) -> call_pb2.CallResult:
+        info.status = status
+        if result.HasField("error"):
+            info.error = _codec.decode_error(result.error)
+            if nondeterministic and not isinstance(info.error, NondeterminismError):
+                info.error = NondeterminismError(result.error.message)
+        elif status is not Status.OK:
+            info.error = RuntimeError(f"call to {info.function!r} ended with status {status.name}")
+        if result.HasField("output"):
+            info.output = _codec.decode_value(result.output)
+        if status is not Status.OK and not result.HasField("error"):
+            # What a scheduler delivers to the parent of a call that failed without an error.
+            synthesized = call_pb2.CallResult()
+            synthesized.CopyFrom(result)
+            synthesized.error.CopyFrom(error_pb2.Error(type=status.proto_name, message=status.name))
+            return synthesized
+        return result
+
+    async def _send(
+        self, info: CallInfo, request: function_pb2.RunRequest
+    ) -> function_pb2.RunResponse:
+        # Round trip through bytes, as over the wire.
+        request = function_pb2.RunRequest.FromString(request.SerializeToString())
+        self.requests.append(request)
+        info.rounds += 1
+        response = await self._runner.run(request)
+        response = function_pb2.RunResponse.FromString(response.SerializeToString())
+        self.responses.append(response)
+        return response
+
+    async def _resume(
+        self, info: CallInfo, request: function_pb2.RunRequest, poll: poll_pb2.Poll
+    ) -> function_pb2.RunRequest:
+        children = self._children(info)
+        running, queue = children
+        for call in poll.calls:
+            child = self._new_call(call.function, call.input, info)
+            task = asyncio.ensure_future(self._execute(child, call.function, call.input))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            running[call.correlation_id] = task
+        deadline = None
+        if poll.HasField("max_wait"):
+            deadline = self.clock.time() + poll.max_wait.ToTimedelta().total_seconds()
+        while True:
+            self._collect(running, queue)
+            if len(queue) >= poll.min_results:
+                break
+            if deadline is not None and self.clock.time() >= deadline:
+                break
+            waiters: list[asyncio.Future[Any]] = list(running.values())
+            sleeper = None
+            if deadline is not None:
+                sleeper = asyncio.ensure_future(self.clock.sleep_until(deadline))
+                waiters.append(sleeper)
+            if not waiters:
+                raise RuntimeError(
+                    f"call to {info.function!r} waits for results that will never come"
+                )
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if sleeper is not None:
+                sleeper.cancel()
+        count = min(len(queue), poll.max_results)
+        if self._shuffle:
+            self._rng.shuffle(queue)
+        if self._split and count > poll.min_results:
+            count = self._rng.randint(poll.min_results, count)
+        delivered, queue[:] = queue[:count], queue[count:]
+        result = poll_pb2.PollResult(results=delivered)
+        if poll.WhichOneof("state") == "coroutine_state":
+            result.coroutine_state = poll.coroutine_state
+        else:
+            result.typed_coroutine_state.CopyFrom(poll.typed_coroutine_state)
+        return function_pb2.RunRequest(
+            function=request.function,
+            poll_result=result,
+            dispatch_id=request.dispatch_id,
+            parent_dispatch_id=request.parent_dispatch_id,
+            root_dispatch_id=request.root_dispatch_id,
+            creation_time=request.creation_time,
+        )
+
+    def _children(self, info: CallInfo) -> _Poller:
+        poller = self._pollers.get(info.id)
+        if poller is None:
+            poller = self._pollers[info.id] = ({}, [])
+        return poller
+
+    @staticmethod
+    def _collect(
+        running: dict[int, asyncio.Future[call_pb2.CallResult]], queue: list[call_pb2.CallResult]
+    ) -> None:
+        for correlation_id, task in list(running.items()):
+            if task.done():
+                del running[correlation_id]
+                result = call_pb2.CallResult()
+                result.CopyFrom(task.result())
+                result.correlation_id = correlation_id
+                queue.append(result)
+
+
+async def check_determinism(
+    target: _Target,
+    fn: Function[P, R],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> R:
+    """Run a call under several replay settings and seeds; check the results agree.
+
+    The call runs once with the live cache, then with forced replay at every
+    round combined with shuffled and split delivery under seeds 0 to 2.
+
+    Returns:
+        The call's result.
+
+    Raises:
+        errors.NondeterminismError: A replay diverged from its journal, or two
+            runs produced different results.
+    """
+    settings: Sequence[dict[str, Any]] = [
+        {},
+        {"replay": "always"},
+        *({"replay": "always", "shuffle": True, "split": True, "seed": s} for s in range(3)),
+    ]
+    results: list[tuple[dict[str, Any], Any]] = []
+    for setting in settings:
+        async with Environment(target, **setting) as env:
+            results.append((setting, await env.call(fn, *args, **kwargs)))
+    first_setting, first = results[0]
+    for setting, result in results[1:]:
+        if result != first:
+            raise NondeterminismError(
+                f"{fn.name!r} returned {first!r} with {first_setting or 'the live cache'} "
+                f"but {result!r} with {setting}",
+            )
+    return first  # type: ignore[no-any-return]
+
+
+async def check_journals(
+    target: _Target,
+    journals: Iterable[tuple[str, bytes]],
+) -> list[JournalReport]:
+    """Replay recorded journals against the current code and report which diverge.
+
+    Args:
+        target: A `Dispatch`, or the functions the journals belong to.
+        journals: ``(label, state)`` pairs, where ``state`` is the serialized
+            journal (the value of a Poll's ``typed_coroutine_state``).
+
+    Returns:
+        One report per journal, in order.
+    """
+    if isinstance(target, Dispatch):
+        functions: Mapping[str, Function[Any, Any]] = target.functions
+    else:
+        functions = {f.name: f for f in target}
+    runner = Runner(lambda name: f.fn if (f := functions.get(name)) else None, cache_size=0)
+    reports = []
+    try:
+        for label, state in journals:
+            function, problem = await runner.check_journal(state)
+            reports.append(JournalReport(label, function, problem))
+    finally:
+        await runner.aclose()
+    return reports
