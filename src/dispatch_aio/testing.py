@@ -224,6 +224,7 @@ class Environment:
             self._functions = {f.name: f for f in target}
             classifier = Classifier()
         self._stubs: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._rejections: dict[str, list[str]] = {}
         self._shuffle = shuffle
         self._split = split
         self._rng = random.Random(seed)
@@ -291,6 +292,16 @@ class Environment:
     def unstub(self, fn: Function[Any, Any]) -> None:
         """Run the real function again."""
         self._stubs.pop(fn.name, None)
+
+    def reject_calls(
+        self, fn: Function[Any, Any], times: int = 1, message: str = "calls rejected"
+    ) -> None:
+        """Reject the calls of ``fn``'s next ``times`` Polls, as a scheduler may.
+
+        Nothing is dispatched; the resume carries ``PollResult.error``, which
+        the tasks that made the calls receive as `errors.RemoteError`.
+        """
+        self._rejections.setdefault(fn.name, []).extend([message] * times)
 
     def calls(self, fn: Function[Any, Any] | None = None) -> list[CallInfo]:
         """Return the calls made so far (only those to ``fn`` if given), in creation order."""
@@ -406,8 +417,12 @@ class Environment:
     async def _resume(
         self, info: CallInfo, request: function_pb2.RunRequest, poll: poll_pb2.Poll
     ) -> function_pb2.RunRequest:
-        children = self._children(info)
-        running, queue = children
+        running, queue = self._children(info)
+        rejections = self._rejections.get(info.function)
+        if poll.calls and rejections:
+            return self._resume_request(
+                request, poll, [], error_pb2.Error(type="Rejected", message=rejections.pop(0))
+            )
         for call in poll.calls:
             child = self._new_call(call.function, call.input, info)
             task = asyncio.ensure_future(self._execute(child, call.function, call.input))
@@ -441,7 +456,16 @@ class Environment:
         if self._split and count > poll.min_results:
             count = self._rng.randint(poll.min_results, count)
         delivered, queue[:] = queue[:count], queue[count:]
-        result = poll_pb2.PollResult(results=delivered)
+        return self._resume_request(request, poll, delivered, None)
+
+    @staticmethod
+    def _resume_request(
+        request: function_pb2.RunRequest,
+        poll: poll_pb2.Poll,
+        results: list[call_pb2.CallResult],
+        error: error_pb2.Error | None,
+    ) -> function_pb2.RunRequest:
+        result = poll_pb2.PollResult(results=results, error=error)
         if poll.WhichOneof("state") == "coroutine_state":
             result.coroutine_state = poll.coroutine_state
         else:

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from dispatch_aio.proto.v1 import journal_pb2
-from durable.driver import Driver
+from dispatch_aio.testing import Environment
 from durable.workflows import FUNCTIONS, mixed
 
 
@@ -36,13 +36,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--golden", type=pathlib.Path)
     args = parser.parse_args()
-    driver = Driver(FUNCTIONS, "live")
-    result = await driver.call(mixed, 8)
-    last = [r for r in driver.requests if r.function == "mixed" and r.HasField("poll_result")][-1]
+    env = Environment(FUNCTIONS)
+    result = await env.call(mixed, 8)
+    last = [r for r in env.requests if r.function == "mixed" and r.HasField("poll_result")][-1]
     state = last.poll_result.typed_coroutine_state.value
     if args.golden:
         args.golden.write_bytes(last.SerializeToString())
-    await driver.close()
+    await env.aclose()
     print(json.dumps({"digest": hashlib.sha256(normalize(state)).hexdigest(), "result": result}))
 
 

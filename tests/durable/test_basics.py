@@ -7,7 +7,7 @@ import asyncio
 from dispatch_aio._function import Function
 from dispatch_aio._status import Status
 
-from .conftest import DriverFactory
+from .conftest import EnvFactory
 
 
 async def _double(x: int) -> int:
@@ -34,18 +34,18 @@ async def _fan(n: int) -> list[int]:
 fan = Function(_fan, name="fan")
 
 
-async def test_sequential(make_driver: DriverFactory) -> None:
-    driver = make_driver(double, chain)
-    assert await driver.call(chain, 5) == 2 * sum(range(5))
+async def test_sequential(make_env: EnvFactory) -> None:
+    env = make_env(double, chain)
+    assert await env.call(chain, 5) == 2 * sum(range(5))
 
 
-async def test_gather(make_driver: DriverFactory) -> None:
-    driver = make_driver(double, fan)
-    assert await driver.call(fan, 20) == [2 * i for i in range(20)]
-    polls = [r.poll for r in driver.responses if r.WhichOneof("directive") == "poll"]
+async def test_gather(make_env: EnvFactory) -> None:
+    env = make_env(double, fan)
+    assert await env.call(fan, 20) == [2 * i for i in range(20)]
+    polls = [r.poll for r in env.responses if r.WhichOneof("directive") == "poll"]
     first = polls[0]
     assert len(first.calls) == 20
     assert [c.correlation_id for c in first.calls] == list(range(1, 21))
     assert first.min_results == 1 and first.max_results == 20
     assert not first.HasField("max_wait")
-    assert all(r.status == Status.OK for r in driver.responses)
+    assert all(r.status == Status.OK for r in env.responses)

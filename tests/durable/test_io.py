@@ -15,8 +15,7 @@ from dispatch_aio import durable
 from dispatch_aio._function import Function
 from dispatch_aio.errors import HostLoopError
 
-from .conftest import DriverFactory
-from .driver import Failed
+from .conftest import EnvFactory
 
 
 @pytest.fixture
@@ -54,9 +53,9 @@ async def _fetch(url: str) -> dict[str, str]:
 fetch = Function(_fetch, name="fetch")
 
 
-async def test_aiohttp_request_inside_function(make_driver: DriverFactory, server: str) -> None:
-    driver = make_driver(fetch, double, virtual_time=False)
-    assert await driver.call(fetch, f"{server}/hello?name=durable") == {
+async def test_aiohttp_request_inside_function(make_env: EnvFactory, server: str) -> None:
+    env = make_env(fetch, double, virtual_time=False)
+    assert await env.call(fetch, f"{server}/hello?name=durable") == {
         "hello": "durable",
         "after": "2",
     }
@@ -71,9 +70,9 @@ async def _resolve(host: str) -> list[str]:
 resolve = Function(_resolve, name="resolve")
 
 
-async def test_dns(make_driver: DriverFactory) -> None:
-    driver = make_driver(resolve, virtual_time=False)
-    assert "127.0.0.1" in await driver.call(resolve, "localhost")
+async def test_dns(make_env: EnvFactory) -> None:
+    env = make_env(resolve, virtual_time=False)
+    assert "127.0.0.1" in await env.call(resolve, "localhost")
 
 
 async def _threads() -> list[str]:
@@ -90,9 +89,9 @@ async def _threads() -> list[str]:
 threads = Function(_threads, name="threads")
 
 
-async def test_executors(make_driver: DriverFactory) -> None:
-    driver = make_driver(threads, double, virtual_time=False)
-    assert await driver.call(threads) == ["1@True", "2@True"]
+async def test_executors(make_env: EnvFactory) -> None:
+    env = make_env(threads, double, virtual_time=False)
+    assert await env.call(threads) == ["1@True", "2@True"]
 
 
 def _host_bound_functions(
@@ -110,17 +109,15 @@ def _host_bound_functions(
     return Function(_misuse, name="misuse"), Function(_helper, name="helper")
 
 
-async def test_host_loop_object(make_driver: DriverFactory) -> None:
+async def test_host_loop_object(make_env: EnvFactory) -> None:
     loop = asyncio.get_running_loop()
     misused: asyncio.Future[int] = loop.create_future()
     host_future: asyncio.Future[int] = loop.create_future()
     loop.call_later(0.05, host_future.set_result, 7)
     misuse, helper = _host_bound_functions(misused, host_future)
-    driver = make_driver(misuse, helper, virtual_time=False)
-    with pytest.raises(Failed) as info:
-        await driver.call(misuse)
-    error = info.value.outcome.error
+    env = make_env(misuse, helper, virtual_time=False)
+    error = (await env.run(misuse)).error
     assert isinstance(error, HostLoopError)
     assert "run_on_host" in str(error)
     assert "host event loop" in str(error)
-    assert await driver.call(helper) == 7
+    assert await env.call(helper) == 7

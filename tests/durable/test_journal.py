@@ -16,7 +16,7 @@ from dispatch_aio.durable import JOURNAL_TYPE_URL, Runner
 from dispatch_aio.proto.sdk.v1 import call_pb2, function_pb2, poll_pb2
 from dispatch_aio.proto.v1 import journal_pb2
 
-from .conftest import DriverFactory
+from .conftest import EnvFactory
 
 
 async def _double(x: int) -> int:
@@ -277,13 +277,13 @@ async def _countdown(n: int) -> str:
 countdown = Function(_countdown, name="countdown")
 
 
-async def test_tail_call(make_driver: DriverFactory) -> None:
-    driver = make_driver(double, countdown)
-    assert await driver.call(countdown, 3) == "liftoff"
-    tails = [r.exit.tail_call for r in driver.responses if r.exit.HasField("tail_call")]
+async def test_tail_call(make_env: EnvFactory) -> None:
+    env = make_env(double, countdown)
+    assert await env.call(countdown, 3) == "liftoff"
+    tails = [r.exit.tail_call for r in env.responses if r.exit.HasField("tail_call")]
     assert [t.function for t in tails] == ["countdown"] * 3
     assert [_codec.decode_input(t.input) for t in tails] == [((2,), {}), ((1,), {}), ((0,), {})]
-    assert all(r.status == Status.OK for r in driver.responses)
+    assert all(r.status == Status.OK for r in env.responses)
 
 
 async def test_tail_call_outside_a_run() -> None:

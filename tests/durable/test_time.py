@@ -10,7 +10,7 @@ import pytest
 from dispatch_aio import durable
 from dispatch_aio._function import Function
 
-from .conftest import DriverFactory
+from .conftest import EnvFactory
 
 
 async def _double(x: int) -> int:
@@ -38,23 +38,23 @@ async def _long_sleep(seconds: float) -> float:
 long_sleep = Function(_long_sleep, name="long_sleep")
 
 
-async def test_long_sleep_suspends_with_max_wait(make_driver: DriverFactory) -> None:
-    driver = make_driver(long_sleep)
+async def test_long_sleep_suspends_with_max_wait(make_env: EnvFactory) -> None:
+    env = make_env(long_sleep)
     started = time.monotonic()
-    elapsed = await driver.call(long_sleep, 3600.0)
+    elapsed = await env.call(long_sleep, 3600.0)
     assert time.monotonic() - started < 5, "virtual time: an hour passes instantly"
     assert elapsed >= 3600.0
-    polls = [r.poll for r in driver.responses if r.WhichOneof("directive") == "poll"]
+    polls = [r.poll for r in env.responses if r.WhichOneof("directive") == "poll"]
     assert len(polls) == 1
     assert not polls[0].calls
     assert 3599 <= polls[0].max_wait.ToTimedelta().total_seconds() <= 3601
 
 
-async def test_short_sleep_stays_live(make_driver: DriverFactory) -> None:
-    driver = make_driver(long_sleep, virtual_time=False)
-    elapsed = await driver.call(long_sleep, 0.05)
+async def test_short_sleep_stays_live(make_env: EnvFactory) -> None:
+    env = make_env(long_sleep, virtual_time=False)
+    elapsed = await env.call(long_sleep, 0.05)
     assert elapsed >= 0.05
-    assert all(r.WhichOneof("directive") == "exit" for r in driver.responses)
+    assert all(r.WhichOneof("directive") == "exit" for r in env.responses)
 
 
 async def _sleeps_and_calls() -> list[int]:
@@ -68,9 +68,9 @@ async def _sleeps_and_calls() -> list[int]:
 sleeps_and_calls = Function(_sleeps_and_calls, name="sleeps_and_calls")
 
 
-async def test_sleeps_between_calls(make_driver: DriverFactory) -> None:
-    driver = make_driver(double, sleeps_and_calls)
-    assert await driver.call(sleeps_and_calls) == [0, 2, 4]
+async def test_sleeps_between_calls(make_env: EnvFactory) -> None:
+    env = make_env(double, sleeps_and_calls)
+    assert await env.call(sleeps_and_calls) == [0, 2, 4]
 
 
 async def _timeout_call(seconds: float) -> str:
@@ -85,11 +85,11 @@ async def _timeout_call(seconds: float) -> str:
 timeout_call = Function(_timeout_call, name="timeout_call")
 
 
-async def test_timeout_around_call(make_driver: DriverFactory) -> None:
-    driver = make_driver(slow_double, timeout_call)
-    assert await driver.call(timeout_call, 10.0) == "result 8"
-    driver = make_driver(slow_double, timeout_call)
-    assert await driver.call(timeout_call, 1.5) == "timed out"
+async def test_timeout_around_call(make_env: EnvFactory) -> None:
+    env = make_env(slow_double, timeout_call)
+    assert await env.call(timeout_call, 10.0) == "result 8"
+    env = make_env(slow_double, timeout_call)
+    assert await env.call(timeout_call, 1.5) == "timed out"
 
 
 async def _wait_for_call(seconds: float) -> str:
@@ -102,11 +102,11 @@ async def _wait_for_call(seconds: float) -> str:
 wait_for_call = Function(_wait_for_call, name="wait_for_call")
 
 
-async def test_wait_for_around_call(make_driver: DriverFactory) -> None:
-    driver = make_driver(slow_double, wait_for_call)
-    assert await driver.call(wait_for_call, 60.0) == "result 10"
-    driver = make_driver(slow_double, wait_for_call)
-    assert await driver.call(wait_for_call, 1.5) == "timed out"
+async def test_wait_for_around_call(make_env: EnvFactory) -> None:
+    env = make_env(slow_double, wait_for_call)
+    assert await env.call(wait_for_call, 60.0) == "result 10"
+    env = make_env(slow_double, wait_for_call)
+    assert await env.call(wait_for_call, 1.5) == "timed out"
 
 
 async def _helpers() -> list[object]:
@@ -119,9 +119,9 @@ async def _helpers() -> list[object]:
 helpers = Function(_helpers, name="helpers")
 
 
-async def test_deterministic_helpers(make_driver: DriverFactory) -> None:
-    driver = make_driver(double, helpers)
-    t1, r1, u1, t2, r2, u2 = await driver.call(helpers)
+async def test_deterministic_helpers(make_env: EnvFactory) -> None:
+    env = make_env(double, helpers)
+    t1, r1, u1, t2, r2, u2 = await env.call(helpers)
     assert t1 <= t2 and t1.tzinfo is not None
     assert r1 != r2 and 0 <= r1 < 1
     assert u1 != u2 and u1.version == 4
@@ -139,12 +139,12 @@ observes_replay = Function(_observes_replay, name="observes_replay")
 
 
 @pytest.mark.parametrize("mode", ["replay"])
-async def test_replay_sees_recorded_values(make_driver: DriverFactory) -> None:
+async def test_replay_sees_recorded_values(make_env: EnvFactory) -> None:
     # With the cache off, each round replays; values computed before a
     # suspension must be those of the first execution, or the call inputs and
     # results below would diverge.
-    driver = make_driver(double, observes_replay)
-    t1, r1, t2, r2 = await driver.call(observes_replay)
+    env = make_env(double, observes_replay)
+    t1, r1, t2, r2 = await env.call(observes_replay)
     assert t2 - t1 >= 5
     assert r1 != r2
 
@@ -162,10 +162,12 @@ async def _logs() -> int:
 logs = Function(_logs, name="logs")
 
 
-async def test_logger_quiet_while_replaying(make_driver: DriverFactory, caplog: pytest.LogCaptureFixture) -> None:
-    driver = make_driver(double, logs)
+async def test_logger_quiet_while_replaying(
+    make_env: EnvFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = make_env(double, logs)
     with caplog.at_level("INFO", logger="tests.durable.workflow"):
-        assert await driver.call(logs) == 6
+        assert await env.call(logs) == 6
     lines = [r.getMessage() for r in caplog.records if r.name == "tests.durable.workflow"]
     # Each line once, however many times the function was replayed.
     assert lines == ["starting", "got 2"]
@@ -187,6 +189,6 @@ async def _agen_consumer(n: int) -> list[int]:
 agen_consumer = Function(_agen_consumer, name="agen_consumer")
 
 
-async def test_async_generators(make_driver: DriverFactory) -> None:
-    driver = make_driver(double, agen_consumer)
-    assert await driver.call(agen_consumer, 3) == [0, 2, 4, 0]
+async def test_async_generators(make_env: EnvFactory) -> None:
+    env = make_env(double, agen_consumer)
+    assert await env.call(agen_consumer, 3) == [0, 2, 4, 0]
