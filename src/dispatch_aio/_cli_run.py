@@ -1,0 +1,311 @@
+"""``dispatch-aio run``: the local scheduler and an application, together.
+
+The application is started in a process group of its own with the ``DISPATCH_*``
+variables that point it at the scheduler (and ``PYTHONUNBUFFERED=1`` unless set, so that
+a Python application's prints show up as they happen). Its standard output and error
+are copied line by line with a prefix. SIGINT, SIGTERM and SIGHUP are passed on to its
+process group; a second signal kills the group. The command ends when the application
+does, with its exit status (128 + N when signal N ended it, as shells report it).
+"""
+
+from __future__ import annotations
+
+__all__ = ["RunOptions", "program_name", "run_app"]
+
+import asyncio
+import codecs
+import contextlib
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._cli_console import Console, Style
+from ._cli_inspect import InspectClient
+from ._cli_scheduler import (
+    CliError,
+    LocalScheduler,
+    SchedulerSettings,
+    check_endpoint_free,
+    endpoint_url_for,
+    format_addr,
+    parse_addr,
+)
+from ._progress import CallTracker, Progress
+from .proto.v1 import inspect_pb2
+
+_OUR_NAME = "dispatch"
+_MAX_NAME = 16
+_CHUNK = 64 * 1024
+_DRAIN_TIMEOUT = 2.0  # seconds to read what the application wrote before it exited
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PYTHON = re.compile(r"(python|pypy)[0-9.]*")
+_OPTIONS_WITH_VALUE = frozenset({"-X", "-W", "-Q"})
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What ``dispatch-aio run`` was asked to do."""
+
+    command: Sequence[str]
+    """The application's command line."""
+    scheduler: SchedulerSettings
+    """How to run the scheduler (its `endpoint_url` is set from `endpoint`)."""
+    endpoint: str = "127.0.0.1:8000"
+    """``HOST:PORT`` the application serves its endpoint on (port 0: a free one)."""
+    name: str | None = None
+    """Prefix of the application's lines; default: from the command."""
+
+
+def program_name(command: Sequence[str]) -> str:
+    """Return a short name for an application's lines: ``app`` for ``python app.py``."""
+    base = os.path.basename(command[0]) if command else "app"
+    if _PYTHON.fullmatch(base):
+        rest = list(command[1:])
+        skip = False
+        for i, arg in enumerate(rest):
+            if skip:
+                skip = False
+            elif arg == "-m" and i + 1 < len(rest):
+                return rest[i + 1][:_MAX_NAME]
+            elif arg.startswith("-m") and len(arg) > 2:
+                return arg[2:][:_MAX_NAME]
+            elif arg in _OPTIONS_WITH_VALUE:
+                skip = True
+            elif arg == "-c":
+                break
+            elif not arg.startswith("-"):
+                return (Path(arg).stem or base)[:_MAX_NAME]
+    return base[:_MAX_NAME] or "app"
+
+
+def _check_program(program: str) -> None:
+    """Fail early, with the statuses shells use, when the program cannot be started."""
+    if os.sep in program:
+        path = Path(program)
+        if not path.exists():
+            raise CliError(f"cannot run {program!r}: no such file", code=127)
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise CliError(
+                f"cannot run {program!r}: it is not an executable file (check its permissions)",
+                code=126,
+            )
+    elif shutil.which(program) is None:
+        raise CliError(
+            f"command not found: {program!r}; check the spelling, or that it is installed and "
+            "on your PATH",
+            code=127,
+        )
+
+
+class _Signals:
+    """Passes the first signal on to the application's process group; the second kills it."""
+
+    def __init__(self, console: Console, prefix: str) -> None:
+        self._console = console
+        self._prefix = prefix
+        self._loop = asyncio.get_running_loop()
+        self._installed: list[signal.Signals] = []
+        self.pid: int | None = None
+        self.count = 0
+        self.first: signal.Signals | None = None
+        self.received = asyncio.Event()
+
+    def install(self) -> None:
+        for sig in _FORWARDED:
+            try:
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue  # not the main thread, or no signals on this platform
+            self._installed.append(sig)
+
+    def uninstall(self) -> None:
+        for sig in self._installed:
+            self._loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.count += 1
+        self.first = self.first or sig
+        self.received.set()
+        if self.pid is None:
+            return
+        if self.count == 1:
+            self._say(f"{sig.name} received: passing it on to the application (again to kill it)")
+            self._kill(sig)
+        else:
+            self._say(f"{sig.name} received again: killing the application")
+            self._kill(signal.SIGKILL)
+
+    def _kill(self, sig: signal.Signals) -> None:
+        assert self.pid is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def _say(self, text: str) -> None:
+        self._console.line(self._prefix + text)
+
+
+async def _pump(
+    stream: asyncio.StreamReader | None, console: Console, prefix: str, *, err: bool
+) -> None:
+    """Copy a stream line by line, each line with `prefix`."""
+    if stream is None:
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pending = ""
+    while chunk := await stream.read(_CHUNK):
+        pending += decoder.decode(chunk)
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            console.line(prefix + line.removesuffix("\r"), err=err)
+        if len(pending) > _CHUNK:  # a very long line: show it in pieces
+            console.line(prefix + pending, err=err)
+            pending = ""
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        console.line(prefix + pending, err=err)
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was ended by {name} (exit status {128 - returncode})"
+
+
+async def run_app(options: RunOptions, console: Console) -> int:
+    """Run the scheduler and the application until the application ends.
+
+    Returns:
+        The application's exit status.
+
+    Raises:
+        CliError: Nothing to run, the program cannot be found, the endpoint address is
+            in use, or the scheduler cannot start.
+    """
+    command = list(options.command)
+    if not command:
+        raise CliError("no command to run: dispatch-aio run [OPTIONS] -- CMD [ARGS...]", code=2)
+    _check_program(command[0])
+    host, port = parse_addr(options.endpoint, "--endpoint")
+    port = check_endpoint_free(host, port)
+    endpoint_addr = format_addr(host, port)
+    endpoint_url = endpoint_url_for(host, port)
+
+    name = options.name or program_name(command)
+    width = max(len(name), len(_OUR_NAME))
+    ours = console.paint(f"{_OUR_NAME.ljust(width)} | ", Style.MAGENTA)
+    app_out = console.paint(f"{name.ljust(width)} | ", Style.CYAN)
+    app_err = console.paint(f"{name.ljust(width)} | ", Style.CYAN, err=True)
+
+    signals = _Signals(console, ours)
+    signals.install()
+    try:
+        tracker = CallTracker()
+        settings = dataclasses.replace(options.scheduler, endpoint_url=endpoint_url)
+        async with LocalScheduler(settings, tracker) as local:
+            if signals.received.is_set():
+                return _exit_status(-(signals.first or signal.SIGINT))
+            async with InspectClient(local.api_url, local.api_key) as inspect:
+
+                async def running() -> list[str]:
+                    request = inspect_pb2.ListCallsRequest(
+                        states=[inspect_pb2.CALL_STATE_RUNNING], omit_payloads=True, limit=1000
+                    )
+                    page = await inspect.list_calls(request)
+                    return [call.dispatch_id for call in page.calls]
+
+                progress = Progress(console, tracker, prefix=ours, running=running)
+                console.line(
+                    f"{ours}scheduler API on {local.api_url}, calls kept in {local.database}"
+                )
+                console.line(
+                    f"{ours}starting {shlex.join(command)} (endpoint {endpoint_url}, "
+                    f"DISPATCH_ENDPOINT_ADDR={endpoint_addr})"
+                )
+                env = dict(os.environ)
+                env.update(
+                    DISPATCH_API_URL=local.api_url,
+                    DISPATCH_API_KEY=local.api_key,
+                    DISPATCH_ENDPOINT_URL=endpoint_url,
+                    DISPATCH_ENDPOINT_ADDR=endpoint_addr,
+                    DISPATCH_VERIFICATION_KEY=local.verification_key,
+                )
+                env.setdefault("PYTHONUNBUFFERED", "1")
+                returncode = await _supervise(
+                    command, env, console, signals, progress, app_out, app_err
+                )
+                console.line(f"{ours}{shlex.join(command)} {_describe_exit(returncode)}")
+                console.line(ours + _closing(progress, local))
+        return _exit_status(returncode)
+    finally:
+        signals.uninstall()
+
+
+async def _supervise(
+    command: list[str],
+    env: dict[str, str],
+    console: Console,
+    signals: _Signals,
+    progress: Progress,
+    app_out: str,
+    app_err: str,
+) -> int:
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            process_group=0,  # its own group: signals reach it (and its children) from us only
+        )
+    except FileNotFoundError:
+        raise CliError(f"command not found: {command[0]!r}", code=127) from None
+    except OSError as exc:
+        raise CliError(f"cannot run {command[0]!r}: {exc.strerror or exc}", code=126) from None
+    signals.pid = process.pid
+    pumps = [
+        asyncio.create_task(_pump(process.stdout, console, app_out, err=False)),
+        asyncio.create_task(_pump(process.stderr, console, app_err, err=True)),
+    ]
+    status = asyncio.create_task(progress.run())
+    try:
+        returncode = await process.wait()
+        # Its own children may hold the pipes open: read what is there, not forever.
+        _, late = await asyncio.wait(pumps, timeout=_DRAIN_TIMEOUT)
+        for task in late:
+            task.cancel()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    finally:
+        signals.pid = None
+        status.cancel()
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(status, *pumps, return_exceptions=True)
+    return returncode
+
+
+def _closing(progress: Progress, local: LocalScheduler) -> str:
+    counts_text = progress.summary()
+    unfinished = local.tracker.counts().unfinished
+    if not unfinished:
+        return counts_text
+    if local.settings.in_memory:
+        return f"{counts_text} (dropped: --in-memory keeps nothing)"
+    return f"{counts_text} (kept in {local.database}: they resume at the next start)"

@@ -1,0 +1,302 @@
+"""The local scheduler as the command runs it: data folder, addresses, connection file.
+
+The data folder (``.dispatch`` by default) holds the database, ``scheduler.db``, and,
+while a scheduler runs, ``scheduler.json``: its API URL and key, so that ``dispatch-aio
+calls`` and ``show`` find it without being told. The folder gets a ``.gitignore`` so
+that it is never committed by accident.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONNECTION_FILE",
+    "DB_FILE",
+    "DEFAULT_DATA_DIR",
+    "CliError",
+    "LocalScheduler",
+    "SchedulerSettings",
+    "check_endpoint_free",
+    "endpoint_url_for",
+    "format_addr",
+    "parse_addr",
+    "read_connection",
+]
+
+import contextlib
+import errno
+import ipaddress
+import json
+import os
+import re
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Self
+
+from ._progress import CallTracker, TrackingStore
+from .scheduler import Scheduler, SQLiteStore, StoreError
+
+DEFAULT_DATA_DIR = ".dispatch"
+DB_FILE = "scheduler.db"
+CONNECTION_FILE = "scheduler.json"
+
+_ADDR = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<host>[^:\[\]]+):(?P<port>[0-9]+)")
+_WILDCARDS = MappingProxyType({"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"})
+
+
+class CliError(Exception):
+    """A failure the command reports as one message and an exit status.
+
+    Args:
+        message: What went wrong and what to do.
+        code: The exit status (2 for a usage error).
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def parse_addr(text: str, option: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6).
+
+    Raises:
+        CliError: The address is malformed (usage error).
+    """
+    match = _ADDR.fullmatch(text.strip())
+    if match is None:
+        raise CliError(
+            f"invalid {option} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8000 or [::1]:8000",
+            code=2,
+        )
+    host = match["v6"] if match["v6"] is not None else match["host"]
+    port = int(match["port6"] if match["v6"] is not None else match["port"])
+    if port > 65535:
+        raise CliError(f"invalid {option} {text!r}: the port must be 0 to 65535", code=2)
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise CliError(
+                f"invalid {option} {text!r}: {host!r} is not an IPv6 address", 2
+            ) from None
+    return host, port
+
+
+def format_addr(host: str, port: int) -> str:
+    """Return ``host:port``, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def endpoint_url_for(host: str, port: int) -> str:
+    """Return the URL the scheduler calls an endpoint bound to `host`:`port` at.
+
+    An endpoint bound to every interface (``0.0.0.0``, ``::``) is called on loopback.
+    """
+    return "http://" + format_addr(_WILDCARDS.get(host, host), port)
+
+
+def check_endpoint_free(host: str, port: int, option: str = "--endpoint") -> int:
+    """Check that nothing uses `host`:`port`, so that the application can serve there.
+
+    Args:
+        host: The address the application binds.
+        port: Its port; 0 picks a free port.
+        option: The option the address came from (named in errors).
+
+    Returns:
+        The port: `port`, or the free port picked for 0.
+
+    Raises:
+        CliError: The address is in use, or is not an address of this machine.
+    """
+    where = format_addr(host, port)
+    fix = (
+        f"stop what uses it, or choose another address with {option} HOST:PORT (port 0 "
+        "picks a free one)"
+    )
+    if port:
+        probe = _WILDCARDS.get(host, host)
+        with contextlib.suppress(OSError), socket.create_connection((probe, port), timeout=0.5):
+            raise CliError(
+                f"something already listens on {where}, where the application must serve its "
+                f"endpoint (DISPATCH_ENDPOINT_ADDR): {fix}"
+            )
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise CliError(f"cannot resolve the host of {option} {where}: {exc}", code=2) from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As the application's server will: an address in TIME_WAIT is reusable.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(f"the address {where} is in use: {fix}") from None
+            raise CliError(
+                f"cannot use {option} {where}: {exc.strerror or exc}; give an address of this "
+                "machine, such as 127.0.0.1:8000"
+            ) from None
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """How the command runs the scheduler."""
+
+    host: str = "127.0.0.1"
+    """Address the API binds."""
+    port: int = 0
+    """Port the API binds (0: a free one)."""
+    api_key: str | None = None
+    """The API key; None generates a random one."""
+    data_dir: str = DEFAULT_DATA_DIR
+    """Folder of the database and connection file."""
+    in_memory: bool = False
+    """Keep calls in memory only (nothing is written to the data folder)."""
+    endpoint_url: str = ""
+    """Endpoint of calls that name none."""
+
+
+def _connection_path(data_dir: str) -> Path:
+    return Path(data_dir) / CONNECTION_FILE
+
+
+def read_connection(data_dir: str) -> tuple[str, str] | None:
+    """Return the API URL and key a scheduler running on `data_dir` published, if any."""
+    try:
+        data = json.loads(_connection_path(data_dir).read_text("utf-8"))
+        url, key = data["api_url"], data["api_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(url, str) and isinstance(key, str) and url and key:
+        return url, key
+    return None
+
+
+class LocalScheduler:
+    """A `Scheduler` on the command's data folder, serving its API; an async context manager.
+
+    Args:
+        settings: Where and how to run.
+        tracker: Told about every change of the calls.
+    """
+
+    def __init__(self, settings: SchedulerSettings, tracker: CallTracker) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        # Hex: safe in shells and never read as an option (a key may start with "-" otherwise).
+        self.api_key = settings.api_key or secrets.token_hex(20)
+        self.api_url = ""
+        self._scheduler: Scheduler | None = None
+        self._connection: Path | None = None
+
+    @property
+    def database(self) -> str:
+        """Where the calls are kept: the database path, or ``memory only (--in-memory)``."""
+        if self.settings.in_memory:
+            return "memory only (--in-memory)"
+        return str(Path(self.settings.data_dir) / DB_FILE)
+
+    @property
+    def verification_key(self) -> str:
+        """The public key endpoints verify the scheduler's requests with."""
+        if self._scheduler is None:
+            raise RuntimeError("the scheduler is not started")
+        return self._scheduler.verification_key
+
+    async def start(self) -> None:
+        """Open the database, start the scheduler and serve its API.
+
+        Raises:
+            CliError: The data folder cannot be created, the database is in use or
+                unreadable, or the API address is in use.
+        """
+        settings = self.settings
+        db = ":memory:" if settings.in_memory else self._prepare_data_dir()
+        store = TrackingStore(SQLiteStore(db), self.tracker)
+        try:
+            scheduler = Scheduler(
+                store, api_key=self.api_key, default_endpoint=settings.endpoint_url
+            )
+        except ValueError as exc:
+            raise CliError(str(exc), code=2) from None
+        try:
+            await scheduler.start()
+        except StoreError as exc:
+            raise CliError(
+                f"{exc}. To run a separate scheduler, give it another folder with --data-dir "
+                "PATH, or use --in-memory"
+            ) from None
+        self._scheduler = scheduler
+        try:
+            url = await scheduler.serve(settings.host, settings.port)
+        except OSError as exc:
+            await self.close()
+            where = format_addr(settings.host, settings.port)
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(
+                    f"cannot serve the scheduler API on {where}: the port is in use; choose "
+                    "another with --port (0 picks a free one)"
+                ) from None
+            raise CliError(f"cannot serve the scheduler API on {where}: {exc}") from None
+        # Bound to every interface: clients on this machine reach it on loopback.
+        port = int(url.rpartition(":")[2])
+        self.api_url = endpoint_url_for(settings.host, port) if settings.host in _WILDCARDS else url
+        if not settings.in_memory:
+            self._publish()
+
+    def _prepare_data_dir(self) -> str:
+        folder = Path(self.settings.data_dir)
+        try:
+            if not folder.is_dir():
+                folder.mkdir(parents=True)
+                (folder / ".gitignore").write_text(
+                    "# Created by dispatch-aio: the local scheduler's data.\n*\n", "utf-8"
+                )
+        except OSError as exc:
+            raise CliError(
+                f"cannot create the data folder {str(folder)!r}: {exc.strerror or exc}; choose "
+                "another with --data-dir PATH, or use --in-memory"
+            ) from None
+        return str(folder / DB_FILE)
+
+    def _publish(self) -> None:
+        path = _connection_path(self.settings.data_dir)
+        data = {"api_url": self.api_url, "api_key": self.api_key, "pid": os.getpid()}
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump(data, file)
+        except OSError:
+            return  # only a convenience for `calls` and `show`
+        self._connection = path
+
+    async def close(self) -> None:
+        """Stop the scheduler; unfinished calls stay in the database."""
+        if self._connection is not None:
+            with contextlib.suppress(OSError):
+                self._connection.unlink()
+            self._connection = None
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            await scheduler.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

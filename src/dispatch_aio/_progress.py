@@ -1,0 +1,282 @@
+"""Progress of the calls of a local scheduler, as the command shows it.
+
+`TrackingStore` wraps the scheduler's store and tells a `CallTracker` about every
+change once it is committed: the tracker counts calls by state and reports each
+finished top-level call. Which calls are running (a Run request in flight) is known
+only to the scheduler's engine; `Progress` asks the inspection API for it while the
+status line is drawn.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallTracker",
+    "Counts",
+    "Progress",
+    "TrackingStore",
+    "finished_line",
+]
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from google.protobuf import any_pb2
+
+from ._cli_console import Console, Style
+from ._cli_format import describe_input, describe_result, format_duration, plural
+from ._status import Status
+from .proto.sdk.v1 import call_pb2
+from .scheduler import Store
+from .scheduler._store import (
+    CallQuery,
+    CallRecord,
+    InsertCall,
+    Op,
+    Phase,
+    Snapshot,
+    UpdateCall,
+)
+
+logger = logging.getLogger(__name__)
+
+_REFRESH = 0.25  # seconds between redraws of the status line
+_RUNNING_EVERY = 2  # redraws between two questions about running calls
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Number of calls in each state (done and failed: since the scheduler started)."""
+
+    pending: int = 0
+    running: int = 0
+    suspended: int = 0
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def unfinished(self) -> int:
+        """Calls not finished yet."""
+        return self.pending + self.running + self.suspended
+
+
+class CallTracker:
+    """Follows the calls of a scheduler from the changes its store commits.
+
+    Args:
+        on_finished: Called with the record of each top-level call that finishes.
+    """
+
+    def __init__(self, on_finished: Callable[[CallRecord], None] | None = None) -> None:
+        self._phases: dict[str, Phase] = {}
+        self._by_phase = {Phase.PENDING: 0, Phase.SUSPENDED: 0}
+        self._done = 0
+        self._failed = 0
+        self._running: frozenset[str] = frozenset()
+        self.on_finished = on_finished
+
+    def counts(self) -> Counts:
+        """Return the current counts."""
+        running = {Phase.PENDING: 0, Phase.SUSPENDED: 0}
+        for dispatch_id in self._running:
+            phase = self._phases.get(dispatch_id)
+            if phase is not None:
+                running[phase] += 1
+        return Counts(
+            pending=self._by_phase[Phase.PENDING] - running[Phase.PENDING],
+            running=running[Phase.PENDING] + running[Phase.SUSPENDED],
+            suspended=self._by_phase[Phase.SUSPENDED] - running[Phase.SUSPENDED],
+            done=self._done,
+            failed=self._failed,
+        )
+
+    def set_running(self, dispatch_ids: Sequence[str]) -> None:
+        """Record which calls have a Run request in flight (as the scheduler said)."""
+        self._running = frozenset(dispatch_ids)
+
+    def loaded(self, snapshot: Snapshot) -> None:
+        """Take the unfinished calls a starting scheduler loaded."""
+        for rec in snapshot.calls:
+            self._update(rec)
+
+    def applied(self, ops: Sequence[Op]) -> None:
+        """Take the changes of a committed write."""
+        for op in ops:
+            if isinstance(op, InsertCall | UpdateCall):
+                self._update(op.record)
+
+    def _update(self, rec: CallRecord) -> None:
+        old = self._phases.pop(rec.id, None)
+        if old is not None:
+            self._by_phase[old] -= 1
+        if rec.phase is not Phase.DONE:
+            self._phases[rec.id] = rec.phase
+            self._by_phase[rec.phase] += 1
+            return
+        if old is None:
+            return  # already counted as finished
+        if rec.status == Status.OK:
+            self._done += 1
+        else:
+            self._failed += 1
+        if not rec.parent_id and self.on_finished is not None:
+            try:
+                self.on_finished(rec)
+            except Exception:
+                logger.exception("cannot report the end of call %s", rec.id)
+
+
+class TrackingStore(Store):
+    """A `Store` that reports every committed change to a `CallTracker`.
+
+    Args:
+        inner: The store that keeps the data.
+        tracker: Told about each change once `inner` committed it.
+    """
+
+    def __init__(self, inner: Store, tracker: CallTracker) -> None:
+        self._inner = inner
+        self._tracker = tracker
+
+    async def open(self) -> None:
+        """Open the inner store."""
+        await self._inner.open()
+
+    async def close(self) -> None:
+        """Close the inner store."""
+        await self._inner.close()
+
+    async def write(self, ops: Sequence[Op]) -> None:
+        """Write through the inner store, then report the changes."""
+        ops = list(ops)
+        await self._inner.write(ops)
+        self._tracker.applied(ops)
+
+    async def load(self) -> Snapshot:
+        """Load from the inner store and report the unfinished calls."""
+        snapshot = await self._inner.load()
+        self._tracker.loaded(snapshot)
+        return snapshot
+
+    async def get_call(self, dispatch_id: str) -> CallRecord | None:
+        """Read a call from the inner store."""
+        return await self._inner.get_call(dispatch_id)
+
+    async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
+        """List calls from the inner store."""
+        return await self._inner.list_calls(query)
+
+    async def count_children(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
+        """Count children in the inner store."""
+        return await self._inner.count_children(dispatch_ids)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        """Read a scheduler-wide value from the inner store."""
+        return await self._inner.get_meta(key)
+
+
+def finished_line(rec: CallRecord, console: Console) -> str:
+    """Describe a finished call on one line: function, input, result or error, timing.
+
+    Attempts count the Run requests that did not end in a poll: the first run, retries
+    and tail calls.
+    """
+    result = call_pb2.CallResult.FromString(rec.result) if rec.result else call_pb2.CallResult()
+    ok = rec.status == Status.OK
+    args = describe_input(any_pb2.Any.FromString(rec.input), 60) if rec.input else "()"
+    outcome = describe_result(result, rec.status, 160)
+    elapsed = (rec.finished_at or rec.updated_at) - rec.created_at
+    attempts = plural(max(rec.attempts - rec.polls, 1), "attempt")
+    details = f"{format_duration(elapsed)}, {attempts}"
+    if ok:
+        tag = console.paint("done  ", Style.GREEN)
+        text = f"{tag} {rec.function}{args} -> {outcome}"
+    else:
+        tag = console.paint("failed", Style.RED)
+        status = _status_name(rec.status)
+        text = f"{tag} {rec.function}{args}: {console.paint(outcome, Style.RED)}"
+        details = f"{status}, {details}"
+    return f"{text}  ({details})  {console.paint(rec.id, Style.DIM)}"
+
+
+def _status_name(status: int) -> str:
+    try:
+        return Status(status).name.lower()
+    except ValueError:
+        return f"status {status}"
+
+
+class Progress:
+    """Shows a scheduler's calls: a line per finished top-level call, a live status line.
+
+    Args:
+        console: Where to write.
+        tracker: The scheduler's call tracker (its `on_finished` is set here).
+        prefix: Text put before every line (``"dispatch | "``).
+        running: Returns the dispatch ids of the calls being run (for the status line).
+    """
+
+    def __init__(
+        self,
+        console: Console,
+        tracker: CallTracker,
+        *,
+        prefix: str = "",
+        running: Callable[[], Awaitable[list[str]]] | None = None,
+    ) -> None:
+        self._console = console
+        self._tracker = tracker
+        self._prefix = prefix
+        self._running = running
+        self._started = time.monotonic()
+        tracker.on_finished = self._finished
+
+    def _finished(self, rec: CallRecord) -> None:
+        self._console.line(self._prefix + finished_line(rec, self._console))
+        if self._console.live:  # the counts changed too
+            self._console.status(self.status_text(self._tracker.counts()))
+
+    def status_text(self, counts: Counts) -> str:
+        """Return the status line for `counts`."""
+        parts = [
+            f"{counts.pending} pending",
+            f"{counts.running} running",
+            f"{counts.suspended} suspended",
+            self._console.paint(f"{counts.done} done", Style.GREEN),
+            self._console.paint(
+                f"{counts.failed} failed", Style.RED if counts.failed else Style.DIM
+            ),
+        ]
+        elapsed = format_duration(time.monotonic() - self._started)
+        return f"{self._prefix}{', '.join(parts)}  [{elapsed}]"
+
+    async def run(self) -> None:
+        """Redraw the status line until cancelled (only when the console is live)."""
+        if not self._console.live:
+            return
+        tick = 0
+        try:
+            while True:
+                if self._running is not None and tick % _RUNNING_EVERY == 0:
+                    try:
+                        self._tracker.set_running(await self._running())
+                    except Exception as exc:  # the status line is best effort
+                        logger.debug("cannot list running calls: %s", exc)
+                counts = self._tracker.counts()
+                if counts.unfinished or counts.done or counts.failed:
+                    self._console.status(self.status_text(counts))
+                tick += 1
+                await asyncio.sleep(_REFRESH)
+        finally:
+            self._console.close()
+
+    def summary(self) -> str:
+        """Return the closing line: calls done, failed and left unfinished."""
+        counts = self._tracker.counts()
+        parts = [f"{counts.done} done", f"{counts.failed} failed"]
+        text = "calls: " + ", ".join(parts)
+        if counts.unfinished:
+            text += f", {counts.unfinished} unfinished"
+        return text

@@ -1,0 +1,431 @@
+"""The ``dispatch-aio`` command (also ``python -m dispatch_aio``).
+
+Subcommands:
+
+- ``run [OPTIONS] -- CMD [ARGS...]``: start the local scheduler and the application CMD
+  with ``DISPATCH_API_URL``, ``DISPATCH_API_KEY``, ``DISPATCH_ENDPOINT_URL``,
+  ``DISPATCH_ENDPOINT_ADDR`` and ``DISPATCH_VERIFICATION_KEY`` set; show its output
+  (prefixed) and the progress of calls; exit with its status.
+- ``server [OPTIONS]``: run the scheduler alone; print the variables to export, then
+  ``Ready. Press Ctrl+C to stop.`` (a stable line scripts can wait for).
+- ``calls [OPTIONS]``: list the calls of a running scheduler.
+- ``show ID``: show one call and the calls it made.
+- ``version``: print the version.
+
+Calls are kept in ``.dispatch/scheduler.db`` (``--data-dir`` to choose the folder,
+``--in-memory`` to keep nothing). The scheduler's API listens on 127.0.0.1, on a free
+port for ``run`` and on port 4450 for ``server``; ``calls`` and ``show`` find a
+scheduler through ``--api-url``/``--api-key``, ``DISPATCH_API_URL``/``DISPATCH_API_KEY``,
+or the connection file a running scheduler writes in its data folder.
+
+Exit statuses: that of CMD for ``run`` (127 if it is not found, 126 if it cannot be
+executed); 0 on success, 1 on a failure, 2 on a usage error otherwise.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import platform
+import shlex
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from . import __version__
+from ._cli_console import Console, ConsoleLogHandler, Style
+from ._cli_format import plural
+from ._cli_inspect import (
+    STATES,
+    STATUSES,
+    CallNotFoundError,
+    InspectClient,
+    InspectError,
+    call_to_json,
+    render_calls,
+    render_tree,
+)
+from ._cli_run import RunOptions, run_app
+from ._cli_scheduler import (
+    DEFAULT_DATA_DIR,
+    CliError,
+    LocalScheduler,
+    SchedulerSettings,
+    endpoint_url_for,
+    format_addr,
+    parse_addr,
+    read_connection,
+)
+from ._progress import CallTracker, Progress
+from .proto.v1 import inspect_pb2
+
+PROG = "dispatch-aio"
+DEFAULT_SERVER_PORT = 4450
+DEFAULT_ENDPOINT = "127.0.0.1:8000"
+READY_LINE = "Ready. Press Ctrl+C to stop."
+"""The last line ``dispatch-aio server`` prints once it accepts calls."""
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run Dispatch durable functions locally: a scheduler on this machine, "
+        "with your application.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default="warning",
+        help="scheduler logs shown on standard error (default: warning)",
+    )
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        metavar="PATH",
+        help=f"folder of the scheduler's database (default: {DEFAULT_DATA_DIR})",
+    )
+
+    sched = argparse.ArgumentParser(add_help=False, parents=[logs, data])
+    sched.add_argument(
+        "--in-memory", action="store_true", help="keep calls in memory only (lost at exit)"
+    )
+    sched.add_argument(
+        "--host", default="127.0.0.1", help="address the scheduler API binds (default: 127.0.0.1)"
+    )
+    sched.add_argument(
+        "--api-key", metavar="KEY", help="API key clients must send (default: a random one)"
+    )
+    sched.add_argument(
+        "--endpoint",
+        default=DEFAULT_ENDPOINT,
+        metavar="HOST:PORT",
+        help=f"address the application serves its functions on (default: {DEFAULT_ENDPOINT})",
+    )
+
+    run = commands.add_parser(
+        "run",
+        parents=[sched],
+        help="run the scheduler and your application together",
+        description="Start the scheduler, then CMD with the DISPATCH_* variables pointing at "
+        "it; show CMD's output and the calls' progress; exit with CMD's status.",
+        usage=f"{PROG} run [OPTIONS] -- CMD [ARGS...]",
+    )
+    run.add_argument(
+        "--port", type=int, default=0, help="port of the scheduler API (default: a free one)"
+    )
+    run.add_argument("--name", help="prefix of CMD's output lines (default: from CMD)")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="the application")
+
+    server = commands.add_parser(
+        "server",
+        parents=[sched],
+        help="run the scheduler alone",
+        description="Run the scheduler; print the variables your application needs, then "
+        f"{READY_LINE!r}.",
+    )
+    server.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_SERVER_PORT,
+        help=f"port of the scheduler API (default: {DEFAULT_SERVER_PORT}; 0: a free one)",
+    )
+
+    api = argparse.ArgumentParser(add_help=False, parents=[data])
+    api.add_argument("--api-url", metavar="URL", help="the scheduler API (DISPATCH_API_URL)")
+    api.add_argument("--api-key", metavar="KEY", help="its API key (DISPATCH_API_KEY)")
+    api.add_argument("--json", action="store_true", help="print JSON")
+
+    calls = commands.add_parser(
+        "calls",
+        parents=[api],
+        help="list the calls of a running scheduler",
+        description="List calls, oldest first (top-level calls unless --all or --root).",
+    )
+    calls.add_argument(
+        "--state", action="append", choices=sorted(STATES), help="only calls in this state"
+    )
+    calls.add_argument(
+        "--status",
+        action="append",
+        choices=[*sorted(STATUSES), "failed"],
+        help="only finished calls with this status ('failed': any but ok)",
+    )
+    calls.add_argument("--root", metavar="ID", help="only the calls of this call's tree")
+    calls.add_argument("--all", action="store_true", help="include calls made by functions")
+    calls.add_argument(
+        "--limit", type=int, default=50, help="show the last N calls (default: 50; 0: all)"
+    )
+
+    show = commands.add_parser(
+        "show",
+        parents=[api],
+        help="show a call and the calls it made",
+        description="Show a call tree: states, attempts, timings, inputs, outputs and errors.",
+    )
+    show.add_argument("dispatch_id", metavar="ID", help="the call's dispatch id")
+    show.add_argument("--depth", type=int, default=0, help="levels of calls below (0: all)")
+    show.add_argument("--all", action="store_true", help="show every child (default: 20 each)")
+
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command.
+
+    Args:
+        argv: The arguments (without the program name); default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    console = Console(sys.stdout, sys.stderr)
+    try:
+        match args.subcommand:
+            case "run":
+                return _with_logging(args, console, _run_command(args, console))
+            case "server":
+                return _with_logging(args, console, _server_command(args, console))
+            case "calls":
+                return asyncio.run(_calls_command(args, console))
+            case "show":
+                return asyncio.run(_show_command(args, console))
+            case "version":
+                print(f"{PROG} {__version__} (Python {platform.python_version()})")
+                return 0
+            case _:
+                parser.print_help(sys.stderr)
+                return 2
+    except CliError as exc:
+        prog = f"{PROG} {args.subcommand}" if args.subcommand else PROG
+        console.line(console.paint(f"{prog}: error: {exc.message}", Style.RED, err=True), err=True)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _with_logging(
+    args: argparse.Namespace, console: Console, coro: Coroutine[Any, Any, int]
+) -> int:
+    """Run `coro` with the logs going to `console` at the chosen level."""
+    root = logging.getLogger()
+    ours = console.paint("dispatch | ", Style.MAGENTA, err=True) if args.subcommand == "run" else ""
+    handler = ConsoleLogHandler(console, ours)
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(args.log_level.upper())
+    try:
+        return asyncio.run(coro)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def _settings(args: argparse.Namespace) -> SchedulerSettings:
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"invalid --port {args.port}: use 0 to 65535", code=2)
+    if args.api_key is not None and not args.api_key.strip():
+        raise CliError("--api-key is empty: give a key, or leave the option out", code=2)
+    return SchedulerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key.strip() if args.api_key else None,
+        data_dir=args.data_dir,
+        in_memory=args.in_memory,
+    )
+
+
+async def _run_command(args: argparse.Namespace, console: Console) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CliError(
+            f"no command to run: {PROG} run [OPTIONS] -- CMD [ARGS...], for example "
+            f"{PROG} run -- python app.py",
+            code=2,
+        )
+    options = RunOptions(
+        command=command, scheduler=_settings(args), endpoint=args.endpoint, name=args.name
+    )
+    return await run_app(options, console)
+
+
+async def _server_command(args: argparse.Namespace, console: Console) -> int:
+    host, port = parse_addr(args.endpoint, "--endpoint")
+    endpoint_url = endpoint_url_for(host, port)
+    settings = dataclasses.replace(_settings(args), endpoint_url=endpoint_url)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            console.line(f"{sig.name} received again: exiting now", err=True)
+            os._exit(128 + sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    try:
+        tracker = CallTracker()
+        async with LocalScheduler(settings, tracker) as local:
+            Progress(console, tracker)  # a line per finished top-level call
+            exports = {
+                "DISPATCH_API_URL": local.api_url,
+                "DISPATCH_API_KEY": local.api_key,
+                "DISPATCH_ENDPOINT_URL": endpoint_url,
+                "DISPATCH_ENDPOINT_ADDR": format_addr(host, port),
+                "DISPATCH_VERIFICATION_KEY": local.verification_key,
+            }
+            lines = [
+                f"{PROG} {__version__} (local scheduler)",
+                "",
+                f"API:       {local.api_url}",
+                f"Database:  {local.database}",
+                f"Endpoint:  {endpoint_url} (for calls that name none)",
+                "",
+                "Run your application with:",
+                *(f"export {name}={shlex.quote(value)}" for name, value in exports.items()),
+                "",
+                console.paint(READY_LINE, Style.BOLD),
+            ]
+            for line in lines:
+                console.line(line)
+            await stop.wait()
+            unfinished = tracker.counts().unfinished
+            if unfinished and not settings.in_memory:
+                note = f": {plural(unfinished, 'unfinished call')} resume at the next start"
+            elif unfinished:
+                note = f": {plural(unfinished, 'unfinished call')} dropped (--in-memory)"
+            else:
+                note = ""
+            console.line(f"stopping{note}", err=True)
+        return 0
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _api(args: argparse.Namespace) -> tuple[str, str]:
+    """Return the API URL and key of the scheduler to inspect."""
+    url = args.api_url or os.environ.get("DISPATCH_API_URL")
+    key = args.api_key or os.environ.get("DISPATCH_API_KEY")
+    if not url:
+        found = read_connection(args.data_dir)
+        if found is not None:
+            url, key = found[0], args.api_key or found[1]
+    if not url:
+        raise CliError(
+            "no scheduler to inspect: pass --api-url and --api-key, or set DISPATCH_API_URL "
+            f"and DISPATCH_API_KEY (as `{PROG} server` prints them), or run this where "
+            f"`{PROG} run` or `{PROG} server` keeps its data ({args.data_dir})",
+            code=2,
+        )
+    if not key:
+        raise CliError(
+            f"no API key for the scheduler at {url}: pass --api-key or set DISPATCH_API_KEY",
+            code=2,
+        )
+    return url, key
+
+
+async def _calls_command(args: argparse.Namespace, console: Console) -> int:
+    url, key = _api(args)
+    if args.limit < 0:
+        raise CliError(f"invalid --limit {args.limit}: use 0 (all) or more", code=2)
+    statuses: set[int] = set()
+    for name in args.status or ():
+        if name == "failed":
+            statuses.update(v for n, v in STATUSES.items() if n != "ok")
+        else:
+            statuses.add(STATUSES[name])
+    request = inspect_pb2.ListCallsRequest(
+        states=[STATES[name] for name in args.state or ()],
+        statuses=sorted(statuses),  # type: ignore[arg-type]
+        root_dispatch_id=args.root or "",
+        top_level_only=not (args.all or args.root),
+        omit_payloads=True,
+        limit=1000,
+    )
+    found: collections.deque[inspect_pb2.CallInfo] = collections.deque(maxlen=args.limit or None)
+    total = 0
+    try:
+        async with InspectClient(url, key) as client:
+            while True:
+                page = await client.list_calls(request)
+                found.extend(page.calls)
+                total += len(page.calls)
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
+    except InspectError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        for info in found:
+            console.line(call_to_json(info))
+        return 0
+    if not found:
+        console.line("no calls", err=True)
+        return 0
+    for line in render_calls(found, console):
+        console.line(line)
+    if total > len(found):
+        console.line(f"(the last {len(found)} of {total} calls; --limit 0 shows all)", err=True)
+    return 0
+
+
+async def _show_command(args: argparse.Namespace, console: Console) -> int:
+    url, key = _api(args)
+    if args.depth < 0:
+        raise CliError(f"invalid --depth {args.depth}: use 0 (all levels) or more", code=2)
+    try:
+        async with InspectClient(url, key) as client:
+            tree = await client.get_call(args.dispatch_id, args.depth)
+    except CallNotFoundError:
+        raise CliError(
+            f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
+            f"`{PROG} calls` lists them"
+        ) from None
+    except InspectError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        try:
+            text = json_format.MessageToJson(tree, preserving_proto_field_name=True)
+        except (json_format.Error, TypeError, KeyError) as exc:
+            raise CliError(f"cannot show the call as JSON: {exc}") from None
+        console.line(text)
+        return 0
+    for line in render_tree(tree, console, max_children=0 if args.all else 20):
+        console.line(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
