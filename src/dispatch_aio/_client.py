@@ -1,4 +1,4 @@
-"""Client of the Dispatch API: submits calls with ``DispatchService.Dispatch``.
+"""Client of the Dispatch API: submits calls with ``DispatchService.Dispatch``, waits for results.
 
 The RPC is Connect unary with binary protobuf: ``POST {api_url}/dispatch.sdk.v1.
 DispatchService/Dispatch``, ``Content-Type: application/proto``, ``Connect-Protocol-Version:
@@ -24,15 +24,17 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from . import __version__, errors
-from ._codec import encode_input
+from ._codec import decode_error, decode_value, encode_input
 from ._config import Config
 from ._function import check_function_name
 from .durable import in_durable_function, run_on_host
-from .proto.sdk.v1 import call_pb2, dispatch_pb2
+from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
+from .proto.v1 import inspect_pb2
 
 logger = logging.getLogger(__name__)
 
 DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
+WAIT_CALL_PATH = "/dispatch_aio.v1.InspectService/WaitCall"
 DEFAULT_TIMEOUT = 5.0
 """Seconds a Dispatch request may take, connection included."""
 DEFAULT_RETRIES = 2
@@ -40,6 +42,7 @@ DEFAULT_RETRIES = 2
 
 _ENDPOINT_SCHEMES = ("http://", "https://", "bridge://", "arn:aws:lambda")
 _RETRY_DELAY = 0.1  # first backoff, doubled at each attempt, with jitter
+_WAIT_CHUNK = 30.0  # longest single wait request of Client.result()
 _MAX_ERROR_TEXT = 500
 
 
@@ -225,15 +228,88 @@ class Client:
         return await send
 
     async def _send(self, url: str, api_key: str, body: bytes, count: int) -> list[str]:
+        payload = await self._post(url, api_key, body, self._timeout)
+        try:
+            response = dispatch_pb2.DispatchResponse.FromString(payload)
+        except DecodeError as exc:
+            raise errors.InvalidResponseError(
+                f"the Dispatch API at {url} answered HTTP 200 with a body that is not a "
+                f"DispatchResponse ({exc}); check DISPATCH_API_URL"
+            ) from None
+        ids = list(response.dispatch_ids)
+        if len(ids) != count:
+            raise errors.InvalidResponseError(
+                f"the Dispatch API at {url} returned {len(ids)} dispatch ids for {count} calls"
+            )
+        return ids
+
+    async def result(self, dispatch_id: str, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - a server-side wait
+        """Wait for a call to finish and return its result, or raise its error.
+
+        This uses the inspection service of dispatch_aio's local scheduler
+        (``dispatch-aio run`` / ``dispatch-aio server``); other schedulers may not offer it.
+
+        Args:
+            dispatch_id: The id returned when the call was submitted.
+            timeout: Seconds to wait at most; None waits as long as the call runs.
+
+        Returns:
+            The call's return value.
+
+        Raises:
+            Exception: The exception the call ended with.
+            dispatch_aio.errors.DispatchTimeoutError: The call was still running after
+                ``timeout`` seconds.
+            dispatch_aio.errors.ClientError: The scheduler answered with an error (for
+                example an unknown dispatch id).
+        """
+        wait = self._wait(dispatch_id, timeout)
+        if in_durable_function():
+            return await run_on_host(wait)
+        return await wait
+
+    async def _wait(self, dispatch_id: str, timeout: float | None) -> Any:  # noqa: ASYNC109
+        api_key = self._config.api_key()
+        url = self._config.api_url() + WAIT_CALL_PATH
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            # Long polls of bounded length, so that a lost connection is noticed.
+            chunk = (
+                _WAIT_CHUNK
+                if deadline is None
+                else max(0.0, min(_WAIT_CHUNK, deadline - loop.time()))
+            )
+            request = inspect_pb2.WaitCallRequest(dispatch_id=dispatch_id)
+            request.timeout.FromTimedelta(timedelta(seconds=chunk))
+            payload = await self._post(
+                url, api_key, request.SerializeToString(), chunk + self._timeout
+            )
+            try:
+                call = inspect_pb2.WaitCallResponse.FromString(payload).call
+            except DecodeError as exc:
+                raise errors.InvalidResponseError(
+                    f"the scheduler at {url} answered with a body that is not a "
+                    f"WaitCallResponse ({exc})"
+                ) from None
+            if call.state == inspect_pb2.CALL_STATE_DONE:
+                return _outcome(call)
+            if deadline is not None and loop.time() >= deadline:
+                raise errors.DispatchTimeoutError(
+                    f"call {dispatch_id} ({call.function}) still runs after {timeout:g} s"
+                )
+
+    async def _post(self, url: str, api_key: str, body: bytes, timeout_seconds: float) -> bytes:
+        """POST a Connect unary binary request; return the body of its 200 answer."""
         session = self._get_session()
         headers = {
             "Content-Type": "application/proto",
             "Connect-Protocol-Version": "1",
-            "Connect-Timeout-Ms": str(int(self._timeout * 1000)),
+            "Connect-Timeout-Ms": str(int(timeout_seconds * 1000)),
             "Authorization": f"Bearer {api_key}",
             "User-Agent": f"dispatch-aio/{__version__}",
         }
-        timeout = aiohttp.ClientTimeout(total=self._timeout)
+        timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         attempt = 0
         while True:
             try:
@@ -260,12 +336,12 @@ class Client:
                 await asyncio.sleep(delay)
             except aiohttp.ConnectionTimeoutError as exc:
                 raise errors.DispatchTimeoutError(
-                    f"cannot connect to the Dispatch API at {url} within {self._timeout:g} s; "
+                    f"cannot connect to the Dispatch API at {url} within {timeout_seconds:g} s; "
                     "the calls were not created; check DISPATCH_API_URL"
                 ) from exc
             except TimeoutError as exc:
                 raise errors.DispatchTimeoutError(
-                    f"the Dispatch API at {url} did not answer within {self._timeout:g} s; "
+                    f"the Dispatch API at {url} did not answer within {timeout_seconds:g} s; "
                     "the calls may or may not have been created (the request is not retried "
                     "because that could create them twice)"
                 ) from exc
@@ -273,19 +349,7 @@ class Client:
                 raise _transport_error(url, exc, attempts=attempt + 1) from exc
         if status != 200:
             raise _client_error(url, status, payload)
-        try:
-            response = dispatch_pb2.DispatchResponse.FromString(payload)
-        except DecodeError as exc:
-            raise errors.InvalidResponseError(
-                f"the Dispatch API at {url} answered HTTP 200 with a body that is not a "
-                f"DispatchResponse ({exc}); check DISPATCH_API_URL"
-            ) from None
-        ids = list(response.dispatch_ids)
-        if len(ids) != count:
-            raise errors.InvalidResponseError(
-                f"the Dispatch API at {url} returned {len(ids)} dispatch ids for {count} calls"
-            )
-        return ids
+        return payload
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._external is not None:
@@ -371,3 +435,15 @@ def _hint(status: int, code: str, url: str) -> str:
             "the Dispatch API failed: try again later; the calls may or may not have been created"
         )
     return ""
+
+
+def _outcome(call: inspect_pb2.CallInfo) -> Any:
+    """Return the output of a finished call, or raise its error."""
+    result = call.result
+    if result.HasField("error"):
+        raise decode_error(result.error)
+    if call.status != status_pb2.STATUS_OK:
+        raise errors.RemoteError(
+            status_pb2.Status.Name(call.status), f"call {call.dispatch_id} ({call.function}) failed"
+        )
+    return decode_value(result.output) if result.HasField("output") else None
