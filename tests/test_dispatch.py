@@ -573,3 +573,11 @@ async def test_run_serves_until_a_signal_and_prints_nothing(
     assert stdout == b"returned\n"  # run() returned, and printed nothing itself
     assert "WARNING request signature verification is disabled" in "".join(lines)
     assert "stopping: waiting for in-flight runs to finish" in stderr.decode()
+
+
+def test_endpoint_addr_reads_the_configuration() -> None:
+    from dispatch_aio import Dispatch as _Dispatch
+
+    assert _Dispatch(env={}).endpoint_addr() == ("127.0.0.1", 8000)
+    assert _Dispatch(env={"DISPATCH_ENDPOINT_ADDR": "[::1]:9000"}).endpoint_addr() == ("::1", 9000)
+    assert _Dispatch(endpoint_addr="0.0.0.0:1234", env={}).endpoint_addr() == ("0.0.0.0", 1234)

@@ -272,6 +272,16 @@ class Dispatch:
         finally:
             await self.aclose()
 
+    def endpoint_addr(self) -> tuple[str, int]:
+        """Return the ``(host, port)`` the endpoint binds (``DISPATCH_ENDPOINT_ADDR``).
+
+        Useful to serve `routes` from an application of your own on the same address.
+
+        Raises:
+            dispatch_aio.errors.ConfigurationError: The address is invalid.
+        """
+        return self._config.endpoint_addr()
+
     async def start(self) -> EndpointServer:
         """Serve the endpoint on ``DISPATCH_ENDPOINT_ADDR`` until the server is closed.
 
@@ -294,7 +304,10 @@ class Dispatch:
         app = web.Application(client_max_size=self._max_body_size)
         app.add_routes(self.routes())
         app.cleanup_ctx.append(self.cleanup_ctx)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self._shutdown_timeout)
+        # No access log: the scheduler's Run requests would drown the app's own lines.
+        runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=self._shutdown_timeout, access_log=None
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         try:

@@ -1,0 +1,3 @@
+from e2e.harness import procs
+
+__all__ = ["procs"]
