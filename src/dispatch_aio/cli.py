@@ -10,6 +10,8 @@ Subcommands:
   ``Ready. Press Ctrl+C to stop.`` (a stable line scripts can wait for).
 - ``calls [OPTIONS]``: list the calls of a running scheduler.
 - ``show ID``: show one call and the calls it made.
+- ``check APP [FILE...]``: replay the journals of suspended calls (from the database,
+  or from files) against the code of APP, and report those that would diverge.
 - ``version``: print the version.
 
 Calls are kept in ``.dispatch/scheduler.db`` (``--data-dir`` to choose the folder,
@@ -32,6 +34,7 @@ import collections
 import dataclasses
 import logging
 import os
+import pathlib
 import platform
 import shlex
 import signal
@@ -56,6 +59,7 @@ from ._cli_inspect import (
 )
 from ._cli_run import RunOptions, run_app
 from ._cli_scheduler import (
+    DB_FILE,
     DEFAULT_DATA_DIR,
     CliError,
     LocalScheduler,
@@ -183,6 +187,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--depth", type=int, default=0, help="levels of calls below (0: all)")
     show.add_argument("--all", action="store_true", help="show every child (default: 20 each)")
 
+    check = commands.add_parser(
+        "check",
+        parents=[data],
+        help="replay recorded journals against the current code",
+        description="Replay the journals of suspended calls (from the scheduler's database, "
+        "which must not be in use, or from files) against the functions of APP, and report "
+        "those that would diverge. Exits 1 if any would.",
+    )
+    check.add_argument(
+        "app", metavar="APP", help="the application, as module:attribute or file.py:attribute"
+    )
+    check.add_argument(
+        "files", nargs="*", metavar="FILE", help="journal files (default: the database)"
+    )
+
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -212,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_calls_command(args, console))
             case "show":
                 return asyncio.run(_show_command(args, console))
+            case "check":
+                return asyncio.run(_check_command(args, console))
             case "version":
                 print(f"{PROG} {__version__} (Python {platform.python_version()})")
                 return 0
@@ -224,6 +245,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+
+
+async def _check_command(args: argparse.Namespace, console: Console) -> int:
+    from . import _cli_check
+
+    target = _cli_check.load_target(args.app)
+    database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
+    journals = _cli_check.read_journals(args.files, database)
+    if not journals:
+        console.line("no journals to check")
+        return 0
+    reports = await _cli_check.run_check(target, journals)
+    for line in _cli_check.describe(reports):
+        console.line(line)
+    bad = sum(not r.ok for r in reports)
+    console.line(f"{len(reports) - bad} of {len(reports)} journals replay; {bad} diverge")
+    return 1 if bad else 0
 
 
 def _with_logging(

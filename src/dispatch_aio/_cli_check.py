@@ -1,0 +1,127 @@
+"""``dispatch-aio check``: replay recorded journals against the current code.
+
+Journals come from files (a serialized journal, or the Any that wraps it) or
+from the calls a local scheduler keeps suspended in its database. The
+application is imported from ``module:attribute`` or ``path/to/app.py:attribute``
+(its ``if __name__ == "__main__":`` block does not run).
+"""
+
+from __future__ import annotations
+
+__all__ = ["JournalSource", "describe", "load_target", "read_journals", "run_check"]
+
+import importlib
+import importlib.util
+import pathlib
+import sqlite3
+import sys
+from collections.abc import Iterable
+
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from ._cli_scheduler import CliError
+from ._dispatch import Dispatch
+from .durable import JOURNAL_TYPE_URL
+from .testing import JournalReport, check_journals
+
+JournalSource = tuple[str, bytes]
+
+# StateKind.TYPED of the scheduler's store: the state column holds a serialized Any.
+_TYPED_STATE = 2
+
+
+def load_target(spec: str) -> Dispatch:
+    """Import ``module:attribute`` (or ``file.py:attribute``) and return that Dispatch."""
+    module_name, _, attribute = spec.partition(":")
+    attribute = attribute or "dispatch"
+    if not module_name:
+        raise CliError(f"invalid application {spec!r}: use module:attribute, e.g. app:dispatch", 2)
+    try:
+        if module_name.endswith(".py"):
+            path = pathlib.Path(module_name).resolve()
+            if not path.is_file():
+                raise CliError(f"no such file: {module_name}", 2)
+            sys.path.insert(0, str(path.parent))
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            assert loaded is not None and loaded.loader is not None
+            module = importlib.util.module_from_spec(loaded)
+            sys.modules[path.stem] = module
+            loaded.loader.exec_module(module)
+        else:
+            sys.path.insert(0, str(pathlib.Path.cwd()))
+            module = importlib.import_module(module_name)
+    except CliError:
+        raise
+    except Exception as exc:  # the user's module failed to import
+        raise CliError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+    target = getattr(module, attribute, None)
+    if not isinstance(target, Dispatch):
+        raise CliError(
+            f"{module_name} has no Dispatch object named {attribute!r}; "
+            f"name it as {module_name}:NAME"
+        )
+    return target
+
+
+def _journal_bytes(data: bytes) -> bytes | None:
+    """Return the journal in ``data``: itself, or unwrapped from its Any."""
+    try:
+        wrapped = any_pb2.Any.FromString(data)
+    except DecodeError:
+        return data
+    if wrapped.type_url == JOURNAL_TYPE_URL:
+        return wrapped.value
+    return data if not wrapped.type_url else None
+
+
+def read_journals(files: Iterable[str], database: pathlib.Path | None) -> list[JournalSource]:
+    """Collect journals from files and from a scheduler database."""
+    journals: list[JournalSource] = []
+    for name in files:
+        try:
+            data = pathlib.Path(name).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {name}: {exc.strerror}") from exc
+        journal = _journal_bytes(data)
+        if journal is not None:
+            journals.append((name, journal))
+    if database is not None:
+        journals.extend(_from_database(database))
+    return journals
+
+
+def _from_database(path: pathlib.Path) -> list[JournalSource]:
+    if not path.is_file():
+        raise CliError(f"no scheduler database at {path}; give --data-dir or journal files")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = conn.execute(
+                "SELECT id, state FROM calls WHERE state_kind = ? ORDER BY seq", (_TYPED_STATE,)
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        raise CliError(
+            f"cannot read {path} ({exc}); a running scheduler keeps it locked: stop it first"
+        ) from exc
+    journals = []
+    for dispatch_id, state in rows:
+        journal = _journal_bytes(bytes(state))
+        if journal is not None:
+            journals.append((str(dispatch_id), journal))
+    return journals
+
+
+async def run_check(target: Dispatch, journals: list[JournalSource]) -> list[JournalReport]:
+    """Replay the journals against ``target``'s functions."""
+    return await check_journals(target, journals)
+
+
+def describe(reports: list[JournalReport]) -> Iterable[str]:
+    """Lines that report the outcome, one per journal."""
+    for report in reports:
+        verdict = "ok      " if report.ok else "DIVERGES"
+        line = f"{verdict} {report.name} ({report.function or '?'})"
+        yield line if report.ok else f"{line}: {report.problem}"

@@ -1,0 +1,123 @@
+"""dispatch-aio check: replaying recorded journals against changed code."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import socket
+import textwrap
+
+import pytest
+
+from dispatch_aio import Dispatch, cli
+from dispatch_aio._cli_inspect import InspectClient
+from dispatch_aio.proto.v1.inspect_pb2 import CALL_STATE_SUSPENDED
+from dispatch_aio.scheduler import Scheduler
+from dispatch_aio.testing import Environment
+
+APP = """
+import asyncio
+from dispatch_aio import Dispatch
+
+dispatch = Dispatch()
+
+@dispatch.function
+async def double(x: int) -> int:
+    return 2 * x
+
+@dispatch.function
+async def report(n: int) -> int:
+    first = await double({first})
+    await asyncio.sleep(3600)
+    return first + await double(n)
+"""
+
+
+def _write_app(folder: pathlib.Path, first: str) -> str:
+    path = folder / f"app_{abs(hash(first))}.py"
+    path.write_text(textwrap.dedent(APP.format(first=first)))
+    return f"{path}:dispatch"
+
+
+def _load(spec: str) -> Dispatch:
+    from dispatch_aio._cli_check import load_target
+
+    return load_target(spec)
+
+
+async def _record(spec: str, folder: pathlib.Path) -> list[str]:
+    """Run report(5) in a test environment and save the journal of each Poll."""
+    dispatch = _load(spec)
+    files = []
+    async with Environment(dispatch) as env:
+        await env.call(dispatch.functions["report"], 5)
+        for i, response in enumerate(env.responses):
+            if response.WhichOneof("directive") == "poll" and env.requests[i].function == "report":
+                path = folder / f"journal-{i}.bin"
+                path.write_bytes(response.poll.typed_coroutine_state.SerializeToString())
+                files.append(str(path))
+    return files
+
+
+def test_check_files(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = _write_app(tmp_path, "1")
+    files = asyncio.run(_record(old, tmp_path))
+    assert len(files) == 3
+    assert cli.main(["check", old, *files]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 journals replay; 0 diverge" in out
+
+    changed = _write_app(tmp_path, "2")  # a changed argument: old journals diverge
+    assert cli.main(["check", changed, *files]) == 1
+    out = capsys.readouterr().out
+    assert "DIVERGES" in out
+    assert "diverged from its journal" in out
+    assert "0 of 3 journals replay; 3 diverge" in out
+
+
+def test_check_database(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _write_app(tmp_path, "1")
+    data = tmp_path / "data"
+    data.mkdir()
+
+    async def suspend_a_call() -> None:
+        dispatch = _load(spec)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        async with Scheduler(str(data / "scheduler.db"), api_key="k") as scheduler:
+            url = await scheduler.serve("127.0.0.1", 0)
+            app = Dispatch(
+                api_key="k",
+                api_url=url,
+                endpoint_url=f"http://127.0.0.1:{port}",
+                endpoint_addr=f"127.0.0.1:{port}",
+                verification_key=scheduler.verification_key,
+            )
+            app.function(name="double")(dispatch.functions["double"].fn)
+            app.function(name="report")(dispatch.functions["report"].fn)
+            async with app, await app.start():
+                dispatch_id = await app.functions["report"].dispatch(5)
+                # Until report made its call, got the result and went to sleep for an
+                # hour: suspended after its second Poll, with its journal stored.
+                async with InspectClient(url, "k") as inspect:
+                    for _ in range(200):
+                        tree = await inspect.get_call(dispatch_id)
+                        if tree.call.polls >= 2 and tree.call.state == CALL_STATE_SUSPENDED:
+                            break
+                        await asyncio.sleep(0.02)
+                    else:
+                        raise AssertionError("report never went to sleep")
+
+    asyncio.run(suspend_a_call())
+    assert cli.main(["check", spec, "--data-dir", str(data)]) == 0
+    assert "1 of 1 journals replay" in capsys.readouterr().out
+    changed = _write_app(tmp_path, "3")
+    assert cli.main(["check", changed, "--data-dir", str(data)]) == 1
+    assert "DIVERGES" in capsys.readouterr().out
+
+
+def test_check_bad_app(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check", "no_such_module_here:dispatch", "x.bin"]) == 1
+    assert "cannot import no_such_module_here" in capsys.readouterr().err
+    assert cli.main(["check", str(tmp_path / "missing.py")]) == 2
