@@ -8,7 +8,7 @@ import dispatch_aio
 
 # Submodules that are public API and listed in __all__; other submodules (durable, proto)
 # are implementation, even though importing them makes them attributes of the package.
-PUBLIC_MODULES = {"errors", "http"}
+PUBLIC_MODULES = {"errors", "http", "interop"}
 
 
 def test_all_equals_the_sorted_public_names() -> None:

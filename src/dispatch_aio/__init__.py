@@ -1,12 +1,14 @@
 """dispatch_aio: asyncio-native durable functions for the Dispatch protocol.
 
-The public API is what `__all__` lists, plus the modules `dispatch_aio.errors` (the
-exception hierarchy) and `dispatch_aio.http` (HTTP helpers for functions).
+The public API is what `__all__` lists, including the modules `dispatch_aio.errors` (the
+exception hierarchy), `dispatch_aio.http` (HTTP helpers for functions) and
+`dispatch_aio.interop` (calls to other endpoints and to dispatch-py functions), plus
+`dispatch_aio.testing` (the test environment).
 """
 
 __version__ = "0.1.0"
 
-from . import errors, http
+from . import errors, http, interop
 from ._client import Call, Client
 from ._dispatch import Batch, Dispatch
 from ._endpoint import EndpointServer
@@ -27,6 +29,7 @@ __all__ = [
     "get_logger",
     "http",
     "in_durable_function",
+    "interop",
     "now",
     "random",
     "run_on_host",
