@@ -19,8 +19,10 @@ import collections
 import contextvars
 import heapq
 import logging
+import os
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+_HASH_BASES = 4096
+_HASH_SHIFT = 48
 # A single callback running longer than this blocks the whole endpoint.
 _SLOW_CALLBACK = 2.0
 # Before declaring a function stuck, wait this long for late I/O callbacks.
@@ -113,6 +117,7 @@ class DurableTask(asyncio.Task[_T]):
         self._children = 0
         self._ops = 0
         super().__init__(coro, loop=loop, name=name, context=context)
+        loop._tasks.add(self)
 
     def __hash__(self) -> int:
         return self._seq
@@ -182,6 +187,12 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._timers: list[tuple[float, int, Timer]] = []
         self._durable_timers: dict[str, Timer] = {}
         self._seq = 0
+        # Hashes of this loop's tasks and futures: a creation number (so that sets of
+        # them iterate alike on replay) plus a random base in high bits (so that the
+        # tasks of many live runs do not collide in asyncio's process-wide task set).
+        # Set slots and early probes depend only on the low bits, hence not on the base.
+        self._hash_base = int.from_bytes(os.urandom(2), "big") % _HASH_BASES << _HASH_SHIFT
+        self._tasks: weakref.WeakSet[DurableTask[Any]] = weakref.WeakSet()
         self._orphans = 0
         self._stepping = False
         self._closed = False
@@ -201,7 +212,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     def _next_seq(self) -> int:
         self._seq += 1
-        return self._seq
+        return self._hash_base + self._seq
 
     def set_epoch_time(self, when: float) -> None:
         """Set the durable time of the epoch being applied."""
@@ -345,7 +356,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
             fut.cancel()
         for transport in self._transports:
             transport.close()
-        tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
+        # Not asyncio.all_tasks(): it scans the tasks of every loop in the process.
+        tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()
         # Let cancelled tasks run their cleanup; bounded so a stubborn task cannot hang us.
