@@ -211,13 +211,17 @@ def watch(caplog: pytest.LogCaptureFixture) -> Iterator[_Watch]:
 
 
 async def test_connection_refused_is_retried_then_raised(watch: _Watch) -> None:
-    port = free_port()
-    client = Client(
-        api_key="k", api_url=f"http://127.0.0.1:{port}", endpoint_url="http://a.test", env={}
-    )
-    async with client:
-        with pytest.raises(errors.TCPError, match=r"after 3 attempts.*check DISPATCH_API_URL"):
-            await client.dispatch([Call("f")])
+    # A bound socket that does not listen refuses connections, and keeps the port from
+    # being taken by another process meanwhile.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        client = Client(
+            api_key="k", api_url=f"http://127.0.0.1:{port}", endpoint_url="http://a.test", env={}
+        )
+        async with client:
+            with pytest.raises(errors.TCPError, match=r"after 3 attempts.*check DISPATCH_API_URL"):
+                await client.dispatch([Call("f")])
     assert watch.retries == 2
     assert Classifier().status_for_error(errors.TCPError()) is Status.TCP_ERROR
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -159,7 +160,7 @@ async def test_durability_settings(store: SQLiteStore, tmp_path: Path) -> None:
     assert await store._run(store._query, "PRAGMA synchronous", ()) == [(2,)]
     assert await store._run(store._query, "PRAGMA journal_mode", ()) == [("wal",)]
     await store.close()
-    with sqlite3.connect(tmp_path / "calls.db") as conn:
+    with contextlib.closing(sqlite3.connect(tmp_path / "calls.db")) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -190,7 +191,7 @@ async def test_a_second_scheduler_cannot_open_the_same_database(
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     store = SQLiteStore(str(path))
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
@@ -199,7 +200,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 async def test_an_empty_database_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("CREATE TABLE unrelated (x)")  # version 0: no schema yet
     store = SQLiteStore(str(path))
     await store.open()
@@ -208,7 +209,7 @@ async def test_an_empty_database_is_migrated(tmp_path: Path) -> None:
         assert (await store.get_call("a")) is not None
     finally:
         await store.close()
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
