@@ -2,7 +2,8 @@
 
 A ```python block whose first line is ``# examples/NAME.py`` must be exactly the content
 of that file. A block whose first line is ``# test: run`` is run as a script, in a
-subprocess, and must exit with status 0. Other blocks are not checked.
+subprocess, and must exit with status 0. The tour's program, which serves forever when
+run, is run in process by its own test. Other blocks are fragments and are not checked.
 """
 
 from __future__ import annotations
@@ -159,3 +160,17 @@ def test_a_block_left_open_runs_to_the_end() -> None:
 def test_the_readme_is_read() -> None:
     # Guards against a finder that silently finds nothing: the README has a shell block.
     assert any(block.info == "sh" for block in blocks(README.read_text("utf-8")))
+
+
+async def test_tour_program_works() -> None:
+    """The tour's program (it serves forever when run) works as it says, in process."""
+    from dispatch_aio.testing import Environment
+
+    [tour] = [b for b in blocks(README.read_text()) if "async def total(n: int)" in b.code]
+    namespace: dict[str, Any] = {"__name__": "readme_tour"}  # not __main__: no serving
+    exec(compile(tour.code, f"README.md:{tour.line}", "exec"), namespace)
+    async with Environment(namespace["dispatch"], replay="always", shuffle=True) as env:
+        start = env.time()
+        assert await env.call(namespace["total"], 10) == 90
+        assert env.time() - start >= 3600
+        assert len(env.calls(namespace["double"])) == 10
