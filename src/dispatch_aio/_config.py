@@ -126,15 +126,16 @@ class Config:
         value, source = self._value(self._api_key, API_KEY, "api_key")
         if value is None:
             raise ConfigurationError(
-                f"the Dispatch API key is missing: set {API_KEY}, "
-                f"or pass api_key= to {self._owner}",
+                f"the Dispatch API key is missing: set {API_KEY}, or pass api_key= to "
+                f"{self._owner}; to run on this machine, start the app with "
+                "`dispatch-aio run -- python app.py`, which sets it",
                 variable=API_KEY,
             )
         if not _HEADER_TOKEN.fullmatch(value):
             masked = mask_secret(value)
             raise ConfigurationError(
                 f"invalid {source} {masked!r}: an API key is made of visible ASCII "
-                "characters, without spaces; copy it again from the Dispatch console",
+                "characters, without spaces; check the value you copied",
                 variable=source,
                 value=masked,
             )
