@@ -15,13 +15,15 @@ __all__ = ["RunOptions", "program_name", "run_app"]
 import asyncio
 import codecs
 import contextlib
+import ctypes
 import dataclasses
 import os
 import re
 import shlex
 import shutil
 import signal
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from .proto.v1 import inspect_pb2
 
 _OUR_NAME = "dispatch"
 _MAX_NAME = 16
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 2.0  # seconds to read what the application wrote before it exited
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -271,6 +274,7 @@ async def _supervise(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             process_group=0,  # its own group: signals reach it (and its children) from us only
+            preexec_fn=_end_with_parent(),
         )
     except FileNotFoundError:
         raise CliError(f"command not found: {command[0]!r}", code=127) from None
@@ -309,3 +313,27 @@ def _closing(progress: Progress, local: LocalScheduler) -> str:
     if local.settings.in_memory:
         return f"{counts_text} (dropped: --in-memory keeps nothing)"
     return f"{counts_text} (kept in {local.database}: they resume at the next start)"
+
+
+def _end_with_parent() -> Callable[[], None] | None:
+    """Return what the child runs before exec to get SIGTERM when this command dies.
+
+    Without it, an app whose ``dispatch-aio run`` is killed (kill -9, a closed
+    terminal) would keep running, and keep its port. Linux only (PR_SET_PDEATHSIG);
+    libc is resolved here, in the parent, so that the child, forked from a process
+    with threads, only makes the system call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    death_signal = int(signal.SIGTERM)
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+
+    return set_death_signal

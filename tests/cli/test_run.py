@@ -164,6 +164,30 @@ def test_a_second_signal_kills_an_app_that_ignores_the_first(
     assert "dispatch | SIGINT received again: killing the application" in proc.out
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses PR_SET_PDEATHSIG")
+def test_the_app_ends_when_run_is_killed(procs: Starter, tmp_path: Path) -> None:
+    pid_file = tmp_path / "app.pid"
+    app = write_app(
+        tmp_path,
+        f"import os, pathlib\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+        + SLEEPER_APP,
+    )
+    proc = procs([*run_args(tmp_path), "--", PYTHON, str(app)], cwd=tmp_path)
+    proc.wait_for("app +\\| ready")
+    app_pid = int(pid_file.read_text())
+    proc.send(signal.SIGKILL)  # no chance to pass anything on
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(app_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(app_pid, signal.SIGKILL)
+    raise AssertionError("the application outlived dispatch-aio run")
+
+
 # -- a terminal -----------------------------------------------------------------------------
 
 
