@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import random
 import re
 import sys
 import time
@@ -20,6 +21,7 @@ from types import ModuleType
 import pytest
 from e2e.harness import Starter, free_port
 
+from dispatch_aio.errors import NondeterminismError
 from dispatch_aio.testing import Environment, check_determinism
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -100,6 +102,23 @@ async def test_fan_out_in_process(load: Callable[[str], ModuleType]) -> None:
     assert await check_determinism(example.dispatch, example.total_words, example.DOCUMENTS) == 17
 
 
+async def test_replay_checker_catches_a_nondeterministic_variant(
+    load: Callable[[str], ModuleType],
+) -> None:
+    example = load("fan_out")
+
+    @example.dispatch.function
+    async def squares_in_any_order(n: int) -> list[int]:
+        # Deliberately non-deterministic: the order of the calls comes from the
+        # process's random generator instead of dispatch_aio.random().
+        order = random.sample(range(1, n + 1), n)
+        return [await example.square(i) for i in order]
+
+    with pytest.raises(NondeterminismError, match="diverged from its journal") as info:
+        await check_determinism(example.dispatch, squares_in_any_order, 6)
+    assert "test_examples.py:" in str(info.value)  # the call site
+
+
 # -- pipeline -------------------------------------------------------------------------------
 
 
@@ -153,7 +172,11 @@ async def test_timers_in_process(load: Callable[[str], ModuleType]) -> None:
 
         env.stub(example.slow_quote, fast_quote)
         assert await env.call(example.quote, "tea") == "tea: 4.5"
-    assert time.monotonic() - started < 0.5  # virtual time: no real waiting
+
+        week = 7 * 24 * 3600
+        reminder = await env.call(example.remind, "water the plants", week)
+        assert reminder == f"reminder after {week} s: water the plants"
+    assert time.monotonic() - started < 0.5  # virtual time: a week passes at once
 
 
 # -- failures -------------------------------------------------------------------------------
