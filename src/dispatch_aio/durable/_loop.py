@@ -20,7 +20,6 @@ import contextvars
 import heapq
 import logging
 import os
-import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -164,6 +163,21 @@ class Timer(asyncio.TimerHandle):
     def dead(self) -> bool:
         """Whether the timer was cancelled or already fired."""
         return bool(self._cancelled) or self.fired
+
+
+def _forward(name: str, *, transport: bool = False) -> Any:
+    """Make a DurableLoop method that runs the host loop's coroutine method ``name``."""
+
+    async def method(self: DurableLoop, *args: Any, **kwargs: Any) -> Any:
+        result = await self._bridge(getattr(self._host, name)(*args, **kwargs))
+        if transport:
+            # A (transport, protocol) pair: data may arrive while the transport is open.
+            self._transports.add(result[0])
+        return result
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"Run the host loop's ``{name}()`` and return its result here."
+    return method
 
 
 class DurableLoop(asyncio.AbstractEventLoop):
@@ -486,10 +500,6 @@ class DurableLoop(asyncio.AbstractEventLoop):
         future.add_done_callback(cancel_host)
         return future
 
-    def _track(self, pair: tuple[asyncio.BaseTransport, Any]) -> tuple[asyncio.BaseTransport, Any]:
-        self._transports.add(pair[0])
-        return pair
-
     async def run_on_host(self, awaitable: Awaitable[_T]) -> _T:
         """Await ``awaitable`` on the host loop and return its result here."""
         return await self._bridge(awaitable)
@@ -506,37 +516,30 @@ class DurableLoop(asyncio.AbstractEventLoop):
             "set the default executor on the host event loop, not in a durable function"
         )
 
-    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
-        """Resolve a host name on the host loop."""
-        return await self._bridge(self._host.getaddrinfo(*args, **kwargs))
-
-    async def getnameinfo(self, *args: Any, **kwargs: Any) -> Any:
-        """Resolve an address on the host loop."""
-        return await self._bridge(self._host.getnameinfo(*args, **kwargs))
-
-    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        """Open a connection on the host loop."""
-        return self._track(await self._bridge(self._host.create_connection(*args, **kwargs)))
-
-    async def create_unix_connection(self, *args: Any, **kwargs: Any) -> Any:
-        """Open a Unix socket connection on the host loop."""
-        return self._track(await self._bridge(self._host.create_unix_connection(*args, **kwargs)))
-
-    async def create_datagram_endpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Open a datagram endpoint on the host loop."""
-        return self._track(await self._bridge(self._host.create_datagram_endpoint(*args, **kwargs)))
-
-    async def create_server(self, *args: Any, **kwargs: Any) -> Any:
-        """Open a server on the host loop."""
-        return await self._bridge(self._host.create_server(*args, **kwargs))
-
-    async def create_unix_server(self, *args: Any, **kwargs: Any) -> Any:
-        """Open a Unix socket server on the host loop."""
-        return await self._bridge(self._host.create_unix_server(*args, **kwargs))
-
-    async def connect_accepted_socket(self, *args: Any, **kwargs: Any) -> Any:
-        """Wrap an accepted socket on the host loop."""
-        return self._track(await self._bridge(self._host.connect_accepted_socket(*args, **kwargs)))
+    # Each coroutine method of the event-loop API that does I/O runs on the host loop;
+    # the ones that open a transport keep the run live until it closes.
+    getaddrinfo = _forward("getaddrinfo")
+    getnameinfo = _forward("getnameinfo")
+    create_connection = _forward("create_connection", transport=True)
+    create_unix_connection = _forward("create_unix_connection", transport=True)
+    create_datagram_endpoint = _forward("create_datagram_endpoint", transport=True)
+    create_server = _forward("create_server")
+    create_unix_server = _forward("create_unix_server")
+    connect_accepted_socket = _forward("connect_accepted_socket", transport=True)
+    sendfile = _forward("sendfile")
+    sock_recv = _forward("sock_recv")
+    sock_recv_into = _forward("sock_recv_into")
+    sock_recvfrom = _forward("sock_recvfrom")
+    sock_recvfrom_into = _forward("sock_recvfrom_into")
+    sock_sendall = _forward("sock_sendall")
+    sock_sendto = _forward("sock_sendto")
+    sock_connect = _forward("sock_connect")
+    sock_accept = _forward("sock_accept")
+    sock_sendfile = _forward("sock_sendfile")
+    subprocess_exec = _forward("subprocess_exec", transport=True)
+    subprocess_shell = _forward("subprocess_shell", transport=True)
+    connect_read_pipe = _forward("connect_read_pipe", transport=True)
+    connect_write_pipe = _forward("connect_write_pipe", transport=True)
 
     async def start_tls(self, *args: Any, **kwargs: Any) -> Any:
         """Upgrade a connection to TLS on the host loop."""
@@ -544,62 +547,6 @@ class DurableLoop(asyncio.AbstractEventLoop):
         if transport is not None:
             self._transports.add(transport)
         return transport
-
-    async def sendfile(self, *args: Any, **kwargs: Any) -> Any:
-        """Send a file on the host loop."""
-        return await self._bridge(self._host.sendfile(*args, **kwargs))
-
-    async def sock_recv(self, sock: socket.socket, nbytes: int) -> bytes:
-        """Receive from a socket on the host loop."""
-        return await self._bridge(self._host.sock_recv(sock, nbytes))
-
-    async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
-        """Receive into a buffer on the host loop."""
-        return await self._bridge(self._host.sock_recv_into(sock, buf))
-
-    async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> Any:
-        """Receive a datagram on the host loop."""
-        return await self._bridge(self._host.sock_recvfrom(sock, bufsize))
-
-    async def sock_recvfrom_into(self, sock: socket.socket, buf: Any, nbytes: int = 0) -> Any:
-        """Receive a datagram into a buffer on the host loop."""
-        return await self._bridge(self._host.sock_recvfrom_into(sock, buf, nbytes))
-
-    async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
-        """Send on a socket on the host loop."""
-        return await self._bridge(self._host.sock_sendall(sock, data))
-
-    async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
-        """Send a datagram on the host loop."""
-        return await self._bridge(self._host.sock_sendto(sock, data, address))
-
-    async def sock_connect(self, sock: socket.socket, address: Any) -> None:
-        """Connect a socket on the host loop."""
-        return await self._bridge(self._host.sock_connect(sock, address))
-
-    async def sock_accept(self, sock: socket.socket) -> Any:
-        """Accept a connection on the host loop."""
-        return await self._bridge(self._host.sock_accept(sock))
-
-    async def sock_sendfile(self, *args: Any, **kwargs: Any) -> Any:
-        """Send a file on a socket on the host loop."""
-        return await self._bridge(self._host.sock_sendfile(*args, **kwargs))
-
-    async def subprocess_exec(self, *args: Any, **kwargs: Any) -> Any:
-        """Start a subprocess on the host loop."""
-        return self._track(await self._bridge(self._host.subprocess_exec(*args, **kwargs)))
-
-    async def subprocess_shell(self, *args: Any, **kwargs: Any) -> Any:
-        """Start a shell subprocess on the host loop."""
-        return self._track(await self._bridge(self._host.subprocess_shell(*args, **kwargs)))
-
-    async def connect_read_pipe(self, *args: Any, **kwargs: Any) -> Any:
-        """Connect a read pipe on the host loop."""
-        return self._track(await self._bridge(self._host.connect_read_pipe(*args, **kwargs)))
-
-    async def connect_write_pipe(self, *args: Any, **kwargs: Any) -> Any:
-        """Connect a write pipe on the host loop."""
-        return self._track(await self._bridge(self._host.connect_write_pipe(*args, **kwargs)))
 
     def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]
         """Watch a file descriptor for reading, on the host loop."""
