@@ -48,3 +48,38 @@ async def test_teardown_cancels_only_its_own_tasks() -> None:
     assert not theirs.done()
     await other.teardown()
     assert theirs.cancelled()
+
+
+async def test_async_generators_are_finalized_on_the_durable_loop() -> None:
+    host = asyncio.get_running_loop()
+    loop = DurableLoop(host, Clock(), 0.0)
+    closed_on: list[asyncio.AbstractEventLoop] = []
+
+    async def numbers():  # type: ignore[no-untyped-def]
+        try:
+            for i in range(10):
+                yield i
+        finally:
+            closed_on.append(asyncio.get_running_loop())
+
+    async def take_one_and_drop() -> int:
+        gen = numbers()
+        first = await gen.__anext__()
+        del gen  # unfinished: finalized when collected
+        return first
+
+    async def keep_one_open() -> None:
+        gen = numbers()
+        await gen.__anext__()
+        await asyncio.Event().wait()  # never ends; teardown closes it
+
+    task = loop.create_root_task(take_one_and_drop())
+    loop.step()
+    loop.step()
+    assert task.result() == 0
+    assert closed_on == [loop]
+
+    loop.create_root_task(keep_one_open())
+    loop.step()
+    await loop.teardown()
+    assert closed_on == [loop, loop]

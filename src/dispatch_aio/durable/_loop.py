@@ -20,9 +20,10 @@ import contextvars
 import heapq
 import logging
 import os
+import sys
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 from ..errors import HostLoopError
@@ -207,6 +208,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         # Set slots and early probes depend only on the low bits, hence not on the base.
         self._hash_base = int.from_bytes(os.urandom(2), "big") % _HASH_BASES << _HASH_SHIFT
         self._tasks: weakref.WeakSet[DurableTask[Any]] = weakref.WeakSet()
+        self._asyncgens: weakref.WeakSet[AsyncGenerator[Any, Any]] = weakref.WeakSet()
         self._orphans = 0
         self._stepping = False
         self._closed = False
@@ -252,6 +254,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
             return
         host = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self)
+        # Async generators first iterated here are finalized here, not on the host loop.
+        hooks = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(firstiter=self._asyncgens.add, finalizer=self._finalize_asyncgen)
         self._stepping = True
         try:
             while ready:
@@ -270,7 +275,14 @@ class DurableLoop(asyncio.AbstractEventLoop):
                     )
         finally:
             self._stepping = False
+            sys.set_asyncgen_hooks(*hooks)
             asyncio.events._set_running_loop(host)
+
+    def _finalize_asyncgen(self, agen: AsyncGenerator[Any, Any]) -> None:
+        # Called when an unfinished async generator is garbage collected.
+        self._asyncgens.discard(agen)
+        if not self._closed:
+            self.call_soon_threadsafe(self.create_task, agen.aclose())
 
     def next_timer(self, *, durable: bool | None = None) -> Timer | None:
         """Return the earliest pending timer (only durable or non-durable ones if asked)."""
@@ -374,6 +386,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()
+        await self.shutdown_asyncgens()
         # Let cancelled tasks run their cleanup; bounded so a stubborn task cannot hang us.
         for _ in range(100):
             self.step()
@@ -599,7 +612,10 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._closed = True
 
     async def shutdown_asyncgens(self) -> None:
-        """Nothing to do: async generators are finalized by the host loop."""
+        """Close, on this loop, the async generators of the run that are still open."""
+        for agen in list(self._asyncgens):
+            self.create_task(agen.aclose())
+        self._asyncgens.clear()
 
     async def shutdown_default_executor(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Nothing to do: the executor belongs to the host loop."""
