@@ -23,6 +23,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from .proto.v1 import inspect_pb2
 _OUR_NAME = "dispatch"
 _MAX_NAME = 16
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+# A signal repeated within this many seconds is the same request, not a second one.
+_REPEAT_WINDOW = 0.1
 _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 2.0  # seconds to read what the application wrote before it exited
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -118,6 +121,7 @@ class _Signals:
         self.count = 0
         self.first: signal.Signals | None = None
         self.received = asyncio.Event()
+        self._last = 0.0
 
     def install(self) -> None:
         for sig in _FORWARDED:
@@ -133,6 +137,12 @@ class _Signals:
         self._installed.clear()
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        if self.count and now - self._last < _REPEAT_WINDOW:
+            # The same request delivered twice (GNU timeout signals the process and
+            # its group): not a second request.
+            return
+        self._last = now
         self.count += 1
         self.first = self.first or sig
         self.received.set()

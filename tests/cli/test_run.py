@@ -164,6 +164,17 @@ def test_a_second_signal_kills_an_app_that_ignores_the_first(
     assert "dispatch | SIGINT received again: killing the application" in proc.out
 
 
+def test_a_signal_delivered_twice_at_once_is_one_request(procs: Starter, tmp_path: Path) -> None:
+    # GNU timeout, for one, signals the process and then its group.
+    app = write_app(tmp_path, SLEEPER_APP)
+    proc = procs([*run_args(tmp_path), "--", PYTHON, str(app)], cwd=tmp_path)
+    proc.wait_for("app +\\| ready")
+    proc.send(signal.SIGTERM)
+    proc.send(signal.SIGTERM)
+    assert proc.wait(10) == 128 + signal.SIGTERM, proc.dump()
+    assert not any("received again" in line for line in proc.out), proc.dump()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses PR_SET_PDEATHSIG")
 def test_the_app_ends_when_run_is_killed(procs: Starter, tmp_path: Path) -> None:
     pid_file = tmp_path / "app.pid"
