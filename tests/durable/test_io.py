@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -121,3 +122,21 @@ async def test_host_loop_object(make_env: EnvFactory) -> None:
     assert "run_on_host" in str(error)
     assert "host event loop" in str(error)
     assert await env.call(helper) == 7
+
+
+async def _gives_up_on_io() -> int:
+    try:
+        await asyncio.wait_for(asyncio.to_thread(time.sleep, 0.5), timeout=0.05)
+    except TimeoutError:
+        pass
+    return await double(21)  # must go out at once, not wait for the abandoned thread
+
+
+gives_up_on_io = Function(_gives_up_on_io, name="gives_up_on_io")
+
+
+async def test_a_cancelled_forwarded_operation_does_not_stall_the_run(make_env: EnvFactory) -> None:
+    env = make_env(gives_up_on_io, double, virtual_time=False)
+    started = time.monotonic()
+    assert await env.call(gives_up_on_io) == 42
+    assert time.monotonic() - started < 5

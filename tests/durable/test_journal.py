@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +13,7 @@ from google.protobuf import any_pb2
 from dispatch_aio import _codec
 from dispatch_aio._function import Function
 from dispatch_aio._status import Status
-from dispatch_aio.durable import JOURNAL_TYPE_URL, Runner
+from dispatch_aio.durable import JOURNAL_TYPE_URL, Run, Runner
 from dispatch_aio.proto.sdk.v1 import call_pb2, function_pb2, poll_pb2
 from dispatch_aio.proto.v1 import journal_pb2
 
@@ -303,3 +304,89 @@ async def test_none_result_sends_no_output() -> None:
     assert resp.exit.HasField("result")
     assert not resp.exit.result.HasField("output")
     assert not resp.exit.result.HasField("error")
+
+
+async def test_the_same_result_twice_in_one_resume() -> None:
+    """Delivered at least once: a duplicate in the same PollResult changes nothing."""
+
+    async def both() -> int:
+        return sum(await asyncio.gather(double(1), double(2)))
+
+    fn = Function(both, name="workflow")
+    for cache_size in (8, 0):
+        runner = _runner(fn, double, cache_size=cache_size)
+        poll = (await _first_poll(runner, "workflow")).poll
+        req = _resume("workflow", poll, {1: 2})
+        req.poll_result.results.append(req.poll_result.results[0])
+        poll = (await runner.run(req)).poll
+        assert poll.min_results == 1 and len(poll.calls) == 0, poll
+        resp = await runner.run(_resume("workflow", poll, {2: 4}))
+        assert resp.status == Status.OK, resp
+        assert _codec.decode_value(resp.exit.result.output) == 6
+        await runner.aclose()
+
+
+async def test_concurrent_resumes_of_one_run_leave_one_live_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed: list[Run] = []
+    close = Run.close
+
+    async def recording_close(run: Run) -> None:
+        closed.append(run)
+        await close(run)
+
+    monkeypatch.setattr(Run, "close", recording_close)
+    gate = asyncio.Event()
+
+    async def waits() -> int:
+        first = await double(1)
+        await gate.wait()  # keeps both resumes in flight at once
+        return first + await double(2)
+
+    fn = Function(waits, name="workflow")
+    runner = _runner(fn, double, cache_size=8)
+    poll = (await _first_poll(runner, "workflow")).poll
+    # The scheduler retries a resume while the first is still running.
+    first = asyncio.ensure_future(runner.run(_resume("workflow", poll, {1: 2})))
+    second = asyncio.ensure_future(runner.run(_resume("workflow", poll, {1: 2})))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(first, second)
+    assert len(runner._cache) == 1
+    [kept] = runner._cache.values()
+    assert len(closed) == 1 and closed[0] is not kept  # the other one was torn down
+    await runner.aclose()
+    assert closed[1] is kept
+
+
+async def test_idle_runs_are_dropped_without_traffic() -> None:
+    fn = Function(_counted, name="workflow")
+    runner = Runner(
+        lambda name: {"workflow": fn.fn, "double": double.fn}.get(name), cache_idle_timeout=0.1
+    )
+    poll = (await _first_poll(runner, "workflow")).poll
+    assert poll.calls
+    [run] = runner._cache.values()
+    await asyncio.sleep(0.3)
+    assert not runner._cache
+    assert run.loop.is_closed()
+    await runner.aclose()
+
+
+async def test_a_run_suspending_after_aclose_is_torn_down() -> None:
+    gate = asyncio.Event()
+
+    async def slow() -> int:
+        await gate.wait()
+        return await double(1)
+
+    fn = Function(slow, name="workflow")
+    runner = _runner(fn, double, cache_size=8)
+    request = function_pb2.RunRequest(function="workflow", input=_codec.encode_input((), {}))
+    in_flight = asyncio.ensure_future(runner.run(request))
+    await asyncio.sleep(0.01)
+    await runner.aclose()
+    gate.set()
+    assert (await in_flight).WhichOneof("directive") == "poll"
+    assert not runner._cache

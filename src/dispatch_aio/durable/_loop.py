@@ -495,6 +495,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
         def transfer(done: asyncio.Future[_T]) -> None:
             self._inflight.discard(done)
+            # Wake the owner even when the durable side gave up (a timeout cancelled
+            # it): one less operation in flight may be what it waits for.
+            self._notify()
             if future.done():
                 return
             if done.cancelled():
@@ -503,7 +506,6 @@ class DurableLoop(asyncio.AbstractEventLoop):
                 future.set_exception(exc)
             else:
                 future.set_result(done.result())
-            self._notify()
 
         def cancel_host(fut: asyncio.Future[_T]) -> None:
             if fut.cancelled() and not host_future.done():

@@ -177,6 +177,8 @@ class Run:
     def _resolve(
         self, call: _Call, output: any_pb2.Any | None, error: error_pb2.Error | None
     ) -> None:
+        if call.resolved:
+            return
         call.resolved = True
         if call.poll:
             self.outstanding -= 1
@@ -211,15 +213,17 @@ class Run:
                     poll_error=journal_pb2.PollError(poll=self.polls, error=result.error)
                 )
             )
+        seen: set[int] = set()
         for res in result.results:
             index = res.correlation_id - 1
-            if not 0 <= index < self.sent or self.calls[index].resolved:
+            if not 0 <= index < self.sent or self.calls[index].resolved or index in seen:
                 logger.debug(
                     "ignoring a result for unknown or already resolved correlation id %d of %s",
                     res.correlation_id,
                     self.function,
                 )
                 continue
+            seen.add(index)
             kept = call_pb2.CallResult(correlation_id=res.correlation_id)
             if res.HasField("output"):
                 kept.output.CopyFrom(res.output)
@@ -487,6 +491,8 @@ class Runner:
         self.live_timer_threshold = live_timer_threshold
         self.clock = clock or Clock()
         self._cache: collections.OrderedDict[bytes, Run] = collections.OrderedDict()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def run(self, request: function_pb2.RunRequest) -> function_pb2.RunResponse:
         """Run one request; never raises for anything the request or the function does."""
@@ -692,25 +698,52 @@ class Runner:
         return run
 
     async def _keep(self, run: Run) -> None:
-        if self.cache_size <= 0:
+        if self.cache_size <= 0 or self._closed:
             await run.close()
             return
-        now = time.monotonic()
-        run.last_used = now
-        self._cache[run.run_id] = run
+        run.last_used = time.monotonic()
         evicted = []
+        replaced = self._cache.pop(run.run_id, None)
+        if replaced is not None and replaced is not run:
+            # Two resumes of one run ran at once (a retried request): keep the newer.
+            evicted.append(replaced)
+        self._cache[run.run_id] = run
         while len(self._cache) > self.cache_size:
             evicted.append(self._cache.popitem(last=False)[1])
+        evicted.extend(self._expired())
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        for old in evicted:
+            await old.close()
+
+    def _expired(self) -> list[Run]:
+        """Remove and return the cached runs unused for longer than the idle timeout."""
+        now = time.monotonic()
+        expired = []
         while self._cache:
             oldest = next(iter(self._cache.values()))
             if now - oldest.last_used <= self.cache_idle_timeout:
                 break
-            evicted.append(self._cache.popitem(last=False)[1])
-        for old in evicted:
-            await old.close()
+            expired.append(self._cache.popitem(last=False)[1])
+        return expired
+
+    async def _sweep(self) -> None:
+        """Drop idle runs even when no request comes to do it; ends with the cache."""
+        while self._cache:
+            oldest = next(iter(self._cache.values()))
+            delay = oldest.last_used + self.cache_idle_timeout - time.monotonic()
+            await asyncio.sleep(max(delay, 0.0) + 0.01)
+            for old in self._expired():
+                await old.close()
 
     async def aclose(self) -> None:
-        """Tear down every live run in the cache."""
+        """Tear down every live run in the cache.
+
+        Runs still in flight are torn down when they suspend.
+        """
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         while self._cache:
             _, run = self._cache.popitem()
             await run.close()
