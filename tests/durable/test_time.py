@@ -192,3 +192,45 @@ agen_consumer = Function(_agen_consumer, name="agen_consumer")
 async def test_async_generators(make_env: EnvFactory) -> None:
     env = make_env(double, agen_consumer)
     assert await env.call(agen_consumer, 3) == [0, 2, 4, 0]
+
+
+async def _echo(x: float) -> float:
+    return x
+
+
+echo = Function(_echo, name="echo")
+
+
+async def _time_as_input() -> list[float]:
+    loop = asyncio.get_running_loop()
+    first = await echo(durable.now().timestamp())
+    second = await echo(loop.time())
+    sum(range(100_000))  # some work: time must not move while the function computes
+    third = await echo(loop.time())
+    return [first, second, third]
+
+
+time_as_input = Function(_time_as_input, name="time_as_input")
+
+
+async def test_time_read_between_durable_points_replays_identically(make_env: EnvFactory) -> None:
+    # On the real clock: the time the function reads must be the journaled one, or a
+    # replay would send calls with other inputs than the journal recorded.
+    env = make_env(echo, time_as_input, virtual_time=False)
+    first, second, third = await env.call(time_as_input)
+    assert first <= second <= third
+
+
+async def _io_then_time() -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.to_thread(time.sleep, 0.05)
+    return loop.time() - start  # I/O in flight: durable time followed the wall clock
+
+
+io_then_time = Function(_io_then_time, name="io_then_time")
+
+
+async def test_time_moves_while_io_is_in_flight(make_env: EnvFactory) -> None:
+    env = make_env(io_then_time, virtual_time=False)
+    assert await env.call(io_then_time) >= 0.05

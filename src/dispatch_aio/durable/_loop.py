@@ -174,6 +174,7 @@ def _forward(name: str, *, transport: bool = False) -> Any:
         if transport:
             # A (transport, protocol) pair: data may arrive while the transport is open.
             self._transports.add(result[0])
+            self._io_changed()
         return result
 
     method.__name__ = method.__qualname__ = name
@@ -220,7 +221,11 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._wake: asyncio.Event | None = None
         # Replaying: time() is the time of the epoch being replayed.
         self.replaying = False
+        # Durable time: the time of the last journaled point, advanced by the wall clock
+        # only while I/O is in flight (see time()).
         self._epoch_time = start_time
+        self._io_elapsed = 0.0
+        self._io_since: float | None = None
         # Set by the owner, read by code inside the run (see _context.py).
         self.owner: Any = None
 
@@ -233,6 +238,17 @@ class DurableLoop(asyncio.AbstractEventLoop):
     def set_epoch_time(self, when: float) -> None:
         """Set the durable time of the epoch being applied."""
         self._epoch_time = when
+        self._io_elapsed = 0.0
+        self._io_since = self._clock.time() if self.io_inflight else None
+
+    def _io_changed(self) -> None:
+        """Start or stop the clock of I/O time when I/O starts or stops being in flight."""
+        active = bool(self._inflight or self._transports)
+        if active and self._io_since is None:
+            self._io_since = self._clock.time()
+        elif not active and self._io_since is not None:
+            self._io_elapsed += max(0.0, self._clock.time() - self._io_since)
+            self._io_since = None
 
     def create_root_task(self, coro: Coroutine[Any, Any, _T]) -> DurableTask[_T]:
         """Create the task that runs the function itself (path ``"0"``)."""
@@ -345,6 +361,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
             await asyncio.sleep(0)
             await asyncio.sleep(0)
             self._transports.difference_update(closing)
+            self._io_changed()
             return
         if self._wake is None:
             self._wake = asyncio.Event()
@@ -459,10 +476,17 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._durable_timers.pop(identity, None)
 
     def time(self) -> float:
-        """Durable time in unix seconds: recorded while replaying, the clock while live."""
-        if self.replaying:
-            return self._epoch_time
-        return max(self._clock.time(), self._epoch_time)
+        """Durable time in unix seconds.
+
+        It is the time of the last journaled point (the start, a delivered result, a
+        fired timer), the same live and on replay, so code that reads it replays
+        identically; while I/O is in flight it also moves with the wall clock, so
+        that I/O timeouts work (time read then depends on how long the I/O took).
+        """
+        elapsed = self._io_elapsed
+        if self._io_since is not None:
+            elapsed += max(0.0, self._clock.time() - self._io_since)
+        return self._epoch_time + elapsed
 
     def create_future(self) -> asyncio.Future[Any]:
         """Create a future attached to this loop."""
@@ -492,9 +516,11 @@ class DurableLoop(asyncio.AbstractEventLoop):
         host_future = asyncio.ensure_future(awaitable, loop=self._host)
         future: asyncio.Future[_T] = self.create_future()
         self._inflight.add(host_future)
+        self._io_changed()
 
         def transfer(done: asyncio.Future[_T]) -> None:
             self._inflight.discard(done)
+            self._io_changed()
             # Wake the owner even when the durable side gave up (a timeout cancelled
             # it): one less operation in flight may be what it waits for.
             self._notify()
@@ -561,6 +587,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         transport = await self._bridge(self._host.start_tls(*args, **kwargs))
         if transport is not None:
             self._transports.add(transport)
+            self._io_changed()
         return transport
 
     def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]

@@ -234,7 +234,7 @@ class Run:
             self._apply_live(events, during_io=False)
 
     def _apply_live(self, events: list[journal_pb2.Event], during_io: bool) -> None:
-        now = self.runner.clock.time()
+        now = max(self.runner.clock.time(), self.loop.time())
         self.loop.set_epoch_time(now)
         self.epochs_applied += 1
         self.new_epochs.append(journal_pb2.Epoch(time=now, during_io=during_io, events=events))
