@@ -139,3 +139,51 @@ async def test_a_cancelled_forwarded_operation_does_not_stall_the_run(make_env: 
     started = time.monotonic()
     assert await env.call(gives_up_on_io) == 42
     assert time.monotonic() - started < 5
+
+
+def _holds_a_connection(port: int) -> Function[[], int]:
+    async def _holds() -> int:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # The connection stays open across a durable call: the call must go out.
+            return await double(21)
+        finally:
+            writer.close()
+
+    return Function(_holds, name="holds")
+
+
+async def test_an_open_connection_does_not_hold_back_calls(make_env: EnvFactory) -> None:
+    async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(idle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        holds = _holds_a_connection(port)
+        env = make_env(holds, double, virtual_time=False)
+        started = time.monotonic()
+        assert await env.call(holds) == 42
+        assert time.monotonic() - started < 5
+    finally:
+        server.close()
+
+
+async def _timer_from_a_callback() -> int:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    loop.call_soon(lambda: loop.call_later(0.01, future.set_result, 20))
+    return await future
+
+
+timer_from_a_callback = Function(_timer_from_a_callback, name="timer_from_a_callback")
+
+
+async def test_a_timer_set_from_a_callback_is_not_durable(make_env: EnvFactory) -> None:
+    # Live and replayed alike, such a timer is not waited for: the function is stuck,
+    # and the error says why.
+    env = make_env(timer_from_a_callback, virtual_time=False)
+    info = await env.run(timer_from_a_callback)
+    assert info.status is not None and info.status.name == "PERMANENT_ERROR"
+    assert "loop.call_later() from a callback" in str(info.error)

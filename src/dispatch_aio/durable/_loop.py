@@ -263,6 +263,11 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Number of forwarded I/O operations running, and transports open, on the host loop."""
         return len(self._inflight) + len(self._transports)
 
+    @property
+    def operations_inflight(self) -> int:
+        """Number of forwarded I/O operations running (DNS, connects, executors...)."""
+        return len(self._inflight)
+
     def step(self) -> None:
         """Run ready callbacks, in order, until none are left."""
         ready = self._ready

@@ -52,6 +52,8 @@ FunctionLookup = Callable[[str], Callable[..., Awaitable[Any]] | None]
 # Timers due within this margin fire now rather than costing another round trip.
 _TIMER_SLACK = 0.005
 _MAX_RESULTS = 1000
+# Longest a run stays live for connections that are only open (idle), with timers due.
+_IDLE_CONNECTION_WAIT = 15.0
 
 
 class _Diverged(BaseException):
@@ -121,6 +123,7 @@ class Run:
         self.polls = 0
         self.sent = 0  # calls[:sent] went out in Polls
         self.outstanding = 0  # sent and not resolved
+        self.open_calls = 0  # made (in this process) and not resolved
         self.state = b""  # journal bytes as of the last Poll
         self.new_epochs: list[journal_pb2.Epoch] = []
         self.replaying = False
@@ -151,6 +154,7 @@ class Run:
                 self._diverge(f"the journal has {call.describe()}, but the code now makes {here}")
             assert call is not None
             call.future = future
+            self.open_calls += 1
             return future
         call = _Call(
             index=len(self.calls),
@@ -165,6 +169,7 @@ class Run:
         )
         self.calls.append(call)
         self.by_identity[identity] = call
+        self.open_calls += 1
         return future
 
     def _diverge(self, report: str) -> None:
@@ -182,6 +187,8 @@ class Run:
         call.resolved = True
         if call.poll:
             self.outstanding -= 1
+        if call.future is not None:
+            self.open_calls -= 1
         future = call.future
         if future is None or future.done():
             return  # cancelled while waiting: the late result is ignored
@@ -301,6 +308,16 @@ class Run:
         with contextlib.suppress(SystemExit):
             self.loop.step()
 
+    def _io_holds_back(self) -> bool:
+        """Whether to wait for I/O before going on (live: suspending; replay: the next epoch).
+
+        Forwarded operations end by themselves. An open connection may still deliver
+        what a task waits for, unless calls are pending: then the function suspends and
+        the connection stays open in the live run. The same rule holds on replay.
+        """
+        loop = self.loop
+        return bool(loop.operations_inflight) or (bool(loop.io_inflight) and not self.open_calls)
+
     async def settle(self, *, wait_io: bool) -> None:
         """Replay: run until no callback is ready (and, if asked, no I/O is in flight)."""
         loop = self.loop
@@ -308,7 +325,7 @@ class Run:
             self._step()
             if self.divergence is not None:
                 return
-            if wait_io and loop.io_inflight:
+            if wait_io and self._io_holds_back():
                 timer = loop.next_timer(durable=False)
                 await loop.wait(None if timer is None else timer.when())
                 for due in loop.due_timers(self.runner.clock.time()):
@@ -326,6 +343,7 @@ class Run:
         loop = self.loop
         runner = self.runner
         assert self.root is not None
+        transports_since: float | None = None
         while True:
             self._step()
             if self.divergence is not None:
@@ -334,10 +352,21 @@ class Run:
                 return "exit"
             if self._fire_due_timers():
                 continue
-            if loop.io_inflight:
+            if self._io_holds_back():
+                if loop.operations_inflight:
+                    transports_since = None
+                elif transports_since is None:
+                    transports_since = runner.clock.time()
+                elif (
+                    loop.next_timer(durable=True) is not None
+                    and runner.clock.time() - transports_since > _IDLE_CONNECTION_WAIT
+                ):
+                    # Only idle connections (a pool, a session) keep it live: suspend.
+                    return "suspend"
                 timer = loop.next_timer()
                 await loop.wait(None if timer is None else timer.when())
                 continue
+            transports_since = None
             if self.sent < len(self.calls):
                 return "suspend"
             durable = loop.next_timer(durable=True)
@@ -348,10 +377,8 @@ class Run:
                 return "suspend"
             if self.outstanding:
                 return "suspend"
-            volatile = loop.next_timer(durable=False)
-            if volatile is not None:
-                await loop.wait(volatile.when())
-                continue
+            # Timers set outside any task are not durable: a replay would not fire
+            # them at this point, so they are not waited for here either.
             if await loop.linger():
                 continue
             return "stuck"
@@ -572,7 +599,8 @@ class Runner:
             "DeadlockError",
             f"function {run.function!r} waits for something that nothing will complete: "
             "no durable call, timer or I/O is pending (it may await a future or event "
-            "that no task resolves)",
+            "that no task resolves, or a timer set by loop.call_later() from a callback, "
+            "which is not durable: set timers from a task)",
         )
 
     async def _replay(
