@@ -20,11 +20,11 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 __all__ = [
     "InvalidSignatureError",
     "MalformedSignatureError",
+    "RequestSigner",
     "SignatureError",
     "content_digest",
     "load_private_key",
@@ -47,7 +48,8 @@ _REQUIRED_COMPONENTS = ("@method", "@path", "@authority", "content-type", "conte
 _ALLOWED_PARAMS = frozenset({"alg", "created", "expires", "keyid", "nonce"})
 _CLOCK_SKEW = 5  # seconds a signer's clock may run ahead; also grace after expiry
 _MAX_AGE = 300  # seconds a signature stays acceptable after `created`
-_DIGESTS = MappingProxyType({"sha-512": "sha512", "sha-256": "sha256"})  # preference order
+# Preference order; the constructors themselves, cheaper to call than hashlib.new(name).
+_DIGESTS = MappingProxyType({"sha-512": hashlib.sha512, "sha-256": hashlib.sha256})
 
 _KEY = re.compile(r"[a-z*][a-z0-9_.*-]*")
 _BARE = re.compile(  # RFC 8941 bare items; the group name says which kind matched
@@ -190,6 +192,14 @@ class _Parser:
 
 
 def _ser_bare(value: _Bare) -> str:
+    kind = type(value)  # exact types first: the common cases, cheaply (bool is no int)
+    if kind is str:
+        text = cast(str, value)
+        if '"' in text or "\\" in text:
+            text = text.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{text}"'
+    if kind is int:
+        return str(value)
     if isinstance(value, bool):
         return "?1" if value else "?0"
     if isinstance(value, int):
@@ -213,9 +223,66 @@ def _ser_inner_list(value: _InnerList) -> str:
     return f"({inner}){_ser_params(value.params)}"
 
 
+# --- Fast path: the exact shapes a Dispatch signer emits -------------------------------------
+#
+# The fast parser accepts only a strict subset of the RFC 8941 grammar (one member, single
+# spaces between items, no escapes, no negative or decimal numbers, no tokens, no booleans)
+# and returns exactly what `_Parser` returns for that text; for anything else it returns
+# None and the general parser decides. tests/test_signature_fastpath.py checks both agree.
+
+_Dictionary = dict[str, _Item | _InnerList]
+_Parse = Callable[[str, str], _Dictionary]  # (header value, header name) -> members
+
+
+_FAST_BYTES = re.compile(r"([a-z*][a-z0-9_.*-]*)=:([A-Za-z0-9+/]*={0,2}):")
+_FAST_INNER = re.compile(r'([a-z*][a-z0-9_.*-]*)=\(("[!#-\[\]-~]*"(?: "[!#-\[\]-~]*")*)\)')
+_FAST_COMPONENT = re.compile(r'"([!#-\[\]-~]*)"')
+_FAST_PARAM = re.compile(r';([a-z*][a-z0-9_.*-]*)=(?:([0-9]{1,15})|"([ !#-\[\]-~]*)")')
+
+
+def _fast_dictionary(text: str) -> _Dictionary | None:
+    """Parse a one-member dictionary of a shape Dispatch signers emit, or return None.
+
+    Recognised: ``label=:<base64>:`` (Signature, Content-Digest) and ``label=("a" "b"
+    ...);key=<digits>;key="string"...`` (Signature-Input).
+    """
+    if (m := _FAST_BYTES.fullmatch(text)) is not None:
+        try:
+            value = base64.b64decode(m[2], validate=True)
+        except ValueError:
+            return None  # the general parser reports it
+        return {m[1]: _Item(value, {})}
+    if (m := _FAST_INNER.match(text)) is None:
+        return None
+    items = [_Item(name, {}) for name in _FAST_COMPONENT.findall(m[2])]
+    params: dict[str, _Bare] = {}
+    i, end = m.end(), len(text)
+    while i < end:
+        if (p := _FAST_PARAM.match(text, i)) is None:
+            return None
+        digits = p[2]
+        params[p[1]] = int(digits) if digits is not None else p[3]
+        i = p.end()
+    return {m[1]: _InnerList(items, params)}
+
+
+def _parse_dictionary(text: str, field: str) -> _Dictionary:
+    """Parse a header value with the fast path when it applies, else the general parser."""
+    fast = _fast_dictionary(text)
+    return fast if fast is not None else _Parser(text, field).dictionary()
+
+
 # --- Signature base (RFC 9421 section 2.5) ------------------------------------------------------
 
 _Headers = Sequence[tuple[str, str]]
+_Index = dict[str, list[str]]  # lowercase header name -> values, in order
+
+
+def _index(headers: Iterable[tuple[str, str]]) -> _Index:
+    index: _Index = {}
+    for key, value in headers:
+        index.setdefault(key.lower(), []).append(value)
+    return index
 
 
 def _header_values(headers: _Headers, name: str) -> list[str]:
@@ -223,17 +290,16 @@ def _header_values(headers: _Headers, name: str) -> list[str]:
     return [value for key, value in headers if key.lower() == name]
 
 
-def _parse_header(headers: _Headers, name: str) -> dict[str, _Item | _InnerList]:
-    values = _header_values(headers, name)
+def _parse_header(index: _Index, name: str, parse: _Parse) -> _Dictionary:
+    values = index.get(name.lower())
     if not values:
         raise MalformedSignatureError(
             f"the request has no {name} header; requests must be signed (RFC 9421)"
         )
-    return _Parser(", ".join(values), name).dictionary()
+    return parse(", ".join(values), name)
 
 
-def _derived(name: str, method: str, url: str) -> str:
-    parts = urlsplit(url)
+def _derived(name: str, method: str, url: str, parts: SplitResult) -> str:
     if name == "@method":
         return method.upper()
     if name == "@scheme":
@@ -257,8 +323,14 @@ def _derived(name: str, method: str, url: str) -> str:
 
 def _signature_base(method: str, url: str, headers: _Headers, covered: _InnerList) -> str:
     """Build the signature base for the covered components and parameters in ``covered``."""
+    return _base_lines(method, url, _index(headers), covered, final=True)
+
+
+def _base_lines(method: str, url: str, index: _Index, covered: _InnerList, *, final: bool) -> str:
+    """Join the component lines; with `final`, add the ``@signature-params`` line."""
     lines: list[str] = []
     seen: set[str] = set()
+    parts: SplitResult | None = None  # split on first use: a bad URL fails only if used
     for item in covered.items:
         name = item.value
         if not isinstance(name, str) or isinstance(name, _Token):
@@ -271,9 +343,11 @@ def _signature_base(method: str, url: str, headers: _Headers, covered: _InnerLis
             raise MalformedSignatureError(f"invalid or repeated covered component {name!r}")
         seen.add(name)
         if name.startswith("@"):
-            value = _derived(name, method, url)
+            if parts is None:
+                parts = urlsplit(url)
+            value = _derived(name, method, url, parts)
         else:
-            values = _header_values(headers, name)
+            values = index.get(name)
             if not values:
                 raise MalformedSignatureError(
                     f"the signature covers the {name!r} header but the request has none"
@@ -282,7 +356,8 @@ def _signature_base(method: str, url: str, headers: _Headers, covered: _InnerLis
         if "\n" in value or "\r" in value:
             raise MalformedSignatureError(f"component {name!r} contains a line break")
         lines.append(f"{_ser_bare(name)}: {value}")
-    lines.append(f'"@signature-params": {_ser_inner_list(covered)}')
+    if final:
+        lines.append(f'"@signature-params": {_ser_inner_list(covered)}')
     base = "\n".join(lines)
     if not base.isascii():
         raise MalformedSignatureError("covered component values must be ASCII")
@@ -325,7 +400,89 @@ def content_digest(body: bytes, algorithm: str = "sha-512") -> str:
     """
     if algorithm not in _DIGESTS:
         raise ValueError(f"unsupported digest algorithm {algorithm!r}; use 'sha-512' or 'sha-256'")
-    return f"{algorithm}={_ser_bare(hashlib.new(_DIGESTS[algorithm], body).digest())}"
+    return f"{algorithm}={_ser_bare(_DIGESTS[algorithm](body).digest())}"
+
+
+class RequestSigner:
+    """Signs requests to one URL the way the Dispatch scheduler does.
+
+    Everything in the signature base but the body digest and the creation time is
+    computed once, so that signing a request costs little more than the Ed25519
+    signature. `sign_request` signs through it.
+
+    Args:
+        key: The Ed25519 signing key.
+        method: The HTTP method.
+        url: The absolute request URL (its host and path are signed).
+        headers: The request headers; must include ``Content-Type`` (a signed component).
+            Other headers are not signed; a ``Content-Digest`` is ignored (each request
+            gets its own).
+        label: The signature label.
+        key_id: The ``keyid`` parameter.
+
+    Raises:
+        ValueError: If ``headers`` has no Content-Type, or the URL, label or key id is unusable.
+    """
+
+    __slots__ = ("_head", "_input_head", "_key", "_label", "_params_head", "_params_tail")
+
+    def __init__(
+        self,
+        key: Ed25519PrivateKey,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        label: str = "dispatch",
+        key_id: str = "default",
+    ) -> None:
+        pairs = [(k, v) for k, v in headers.items() if k.lower() != "content-digest"]
+        if not _header_values(pairs, "content-type"):
+            raise ValueError("cannot sign a request without a Content-Type header (it is signed)")
+        if not urlsplit(url).netloc:
+            raise ValueError(
+                f"cannot sign request URL {url!r}: it must be absolute (scheme://host/…)"
+            )
+        if not key_id.isascii() or not key_id.isprintable():
+            raise ValueError(f"key id {key_id!r} must be printable ASCII")
+        if not _KEY.fullmatch(label):
+            raise ValueError(
+                f"invalid signature label {label!r}: use lowercase letters, digits, _-.*"
+            )
+        # The profile's components end with content-digest, the only per-request value.
+        fixed = _InnerList([_Item(c, {}) for c in _REQUIRED_COMPONENTS[:-1]], {})
+        try:
+            head = _base_lines(method, url, _index(pairs), fixed, final=False)
+        except MalformedSignatureError as exc:
+            raise ValueError(f"cannot sign the request: {exc}") from None
+        self._key = key
+        self._label = label
+        self._head = f'{head}\n"content-digest": '
+        components = _InnerList([_Item(c, {}) for c in _REQUIRED_COMPONENTS], {})
+        self._params_head = f"{_ser_inner_list(components)};created="
+        self._params_tail = f";keyid={_ser_bare(key_id)};alg={_ser_bare('ed25519')}"
+        self._input_head = f"{label}={self._params_head}"
+
+    def sign(self, body: bytes, *, created: int | None = None) -> dict[str, str]:
+        """Sign a request with this body.
+
+        Args:
+            body: The request body, digested into ``Content-Digest``.
+            created: Signature creation time in Unix seconds (default: now).
+
+        Returns:
+            The headers to add: ``Content-Digest``, ``Signature-Input`` and ``Signature``.
+        """
+        digest = content_digest(body)
+        when = int(time.time()) if created is None else created
+        tail = _ser_bare(when) + self._params_tail
+        base = f'{self._head}{digest}\n"@signature-params": {self._params_head}{tail}'
+        signature = base64.b64encode(self._key.sign(base.encode("ascii"))).decode("ascii")
+        return {
+            "Content-Digest": digest,
+            "Signature-Input": self._input_head + tail,
+            "Signature": f"{self._label}=:{signature}:",
+        }
 
 
 def sign_request(
@@ -340,6 +497,8 @@ def sign_request(
     key_id: str = "default",
 ) -> dict[str, str]:
     """Sign a request the way the Dispatch scheduler does.
+
+    To sign many requests to one URL, make a `RequestSigner` once instead.
 
     Args:
         key: The Ed25519 signing key.
@@ -357,19 +516,8 @@ def sign_request(
     Raises:
         ValueError: If ``headers`` has no Content-Type, or the URL, label or key id is unusable.
     """
-    pairs = [(k, v) for k, v in headers.items() if k.lower() != "content-digest"]
-    if not _header_values(pairs, "content-type"):
-        raise ValueError("cannot sign a request without a Content-Type header (it is signed)")
-    if not urlsplit(url).netloc:
-        raise ValueError(f"cannot sign request URL {url!r}: it must be absolute (scheme://host/…)")
-    if not key_id.isascii() or not key_id.isprintable():
-        raise ValueError(f"key id {key_id!r} must be printable ASCII")
-    digest = content_digest(body)
-    pairs.append(("Content-Digest", digest))
-    when = int(time.time()) if created is None else created
-    params: dict[str, _Bare] = {"created": when, "keyid": key_id, "alg": "ed25519"}
-    sig_input, signature = _sign(key, method, url, pairs, _REQUIRED_COMPONENTS, params, label)
-    return {"Content-Digest": digest, "Signature-Input": sig_input, "Signature": signature}
+    signer = RequestSigner(key, method, url, headers, label=label, key_id=key_id)
+    return signer.sign(body, created=created)
 
 
 def verify_request(
@@ -408,11 +556,12 @@ def _verify(
     now: float | None = None,
     required_components: Sequence[str] = _REQUIRED_COMPONENTS,
     key_id: str = "default",
+    parse: _Parse = _parse_dictionary,
 ) -> None:
     """Verify with configurable requirements; every shape check precedes every value check."""
-    pairs = list(headers.items())
-    inputs = _parse_header(pairs, "Signature-Input")
-    signatures = _parse_header(pairs, "Signature")
+    index = _index(headers.items())
+    inputs = _parse_header(index, "Signature-Input", parse)
+    signatures = _parse_header(index, "Signature", parse)
     if len(inputs) != 1 or len(signatures) != 1:
         raise MalformedSignatureError(
             f"expected exactly one signature, found {len(inputs)} in Signature-Input "
@@ -437,8 +586,8 @@ def _verify(
     _param(params, "nonce", str)
     if created is None or keyid is None:
         raise MalformedSignatureError("the signature must have 'created' and 'keyid' parameters")
-    claimed, actual = _digests(pairs, body)
-    base = _signature_base(method, url, pairs, covered)
+    claimed, actual = _digests(index, body, parse)
+    base = _base_lines(method, url, index, covered, final=True)
     names = [item.value for item in covered.items]
     if missing := [c for c in required_components if c not in names]:
         raise MalformedSignatureError(
@@ -481,14 +630,14 @@ def _param(params: Mapping[str, _Bare], name: str, kind: type[_T]) -> _T | None:
     return value
 
 
-def _digests(headers: _Headers, body: bytes) -> tuple[bytes, bytes]:
+def _digests(index: _Index, body: bytes, parse: _Parse) -> tuple[bytes, bytes]:
     """Return (claimed, actual) digests using the preferred algorithm present."""
-    members = _parse_header(headers, "Content-Digest")
-    for algorithm, hash_name in _DIGESTS.items():
+    members = _parse_header(index, "Content-Digest", parse)
+    for algorithm, hash_function in _DIGESTS.items():
         if (member := members.get(algorithm)) is not None:
             if not isinstance(member, _Item) or not isinstance(member.value, bytes):
                 raise MalformedSignatureError(f"Content-Digest {algorithm} must be a byte sequence")
-            return member.value, hashlib.new(hash_name, body).digest()
+            return member.value, hash_function(body).digest()
     raise MalformedSignatureError(
         f"Content-Digest has no sha-512 or sha-256 member (found: {', '.join(members) or 'none'})"
     )

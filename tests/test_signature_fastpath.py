@@ -1,0 +1,342 @@
+"""The signature fast paths against the general code they shortcut.
+
+Verification parses the exact header shapes a Dispatch signer emits with a few regular
+expressions and falls back to the RFC 8941 parser for anything else; signing builds the
+signature base from parts computed once per URL. Both must agree with the general path
+on every input: these tests generate headers around the recognised shapes (and
+mutations of them) and compare.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from dispatch_aio._signature import (
+    InvalidSignatureError,
+    MalformedSignatureError,
+    RequestSigner,
+    SignatureError,
+    _Dictionary,
+    _fast_dictionary,
+    _InnerList,
+    _Item,
+    _Parser,
+    _sign,
+    _Token,
+    _verify,
+    content_digest,
+    load_private_key,
+    load_public_key,
+    sign_request,
+    verify_request,
+)
+
+# RFC 9421 Appendix B.1.4 test-key-ed25519 (published for testing).
+PRIVATE_KEY = load_private_key(base64.b64decode("n4Ni+HpISpVObnQMW0wOhCKROaIKqKtW/2ZYb2p9KcU="))
+PUBLIC_KEY = load_public_key("JrQLj5P/89iXES9+vFgrIy29clF9CC/oPPsw3c5D0bs=")
+URL = "http://127.0.0.1:8000/dispatch.sdk.v1.FunctionService/Run"
+CREATED = 1718000000
+COMPONENTS = ("@method", "@path", "@authority", "content-type", "content-digest")
+
+
+def general(text: str, field: str) -> _Dictionary:
+    """The general RFC 8941 parser alone."""
+    return _Parser(text, field).dictionary()
+
+
+def typed(value: Any) -> Any:
+    """A comparable form that keeps types apart (a token is no string, True is no 1)."""
+    if isinstance(value, dict):
+        return [(key, typed(v)) for key, v in value.items()]
+    if isinstance(value, _InnerList):
+        return ("inner", [typed(item) for item in value.items], typed(value.params))
+    if isinstance(value, _Item):
+        return ("item", typed(value.value), typed(value.params))
+    return (type(value).__name__, value)
+
+
+def result(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """What `fn` returns, or the message of the ValueError it raises."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        return ("ValueError", str(exc))
+
+
+def outcome(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    try:
+        fn(*args, **kwargs)
+    except (SignatureError, ValueError) as exc:
+        return type(exc), str(exc)
+    return ("ok",)
+
+
+# --- parsing: fast result == general result --------------------------------------------------
+
+# Characters that matter to the grammar, plus ordinary ones.
+SPECIAL = ' "\\;=:(),.-_*@?!#~/+\t0123456789aAzZ'
+
+
+def mostly(usual: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> Any:
+    """`usual` four times in five, else `other`."""
+    return st.integers(0, 4).flatmap(lambda n: other if n == 0 else usual)
+
+
+labels = mostly(
+    st.sampled_from(["dispatch", "sig-b26", "*", "a.b_c-d*"]),
+    st.one_of(st.sampled_from(["Dispatch", "9x", ""]), st.text("abz09*_.-A ", max_size=6)),
+)
+component_names = mostly(
+    st.one_of(st.sampled_from(COMPONENTS), st.text("az@-!#~[]", max_size=6)),
+    st.one_of(
+        st.sampled_from(["a\\\\b", 'a\\"b', "a b"]),  # escapes, a space
+        st.text('az@-"\\ !#~[]', max_size=6),
+    ),
+)
+param_keys = mostly(
+    st.sampled_from(["created", "keyid", "alg", "expires", "nonce", "tag", "*k"]),
+    st.text("az*_-A9", max_size=4),
+)
+param_values = mostly(
+    st.one_of(
+        st.integers(min_value=0, max_value=10**16).map(str),
+        st.integers(min_value=0, max_value=999).map(lambda n: "0" + str(n)),  # leading zero
+        st.sampled_from(['"default"', '"ed25519"', '""', '"a\\\\b"', '"a\\"b"', '"a b"']),
+        st.text(SPECIAL.replace('"', "").replace("\\", "") + "ek", max_size=8).map(
+            lambda t: f'"{t}"'
+        ),
+    ),
+    st.one_of(
+        st.integers(min_value=-99, max_value=-1).map(str),
+        st.sampled_from(["default", "?1", "?0", ":AAAA:", "1.5"]),
+        st.text(SPECIAL + "ek", max_size=8).map(lambda t: f'"{t}"'),
+        st.text(SPECIAL, max_size=4),
+    ),
+)
+
+
+@st.composite
+def inner_list_headers(draw: st.DrawFn) -> str:
+    names = draw(st.lists(component_names, max_size=6))
+    quoted = [n if draw(st.integers(0, 19)) == 0 else f'"{n}"' for n in names]
+    separator = draw(st.sampled_from([" "] * 8 + ["  ", "\t"]))
+    params = draw(st.lists(st.tuples(param_keys, param_values), max_size=4))
+    text = f"{draw(labels)}=({separator.join(quoted)})"
+    return text + "".join(f";{key}={value}" for key, value in params)
+
+
+@st.composite
+def byte_sequence_headers(draw: st.DrawFn) -> str:
+    data = base64.b64encode(draw(st.binary(max_size=70))).decode()
+    if draw(st.integers(0, 4)) == 0:
+        data = draw(st.text("AZaz09+/=:*-", max_size=12))
+    return f"{draw(labels)}=:{data}:"
+
+
+@st.composite
+def mutated(draw: st.DrawFn, texts: st.SearchStrategy[str]) -> str:
+    """Apply a few random edits (insert, delete, replace) to a header value."""
+    text = draw(texts)
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 3]))):
+        position = draw(st.integers(0, len(text)))
+        char = draw(st.sampled_from(SPECIAL))
+        edit = draw(st.sampled_from(["insert", "delete", "replace"]))
+        if edit == "insert":
+            text = text[:position] + char + text[position:]
+        elif edit == "delete":
+            text = text[:position] + text[position + 1 :]
+        else:
+            text = text[:position] + char + text[position + 1 :]
+    if draw(st.integers(0, 19)) == 0:
+        text += draw(st.sampled_from([", ", ",", " ", ", other=:AAAA:", ";x=1"]))
+    return text
+
+
+header_texts = mutated(st.one_of(inner_list_headers(), byte_sequence_headers()))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=header_texts)
+def test_fast_parse_equals_general_parse(text: str) -> None:
+    fast = _fast_dictionary(text)
+    event("fast path" if fast is not None else "general path")
+    if fast is None:
+        return  # the general parser decides alone
+    assert typed(fast) == typed(general(text, "Signature-Input"))
+
+
+def test_fast_parse_recognises_what_the_signer_emits() -> None:
+    headers = sign_request(PRIVATE_KEY, "POST", URL, {"Content-Type": "a/b"}, b"x", created=1)
+    for name in ("Content-Digest", "Signature-Input", "Signature"):
+        fast = _fast_dictionary(headers[name])
+        assert fast is not None, name
+        assert typed(fast) == typed(general(headers[name], name))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " dispatch=:AAAA:",  # leading space
+        "dispatch=:AAAA: ",
+        "dispatch=:AAA:",  # bad padding: the general parser reports it
+        "dispatch=:AAAA:;x=1",
+        'dispatch=("@method"  "@path")',
+        'dispatch=( "@method")',
+        'dispatch=("a\\"b")',
+        'dispatch=("@method");created=0123456789012345',  # 16 digits
+        'dispatch=("@method");created=-1',
+        'dispatch=("@method");created=1.5',
+        'dispatch=("@method");keyid=default',  # a token
+        'dispatch=("@method");flag',
+        'dispatch=("@method"), other=("@path")',
+        'dispatch=("@method")\n',
+    ],
+)
+def test_fast_parse_declines_other_shapes(text: str) -> None:
+    assert _fast_dictionary(text) is None
+
+
+# --- verification: same outcome with and without the fast path ---------------------------------
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[dict[str, str], bytes, float]:
+    body = draw(st.binary(max_size=64))
+    headers = {"Content-Type": "application/proto"}
+    components = draw(
+        mostly(
+            st.one_of(st.just(COMPONENTS), st.permutations(COMPONENTS)),
+            st.lists(st.sampled_from([*COMPONENTS, "x-other"]), max_size=6).map(tuple),
+        )
+    )
+    params: dict[str, int | str] = {"created": CREATED, "keyid": "default", "alg": "ed25519"}
+    if draw(st.integers(0, 3)) == 0:
+        extra = draw(
+            st.dictionaries(
+                st.sampled_from(["created", "keyid", "alg", "expires", "nonce", "tag"]),
+                st.one_of(
+                    st.integers(CREATED - 400, CREATED + 20),
+                    st.sampled_from(["default", "ed25519", "other"]),
+                ),
+                max_size=3,
+            )
+        )
+        params.update(extra)
+    pairs = [*headers.items(), ("Content-Digest", content_digest(body)), ("X-Other", "v")]
+    try:
+        sig_input, signature = _sign(
+            PRIVATE_KEY, "POST", URL, pairs, components, params, "dispatch"
+        )
+    except ValueError:
+        sig_input, signature = "dispatch=()", "dispatch=:AAAA:"
+    signed = {
+        **headers,
+        "Content-Digest": content_digest(body),
+        "Signature-Input": sig_input,
+        "Signature": signature,
+    }
+    # Edit one of the parsed headers, sometimes.
+    name = draw(st.sampled_from(["Signature-Input", "Signature", "Content-Digest", None, None]))
+    if name is not None:
+        signed[name] = draw(mutated(st.just(signed[name])))
+    if draw(st.integers(0, 4)) == 0:
+        body = body + b"!"
+    now = draw(st.sampled_from([CREATED, CREATED + 1, CREATED + 300, CREATED + 400, CREATED - 10]))
+    return signed, body, now
+
+
+@settings(max_examples=1500, deadline=None)
+@given(request=requests())
+def test_verify_outcome_equals_general_path(request: tuple[dict[str, str], bytes, float]) -> None:
+    headers, body, now = request
+    fast = outcome(verify_request, PUBLIC_KEY, "POST", URL, headers, body, now=now)
+    slow = outcome(_verify, PUBLIC_KEY, "POST", URL, headers, body, now=now, parse=general)
+    event(f"outcome: {fast[0] if fast == ('ok',) else fast[0].__name__}")
+    assert fast == slow
+
+
+def test_verify_rejections_unchanged_by_fast_path() -> None:
+    good = sign_request(PRIVATE_KEY, "POST", URL, {"Content-Type": "a/b"}, b"x", created=CREATED)
+    headers = {"Content-Type": "a/b", **good}
+    verify_request(PUBLIC_KEY, "POST", URL, headers, b"x", now=CREATED)
+    wrong_key = {**headers, "Signature-Input": good["Signature-Input"].replace("default", "x")}
+    with pytest.raises(InvalidSignatureError, match="keyid 'x'"):
+        verify_request(PUBLIC_KEY, "POST", URL, wrong_key, b"x", now=CREATED)
+    extra = {**headers, "Signature-Input": good["Signature-Input"] + ";tag=1"}
+    with pytest.raises(MalformedSignatureError, match="unsupported signature parameter"):
+        verify_request(PUBLIC_KEY, "POST", URL, extra, b"x", now=CREATED)
+
+
+# --- signing: RequestSigner == the general signer ------------------------------------------------
+
+hosts = st.sampled_from(
+    ["127.0.0.1:8000", "Example.COM", "example.com:80", "h:443", "user@h:1", "[::1]:9"]
+)
+paths = st.text("abcXYZ09-._~!$&'()*+,;=:@%/", max_size=20).map(lambda p: "/" + p)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    scheme=st.sampled_from(["http", "https", "HTTP"]),
+    host=hosts,
+    path=paths,
+    query=st.one_of(st.just(""), st.text("a=b&c", max_size=6).map(lambda q: "?" + q)),
+    method=st.sampled_from(["POST", "post", "PUT"]),
+    content_type=st.text(" abc/;=+-\t", min_size=1, max_size=12),
+    key_id=st.text('az09"\\- ', min_size=0, max_size=6),
+    label=st.sampled_from(["dispatch", "sig-1", "*x"]),
+    body=st.binary(max_size=100),
+    created=st.integers(min_value=0, max_value=2**40),
+)
+def test_request_signer_equals_general_signer(
+    scheme: str,
+    host: str,
+    path: str,
+    query: str,
+    method: str,
+    content_type: str,
+    key_id: str,
+    label: str,
+    body: bytes,
+    created: int,
+) -> None:
+    url = f"{scheme}://{host}{path}{query}"
+    headers = {"Content-Type": content_type}
+    digest = content_digest(body)
+    params = {"created": created, "keyid": key_id, "alg": "ed25519"}
+    pairs = [*headers.items(), ("Content-Digest", digest)]
+    expected = result(_sign, PRIVATE_KEY, method, url, pairs, COMPONENTS, params, label)
+    signer = result(RequestSigner, PRIVATE_KEY, method, url, headers, label=label, key_id=key_id)
+    if not isinstance(signer, RequestSigner):
+        assert signer == expected  # refused by both, for the same reason
+        return
+    produced = signer.sign(body, created=created)
+    assert (produced["Signature-Input"], produced["Signature"]) == expected
+    assert produced["Content-Digest"] == digest
+    assert signer.sign(body, created=created) == produced  # reusable
+
+
+def test_request_signer_refuses_what_sign_request_refuses() -> None:
+    with pytest.raises(ValueError, match="without a Content-Type header"):
+        RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Digest": "x"})
+    with pytest.raises(ValueError, match="must be absolute"):
+        RequestSigner(PRIVATE_KEY, "POST", "/Run", {"Content-Type": "a/b"})
+    with pytest.raises(ValueError, match="printable ASCII"):
+        RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Type": "a/b"}, key_id="é")
+    with pytest.raises(ValueError, match="invalid signature label"):
+        RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Type": "a/b"}, label="A")
+    with pytest.raises(ValueError, match="line break"):
+        RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Type": "a\nb"})
+
+
+def test_request_signer_uses_the_clock() -> None:
+    signer = RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Type": "a/b"})
+    headers = {"Content-Type": "a/b", **signer.sign(b"body")}
+    verify_request(PUBLIC_KEY, "POST", URL, headers, b"body")
+    assert ";created=" in headers["Signature-Input"]
+    assert _Token("x") == "x"  # why `typed` keeps types apart
