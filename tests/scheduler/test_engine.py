@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 from aiohttp import web
@@ -14,7 +14,17 @@ from google.protobuf import any_pb2, duration_pb2
 
 from dispatch_aio._status import status_for_http
 from dispatch_aio.proto.sdk.v1 import call_pb2, exit_pb2, function_pb2, status_pb2
-from dispatch_aio.scheduler import DEFAULT_EXPIRATION, RetryPolicy, Scheduler
+from dispatch_aio.scheduler import DEFAULT_EXPIRATION, RetryPolicy, Scheduler, SQLiteStore
+from dispatch_aio.scheduler._store import (
+    WRITE_ALONE,
+    CallQuery,
+    CallRecord,
+    InsertCall,
+    Op,
+    Snapshot,
+    Store,
+    UpdateCall,
+)
 
 from .scripted import (
     Received,
@@ -647,3 +657,81 @@ def test_backoff_is_capped_and_never_overflows() -> None:
     delays = [policy.backoff(n, rng) for n in (1, 2, 3, 10, 10_000)]
     assert all(0 <= d <= 5.0 for d in delays)
     assert delays[0] <= 1.0
+
+
+class HintRecordingStore(Store):
+    """A real SQLite store that notes, for each write, its calls and the WRITE_ALONE hint."""
+
+    def __init__(self) -> None:
+        self.inner = SQLiteStore(":memory:")
+        self.writes: list[tuple[str, bool]] = []
+        self.written = asyncio.Event()
+
+    async def wait_writes(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.writes) < count:
+                self.written.clear()
+                await self.written.wait()
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def write(self, ops: Sequence[Op]) -> None:
+        changed = [
+            f"{op.record.function}:{op.record.phase.name}"
+            for op in ops
+            if isinstance(op, InsertCall | UpdateCall)
+        ]
+        self.writes.append((" ".join(changed), WRITE_ALONE.get()))
+        await self.inner.write(ops)
+        self.written.set()
+
+    async def load(self) -> Snapshot:
+        return await self.inner.load()
+
+    async def get_call(self, dispatch_id: str) -> CallRecord | None:
+        return await self.inner.get_call(dispatch_id)
+
+    async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
+        return await self.inner.list_calls(query)
+
+    async def count_children(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
+        return await self.inner.count_children(dispatch_ids)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        return await self.inner.get_meta(key)
+
+
+async def test_writes_are_marked_alone_only_with_no_other_attempt_in_flight(
+    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
+) -> None:
+    store = HintRecordingStore()
+    s = await make_scheduler(store, default_endpoint=endpoint.url)
+    gate = Gate()
+    endpoint.on("child", gate.script())
+
+    def parent(req: function_pb2.RunRequest) -> function_pb2.RunResponse:
+        if not resumed(req):
+            return poll(
+                [call("child", "a", correlation_id=1), call("child", "b", 2)], min_results=2
+            )
+        return ok("done")
+
+    endpoint.on("parent", parent)
+    [pid] = await s.dispatch([call("parent")])
+    await endpoint.wait_for(lambda: len(endpoint.requests_for("child")) == 2)
+    gate.release("a")
+    await store.wait_writes(3)  # a's result is recorded while b still runs
+    gate.release("b")
+    async with asyncio.timeout(5):
+        await s.wait(pid)
+    assert store.writes == [
+        ("parent:PENDING", False),  # a submission: not an attempt
+        ("child:PENDING child:PENDING parent:SUSPENDED", True),  # the parent's poll
+        ("child:DONE", False),  # a finished while b ran
+        ("child:DONE", True),  # b finished alone
+        ("parent:DONE", True),
+    ]

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from dispatch_aio.scheduler import SQLiteStore, StoreError
 from dispatch_aio.scheduler._sqlite import SCHEMA_VERSION
 from dispatch_aio.scheduler._store import (
+    WRITE_ALONE,
     AddResult,
     CallQuery,
     CallRecord,
@@ -233,3 +235,81 @@ async def test_writing_to_a_closed_store_fails(tmp_path: Path) -> None:
     store = SQLiteStore(str(tmp_path / "calls.db"))
     with pytest.raises(StoreError, match="not open"):
         await store.write([InsertCall(record("a"))])
+
+
+async def yields_to_the_loop(write: Awaitable[None], *, alone: bool) -> bool:
+    """Await `write` with the WRITE_ALONE hint; return whether the loop got a turn meanwhile."""
+    turns: list[int] = []
+    asyncio.get_running_loop().call_soon(turns.append, 1)
+    token = WRITE_ALONE.set(alone)
+    try:
+        await write
+    finally:
+        WRITE_ALONE.reset(token)
+    return bool(turns)
+
+
+async def test_a_write_made_alone_commits_on_the_loop_thread(tmp_path: Path) -> None:
+    path = str(tmp_path / "calls.db")
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await yields_to_the_loop(store.write([InsertCall(record("t"))]), alone=False)
+        before = store.commits
+        # Alone: committed before `write` returns, without handing it to the writer thread.
+        assert not await yields_to_the_loop(store.write([InsertCall(record("a"))]), alone=True)
+        assert store.commits == before + 1
+        # Atomic as ever: a failing write made alone leaves nothing behind.
+        with pytest.raises(StoreError, match="UNIQUE"):
+            await yields_to_the_loop(
+                store.write([InsertCall(record("b")), InsertCall(record("a"))]), alone=True
+            )
+        assert await store.get_call("b") is None
+    finally:
+        await store.close()
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        assert [c.id for c in (await reopened.load()).calls] == ["t", "a"]
+    finally:
+        await reopened.close()
+
+
+async def test_a_write_made_alone_joins_queued_writes(store: SQLiteStore) -> None:
+    queued = asyncio.ensure_future(store.write([InsertCall(record("q"))]))
+    await asyncio.sleep(0)  # the first write is handed to the writer thread
+    before = store.commits
+    assert await yields_to_the_loop(store.write([InsertCall(record("a"))]), alone=True)
+    await queued
+    assert {r.id for _, r in await store.list_calls(CallQuery())} == {"q", "a"}
+    assert store.commits - before <= 2
+
+
+async def test_a_write_made_alone_does_not_wait_for_a_read_on_the_loop(
+    store: SQLiteStore,
+) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_read() -> None:  # runs on the writer thread, holding the connection
+        started.set()
+        release.wait(10)
+
+    reading = asyncio.ensure_future(store._run(slow_read))
+    await asyncio.to_thread(started.wait, 10)
+    writing = asyncio.ensure_future(
+        yields_to_the_loop(store.write([InsertCall(record("a"))]), alone=True)
+    )
+    await asyncio.sleep(0.05)
+    assert not writing.done()  # queued behind the read, and the loop is free meanwhile
+    release.set()
+    assert await writing
+    await reading
+    assert await store.get_call("a") is not None
+
+
+async def test_writes_go_to_the_writer_thread_after_a_slow_commit(store: SQLiteStore) -> None:
+    store._last_commit = 1.0  # as if the disk took a second to sync
+    assert await yields_to_the_loop(store.write([InsertCall(record("a"))]), alone=True)
+    # That commit was fast: the next write made alone stays on the loop's thread again.
+    assert not await yields_to_the_loop(store.write([InsertCall(record("b"))]), alone=True)

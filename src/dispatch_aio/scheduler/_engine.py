@@ -46,6 +46,7 @@ from .._status import Status
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ._invoker import Invoker, Outcome
 from ._store import (
+    WRITE_ALONE,
     AddResult,
     CallRecord,
     InsertCall,
@@ -379,11 +380,15 @@ class Engine:
             rec = live.rec
             now = self._clock()
             if now >= rec.expires_at:
+                WRITE_ALONE.set(len(self._tasks) == 1)
                 await self._expire(live, [], attempted=False)
             else:
                 request, delivered = self._request(live)
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
                 outcome = await self._invoker.run(rec.endpoint, request, timeout)
+                # Set in this task's own context, checked just before the write: with no
+                # other attempt in flight, the loop has nothing to do until it returns.
+                WRITE_ALONE.set(len(self._tasks) == 1)
                 if not await self._handle(live, outcome, delivered):
                     live.queue.extendleft(reversed(delivered))
                 delivered = []

@@ -14,13 +14,14 @@ import collections
 import json
 import logging
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from .. import __version__
-from .._signature import sign_request
+from .._signature import RequestSigner
 from .._status import Status, status_for_http
 from ..proto.sdk.v1 import function_pb2
 
@@ -30,6 +31,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 RUN_PATH = "/dispatch.sdk.v1.FunctionService/Run"
 _PROTO = "application/proto"
+_HEADERS = MappingProxyType({"Content-Type": _PROTO})
 _OVERLOAD_HTTP = frozenset({429, 503})
 _BODY_EXCERPT = 300
 
@@ -126,6 +128,7 @@ class Invoker:
         self._ceiling = max_concurrency
         self._initial = max(1, initial_concurrency)
         self._windows: dict[str, _Window] = {}
+        self._signers: dict[str, RequestSigner] = {}  # by URL
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -183,8 +186,10 @@ class Invoker:
         self, session: aiohttp.ClientSession, url: str, body: bytes, time_limit: float
     ) -> Outcome:
         # Signed after the slot is acquired, so that `created` is the sending time.
-        headers = {"Content-Type": _PROTO}
-        headers.update(sign_request(self._key, "POST", url, headers, body))
+        signer = self._signers.get(url)
+        if signer is None:
+            signer = self._signers[url] = RequestSigner(self._key, "POST", url, _HEADERS)
+        headers = {**_HEADERS, **signer.sign(body)}
         try:
             async with session.post(
                 url,

@@ -1,10 +1,16 @@
 """SQLite implementation of the scheduler's `Store`.
 
-One connection, opened and used only on one writer thread (a single-thread executor),
-in WAL mode with `synchronous=FULL` and an exclusive lock so that two schedulers never
-share a database. Writes of concurrent operations are grouped: while a transaction
-commits, new writes queue up, and the next transaction takes all of them; each caller
-is answered once its transaction has committed.
+One connection, in WAL mode with `synchronous=FULL` and an exclusive lock so that two
+schedulers never share a database. It is used on a writer thread (a single-thread
+executor), so that the event loop runs on while a transaction commits. Writes of
+concurrent operations are grouped: while a transaction commits, new writes queue up,
+and the next transaction takes all of them; each caller is answered once its
+transaction has committed.
+
+A write the engine makes with nothing else in flight (`WRITE_ALONE`) is committed on
+the event loop's thread instead, when the writer thread is idle and commits are fast:
+the loop would only wait for it, and the two thread hand-offs cost about as much as a
+small commit. A lock keeps the connection to one thread at a time.
 
 The schema version is kept in `PRAGMA user_version`; `_MIGRATIONS[n]` upgrades a
 database from version n to n + 1, so older databases are migrated on open and newer
@@ -14,13 +20,17 @@ ones are refused.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ._store import (
+    WRITE_ALONE,
     AddResult,
     CallQuery,
     CallRecord,
@@ -101,6 +111,8 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
         if statement.strip():
             conn.execute(statement)
 
+
+_INLINE_MAX = 0.002  # seconds: a slower last commit sends writes to the writer thread
 
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
 
@@ -287,6 +299,8 @@ class SQLiteStore(Store):
         self._pending: list[tuple[list[_Statement], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._commits = 0
+        self._conn_lock = threading.Lock()  # held by whichever thread uses the connection
+        self._last_commit = 0.0  # seconds the last transaction took
 
     @property
     def path(self) -> str:
@@ -335,6 +349,19 @@ class SQLiteStore(Store):
             raise StoreError("the store is not open")
         statements = [s for op in ops for s in _statements(op)]
         if not statements:
+            return
+        if (
+            WRITE_ALONE.get()
+            and self._flusher is None  # no write queued or committing
+            and self._last_commit < _INLINE_MAX
+            and self._conn_lock.acquire(blocking=False)  # no read running either
+        ):
+            try:
+                (error,) = self._commit_sync([statements])
+            finally:
+                self._conn_lock.release()
+            if error is not None:
+                raise error
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((statements, future))
@@ -395,7 +422,8 @@ class SQLiteStore(Store):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise StoreError("the store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        job = functools.partial(self._locked, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
 
     async def _flush(self) -> None:
         try:
@@ -416,12 +444,17 @@ class SQLiteStore(Store):
         finally:
             self._flusher = None
 
-    # Writer-thread side: only these methods touch the connection.
+    # Writer-thread side: only these methods touch the connection (`_commit_sync` also on
+    # the loop's thread, for a write made alone); always under `_conn_lock`.
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._conn_lock:
+            return fn(*args)
 
     def _open_sync(self) -> None:
         try:
             conn = sqlite3.connect(
-                self._path, isolation_level=None, timeout=1.0, check_same_thread=True
+                self._path, isolation_level=None, timeout=1.0, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {self._path!r}: {exc}") from exc
@@ -496,6 +529,7 @@ class SQLiteStore(Store):
         errors: list[StoreError | None] | None = None,
     ) -> None:
         """Apply `groups` in one transaction; with `errors`, each group in a savepoint."""
+        start = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for group in groups:
@@ -517,6 +551,7 @@ class SQLiteStore(Store):
                 conn.execute("ROLLBACK")
             raise
         self._commits += 1
+        self._last_commit = time.perf_counter() - start
 
     def _load_sync(self) -> Snapshot:
         conn = self._require()

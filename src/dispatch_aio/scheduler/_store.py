@@ -7,16 +7,23 @@ scheduler acknowledges or sends depends on a write that has not returned.
 
 Reads serve the start-up recovery (`Store.load`) and the inspection service; the
 engine never reads on its hot path.
+
+The engine tells a store, through the context variable `WRITE_ALONE`, when a write is
+the only thing the scheduler has in flight: a store that hands writes to a thread may
+then commit it on the calling thread instead, since the event loop has nothing else to
+do meanwhile. It is a hint about cost only: what a write guarantees is the same.
 """
 
 from __future__ import annotations
 
 import abc
+import contextvars
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "WRITE_ALONE",
     "AddResult",
     "CallQuery",
     "CallRecord",
@@ -33,6 +40,10 @@ __all__ = [
     "StoreError",
     "UpdateCall",
 ]
+
+
+WRITE_ALONE = contextvars.ContextVar("dispatch_aio_scheduler_write_alone", default=False)
+"""True while the engine writes with no other attempt in flight (see the module docstring)."""
 
 
 class StoreError(Exception):
