@@ -144,6 +144,8 @@ _MUTABLE = (
     "result",
     "finished_at",
 )
+# Where each mutable column sits among all columns (and so in _insert_params).
+_MUTABLE_AT = tuple([c.strip() for c in _COLUMNS.split(",")].index(c) for c in _MUTABLE)
 _INSERT_CALL = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * 27)})"
 _UPDATE_CALL = f"UPDATE calls SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?"
 _ADD_RESULT = "INSERT INTO results (seq, poller_id, generation, result) VALUES (?, ?, ?, ?)"
@@ -197,28 +199,8 @@ def _insert_params(r: CallRecord) -> tuple[Any, ...]:
 
 
 def _update_params(r: CallRecord) -> tuple[Any, ...]:
-    return (
-        r.endpoint,
-        r.function,
-        r.input,
-        int(r.phase),
-        r.updated_at,
-        r.generation,
-        r.due_at,
-        int(r.state_kind),
-        r.state,
-        r.min_results,
-        r.max_results,
-        r.poll_error,
-        r.attempts,
-        r.failures,
-        r.polls,
-        r.status,
-        r.last_error,
-        r.result,
-        r.finished_at,
-        r.id,
-    )
+    values = _insert_params(r)
+    return (*(values[i] for i in _MUTABLE_AT), r.id)
 
 
 def _record(row: Sequence[Any]) -> tuple[int, CallRecord]:
