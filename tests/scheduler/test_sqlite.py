@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch_aio.scheduler import SQLiteStore, StoreError
+from dispatch_aio.scheduler import SQLiteStore, StoreError, _sqlite
 from dispatch_aio.scheduler._sqlite import SCHEMA_VERSION
 from dispatch_aio.scheduler._store import (
     WRITE_ALONE,
@@ -249,6 +249,13 @@ async def yields_to_the_loop(write: Awaitable[None], *, alone: bool) -> bool:
     return bool(turns)
 
 
+@pytest.fixture
+def any_disk_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits count as fast up to 10 s: the tests do not depend on this machine's disk."""
+    monkeypatch.setattr(_sqlite, "_INLINE_MAX", 10.0)
+
+
+@pytest.mark.usefixtures("any_disk_is_fast")
 async def test_a_write_made_alone_commits_on_the_loop_thread(tmp_path: Path) -> None:
     path = str(tmp_path / "calls.db")
     store = SQLiteStore(path)
@@ -275,6 +282,7 @@ async def test_a_write_made_alone_commits_on_the_loop_thread(tmp_path: Path) -> 
         await reopened.close()
 
 
+@pytest.mark.usefixtures("any_disk_is_fast")
 async def test_a_write_made_alone_joins_queued_writes(store: SQLiteStore) -> None:
     queued = asyncio.ensure_future(store.write([InsertCall(record("q"))]))
     await asyncio.sleep(0)  # the first write is handed to the writer thread
@@ -285,6 +293,7 @@ async def test_a_write_made_alone_joins_queued_writes(store: SQLiteStore) -> Non
     assert store.commits - before <= 2
 
 
+@pytest.mark.usefixtures("any_disk_is_fast")
 async def test_a_write_made_alone_does_not_wait_for_a_read_on_the_loop(
     store: SQLiteStore,
 ) -> None:
@@ -308,8 +317,9 @@ async def test_a_write_made_alone_does_not_wait_for_a_read_on_the_loop(
     assert await store.get_call("a") is not None
 
 
+@pytest.mark.usefixtures("any_disk_is_fast")
 async def test_writes_go_to_the_writer_thread_after_a_slow_commit(store: SQLiteStore) -> None:
-    store._last_commit = 1.0  # as if the disk took a second to sync
+    store._last_commit = 20.0  # as if the disk took 20 s to sync (beyond the 10 s set below)
     assert await yields_to_the_loop(store.write([InsertCall(record("a"))]), alone=True)
     # That commit was fast: the next write made alone stays on the loop's thread again.
     assert not await yields_to_the_loop(store.write([InsertCall(record("b"))]), alone=True)
