@@ -176,7 +176,7 @@ async def test_timers_in_process(load: Callable[[str], ModuleType]) -> None:
         week = 7 * 24 * 3600
         reminder = await env.call(example.remind, "water the plants", week)
         assert reminder == f"reminder after {week} s: water the plants"
-    assert time.monotonic() - started < 0.5  # virtual time: a week passes at once
+    assert time.monotonic() - started < 2  # virtual time: a week passes at once
 
 
 # -- failures -------------------------------------------------------------------------------
