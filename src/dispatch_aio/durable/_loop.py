@@ -254,10 +254,6 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Create the task that runs the function itself (path ``"0"``)."""
         return DurableTask(coro, loop=self, path="0")
 
-    def has_ready(self) -> bool:
-        """Whether callbacks are waiting to run."""
-        return bool(self._ready)
-
     @property
     def io_inflight(self) -> int:
         """Number of forwarded I/O operations running, and transports open, on the host loop."""
@@ -351,10 +347,6 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Forget timers made outside any task; they do not survive a suspension."""
         self._timers = [e for e in self._timers if e[2].identity is not None]
         heapq.heapify(self._timers)
-
-    def pending_durable_timers(self) -> int:
-        """Number of durable timers that have not fired nor been cancelled."""
-        return sum(1 for t in self._durable_timers.values() if not t.dead)
 
     async def wait(self, deadline: float | None) -> None:
         """Wait on the host loop until woken by I/O or until ``deadline`` (clock time)."""
