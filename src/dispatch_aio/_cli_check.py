@@ -47,6 +47,9 @@ def load_target(spec: str) -> Dispatch:
             assert loaded is not None and loaded.loader is not None
             module = importlib.util.module_from_spec(loaded)
             sys.modules[path.stem] = module
+            # Journals written by `python app.py` name the script's classes `__main__.X`;
+            # the codec resolves those here, as multiprocessing's spawn does.
+            sys.modules["__mp_main__"] = module
             loaded.loader.exec_module(module)
         else:
             sys.path.insert(0, str(pathlib.Path.cwd()))

@@ -29,6 +29,18 @@ dispatch-py, so a ``StringValue`` *message* comes back as a ``str``. JSON-like
 ``google.protobuf.Value``/``Struct``/``ListValue`` payloads (sent by other SDKs) decode to
 Python lists and dicts whose numbers are floats.
 
+Classes and functions travel by reference whenever the reading process can import them by
+name: those of importable modules, and those of the program's main script (``__main__``), which
+the same program finds again when it resumes a call after a restart, a redeploy or on another
+replica. So ``isinstance`` checks and ``except`` clauses see the program's own classes in every
+process. Only what has no importable name (lambdas, and classes or functions defined inside
+functions) is pickled by value, as a look-alike copy. A process that loads the main script
+under another name (``dispatch-aio check app.py:dispatch``) registers it as ``__mp_main__``, as
+multiprocessing does, and ``__main__`` references resolve there too.
+
+Exceptions keep their chain: ``__cause__``, ``__context__`` and ``__notes__`` are pickled with
+them (when they pickle; otherwise the exception travels without its chain).
+
 Pickles are trusted input, as in every Python Dispatch SDK: they come from the scheduler the
 endpoint authenticates, and unpickling runs code of the program that produced them.
 """
@@ -39,7 +51,9 @@ import dataclasses
 import hashlib
 import io
 import pickle
+import sys
 import traceback
+import types
 import typing
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -168,14 +182,14 @@ def encode_input(
             return packed
     pair = (tuple(args), dict(kwargs))
     try:
-        data = cloudpickle.dumps(pair)
+        data = _dumps(pair)
     except Exception as exc:
         # Point at the argument that fails rather than at the (args, kwargs) pair.
         named: list[tuple[str, object]] = [(f"argument {i}", a) for i, a in enumerate(args, 1)]
         named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
         for name, arg in named:
             try:
-                cloudpickle.dumps(arg)
+                _dumps(arg)
             except Exception as arg_exc:
                 raise _pickle_error(arg, f"{name}{of}", arg_exc) from arg_exc
         raise _pickle_error(pair, f"the arguments{of}", exc) from exc
@@ -250,9 +264,73 @@ def _pack(msg: message.Message, context: str) -> any_pb2.Any:
     return any_pb2.Any(type_url=prefix + name, value=data)
 
 
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, but ``__main__`` names by reference and exceptions with their chain.
+
+    cloudpickle pickles every class and function of ``__main__`` by value, so a process that
+    resumes a call would rebuild look-alike classes: ``isinstance`` and ``except`` would fail
+    there. The main script's names are pickled by reference instead whenever they resolve to
+    the object itself.
+    """
+
+    def __init__(self, file: io.BytesIO, *, chain: bool) -> None:
+        super().__init__(file, protocol=cloudpickle.DEFAULT_PROTOCOL)
+        self._chain = chain
+
+    def reducer_override(self, obj: object) -> object:
+        if isinstance(obj, type | types.FunctionType) and _is_main_name(obj):
+            return NotImplemented  # pickle's own save_global: by reference
+        if self._chain and isinstance(obj, BaseException):
+            reduced = _reduce_with_chain(obj, self.proto)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+
+def _is_main_name(obj: type | types.FunctionType) -> bool:
+    """Whether ``obj`` is reachable as ``__main__.<its qualified name>``."""
+    if obj.__module__ != "__main__":
+        return False
+    found: object = sys.modules.get("__main__")
+    for part in obj.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+def _reduce_with_chain(exc: BaseException, protocol: int) -> tuple[object, ...] | None:
+    """Reduce ``exc`` with its ``__cause__`` and ``__context__`` in its state.
+
+    ``BaseException.__setstate__`` sets every item of a dict state as an attribute, so any
+    unpickler (dispatch-py's included) restores the chain. Exceptions with their own
+    pickling are left to it.
+    """
+    if exc.__cause__ is None and exc.__context__ is None:
+        return None
+    kind = type(exc)
+    if kind.__setstate__ is not BaseException.__setstate__:
+        return None
+    reduced = exc.__reduce_ex__(protocol)
+    if not isinstance(reduced, tuple) or len(reduced) not in (2, 3):
+        return None
+    state = reduced[2] if len(reduced) == 3 else None
+    if state is not None and not isinstance(state, dict):
+        return None
+    state = dict(state or {})
+    state["__cause__"] = exc.__cause__
+    state["__context__"] = exc.__context__
+    state["__suppress_context__"] = exc.__suppress_context__
+    return (reduced[0], reduced[1], state)
+
+
+def _dumps(value: object, *, chain: bool = True) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, chain=chain).dump(value)
+    return buffer.getvalue()
+
+
 def _pickle(value: object, context: str) -> bytes:
     try:
-        return typing.cast(bytes, cloudpickle.dumps(value))
+        return _dumps(value)
     except Exception as exc:
         raise _pickle_error(value, context, exc) from exc
 
@@ -294,7 +372,7 @@ def _find_culprit(value: object, path: str, depth: int) -> tuple[str, object] | 
         children = [(f".{name}", item) for name, item in attributes.items()]
     for suffix, child in children[:_MAX_CULPRIT_CHILDREN]:
         try:
-            cloudpickle.dumps(child)
+            _dumps(child)
         except Exception:
             deeper = _find_culprit(child, path + suffix, depth + 1)
             return deeper if deeper is not None else (path + suffix, child)
@@ -472,7 +550,26 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module_name: str, global_name: str, /) -> typing.Any:
         if module_name == "dispatch.proto" and global_name == "Arguments":
             return _ForeignArguments
+        if module_name == "__main__":
+            return _find_main(global_name)
         return super().find_class(module_name, global_name)
+
+
+def _find_main(qualname: str) -> object:
+    """Resolve a name of the program's main script, also when it is loaded as a module."""
+    for module_name in ("__main__", "__mp_main__"):
+        found: object = sys.modules.get(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        if found is not None:
+            return found
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None) or "an interactive session"
+    raise AttributeError(
+        f"the value refers to {qualname!r} of the main script of the program that wrote it, "
+        f"and this process's main script ({script}) has no such name; resume calls with the "
+        f"same program, or define {qualname!r} in a module both programs import"
+    )
 
 
 def _unpickle(data: bytes, url: str) -> object:
@@ -566,7 +663,13 @@ def _is_kwargs(value: object) -> bool:
 
 
 def input_digest(value: any_pb2.Any) -> bytes:
-    """Return a SHA-256 digest identifying an encoded value by its type URL and bytes.
+    """Return a SHA-256 digest identifying an encoded value, the same in every process.
+
+    The digest covers the type URL and the payload. A pickle holding a ``set`` or
+    ``frozenset`` lists the members in the order of their hashes, which for strings and
+    bytes differs from process to process (``PYTHONHASHSEED``); such values are digested
+    in a canonical form instead, so equal values give equal digests wherever they are
+    encoded.
 
     Args:
         value: The encoded value.
@@ -576,8 +679,97 @@ def input_digest(value: any_pb2.Any) -> bytes:
     """
     digest = hashlib.sha256(value.type_url.encode("utf-8"))
     digest.update(b"\x00")
-    digest.update(value.value)
+    payload = value.value
+    if value.type_url.endswith("/dispatch.sdk.python.v1.Pickled"):
+        canonical = _canonical_pickle(payload)
+        if canonical is not None:
+            digest.update(b"canonical\x00")
+            payload = canonical
+    digest.update(payload)
     return digest.digest()
+
+
+# Opcodes of pickle protocol 4 and later that build sets; a payload without either byte
+# holds no set (one with them may still hold none: the bytes can occur inside data).
+_SET_OPCODES = (pickle.EMPTY_SET, pickle.FROZENSET)
+
+
+def _canonical_pickle(payload: bytes) -> bytes | None:
+    """Return a canonical form of a pickled value that may hold sets, else None."""
+    try:
+        data = pickled_pb2.Pickled.FromString(payload).pickled_value
+    except message.DecodeError:
+        return None
+    if not any(opcode in data for opcode in _SET_OPCODES):
+        return None
+    try:
+        value = _Unpickler(io.BytesIO(data)).load()
+    except Exception:
+        return None
+    out: list[bytes] = []
+    _canonical(value, out, {})
+    return b"".join(out)
+
+
+def _canonical(value: object, out: list[bytes], seen: dict[int, int]) -> None:
+    """Append a serialization of ``value`` that does not depend on hash order.
+
+    Sets and dicts are written sorted by their members' own serializations (dict equality
+    ignores order too); other objects by their pickle reduction, with classes and
+    functions by name.
+    """
+    kind = type(value)
+    if value is None or kind in (bool, int, float, complex, str, bytes):
+        out.append(f"{kind.__name__}:{value!r};".encode("utf-8", "backslashreplace"))
+        return
+    if isinstance(value, type | types.FunctionType | types.BuiltinFunctionType):
+        name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}"
+        out.append(f"global:{name};".encode("utf-8", "backslashreplace"))
+        return
+    if id(value) in seen:  # a cycle, or a value shared by several parts
+        out.append(f"ref:{seen[id(value)]};".encode())
+        return
+    seen[id(value)] = len(seen)
+    if kind in (list, tuple):
+        out.append(f"{kind.__name__}[".encode())
+        for item in typing.cast("list[object] | tuple[object, ...]", value):
+            _canonical(item, out, seen)
+        out.append(b"]")
+    elif kind in (set, frozenset, dict):
+        pairs = typing.cast(
+            "list[tuple[object, object]]",
+            list(typing.cast("dict[object, object]", value).items())
+            if kind is dict
+            else [(member, None) for member in typing.cast("set[object]", value)],
+        )
+        parts = []
+        for key, item in pairs:
+            part: list[bytes] = []
+            _canonical(key, part, dict(seen))
+            if kind is dict:
+                _canonical(item, part, dict(seen))
+            parts.append(b"".join(part))
+        out.append(f"{kind.__name__}{{".encode())
+        out.extend(sorted(parts))
+        out.append(b"}")
+    else:
+        try:
+            reduced = value.__reduce_ex__(4)
+        except Exception:
+            reduced = repr(value)
+        out.append(b"object(")
+        _canonical(reduced if isinstance(reduced, str) else _materialize(reduced), out, seen)
+        out.append(b")")
+
+
+def _materialize(reduced: object) -> object:
+    """Turn the iterators of a pickle reduction (list and dict items) into lists."""
+    if not isinstance(reduced, tuple):
+        return reduced
+    return tuple(
+        list(part) if isinstance(part, typing.Iterator) else part
+        for part in reduced
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,12 +809,15 @@ def encode_error(exc: BaseException) -> error_pb2.Error:
 
 
 def _pickle_exception(exc: BaseException) -> bytes:
-    try:
-        data = typing.cast(bytes, cloudpickle.dumps(exc))
-        restored = _Unpickler(io.BytesIO(data)).load()
-    except Exception:
-        return b""
-    return data if type(restored) is type(exc) else b""
+    # With its chain if the chain pickles, else without it rather than not at all.
+    for chain in (True, False):
+        try:
+            data = _dumps(exc, chain=chain)
+            restored = _Unpickler(io.BytesIO(data)).load()
+        except Exception:
+            continue
+        return data if type(restored) is type(exc) else b""
+    return b""
 
 
 def _valid_utf8(text: str) -> str:
