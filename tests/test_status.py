@@ -174,7 +174,7 @@ ERROR_CASES: list[tuple[str, Callable[[], BaseException], Status]] = [
     # asyncio
     ("asyncio.TimeoutError", lambda: TimeoutError(), Status.TIMEOUT),
     ("TimeoutError", lambda: TimeoutError("slow"), Status.TIMEOUT),
-    ("CancelledError", lambda: asyncio.CancelledError(), Status.TEMPORARY_ERROR),
+    ("CancelledError", lambda: asyncio.CancelledError(), Status.PERMANENT_ERROR),
     # aiohttp
     (
         "ClientConnectorDNSError",

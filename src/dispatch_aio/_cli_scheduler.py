@@ -36,7 +36,7 @@ from types import MappingProxyType, TracebackType
 from typing import Self
 
 from ._progress import CallTracker, TrackingStore
-from .scheduler import Scheduler, SQLiteStore, StoreError
+from .scheduler import RetryPolicy, Scheduler, SQLiteStore, StoreError
 
 DEFAULT_DATA_DIR = ".dispatch"
 DB_FILE = "scheduler.db"
@@ -163,6 +163,9 @@ class SchedulerSettings:
     """Keep calls in memory only (nothing is written to the data folder)."""
     endpoint_url: str = ""
     """Endpoint of calls that name none."""
+    max_attempts: int = RetryPolicy().max_attempts
+    """Attempts in a row a function may answer with a temporary status before its error is
+    final (0: retried until the call expires); see `RetryPolicy.max_attempts`."""
 
 
 def _connection_path(data_dir: str) -> Path:
@@ -224,7 +227,10 @@ class LocalScheduler:
         store = TrackingStore(SQLiteStore(db), self.tracker)
         try:
             scheduler = Scheduler(
-                store, api_key=self.api_key, default_endpoint=settings.endpoint_url
+                store,
+                api_key=self.api_key,
+                default_endpoint=settings.endpoint_url,
+                retry=RetryPolicy(max_attempts=settings.max_attempts),
             )
         except ValueError as exc:
             raise CliError(str(exc), code=2) from None

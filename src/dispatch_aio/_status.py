@@ -374,7 +374,12 @@ def _default_error_status(exc: BaseException) -> Status:
     if isinstance(exc, errors.DispatchError):
         return type(exc).status
     if isinstance(exc, asyncio.CancelledError):
-        return Status.TEMPORARY_ERROR
+        # Only a function that cancelled itself ends with this (it cancelled its own
+        # task, or awaited one it cancelled): a cancellation from outside (the endpoint
+        # shutting down) ends the Run request with no answer, which the scheduler
+        # retries. asyncio never restarts a cancelled task, and neither do we: the
+        # caller gets the error at once.
+        return Status.PERMANENT_ERROR
     if isinstance(exc, KeyboardInterrupt):
         # The worker was interrupted, not the call at fault: run it again elsewhere.
         return Status.TEMPORARY_ERROR

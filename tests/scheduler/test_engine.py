@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 from aiohttp import web
 from google.protobuf import any_pb2, duration_pb2
 
+from dispatch_aio import Dispatch, errors
 from dispatch_aio._status import status_for_http
-from dispatch_aio.proto.sdk.v1 import call_pb2, exit_pb2, function_pb2, status_pb2
+from dispatch_aio.proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, status_pb2
 from dispatch_aio.scheduler import DEFAULT_EXPIRATION, RetryPolicy, Scheduler, SQLiteStore
 from dispatch_aio.scheduler._store import (
     WRITE_ALONE,
@@ -27,6 +29,7 @@ from dispatch_aio.scheduler._store import (
 )
 
 from .scripted import (
+    API_KEY,
     Received,
     ScriptedEndpoint,
     call,
@@ -625,6 +628,99 @@ async def test_max_attempts_gives_up(
     assert (result.error.type, result.error.message) == ("TimeoutError", "slow")
 
 
+async def test_temporary_answers_are_bounded_by_default_and_the_last_error_is_final(
+    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
+) -> None:
+    assert RetryPolicy().max_attempts == 10
+    s = await make_scheduler(default_endpoint=endpoint.url)  # FAST_RETRY: the default bound
+    error = error_pb2.Error(type="TimeoutError", message="slow", value=b"pickled", traceback=b"tb")
+
+    def slow(req: function_pb2.RunRequest) -> function_pb2.RunResponse:
+        result = call_pb2.CallResult(error=error)
+        return function_pb2.RunResponse(
+            status=status_pb2.STATUS_TIMEOUT, exit=exit_pb2.Exit(result=result)
+        )
+
+    endpoint.on("slow", slow)
+    [dispatch_id] = await s.dispatch([call("slow")])
+    async with asyncio.timeout(10):
+        rec = await s._require().wait(dispatch_id)
+    assert rec is not None
+    assert len(endpoint.received) == 10
+    # The function's own error, untouched: its caller rebuilds the exception from it.
+    assert call_pb2.CallResult.FromString(rec.result).error == error
+    assert rec.status == status_pb2.STATUS_TIMEOUT
+    assert "gave up after 10 failed attempts" in rec.last_error
+
+
+async def test_unreachable_function_is_not_counted_towards_max_attempts(
+    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
+) -> None:
+    policy = RetryPolicy(initial_backoff=0.001, max_backoff=0.005, max_attempts=3)
+    s = await make_scheduler(default_endpoint=endpoint.url, retry=policy)
+    # 6 attempts that get no answer from the function, 2 it answers with a temporary
+    # status, then success: only the 2 count, so the call is not given up.
+    script = [503, 502, "temporary", 503, 500, "temporary", 503, 504]
+
+    def f(req: function_pb2.RunRequest) -> function_pb2.RunResponse | web.Response:
+        step = script[len(endpoint.received) - 1] if len(endpoint.received) <= len(script) else ""
+        if step == "temporary":
+            return fail(status_pb2.STATUS_TEMPORARY_ERROR, "not yet")
+        if step:
+            return web.Response(status=step)
+        return ok("made it")
+
+    endpoint.on("f", f)
+    assert unpack_text((await run(s, "f")).output) == "made it"
+    assert len(endpoint.received) == len(script) + 1
+
+
+async def test_answered_failures_are_counted_again_after_a_success(
+    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
+) -> None:
+    policy = RetryPolicy(initial_backoff=0.001, max_backoff=0.005, max_attempts=3)
+    s = await make_scheduler(default_endpoint=endpoint.url, retry=policy)
+    endpoint.on("child", lambda req: ok("c"))
+    answers: list[str] = []
+
+    def parent(req: function_pb2.RunRequest) -> function_pb2.RunResponse:
+        # Two failures, a poll (success), two failures, a poll, then the result:
+        # never 3 failures in a row.
+        answers.append("poll" if len(answers) % 3 == 2 else "fail")
+        if len(answers) == 7:
+            return ok("done")
+        if answers[-1] == "poll":
+            return poll([call("child", "x", len(answers))])
+        return fail(status_pb2.STATUS_THROTTLED, "busy")
+
+    endpoint.on("parent", parent)
+    assert unpack_text((await run(s, "parent")).output) == "done"
+    assert len(answers) == 7
+
+
+async def test_a_resume_that_reached_no_function_waits_its_backoff(
+    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
+) -> None:
+    policy = RetryPolicy(initial_backoff=0.3, max_backoff=0.3)
+    s = await make_scheduler(default_endpoint=endpoint.url, retry=policy, rng=random.Random(5))
+    endpoint.on("child", lambda req: ok("c"))
+    resumes: list[float] = []
+
+    def parent(req: function_pb2.RunRequest) -> function_pb2.RunResponse | web.Response:
+        if not resumed(req):
+            return poll([call("child", "x", 1)])
+        resumes.append(time.monotonic())
+        if len(resumes) == 1:
+            return web.Response(status=503)
+        return ok("done")
+
+    endpoint.on("parent", parent)
+    assert unpack_text((await run(s, "parent")).output) == "done"
+    # The result queued again must not resume the call before the backoff is over.
+    delay = policy.backoff(1, random.Random(5))
+    assert resumes[1] - resumes[0] >= delay - 0.002
+
+
 async def test_max_expiration_caps_requested_expirations(
     endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
 ) -> None:
@@ -735,3 +831,73 @@ async def test_writes_are_marked_alone_only_with_no_other_attempt_in_flight(
         ("child:DONE", True),  # b finished alone
         ("parent:DONE", True),
     ]
+
+
+# A callee's exception reaches its caller, through a real endpoint and the SDK's codec.
+
+
+@pytest.fixture
+async def app(make_scheduler: MakeScheduler) -> AsyncIterator[Dispatch]:
+    s = await make_scheduler(
+        retry=RetryPolicy(initial_backoff=0.001, max_backoff=0.01, max_attempts=4)
+    )
+    api_url = await s.serve("127.0.0.1", 0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dispatch = Dispatch(
+        api_key=API_KEY,
+        api_url=api_url,
+        endpoint_url=f"http://127.0.0.1:{port}",
+        endpoint_addr=f"127.0.0.1:{port}",
+        verification_key=s.verification_key,
+    )
+    async with dispatch:
+        server = await dispatch.start()
+        yield dispatch
+        await server.aclose()
+
+
+async def test_caller_catches_the_timeout_error_its_callee_raised(app: Dispatch) -> None:
+    attempts: list[int] = []
+
+    @app.function
+    async def fetch() -> str:
+        attempts.append(1)
+        raise TimeoutError("the upstream service is slow")
+
+    @app.function
+    async def caller() -> str:
+        try:
+            await fetch()
+        except TimeoutError as exc:
+            return f"caught {type(exc).__name__}: {exc}"
+        return "not caught"
+
+    dispatch_id = await caller.dispatch()
+    result = await app.client.result(dispatch_id, timeout=20)
+    assert result == "caught TimeoutError: the upstream service is slow"
+    assert len(attempts) == 4  # retried as a TIMEOUT, then final
+
+
+async def test_callee_cancelled_is_an_error_the_caller_catches_at_once(app: Dispatch) -> None:
+    attempts: list[int] = []
+
+    @app.function
+    async def quitter() -> str:
+        attempts.append(1)
+        raise asyncio.CancelledError("gave up")
+
+    @app.function
+    async def caller() -> str:
+        try:
+            await quitter()
+        except errors.RemoteError as exc:
+            # Still running: the callee's cancellation did not cancel this task.
+            await asyncio.sleep(0)
+            return f"caught {exc.type_name}"
+        return "not caught"
+
+    dispatch_id = await caller.dispatch()
+    assert await app.client.result(dispatch_id, timeout=20) == "caught CancelledError"
+    assert len(attempts) == 1  # asyncio does not restart a cancelled task; neither do we

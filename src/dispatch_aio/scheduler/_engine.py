@@ -24,7 +24,13 @@ attempt sends one RunRequest; its outcome moves the call:
   the parent gave.
 - a temporary status (and HTTP/network failures): retried after an exponential
   backoff with full jitter; INCOMPATIBLE_STATE restarts the call from the input of
-  its current run.
+  its current run. Retries are bounded only for failures the function itself answered
+  (see `RetryPolicy.max_attempts`): after that many in a row, the last answer is the
+  call's result, so its caller receives the exception the function raised (a
+  ``TimeoutError`` reaches the caller's ``except TimeoutError``). A function that
+  could not be reached (connection refused, HTTP error, no response in time) is
+  retried until the call expires: an application that is down or being redeployed
+  loses no call.
 - past its expiration the call is DONE with STATUS_TIMEOUT. Calls without an
   expiration get `DEFAULT_EXPIRATION`; a child never outlives its parent's expiration.
 """
@@ -102,9 +108,13 @@ class RetryPolicy:
     """Upper bound of any delay, in seconds."""
     multiplier: float = 2.0
     """Growth of the upper bound per consecutive failure."""
-    max_attempts: int = 0
-    """Consecutive failed attempts after which the call fails; 0 retries until the
-    call expires."""
+    max_attempts: int = 10
+    """Attempts in a row that the function may answer with a temporary status (it
+    raised ``TimeoutError``, ``ConnectionError``, `errors.TemporaryError` ...) before
+    its last answer becomes the call's result, error included; 0 retries until the call
+    expires. Attempts that get no answer from the function (endpoint unreachable, HTTP
+    error, no response within the request timeout) are not counted: those are retried
+    until the call expires."""
 
     def __post_init__(self) -> None:
         if not (0 <= self.initial_backoff <= self.max_backoff):
@@ -145,7 +155,16 @@ class EngineSettings:
 class _Live:
     """In-memory companion of an unfinished call."""
 
-    __slots__ = ("queue", "rec", "running", "stalls", "timer", "timer_at", "waiters")
+    __slots__ = (
+        "queue",
+        "rec",
+        "running",
+        "stalls",
+        "timer",
+        "timer_at",
+        "unreachable",
+        "waiters",
+    )
 
     def __init__(self, rec: CallRecord) -> None:
         self.rec = rec
@@ -156,6 +175,10 @@ class _Live:
         self.timer_at = 0.0
         self.waiters: list[asyncio.Future[CallRecord]] = []
         self.stalls = 0  # consecutive attempts whose outcome could not be recorded
+        # Attempts since the last success that got no answer from the function. Kept
+        # apart from `rec.failures`, which counts towards `max_attempts`; only the
+        # backoff uses it, so losing it in a restart costs nothing.
+        self.unreachable = 0
 
 
 class _Ids:
@@ -343,7 +366,11 @@ class Engine:
         when: float | None
         if rec.phase is Phase.PENDING:
             when = rec.due_at if rec.due_at is not None else now
-        elif rec.failures == 0 and (rec.poll_error or len(live.queue) >= rec.min_results):
+        elif (
+            rec.failures == 0
+            and not live.unreachable
+            and (rec.poll_error or len(live.queue) >= rec.min_results)
+        ):
             when = now
         else:
             when = rec.due_at
@@ -466,15 +493,20 @@ class Engine:
         failure = _describe(outcome)
         retry = self._settings.retry
         if status.temporary:
-            failures = rec.failures + 1
             if now >= rec.expires_at:
                 await self._expire(live, delivered, failure)
                 return True
-            if retry.max_attempts and failures >= retry.max_attempts:
-                failure = f"gave up after {failures} failed attempts; the last one: {failure}"
-                await self._finish(live, status, _exit_result(outcome), failure, delivered)
-                return True
-            due = now + retry.backoff(failures, self._rng)
+            failures = rec.failures
+            if response is None:
+                live.unreachable += 1
+            else:
+                failures += 1
+                if retry.max_attempts and failures >= retry.max_attempts:
+                    failure = f"gave up after {failures} failed attempts; the last one: {failure}"
+                    # The function's own answer, so the caller gets the exception it raised.
+                    await self._finish(live, status, _exit_result(outcome), failure, delivered)
+                    return True
+            due = now + retry.backoff(failures + live.unreachable, self._rng)
             if status is Status.INCOMPATIBLE_STATE:
                 await self._restart(live, delivered, failures, due, failure, now)
                 return True
@@ -551,6 +583,7 @@ class Engine:
             ops.append(RemoveResults(tuple(seq for seq, _ in delivered)))
         await self._store.write(ops)
         live.rec = new
+        live.unreachable = 0
         for child in children:
             self._adopt(child)
 
@@ -582,6 +615,7 @@ class Engine:
             updated_at=now,
         )
         await self._replace_run(live, new, delivered)
+        live.unreachable = 0
 
     async def _restart(
         self,

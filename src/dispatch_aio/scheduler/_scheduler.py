@@ -51,7 +51,10 @@ class Scheduler:
             (default 7 days); past it the call fails with STATUS_TIMEOUT.
         max_expiration: Cap on any call's expiration, in seconds (None: no cap).
         request_timeout: Seconds one Run request may take.
-        retry: Backoff of calls that failed with a temporary status.
+        retry: Backoff of calls that failed with a temporary status, and how many such
+            answers in a row a function may give before its error is final (10 by
+            default; an endpoint that cannot be reached is retried until the call
+            expires). See `RetryPolicy`.
         max_concurrency: Ceiling of the adaptive number of concurrent Run requests to
             one endpoint.
         rng: Source of the backoff jitter (seed it for reproducible delays).
