@@ -315,10 +315,14 @@ def test_request_signer_equals_general_signer(
     if not isinstance(signer, RequestSigner):
         assert signer == expected  # refused by both, for the same reason
         return
-    produced = signer.sign(body, created=created)
+    produced = signer.sign(body, created=created, nonce=False)
     assert (produced["Signature-Input"], produced["Signature"]) == expected
     assert produced["Content-Digest"] == digest
-    assert signer.sign(body, created=created) == produced  # reusable
+    assert signer.sign(body, created=created, nonce=False) == produced  # reusable
+    with_nonce = signer.sign(body, created=created, nonce="n-1")
+    params_with_nonce = {**params, "nonce": "n-1"}
+    expected = result(_sign, PRIVATE_KEY, method, url, pairs, COMPONENTS, params_with_nonce, label)
+    assert (with_nonce["Signature-Input"], with_nonce["Signature"]) == expected
 
 
 def test_request_signer_refuses_what_sign_request_refuses() -> None:

@@ -64,8 +64,9 @@ class Dispatch:
         verification_key: The public key of the scheduler that signs Run requests
             (``DISPATCH_VERIFICATION_KEY``), PEM or base64; without it requests are not
             verified.
-        insecure: Allow serving on a non-loopback address without a verification key
-            (``DISPATCH_INSECURE``).
+        insecure: Serve unsigned Run requests from other machines when no verification
+            key is set (``DISPATCH_INSECURE``); otherwise they are refused, however the
+            endpoint is served, and `run`, `serve` and `start` refuse a non-loopback address.
         env: The environment to read instead of `os.environ`.
         max_body_size: Largest accepted Run request body, in bytes (16,000,000).
         body_timeout: Seconds a client may take to send a Run request body.

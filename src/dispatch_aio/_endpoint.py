@@ -15,9 +15,14 @@ body shorter than its ``Content-Length``                    400     invalid_argu
 body not received within the body timeout                   408     deadline_exceeded
 signature missing or malformed (when a key is set)          401     unauthenticated
 signature invalid, stale or for another body                403     permission_denied
+signature already accepted once (a replayed request)        403     permission_denied
+no key set, and the peer is not on this machine             403     permission_denied
 body is not a ``RunRequest``; no function name              400     invalid_argument
 function not registered                                     404     not_found
 ==========================================================  ======  ===================
+
+Without a verification key, only peers on this machine (loopback addresses) are served,
+however the endpoint is mounted, unless insecure mode is on.
 
 Everything after that is answered with a ``RunResponse`` (HTTP 200, application/proto)
 whose status classifies the outcome. Nothing a request contains leads to a 500; only a
@@ -49,6 +54,7 @@ from ._config import INSECURE, VERIFICATION_KEY, Config
 from ._signature import (
     InvalidSignatureError,
     MalformedSignatureError,
+    ReplayGuard,
     load_public_key,
     public_key_to_base64,
     verify_request,
@@ -118,6 +124,8 @@ class Endpoint:
         self._body_timeout = body_timeout
         self._prepared = False
         self._key: Ed25519PublicKey | None = None
+        self._insecure = False
+        self._replays = ReplayGuard()
 
     def prepare(self) -> None:
         """Load the verification key (once until `reset`), warning if there is none.
@@ -127,6 +135,7 @@ class Endpoint:
         """
         if self._prepared:
             return
+        self._insecure = self._config.insecure()
         raw = self._config.verification_key()
         if raw is None:
             self._key = None
@@ -218,6 +227,17 @@ class Endpoint:
             rejected = self._verify(request, body, self._key)
             if rejected is not None:
                 return rejected
+        elif not self._insecure and not _from_loopback(request):
+            # Mounted into an app that listens on every interface, `check_bind` never ran.
+            logger.warning("refused an unsigned Run request from %s", request.remote)
+            return _error(
+                403,
+                "permission_denied",
+                f"unsigned Run requests are only served from this machine, and this one came "
+                f"from {request.remote}: set {VERIFICATION_KEY} to the scheduler's public key "
+                f"so that signed requests are verified, or set {INSECURE}=1 (insecure=True) to "
+                "serve unsigned requests from anywhere",
+            )
         try:
             run_request = function_pb2.RunRequest.FromString(body)
         except Exception as exc:
@@ -285,7 +305,7 @@ class Endpoint:
         # one that was signed.
         url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
         try:
-            verify_request(key, request.method, url, request.headers, body)
+            self._replays.admit(verify_request(key, request.method, url, request.headers, body))
         except InvalidSignatureError as exc:
             logger.warning("rejected a Run request with an invalid signature: %s", exc)
             return _error(403, "permission_denied", f"invalid request signature: {exc}")
@@ -301,6 +321,18 @@ class Endpoint:
             f"function {name[:200]!r} is not registered at this endpoint "
             f"(registered: {listed or 'none'})"
         )
+
+
+def _from_loopback(request: web.Request) -> bool:
+    remote = request.remote
+    if remote is None:
+        return False
+    if remote == "" or remote.startswith("/"):  # a Unix socket: this machine
+        return True
+    try:
+        return ipaddress.ip_address(remote.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class EndpointServer:

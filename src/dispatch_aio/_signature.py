@@ -3,7 +3,11 @@
 A signed Run request carries ``Content-Digest: sha-512=:<b64>:``, ``Signature-Input`` and
 ``Signature`` headers. The single signature (label ``dispatch``) covers ``"@method" "@path"
 "@authority" "content-type" "content-digest"`` with the parameters
-``created=<unix seconds>;keyid="default";alg="ed25519"``.
+``created=<unix seconds>;keyid="default";alg="ed25519";nonce="<random>"``.
+
+Ed25519 signatures are deterministic, so the random ``nonce`` is what makes each signature
+unique: the same request body sent again in the same second (a retry) gets a new signature,
+and an endpoint can refuse any signature it has already accepted (`ReplayGuard`).
 
 Verification failures come in two kinds, matching the endpoint's HTTP answers:
 
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import hmac
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 __all__ = [
     "InvalidSignatureError",
     "MalformedSignatureError",
+    "ReplayGuard",
     "RequestSigner",
     "SignatureError",
     "content_digest",
@@ -463,19 +470,25 @@ class RequestSigner:
         self._params_tail = f";keyid={_ser_bare(key_id)};alg={_ser_bare('ed25519')}"
         self._input_head = f"{label}={self._params_head}"
 
-    def sign(self, body: bytes, *, created: int | None = None) -> dict[str, str]:
+    def sign(
+        self, body: bytes, *, created: int | None = None, nonce: str | bool = True
+    ) -> dict[str, str]:
         """Sign a request with this body.
 
         Args:
             body: The request body, digested into ``Content-Digest``.
             created: Signature creation time in Unix seconds (default: now).
+            nonce: The ``nonce`` parameter: True (the default) for a new random one, so
+                that no two signatures are alike; False for none; or its value.
 
         Returns:
             The headers to add: ``Content-Digest``, ``Signature-Input`` and ``Signature``.
         """
         digest = content_digest(body)
         when = int(time.time()) if created is None else created
-        tail = _ser_bare(when) + self._params_tail
+        tail = f"{when}{self._params_tail}"
+        if nonce is not False:
+            tail += f";nonce={_ser_bare(_new_nonce() if nonce is True else nonce)}"
         base = f'{self._head}{digest}\n"@signature-params": {self._params_head}{tail}'
         signature = base64.b64encode(self._key.sign(base.encode("ascii"))).decode("ascii")
         return {
@@ -493,6 +506,7 @@ def sign_request(
     body: bytes,
     *,
     created: int | None = None,
+    nonce: str | bool = True,
     label: str = "dispatch",
     key_id: str = "default",
 ) -> dict[str, str]:
@@ -507,6 +521,8 @@ def sign_request(
         headers: The request headers; must include ``Content-Type`` (a signed component).
         body: The request body, digested into ``Content-Digest``.
         created: Signature creation time in Unix seconds (default: now).
+        nonce: The ``nonce`` parameter: True (the default) for a new random one, False
+            for none, or its value.
         label: The signature label.
         key_id: The ``keyid`` parameter.
 
@@ -517,7 +533,11 @@ def sign_request(
         ValueError: If ``headers`` has no Content-Type, or the URL, label or key id is unusable.
     """
     signer = RequestSigner(key, method, url, headers, label=label, key_id=key_id)
-    return signer.sign(body, created=created)
+    return signer.sign(body, created=created, nonce=nonce)
+
+
+def _new_nonce() -> str:
+    return secrets.token_urlsafe(12)
 
 
 def verify_request(
@@ -528,7 +548,7 @@ def verify_request(
     body: bytes,
     *,
     now: float | None = None,
-) -> None:
+) -> Verified:
     """Verify a request signed per the Dispatch profile (see the module docstring).
 
     Args:
@@ -539,11 +559,14 @@ def verify_request(
         body: The request body.
         now: The current Unix time (default: the system clock).
 
+    Returns:
+        The verified signature, for a `ReplayGuard`.
+
     Raises:
         MalformedSignatureError: A signature header, parameter or component is missing or malformed.
         InvalidSignatureError: The signature or digest does not match, or is stale or expired.
     """
-    _verify(key, method, url, headers, body, now=now)
+    return _verify(key, method, url, headers, body, now=now)
 
 
 def _verify(
@@ -557,7 +580,7 @@ def _verify(
     required_components: Sequence[str] = _REQUIRED_COMPONENTS,
     key_id: str = "default",
     parse: _Parse = _parse_dictionary,
-) -> None:
+) -> Verified:
     """Verify with configurable requirements; every shape check precedes every value check."""
     index = _index(headers.items())
     inputs = _parse_header(index, "Signature-Input", parse)
@@ -620,6 +643,78 @@ def _verify(
         raise InvalidSignatureError(
             "request signature does not match the request and verification key"
         ) from None
+    return Verified(sig_item.value, created)
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A signature that checked out."""
+
+    signature: bytes
+    """The signature bytes."""
+    created: int
+    """Its ``created`` parameter, in Unix seconds."""
+
+
+class ReplayGuard:
+    """Refuses a signature already accepted, in bounded memory.
+
+    A signature stays acceptable for ``max_age`` seconds after its ``created`` time, so a
+    captured request could be sent again within that window: the guard remembers every
+    accepted signature until it leaves the window. When it holds ``capacity`` signatures,
+    it forgets the oldest and from then on refuses every signature created no later than
+    that one: those it can no longer tell apart from replays. A signer that signs each
+    request anew (as the Dispatch scheduler does) never sends such old signatures.
+
+    Args:
+        capacity: Signatures remembered at most.
+        max_age: Seconds a signature is acceptable after ``created`` (clock skew included).
+    """
+
+    def __init__(self, capacity: int = 200_000, max_age: float = _MAX_AGE + _CLOCK_SKEW) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity!r}")
+        self._capacity = capacity
+        self._max_age = max_age
+        self._seen: set[bytes] = set()
+        self._by_age: list[tuple[int, bytes]] = []  # heap of (created, signature)
+        self._floor = -1  # signatures created at or before this are refused
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def admit(self, verified: Verified, *, now: float | None = None) -> None:
+        """Remember a verified signature, or refuse it if it was seen before.
+
+        Args:
+            verified: What `verify_request` returned.
+            now: The current Unix time (default: the system clock).
+
+        Raises:
+            InvalidSignatureError: The signature was already accepted, or is too old to be
+                told apart from a replay.
+        """
+        current = time.time() if now is None else now
+        while self._by_age and self._by_age[0][0] + self._max_age < current:
+            self._seen.discard(heapq.heappop(self._by_age)[1])
+        signature = verified.signature
+        if signature in self._seen:
+            raise InvalidSignatureError(
+                "this signed request was already received: a replayed request is never run "
+                "twice; a signer must sign each request anew"
+            )
+        if verified.created <= self._floor:
+            raise InvalidSignatureError(
+                f"signature created at {verified.created} is older than the oldest one this "
+                "endpoint still remembers, so it cannot be told apart from a replay; sign the "
+                "request anew"
+            )
+        if len(self._by_age) >= self._capacity:
+            created, forgotten = heapq.heappop(self._by_age)
+            self._seen.discard(forgotten)
+            self._floor = max(self._floor, created)
+        self._seen.add(signature)
+        heapq.heappush(self._by_age, (verified.created, signature))
 
 
 def _param(params: Mapping[str, _Bare], name: str, kind: type[_T]) -> _T | None:
