@@ -145,3 +145,38 @@ async def test_now_moves_with_virtual_time() -> None:
 
     async with Environment(dispatch) as env:
         assert await env.call(sleeper) >= 3600
+
+
+@dispatch.function
+async def nap(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@dispatch.function
+async def impatient(n: int) -> int:
+    # Returns while its children still sleep: they are in flight when the call ends.
+    naps = [asyncio.ensure_future(nap(3600 + i)) for i in range(n)]
+    done, _ = await asyncio.wait(naps, timeout=60)
+    return len(done)
+
+
+async def test_environments_leave_no_tasks_behind() -> None:
+    """Each environment closes with children in flight; the next one still runs on time."""
+    started = time.monotonic()
+    for i in range(100):
+        replay = "always" if i % 2 else "cached"
+        async with Environment(dispatch, replay=replay) as env:
+            assert await env.call(impatient, 3) == 0
+            assert await env.call(weekly_digest, 1) == [0]  # a timer after the leftovers
+        assert asyncio.all_tasks() == {asyncio.current_task()}, i
+    assert time.monotonic() - started < 30
+
+
+async def test_environments_side_by_side_on_one_loop() -> None:
+    # Each clock's jumper waits for the loop to be idle; the other's jumper is no work.
+    async with Environment(dispatch) as first, Environment(dispatch, replay="always") as second:
+        results = await asyncio.wait_for(
+            asyncio.gather(first.call(weekly_digest, 2), second.call(weekly_digest, 2)), 10
+        )
+    assert results == [[0, 2], [0, 2]]

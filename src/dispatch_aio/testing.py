@@ -28,11 +28,12 @@ shows every call made (inputs, outputs, errors, attempts), and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 from google.protobuf import any_pb2, timestamp_pb2
@@ -66,9 +67,10 @@ _Target = Dispatch | Iterable[Function[Any, Any]]
 class VirtualClock(Clock):
     """A clock that jumps to the next deadline as soon as nothing else can happen.
 
-    It starts at the real time. Whenever every waiter is waiting on time (and
-    the event loop has had nothing else to do for a few iterations), it
-    advances to the earliest deadline, so an hour-long sleep takes no time.
+    It starts at the real time (or at ``start``). Whenever every waiter is
+    waiting on time (and the event loop has had nothing else to do for a few
+    iterations), it advances to the earliest deadline, so an hour-long sleep
+    takes no time.
     """
 
     def __init__(self, start: float | None = None) -> None:
@@ -76,6 +78,8 @@ class VirtualClock(Clock):
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = 0
         self._jumper: asyncio.Task[None] | None = None
+        self._holds = 0
+        self._released: asyncio.Future[None] | None = None
 
     def time(self) -> float:
         """Return the virtual time in unix seconds."""
@@ -84,6 +88,25 @@ class VirtualClock(Clock):
     def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds``."""
         self._now += max(0.0, seconds)
+
+    def advance_to(self, when: float) -> None:
+        """Move time forward to ``when``; never backwards."""
+        self._now = max(self._now, when)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep time still while the block runs.
+
+        For work the event loop cannot see, such as a request handed to
+        another process: an idle loop does not mean that nothing can happen.
+        """
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds and self._released is not None and not self._released.done():
+                self._released.set_result(None)
 
     async def sleep_until(self, deadline: float) -> None:
         """Wait until the virtual time reaches ``deadline``."""
@@ -95,7 +118,7 @@ class VirtualClock(Clock):
         self._seq += 1
         heapq.heappush(self._sleepers, (deadline, self._seq, future))
         if self._jumper is None or self._jumper.done():
-            self._jumper = loop.create_task(self._jump())
+            self._jumper = loop.create_task(self._jump(), name=_JUMPER)
         await future
 
     async def wait(self, wake: asyncio.Event, deadline: float | None, *, idle: bool) -> None:
@@ -109,6 +132,17 @@ class VirtualClock(Clock):
             for waiter in waiters:
                 waiter.cancel()
 
+    async def aclose(self) -> None:
+        """Cancel every sleeper and stop jumping; the clock can be used again afterwards."""
+        sleepers, self._sleepers = self._sleepers, []
+        for _, _, future in sleepers:
+            future.cancel()
+        jumper, self._jumper = self._jumper, None
+        if jumper is not None and not jumper.done():
+            jumper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await jumper
+
     async def _jump(self) -> None:
         loop = asyncio.get_running_loop()
         quiet = 0
@@ -117,6 +151,13 @@ class VirtualClock(Clock):
                 heapq.heappop(self._sleepers)
             if not self._sleepers:
                 return
+            if self._holds:
+                # Wait without spinning: the held work needs the CPU.
+                self._released = loop.create_future()
+                await self._released
+                self._released = None
+                quiet = 0
+                continue
             await asyncio.sleep(0)
             # Jump only once the loop has had nothing to run for a few iterations:
             # whatever could still happen before the deadline has happened.
@@ -130,9 +171,18 @@ class VirtualClock(Clock):
                 future.set_result(None)
 
 
+# Name of the tasks that move virtual clocks: they are no work of their own, so that
+# two clocks on one loop do not each keep the other from ever seeing it idle.
+_JUMPER = "dispatch_aio.testing.VirtualClock.jump"
+
+
 def _has_ready(loop: asyncio.AbstractEventLoop) -> bool:
     # asyncio has no public way to ask whether callbacks are pending.
-    return bool(getattr(loop, "_ready", ()))
+    for handle in getattr(loop, "_ready", ()):
+        task = getattr(getattr(handle, "_callback", None), "__self__", None)
+        if not (isinstance(task, asyncio.Task) and task.get_name() == _JUMPER):
+            return True
+    return False
 
 
 class _RealClock(Clock):
@@ -257,6 +307,11 @@ class Environment:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._runner.aclose()
+        if isinstance(self.clock, VirtualClock):
+            await self.clock.aclose()
+        # The runner cancels its cache sweeper without waiting for it: let it end here,
+        # not in the next environment's time.
+        await asyncio.sleep(0)
 
     # -- running calls ----------------------------------------------------------------
 
@@ -447,9 +502,13 @@ class Environment:
                 raise RuntimeError(
                     f"call to {info.function!r} waits for results that will never come"
                 )
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if sleeper is not None:
-                sleeper.cancel()
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Also when this call is cancelled (the environment closes with it in
+                # flight): a sleeper left behind would keep the clock's jumper running.
+                if sleeper is not None:
+                    sleeper.cancel()
         count = min(len(queue), poll.max_results)
         if self._shuffle:
             self._rng.shuffle(queue)
