@@ -263,10 +263,13 @@ class LocalScheduler:
         folder = Path(self.settings.data_dir)
         try:
             if not folder.is_dir():
-                folder.mkdir(parents=True)
+                folder.mkdir(parents=True, mode=0o700)
                 (folder / ".gitignore").write_text(
                     "# Created by dispatch-aio: the local scheduler's data.\n*\n", "utf-8"
                 )
+            # The database holds the signing key: the folder is its owner's alone.
+            if folder.stat().st_mode & 0o077:
+                folder.chmod(0o700)
         except OSError as exc:
             raise CliError(
                 f"cannot create the data folder {str(folder)!r}: {exc.strerror or exc}; choose "

@@ -15,6 +15,17 @@ small commit. A lock keeps the connection to one thread at a time.
 The schema version is kept in `PRAGMA user_version`; `_MIGRATIONS[n]` upgrades a
 database from version n to n + 1, so older databases are migrated on open and newer
 ones are refused.
+
+The database holds the scheduler's signing key, so its files (the database, its ``-wal``
+and ``-shm``, and the mark below) are made readable by their owner only (0600), also
+when they exist with looser modes.
+
+Damage is detected at open, before anything is acted on: ``PRAGMA quick_check`` must
+pass, and every transaction counts itself in the database and then in a mark file beside
+it (``<database>.mark``, written without fsync: it may lag behind the database after a
+power loss, never run ahead of it). A database that has fewer transactions than its mark
+lost committed work (a deleted or truncated WAL, an emptied or replaced file): the store
+refuses to open it rather than run calls already finished again, or drop accepted ones.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -111,6 +123,10 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
         if statement.strip():
             conn.execute(statement)
 
+
+_COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
+_COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
+_FILE_MODE = 0o600
 
 _INLINE_MAX = 0.002  # seconds: a slower last commit sends writes to the writer thread
 
@@ -283,6 +299,8 @@ class SQLiteStore(Store):
         self._commits = 0
         self._conn_lock = threading.Lock()  # held by whichever thread uses the connection
         self._last_commit = 0.0  # seconds the last transaction took
+        self._counted = 0  # transactions the database holds, as of the last commit
+        self._mark: int | None = None  # file descriptor of the mark file
 
     @property
     def path(self) -> str:
@@ -434,6 +452,9 @@ class SQLiteStore(Store):
             return fn(*args)
 
     def _open_sync(self) -> None:
+        on_disk = self._path != ":memory:"
+        if on_disk:
+            self._prepare_files()
         try:
             conn = sqlite3.connect(
                 self._path, isolation_level=None, timeout=1.0, check_same_thread=False
@@ -445,19 +466,104 @@ class SQLiteStore(Store):
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            self._check_integrity(conn)
             self._migrate(conn)
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", (_COMMITS_KEY,))
+            self._counted = conn.execute(
+                "SELECT value FROM meta WHERE key = ?", (_COMMITS_KEY,)
+            ).fetchone()[0]
+            if on_disk:
+                self._check_mark()
+                self._secure(self._path + "-wal", self._path + "-shm")
         except sqlite3.OperationalError as exc:
             conn.close()
+            self._close_mark()
             if "locked" in str(exc):
                 raise StoreError(
                     f"the database {self._path!r} is in use by another process "
                     "(is another scheduler running on it?); stop it or use another file"
                 ) from exc
             raise StoreError(f"cannot open the database {self._path!r}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # "file is not a database", corrupt pages
+            conn.close()
+            self._close_mark()
+            raise StoreError(
+                f"the database {self._path!r} is damaged ({exc}); restore it from a backup, "
+                "or move it away to start with an empty one (its calls are then lost)"
+            ) from exc
         except BaseException:
             conn.close()
+            self._close_mark()
             raise
         self._conn = conn
+
+    def _prepare_files(self) -> None:
+        """Check the folder, make the files owner-only, and open the mark file."""
+        folder = os.path.dirname(os.path.abspath(self._path))
+        if not os.path.isdir(folder):
+            raise StoreError(f"cannot open the database {self._path!r}: {folder!r} is no folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"cannot open the database {self._path!r}: its folder {folder!r} is not "
+                "writable by this user, and SQLite keeps its write-ahead log beside the "
+                "database; make the folder writable or choose another"
+            )
+        try:
+            # Created owner-only (SQLite gives the -wal and -shm files the database's mode).
+            os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, _FILE_MODE))
+            self._mark = os.open(self._path + ".mark", os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the database {self._path!r}: {exc.strerror or exc}"
+            ) from exc
+        self._secure(self._path, self._path + ".mark", self._path + "-wal", self._path + "-shm")
+
+    @staticmethod
+    def _secure(*paths: str) -> None:
+        for path in paths:
+            try:
+                if os.stat(path).st_mode & 0o077:
+                    os.chmod(path, _FILE_MODE)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot make {path!r} readable by its owner only ({exc.strerror or exc}); "
+                    "it holds the scheduler's signing key"
+                ) from exc
+
+    def _check_integrity(self, conn: sqlite3.Connection) -> None:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise StoreError(
+                f"the database {self._path!r} is damaged (quick_check: "
+                f"{'; '.join(map(str, problems[:3]))}); restore it from a backup, or move it "
+                "away to start with an empty one (its calls are then lost)"
+            )
+
+    def _check_mark(self) -> None:
+        assert self._mark is not None
+        data = os.pread(self._mark, 8, 0)
+        marked = int.from_bytes(data, "big") if len(data) == 8 else 0
+        if marked > self._counted:
+            raise StoreError(
+                f"the database {self._path!r} lost committed work: it holds "
+                f"{self._counted} transactions, but {marked} were committed (its write-ahead "
+                f"log {self._path + '-wal'!r} was deleted or truncated, or the file was "
+                f"emptied or replaced); restore the folder from a backup, or, to start over "
+                f"with an empty database (its calls are then lost), delete {self._path!r} "
+                f"and every file beside it whose name begins the same"
+            )
+        self._write_mark()
+
+    def _write_mark(self) -> None:
+        if self._mark is not None:
+            os.pwrite(self._mark, self._counted.to_bytes(8, "big"), 0)
+
+    def _close_mark(self) -> None:
+        if self._mark is not None:
+            os.close(self._mark)
+            self._mark = None
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -483,6 +589,9 @@ class SQLiteStore(Store):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._mark is not None:
+            os.fsync(self._mark)
+            self._close_mark()
 
     def _commit_sync(self, groups: list[list[_Statement]]) -> list[StoreError | None]:
         """Commit all groups in one transaction.
@@ -527,13 +636,19 @@ class SQLiteStore(Store):
                 else:
                     errors.append(None)
                 conn.execute("RELEASE grp")
+            conn.execute(_COUNT_COMMIT)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         self._commits += 1
+        self._counted += 1
         self._last_commit = time.perf_counter() - start
+        try:
+            self._write_mark()
+        except OSError as exc:  # committed all the same; only damage detection is weaker
+            logger.warning("cannot update %s.mark: %s", self._path, exc)
 
     def _load_sync(self) -> Snapshot:
         conn = self._require()
