@@ -187,3 +187,14 @@ async def test_a_timer_set_from_a_callback_is_not_durable(make_env: EnvFactory) 
     info = await env.run(timer_from_a_callback)
     assert info.status is not None and info.status.name == "PERMANENT_ERROR"
     assert "loop.call_later() from a callback" in str(info.error)
+
+
+async def test_host_loop_error_names_what_was_awaited(make_env: EnvFactory) -> None:
+    loop = asyncio.get_running_loop()
+    misused: asyncio.Future[int] = loop.create_future()
+    misuse, _ = _host_bound_functions(misused, misused)
+    env = make_env(misuse, virtual_time=False)
+    error = (await env.run(misuse)).error
+    assert isinstance(error, HostLoopError)
+    assert str(error).startswith("a durable function awaited <Future pending")
+    misused.cancel()

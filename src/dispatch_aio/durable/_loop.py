@@ -20,6 +20,7 @@ import contextvars
 import heapq
 import logging
 import os
+import re
 import sys
 import time
 import weakref
@@ -43,21 +44,25 @@ _LINGER_STEP = 0.01
 _LINGER_STEPS = 50
 
 _HOST_LOOP_HINT = (  # see host_loop_error()
-    "an object bound to the host event loop (for example an aiohttp ClientSession or a "
-    "connection pool created outside the function) was awaited inside a durable function; "
-    "create it inside the function, or run the code that uses it with "
+    "it is bound to the host event loop (for example an aiohttp ClientSession or a "
+    "connection pool created outside the function), and durable functions run on a loop "
+    "of their own; create it inside the function, or run the code that uses it with "
     "`await dispatch_aio.run_on_host(coro)`"
 )
+_OTHER_LOOP = re.compile(r"got (?:Future )?(.*) attached to a different loop", re.DOTALL)
 
 
 def host_loop_error(exc: BaseException | None) -> HostLoopError | None:
     """Explain asyncio's "attached to a different loop" error, if ``exc`` is one.
 
     The C task implementation throws it straight into the coroutine, so it is
-    explained where it leaves the function rather than where it is raised.
+    explained where it leaves the function rather than where it is raised. The
+    explanation names what was awaited, as asyncio describes it.
     """
     if type(exc) is RuntimeError and "attached to a different loop" in str(exc):
-        error = HostLoopError(_HOST_LOOP_HINT)
+        match = _OTHER_LOOP.search(str(exc))
+        what = match.group(1) if match else "an object"
+        error = HostLoopError(f"a durable function awaited {what}: {_HOST_LOOP_HINT}")
         error.__cause__ = exc
         return error
     return None
@@ -166,20 +171,29 @@ class Timer(asyncio.TimerHandle):
         return bool(self._cancelled) or self.fired
 
 
-def _forward(name: str, *, transport: bool = False) -> Any:
-    """Make a DurableLoop method that runs the host loop's coroutine method ``name``."""
+def _forward(name: str, *, adopt: str | None = None) -> Any:
+    """Make a DurableLoop method that runs the host loop's coroutine method ``name``.
+
+    ``adopt`` names the DurableLoop method that takes over what the host hands
+    back (a transport, a server) so that it can be used from the durable loop.
+    """
 
     async def method(self: DurableLoop, *args: Any, **kwargs: Any) -> Any:
         result = await self._bridge(getattr(self._host, name)(*args, **kwargs))
-        if transport:
-            # A (transport, protocol) pair: data may arrive while the transport is open.
-            self._transports.add(result[0])
-            self._io_changed()
+        if adopt is not None:
+            getattr(self, adopt)(result)
         return result
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = f"Run the host loop's ``{name}()`` and return its result here."
     return method
+
+
+def _released(resource: asyncio.BaseTransport | asyncio.AbstractServer) -> bool:
+    """Whether a transport is closing, or a server closed."""
+    if isinstance(resource, asyncio.BaseTransport):
+        return resource.is_closing()
+    return not resource.sockets  # type: ignore[attr-defined]
 
 
 class DurableLoop(asyncio.AbstractEventLoop):
@@ -216,8 +230,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._debug = False
         self._exception_handler: Callable[..., object] | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
-        # Transports opened from this loop: data may still arrive while they are open.
-        self._transports: set[asyncio.BaseTransport] = set()
+        # Transports and servers opened from this loop: data may still arrive while
+        # they are open.
+        self._resources: set[asyncio.BaseTransport | asyncio.AbstractServer] = set()
         self._wake: asyncio.Event | None = None
         # Replaying: time() is the time of the epoch being replayed.
         self.replaying = False
@@ -243,7 +258,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     def _io_changed(self) -> None:
         """Start or stop the clock of I/O time when I/O starts or stops being in flight."""
-        active = bool(self._inflight or self._transports)
+        active = bool(self._inflight or self._resources)
         if active and self._io_since is None:
             self._io_since = self._clock.time()
         elif not active and self._io_since is not None:
@@ -257,7 +272,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
     @property
     def io_inflight(self) -> int:
         """Number of forwarded I/O operations running, and transports open, on the host loop."""
-        return len(self._inflight) + len(self._transports)
+        return len(self._inflight) + len(self._resources)
 
     @property
     def operations_inflight(self) -> int:
@@ -352,19 +367,19 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Wait on the host loop until woken by I/O or until ``deadline`` (clock time)."""
         if self._ready:
             return
-        closing = [t for t in self._transports if t.is_closing()]
+        closing = [r for r in self._resources if _released(r)]
         if closing:
             # connection_lost() runs on the host loop's next iterations.
             await asyncio.sleep(0)
             await asyncio.sleep(0)
-            self._transports.difference_update(closing)
+            self._resources.difference_update(closing)
             self._io_changed()
             return
         if self._wake is None:
             self._wake = asyncio.Event()
         self._wake.clear()
         idle = not self.io_inflight
-        if self._transports and not self._inflight:
+        if self._resources and not self._inflight:
             # A transport closing may schedule nothing here: look again soon.
             soon = self._clock.time() + 1.0
             deadline = soon if deadline is None else min(deadline, soon)
@@ -394,8 +409,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Cancel every task and forwarded operation, and close the loop."""
         for fut in list(self._inflight):
             fut.cancel()
-        for transport in self._transports:
-            transport.close()
+        for resource in self._resources:
+            resource.close()
         # Not asyncio.all_tasks(): it scans the tasks of every loop in the process.
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
@@ -558,12 +573,12 @@ class DurableLoop(asyncio.AbstractEventLoop):
     # the ones that open a transport keep the run live until it closes.
     getaddrinfo = _forward("getaddrinfo")
     getnameinfo = _forward("getnameinfo")
-    create_connection = _forward("create_connection", transport=True)
-    create_unix_connection = _forward("create_unix_connection", transport=True)
-    create_datagram_endpoint = _forward("create_datagram_endpoint", transport=True)
-    create_server = _forward("create_server")
-    create_unix_server = _forward("create_unix_server")
-    connect_accepted_socket = _forward("connect_accepted_socket", transport=True)
+    create_connection = _forward("create_connection", adopt="_adopt_transport")
+    create_unix_connection = _forward("create_unix_connection", adopt="_adopt_transport")
+    create_datagram_endpoint = _forward("create_datagram_endpoint", adopt="_adopt_transport")
+    create_server = _forward("create_server", adopt="_adopt_server")
+    create_unix_server = _forward("create_unix_server", adopt="_adopt_server")
+    connect_accepted_socket = _forward("connect_accepted_socket", adopt="_adopt_transport")
     sendfile = _forward("sendfile")
     sock_recv = _forward("sock_recv")
     sock_recv_into = _forward("sock_recv_into")
@@ -574,16 +589,58 @@ class DurableLoop(asyncio.AbstractEventLoop):
     sock_connect = _forward("sock_connect")
     sock_accept = _forward("sock_accept")
     sock_sendfile = _forward("sock_sendfile")
-    subprocess_exec = _forward("subprocess_exec", transport=True)
-    subprocess_shell = _forward("subprocess_shell", transport=True)
-    connect_read_pipe = _forward("connect_read_pipe", transport=True)
-    connect_write_pipe = _forward("connect_write_pipe", transport=True)
+    subprocess_exec = _forward("subprocess_exec", adopt="_adopt_subprocess")
+    subprocess_shell = _forward("subprocess_shell", adopt="_adopt_subprocess")
+    connect_read_pipe = _forward("connect_read_pipe", adopt="_adopt_transport")
+    connect_write_pipe = _forward("connect_write_pipe", adopt="_adopt_transport")
+
+    def _adopt_transport(self, pair: tuple[asyncio.BaseTransport, Any]) -> None:
+        # Data may arrive while the transport is open: the run stays live.
+        self._resources.add(pair[0])
+        self._io_changed()
+
+    def _adopt_subprocess(self, pair: tuple[asyncio.SubprocessTransport, Any]) -> None:
+        # asyncio.subprocess.Process.wait() (and so communicate()) awaits the
+        # transport's _wait(), a future of the loop that made the transport.
+        self._run_waits_on_host(pair[0], "_wait")
+        self._adopt_transport(pair)
+
+    def _adopt_server(self, server: asyncio.AbstractServer) -> None:
+        # Connections may arrive while the server is open: the run stays live.
+        self._run_waits_on_host(server, "serve_forever", "wait_closed")
+        self._resources.add(server)
+        self._io_changed()
+
+    def _run_waits_on_host(self, obj: object, *names: str) -> None:
+        """Make coroutine methods of a host-loop object awaitable from this loop.
+
+        Called from a durable task, each runs on the host loop and its result is
+        handed over here; called on the host loop (the object's own code calls
+        it too), it runs there as it always did.
+        """
+        for name in names:
+            method = getattr(obj, name)
+
+            def call(
+                *args: Any, _method: Callable[..., Awaitable[Any]] = method, **kwargs: Any
+            ) -> Awaitable[Any]:
+                if asyncio.events._get_running_loop() is not self:
+                    return _method(*args, **kwargs)
+                return self.run_on_host_call(_method, *args, **kwargs)
+
+            setattr(obj, name, call)
+
+    async def run_on_host_call(
+        self, method: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any
+    ) -> _T:
+        """Call ``method`` on the host loop and return its result here."""
+        return await self._bridge(method(*args, **kwargs))
 
     async def start_tls(self, *args: Any, **kwargs: Any) -> Any:
         """Upgrade a connection to TLS on the host loop."""
         transport = await self._bridge(self._host.start_tls(*args, **kwargs))
         if transport is not None:
-            self._transports.add(transport)
+            self._resources.add(transport)
             self._io_changed()
         return transport
 
