@@ -24,6 +24,13 @@ from ._endpoint import (
     EndpointServer,
 )
 from ._function import Function
+from ._serving import (
+    IDLE_TIMEOUT,
+    ConnectionGuard,
+    default_connection_limit,
+    quiet_accept_errors,
+    raise_file_limit,
+)
 from ._status import Classifier, Status
 from .durable import Runner
 from .http import Response, response_status
@@ -77,6 +84,12 @@ class Dispatch:
         live_timer_threshold: Timers due within this many seconds are waited out while
             the run stays live, instead of suspending it.
         shutdown_timeout: Seconds in-flight runs get to finish when serving stops.
+        idle_timeout: Seconds a connection to the endpoint may stay open without a
+            complete request (half-sent headers included) before it is closed.
+        max_connections: Connections the endpoint keeps open at most; past it, the
+            oldest connection without a request in progress is closed. Default: a
+            quarter of the open-file limit (raised to its maximum at start), at most
+            4096.
     """
 
     def __init__(
@@ -96,6 +109,8 @@ class Dispatch:
         cache_idle_timeout: float = 300.0,
         live_timer_threshold: float = 1.0,
         shutdown_timeout: float = 30.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
         self._config = Config(
             api_key=api_key,
@@ -116,6 +131,12 @@ class Dispatch:
         self._runner: Runner | None = None
         self._shutdown_timeout = shutdown_timeout
         self._max_body_size = max_body_size
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive, got {idle_timeout!r}")
+        if max_connections is not None and max_connections <= 0:
+            raise ValueError(f"max_connections must be positive, got {max_connections!r}")
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
         self._client = Client._with_config(self._config, timeout=api_timeout)
         self._endpoint = Endpoint(
             self._config,
@@ -302,14 +323,25 @@ class Dispatch:
         """
         host, port = self._config.endpoint_addr()
         self._endpoint.check_bind(host, port)
-        app = web.Application(client_max_size=self._max_body_size)
+        file_limit = raise_file_limit()
+        guard = ConnectionGuard(
+            self._max_connections or default_connection_limit(file_limit), "the endpoint"
+        )
+        app = web.Application(client_max_size=self._max_body_size, middlewares=[guard.middleware])
         app.add_routes(self.routes())
         app.cleanup_ctx.append(self.cleanup_ctx)
         # No access log: the scheduler's Run requests would drown the app's own lines.
         runner = web.AppRunner(
-            app, handle_signals=False, shutdown_timeout=self._shutdown_timeout, access_log=None
+            app,
+            handle_signals=False,
+            shutdown_timeout=self._shutdown_timeout,
+            access_log=None,
+            keepalive_timeout=self._idle_timeout,
         )
         await runner.setup()
+        assert runner.server is not None
+        guard.attach(runner.server)
+        quiet_accept_errors(asyncio.get_running_loop())
         site = web.TCPSite(runner, host, port)
         try:
             await site.start()
