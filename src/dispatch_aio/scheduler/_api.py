@@ -44,6 +44,7 @@ from ._store import CallQuery, CallRecord, Phase, Store, StoreError
 __all__ = [
     "DISPATCH_PATH",
     "INSPECT_PREFIX",
+    "MAX_CALLS_PER_REQUEST",
     "WAIT_PATH",
     "create_app",
 ]
@@ -60,6 +61,9 @@ _PROTO_TYPES = frozenset({_PROTO, "application/protobuf", "application/x-protobu
 _MAX_BODY = 64 * 1024 * 1024
 _PAGE = 100
 _MAX_PAGE = 1000
+MAX_CALLS_PER_REQUEST = 10_000
+"""Calls one DispatchRequest may submit; a larger batch is refused, not half taken."""
+_MAX_SEQ = (1 << 63) - 1  # page tokens are SQLite row numbers
 
 # Message types that JSON responses can render inside a google.protobuf.Any: importing
 # the modules registers them in the default descriptor pool.
@@ -187,6 +191,13 @@ class _Service:
 
     async def dispatch(self, request: web.Request) -> web.Response:
         req, as_json = await self._read(request, dispatch_pb2.DispatchRequest())
+        if len(req.calls) > MAX_CALLS_PER_REQUEST:
+            raise _ConnectError(
+                413,
+                "resource_exhausted",
+                f"the request submits {len(req.calls)} calls, over the limit of "
+                f"{MAX_CALLS_PER_REQUEST} per request; submit them in several requests",
+            )
         try:
             ids = await self._engine.submit(req.calls)
         except InvalidCallError as exc:
@@ -211,12 +222,12 @@ class _Service:
     async def list_calls(self, request: web.Request) -> web.Response:
         req, as_json = await self._read(request, inspect_pb2.ListCallsRequest())
         limit = min(req.limit or _PAGE, _MAX_PAGE)
-        try:
-            after = int(req.page_token) if req.page_token else 0
-        except ValueError as exc:
+        token = req.page_token
+        if token and not (token.isascii() and token.isdigit() and int(token) <= _MAX_SEQ):
             raise _ConnectError(
                 400, "invalid_argument", "invalid page_token: pass next_page_token back as is"
-            ) from exc
+            )
+        after = int(token) if token else 0
         states = set(req.states)
         phases = {p for s in states for p in _PHASES_OF_STATE.get(s, ())}
         if states and not phases:

@@ -2,8 +2,10 @@
 
 The rules are those of the Dispatch protocol: a function name matching
 ``^[a-zA-Z_][a-zA-Z0-9_<>.]*$``, an http(s) endpoint (the local scheduler calls no
-other kind) and a non-negative expiration. Each problem is reported as one sentence
-that names the field and what to do.
+other kind) and a non-negative expiration. Names and URLs are bounded in length
+(`MAX_FUNCTION_NAME`, `MAX_ENDPOINT`), so that a call that could never run is refused
+when it is submitted, not when it is run. Each problem is reported as one sentence that
+names the field and what to do.
 """
 
 from __future__ import annotations
@@ -13,14 +15,26 @@ from urllib.parse import urlsplit
 
 from ..proto.sdk.v1 import call_pb2
 
-__all__ = ["FUNCTION_NAME_PATTERN", "call_problem", "endpoint_problem"]
+__all__ = [
+    "FUNCTION_NAME_PATTERN",
+    "MAX_ENDPOINT",
+    "MAX_FUNCTION_NAME",
+    "call_problem",
+    "endpoint_problem",
+]
 
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z_][a-zA-Z0-9_<>.]*$"
+MAX_FUNCTION_NAME = 512
+"""Characters a function name may have."""
+MAX_ENDPOINT = 2048
+"""Characters an endpoint URL may have."""
 _FUNCTION_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_<>.]*")
 
 
 def endpoint_problem(endpoint: str) -> str | None:
     """Return why `endpoint` cannot be called by this scheduler, or None if it can."""
+    if len(endpoint) > MAX_ENDPOINT:
+        return f"is {len(endpoint)} characters long, over the limit of {MAX_ENDPOINT}"
     try:
         parts = urlsplit(endpoint)
         host = parts.hostname
@@ -49,6 +63,11 @@ def call_problem(call: call_pb2.Call, where: str, *, default_endpoint: str = "")
     """
     if not call.function:
         return f"{where}.function is missing: give the name of the function to call"
+    if len(call.function) > MAX_FUNCTION_NAME:
+        return (
+            f"{where}.function {call.function[:40]!r}... is {len(call.function)} characters "
+            f"long, over the limit of {MAX_FUNCTION_NAME}"
+        )
     if not _FUNCTION_NAME.fullmatch(call.function):
         return (
             f"{where}.function {call.function!r} is not a valid function name: "
