@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dispatch_aio._status import Status
 from dispatch_aio.proto.sdk.v1 import function_pb2, status_pb2
-from dispatch_aio.scheduler._invoker import Invoker
+from dispatch_aio.scheduler._invoker import Invoker, _Window
 
 from .scripted import ScriptedEndpoint, fail, ok, text
 
@@ -190,3 +190,18 @@ async def test_windows_are_per_endpoint(
 def test_ceiling_must_be_positive(signing_key: Ed25519PrivateKey) -> None:
     with pytest.raises(ValueError, match="max_concurrency must be at least 1"):
         Invoker(signing_key, max_concurrency=0)
+
+
+async def test_a_cancelled_waiter_already_dropped_by_a_release_is_not_an_error() -> None:
+    # Seen when the app was killed: a release popped the cancelled waiter of a task that
+    # had not yet run its cleanup, which then failed with "not in deque".
+    window = _Window(initial=1, ceiling=1)
+    epoch = await window.acquire()
+    waiting = asyncio.ensure_future(window.acquire())
+    await asyncio.sleep(0)
+    waiting.cancel()  # its waiter future is now cancelled; the task has not resumed yet
+    window.release(epoch, success=False, overload=False)  # pops the cancelled waiter
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert window.inflight == 0 and not window.waiters
+    assert await window.acquire() == window.epoch  # the slot is free again

@@ -80,7 +80,7 @@ class _Window:
             if waiter.done() and not waiter.cancelled():
                 self.inflight -= 1  # the slot was handed over: pass it on
                 self._wake()
-            else:
+            elif waiter in self.waiters:  # `_wake` may have dropped it already
                 self.waiters.remove(waiter)
             raise
         return self.epoch
