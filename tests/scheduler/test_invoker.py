@@ -205,3 +205,36 @@ async def test_a_cancelled_waiter_already_dropped_by_a_release_is_not_an_error()
         await waiting
     assert window.inflight == 0 and not window.waiters
     assert await window.acquire() == window.epoch  # the slot is free again
+
+
+async def test_an_outage_is_one_warning_and_its_end_another(
+    signing_key: Ed25519PrivateKey, unused_tcp_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    inv = Invoker(signing_key, unreachable_warning=0.3)
+    await inv.open()
+    try:
+        for _ in range(8):  # 0.8 s of refused connections
+            assert (await inv.run(url, request(), 5)).status is Status.TCP_ERROR
+            await asyncio.sleep(0.1)
+        down = [r for r in caplog.records if "unreachable for" in r.getMessage()]
+        assert len(down) == 1 and down[0].levelname == "WARNING"
+        assert url in down[0].getMessage() and "is the app running" in down[0].getMessage()
+
+        async def answer(_: web.Request) -> web.Response:
+            return web.Response()  # not even a RunResponse: an answer all the same
+
+        app = web.Application()
+        app.router.add_post("/dispatch.sdk.v1.FunctionService/Run", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+        try:
+            for _ in range(2):
+                assert (await inv.run(url, request(), 5)).http_status == 200
+        finally:
+            await runner.cleanup()
+        back = [r for r in caplog.records if "answers again" in r.getMessage()]
+        assert len(back) == 1 and url in back[0].getMessage()
+    finally:
+        await inv.close()

@@ -5,6 +5,10 @@ whether to retry is the engine's job. Each endpoint has its own concurrency wind
 (AIMD): it grows by one slot per success until the first sign of overload (slow
 start), then by about one slot per window's worth of successes, and it halves on
 THROTTLED, HTTP 429/503, timeouts and connection errors, at most once per window.
+
+An endpoint that stays unreachable (connection, DNS or TLS errors, no response in time)
+for `unreachable_warning` seconds gets one warning line, and one more when it answers
+again, so that an outage shows at the default log level without a line per attempt.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import collections
 import json
 import logging
+import time
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -33,6 +38,7 @@ RUN_PATH = "/dispatch.sdk.v1.FunctionService/Run"
 _PROTO = "application/proto"
 _HEADERS = MappingProxyType({"Content-Type": _PROTO})
 _OVERLOAD_HTTP = frozenset({429, 503})
+_UNREACHABLE = frozenset({Status.TCP_ERROR, Status.DNS_ERROR, Status.TLS_ERROR, Status.TIMEOUT})
 _BODY_EXCERPT = 300
 
 
@@ -58,7 +64,16 @@ class Outcome:
 class _Window:
     """AIMD concurrency limit of one endpoint."""
 
-    __slots__ = ("ceiling", "epoch", "inflight", "limit", "slow_start", "waiters")
+    __slots__ = (
+        "ceiling",
+        "down_since",
+        "epoch",
+        "inflight",
+        "limit",
+        "slow_start",
+        "waiters",
+        "warned",
+    )
 
     def __init__(self, initial: int, ceiling: int) -> None:
         self.ceiling = ceiling
@@ -67,6 +82,8 @@ class _Window:
         self.epoch = 0
         self.slow_start = True
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.down_since: float | None = None  # monotonic time of the first failure in a row
+        self.warned = False
 
     async def acquire(self) -> int:
         if self.inflight < int(self.limit) and not self.waiters:
@@ -113,6 +130,7 @@ class Invoker:
         key: The scheduler's Ed25519 signing key.
         max_concurrency: Ceiling of in-flight requests per endpoint.
         initial_concurrency: Starting window per endpoint.
+        unreachable_warning: Seconds an endpoint may be unreachable before a warning.
     """
 
     def __init__(
@@ -121,12 +139,14 @@ class Invoker:
         *,
         max_concurrency: int = 64,
         initial_concurrency: int = 8,
+        unreachable_warning: float = 10.0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._key = key
         self._ceiling = max_concurrency
         self._initial = max(1, initial_concurrency)
+        self._unreachable_warning = unreachable_warning
         self._windows: dict[str, _Window] = {}
         self._signers: dict[str, RequestSigner] = {}  # by URL
         self._session: aiohttp.ClientSession | None = None
@@ -180,7 +200,31 @@ class Invoker:
                 success=outcome.response is not None and outcome.status is not Status.THROTTLED,
                 overload=_is_overload(outcome),
             )
+        self._watch(endpoint, window, outcome)
         return outcome
+
+    def _watch(self, endpoint: str, window: _Window, outcome: Outcome) -> None:
+        now = time.monotonic()
+        if outcome.http_status or outcome.response is not None:
+            if window.warned and window.down_since is not None:
+                logger.warning(
+                    "endpoint %s answers again, after %.0f s unreachable",
+                    endpoint,
+                    now - window.down_since,
+                )
+            window.down_since, window.warned = None, False
+        elif outcome.status in _UNREACHABLE:
+            if window.down_since is None:
+                window.down_since = now
+            elif not window.warned and now - window.down_since >= self._unreachable_warning:
+                window.warned = True
+                logger.warning(
+                    "endpoint %s has been unreachable for %.0f s (%s); its calls wait and are "
+                    "retried until they expire: is the app running at that address?",
+                    endpoint,
+                    now - window.down_since,
+                    outcome.error,
+                )
 
     async def _send(
         self, session: aiohttp.ClientSession, url: str, body: bytes, time_limit: float
