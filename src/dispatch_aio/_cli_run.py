@@ -36,6 +36,7 @@ from ._cli_scheduler import (
     SchedulerSettings,
     check_endpoint_free,
     endpoint_url_for,
+    exposure_warning,
     format_addr,
     parse_addr,
 )
@@ -245,6 +246,12 @@ async def run_app(options: RunOptions, console: Console) -> int:
                 console.line(
                     f"{ours}scheduler API on {local.api_url}, calls kept in {local.database}"
                 )
+                api_port = int(local.api_url.rpartition(":")[2])
+                if (warning := exposure_warning(settings.host, api_port)) is not None:
+                    console.line(
+                        ours + console.paint(f"warning: {warning}", Style.YELLOW, err=True),
+                        err=True,
+                    )
                 console.line(
                     f"{ours}starting {shlex.join(command)} (endpoint {endpoint_url}, "
                     f"DISPATCH_ENDPOINT_ADDR={endpoint_addr})"

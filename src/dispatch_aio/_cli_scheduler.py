@@ -15,8 +15,10 @@ __all__ = [
     "CliError",
     "LocalScheduler",
     "SchedulerSettings",
+    "check_data_dir",
     "check_endpoint_free",
     "endpoint_url_for",
+    "exposure_warning",
     "format_addr",
     "parse_addr",
     "read_connection",
@@ -166,6 +168,38 @@ class SchedulerSettings:
     max_attempts: int = RetryPolicy().max_attempts
     """Attempts in a row a function may answer with a temporary status before its error is
     final (0: retried until the call expires); see `RetryPolicy.max_attempts`."""
+    run_timeout: float = 300.0
+    """Seconds one Run request may take."""
+
+
+def check_data_dir(path: str, option: str = "--data-dir") -> str:
+    """Return `path` if it can name the data folder.
+
+    Raises:
+        CliError: The path is empty or holds control characters (a newline would break
+            the printed lines and the ``export`` commands), as a usage error.
+    """
+    if not path.strip():
+        raise CliError(f"{option} is empty: give a folder, e.g. {option} .dispatch", code=2)
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise CliError(
+            f"{option} {path!r} holds control characters (a newline, a tab ...): choose a "
+            "folder name without them",
+            code=2,
+        )
+    return path
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """Return a warning when the API is served beyond this machine, else None."""
+    if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
+        return None
+    where = "every interface" if host in _WILDCARDS else host
+    return (
+        f"the scheduler API listens on {format_addr(host, port)} ({where}), over plain HTTP: "
+        "anyone who can reach it and learns the API key can submit calls, and the key travels "
+        "unencrypted; put it behind a TLS proxy or a firewall"
+    )
 
 
 def _connection_path(data_dir: str) -> Path:
@@ -231,6 +265,7 @@ class LocalScheduler:
                 api_key=self.api_key,
                 default_endpoint=settings.endpoint_url,
                 retry=RetryPolicy(max_attempts=settings.max_attempts),
+                request_timeout=settings.run_timeout,
             )
         except ValueError as exc:
             raise CliError(str(exc), code=2) from None

@@ -64,7 +64,9 @@ from ._cli_scheduler import (
     CliError,
     LocalScheduler,
     SchedulerSettings,
+    check_data_dir,
     endpoint_url_for,
+    exposure_warning,
     format_addr,
     parse_addr,
     read_connection,
@@ -73,6 +75,7 @@ from ._progress import CallTracker, Progress
 from .proto.v1 import inspect_pb2
 
 PROG = "dispatch-aio"
+_DEFAULTS = SchedulerSettings()
 DEFAULT_SERVER_PORT = 4450
 DEFAULT_ENDPOINT = "127.0.0.1:8000"
 READY_LINE = "Ready. Press Ctrl+C to stop."
@@ -102,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--data-dir",
         default=DEFAULT_DATA_DIR,
+        type=_data_dir,
         metavar="PATH",
         help=f"folder of the scheduler's database (default: {DEFAULT_DATA_DIR})",
     )
@@ -115,6 +119,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     sched.add_argument(
         "--api-key", metavar="KEY", help="API key clients must send (default: a random one)"
+    )
+    sched.add_argument(
+        "--run-timeout",
+        type=float,
+        default=_DEFAULTS.run_timeout,
+        metavar="SECONDS",
+        help="seconds one Run request to the application may take (default: 300)",
+    )
+    sched.add_argument(
+        "--max-attempts",
+        type=int,
+        default=_DEFAULTS.max_attempts,
+        metavar="N",
+        help="answers in a row with a temporary error (TimeoutError, ConnectionError ...) "
+        "after which a call fails with that error; 0 retries until the call expires "
+        f"(default: {_DEFAULTS.max_attempts})",
     )
     sched.add_argument(
         "--endpoint",
@@ -286,13 +306,26 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
         raise CliError(f"invalid --port {args.port}: use 0 to 65535", code=2)
     if args.api_key is not None and not args.api_key.strip():
         raise CliError("--api-key is empty: give a key, or leave the option out", code=2)
+    if not args.run_timeout > 0:
+        raise CliError(f"invalid --run-timeout {args.run_timeout:g}: it must be positive", 2)
+    if args.max_attempts < 0:
+        raise CliError(f"invalid --max-attempts {args.max_attempts}: use 0 or more", code=2)
     return SchedulerSettings(
         host=args.host,
         port=args.port,
         api_key=args.api_key.strip() if args.api_key else None,
         data_dir=args.data_dir,
         in_memory=args.in_memory,
+        run_timeout=args.run_timeout,
+        max_attempts=args.max_attempts,
     )
+
+
+def _data_dir(value: str) -> str:
+    try:
+        return check_data_dir(value)
+    except CliError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 async def _run_command(args: argparse.Namespace, console: Console) -> int:
@@ -356,6 +389,9 @@ async def _server_command(args: argparse.Namespace, console: Console) -> int:
             ]
             for line in lines:
                 console.line(line)
+            port = int(local.api_url.rpartition(":")[2])
+            if (warning := exposure_warning(settings.host, port)) is not None:
+                console.line(console.paint(f"warning: {warning}", Style.YELLOW, err=True), err=True)
             await stop.wait()
             unfinished = tracker.counts().unfinished
             if unfinished and not settings.in_memory:
