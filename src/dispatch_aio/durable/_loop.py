@@ -3,11 +3,36 @@
 The loop is stepped by its owner (the run in ``_runner.py``) from the host
 event loop: each step installs the durable loop as the running loop, runs the
 ready callbacks in FIFO order until none are left, and restores the host loop.
-It never runs by itself. Timers made by tasks are durable: they carry an
-identity derived from program position and fire only when the owner says so,
-which is what makes replay deterministic. I/O (sockets, DNS, executors,
-subprocesses) is forwarded to the host loop, whose results complete futures
-of this loop and wake its owner.
+It never runs by itself. I/O (sockets, DNS, executors, subprocesses) is
+forwarded to the host loop, whose results complete futures of this loop and
+wake its owner.
+
+Identity only for what the program decides. A durable operation's identity is
+the path of the task that made it plus a per-task counter, so anything that
+takes an identity must be made the same number of times, in the same order, on
+every replay. Library code does not promise that: aiohttp arms a timeout per
+chunk read, starts a DNS task when its cache has expired, a writer task per
+request... in numbers that follow I/O timing. So:
+
+- Durable calls always take an identity.
+- A timer (``call_at``/``call_later``, and so ``sleep``, ``timeout``,
+  ``wait_for``) is durable when a task made it and the program decided it: the
+  innermost frame asking for it that is neither the standard library (asyncio's
+  own helpers, contextlib...) nor dispatch_aio belongs to the program. Frames of
+  third-party packages (files under site-packages or dist-packages) are library
+  code; the package of the function being run is the program wherever it is
+  installed. A program's callback passed to a library still decides for itself.
+- A task takes the next child path of its parent under the same rule; a task a
+  library starts gets a path of its own (``parent.~n``, counted apart) and one
+  started on the host loop by I/O (a server's connection handler) gets
+  ``~ioN``: neither moves the program's paths.
+- Everything else is volatile: it has no identity, is not journaled, and is
+  treated as I/O. A volatile timer counts real seconds from when it was armed
+  (its clock deadline), live and on replay; while one is pending and no durable
+  call is, the run waits for it as it waits for an open connection.
+
+The rule looks only at code (module names and file locations), never at
+timing, so a replay in any process of the same deployment classifies alike.
 
 Every use of asyncio's private API is in this module.
 """
@@ -23,6 +48,7 @@ import os
 import re
 import sys
 import time
+import types
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
@@ -34,6 +60,10 @@ __all__ = ["Clock", "DurableFuture", "DurableLoop", "DurableTask", "Timer", "hos
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+# How code that arms a timer or starts a task counts (see _program_decides()).
+_PROGRAM, _LIBRARY, _TRANSPARENT = "program", "library", "transparent"
+_PACKAGE = __name__.partition(".")[0]
 
 _HASH_BASES = 4096
 _HASH_SHIFT = 48
@@ -120,7 +150,10 @@ class DurableTask(asyncio.Task[_T]):
         self._seq = loop._next_seq()
         self._path = path
         self._children = 0
+        self._volatile_children = 0
         self._ops = 0
+        # Made by library code or by I/O: its path is not a program position.
+        self.volatile = False
         super().__init__(coro, loop=loop, name=name, context=context)
         loop._tasks.add(self)
 
@@ -144,11 +177,26 @@ class DurableTask(asyncio.Task[_T]):
         self._children += 1
         return path
 
+    def volatile_child_path(self) -> str:
+        """Return the path of the next task created by library code in this task.
+
+        Such tasks are counted apart, so that however many a library makes the
+        paths of the program's own tasks do not move.
+        """
+        path = f"{self._path}.~{self._volatile_children}"
+        self._volatile_children += 1
+        return path
+
 
 class Timer(asyncio.TimerHandle):
-    """A timer handle; durable when it has an identity."""
+    """A timer handle; durable when it has an identity.
 
-    __slots__ = ("fired", "identity", "seq")
+    ``deadline`` is when it is due on the clock: its durable time for a durable
+    timer, and for a volatile one the clock time at which its delay runs out
+    (library timeouts are I/O timeouts: they count real seconds, on replay too).
+    """
+
+    __slots__ = ("deadline", "fired", "identity", "seq")
 
     def __init__(
         self,
@@ -159,10 +207,12 @@ class Timer(asyncio.TimerHandle):
         context: contextvars.Context | None,
         identity: str | None,
         seq: int,
+        deadline: float,
     ) -> None:
         super().__init__(when, callback, args, loop, context)
         self.identity = identity
         self.seq = seq
+        self.deadline = deadline
         self.fired = False
 
     @property
@@ -225,6 +275,12 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._tasks: weakref.WeakSet[DurableTask[Any]] = weakref.WeakSet()
         self._asyncgens: weakref.WeakSet[AsyncGenerator[Any, Any]] = weakref.WeakSet()
         self._orphans = 0
+        self._io_tasks = 0
+        # Top-level packages whose code is the program's even when installed
+        # (the package of the function being run); set by the owner.
+        self.program_packages: frozenset[str] = frozenset()
+        self._module_kinds: dict[str, str] = {}
+        self._step_frame: types.FrameType | None = None
         self._stepping = False
         self._closed = False
         self._debug = False
@@ -290,6 +346,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         hooks = sys.get_asyncgen_hooks()
         sys.set_asyncgen_hooks(firstiter=self._asyncgens.add, finalizer=self._finalize_asyncgen)
         self._stepping = True
+        self._step_frame = sys._getframe()
         try:
             while ready:
                 handle = ready.popleft()
@@ -307,6 +364,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
                     )
         finally:
             self._stepping = False
+            self._step_frame = None
             sys.set_asyncgen_hooks(*hooks)
             asyncio.events._set_running_loop(host)
 
@@ -317,7 +375,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self.call_soon_threadsafe(self.create_task, agen.aclose())
 
     def next_timer(self, *, durable: bool | None = None) -> Timer | None:
-        """Return the earliest pending timer (only durable or non-durable ones if asked)."""
+        """Return the pending timer due first (only durable or volatile ones if asked)."""
         self._prune_timers()
         if durable is None:
             return self._timers[0][2] if self._timers else None
@@ -325,23 +383,37 @@ class DurableLoop(asyncio.AbstractEventLoop):
         for _, _, timer in self._timers:
             if timer.dead or (timer.identity is not None) != durable:
                 continue
-            if best is None or (timer.when(), timer.seq) < (best.when(), best.seq):
+            if best is None or (timer.deadline, timer.seq) < (best.deadline, best.seq):
                 best = timer
         return best
 
-    def due_timers(self, now: float) -> list[Timer]:
-        """Remove and return the timers due at ``now``, in firing order."""
+    def due_timers(self, now: float, *, durable: bool = True) -> list[Timer]:
+        """Remove and return the timers due at clock time ``now``, in firing order.
+
+        Durable timers are left in place unless ``durable`` is true.
+        """
         due = []
+        kept = []
         while self._timers:
-            when, _, timer = self._timers[0]
+            deadline, _, timer = self._timers[0]
             if timer.dead:
                 heapq.heappop(self._timers)
                 continue
-            if when > now:
+            if deadline > now:
                 break
-            heapq.heappop(self._timers)
-            due.append(timer)
+            entry = heapq.heappop(self._timers)
+            if timer.identity is not None and not durable:
+                kept.append(entry)
+            else:
+                due.append(timer)
+        for entry in kept:
+            heapq.heappush(self._timers, entry)
         return due
+
+    @property
+    def volatile_timers(self) -> bool:
+        """Whether a volatile timer (made by library code or a callback) is pending."""
+        return self.next_timer(durable=False) is not None
 
     def durable_timer(self, identity: str) -> Timer | None:
         """Return the pending durable timer with this identity, if any."""
@@ -357,11 +429,6 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._durable_timers.pop(timer.identity, None)
         if not timer._cancelled:
             self._ready.append(timer)
-
-    def drop_volatile_timers(self) -> None:
-        """Forget timers made outside any task; they do not survive a suspension."""
-        self._timers = [e for e in self._timers if e[2].identity is not None]
-        heapq.heapify(self._timers)
 
     async def wait(self, deadline: float | None) -> None:
         """Wait on the host loop until woken by I/O or until ``deadline`` (clock time)."""
@@ -471,15 +538,55 @@ class DurableLoop(asyncio.AbstractEventLoop):
         *args: Any,
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
-        """Schedule a callback at durable time ``when``; durable when made by a task."""
+        """Schedule a callback at durable time ``when``; durable when the program made it.
+
+        See the module docstring for which timers are durable.
+        """
         task = asyncio.current_task(self) if self._stepping else None
-        identity = task.next_identity() if isinstance(task, DurableTask) else None
+        identity = None
+        if isinstance(task, DurableTask) and self._program_decides():
+            identity = task.next_identity()
         seq = self._next_seq()
-        timer = Timer(when, callback, args, self, context, identity, seq)
-        heapq.heappush(self._timers, (when, seq, timer))
+        # A volatile timer counts real seconds from now (see Timer).
+        deadline = when if identity else self._clock.time() + max(0.0, when - self.time())
+        timer = Timer(when, callback, args, self, context, identity, seq, deadline)
+        heapq.heappush(self._timers, (deadline, seq, timer))
         if identity is not None:
             self._durable_timers[identity] = timer
         return timer
+
+    def _program_decides(self) -> bool:
+        """Whether the code that asks for a timer or a task is the program's own.
+
+        The innermost frame that is neither the standard library (asyncio's
+        helpers, contextlib...) nor dispatch_aio decides: a third-party package
+        (installed in site-packages) is library code, anything else is the
+        program, and so is the package of the function being run wherever it is
+        installed. Only frames of the running step are looked at.
+        """
+        frame: types.FrameType | None = sys._getframe(2)
+        stop = self._step_frame
+        kinds = self._module_kinds
+        while frame is not None and frame is not stop:
+            module = frame.f_globals.get("__name__", "")
+            kind = kinds.get(module)
+            if kind is None:
+                kind = kinds[module] = self._module_kind(module, frame.f_code.co_filename)
+            if kind != _TRANSPARENT:
+                return kind == _PROGRAM
+            frame = frame.f_back
+        return True
+
+    def _module_kind(self, module: str, filename: str) -> str:
+        top = module.partition(".")[0]
+        if top in self.program_packages:
+            return _PROGRAM
+        if top == _PACKAGE or top in sys.stdlib_module_names:
+            return _TRANSPARENT
+        parts = filename.replace("\\", "/").split("/")
+        if "site-packages" in parts or "dist-packages" in parts:
+            return _LIBRARY
+        return _PROGRAM
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
         # Cancelled timers are pruned lazily from the heap.
@@ -511,15 +618,25 @@ class DurableLoop(asyncio.AbstractEventLoop):
         name: str | None = None,
         context: contextvars.Context | None = None,
     ) -> asyncio.Task[_T]:
-        """Create a task whose path follows from the task that creates it."""
+        """Create a task whose path follows from the program position that creates it.
+
+        See the module docstring for which tasks take a durable path.
+        """
+        program = self._stepping and self._program_decides()
         parent = asyncio.current_task(self) if self._stepping else None
         if isinstance(parent, DurableTask):
-            path = parent.child_path()
-        else:
-            # Made from a callback: still deterministic, as callbacks run in order.
+            path = parent.child_path() if program else parent.volatile_child_path()
+        elif program:
+            # Made by the program from a callback: callbacks run in order.
             self._orphans += 1
             path = f"cb{self._orphans}"
-        return DurableTask(coro, loop=self, path=path, name=name, context=context)  # type: ignore[arg-type]
+        else:
+            # Made on the host loop by I/O (a server's connection handler, say).
+            self._io_tasks += 1
+            path = f"~io{self._io_tasks}"
+        task = DurableTask(coro, loop=self, path=path, name=name, context=context)  # type: ignore[arg-type]
+        task.volatile = not program
+        return task
 
     # -- I/O forwarded to the host loop ----------------------------------------
 

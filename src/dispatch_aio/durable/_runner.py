@@ -116,6 +116,8 @@ class Run:
         self.start_time = start_time
         self.loop = DurableLoop(asyncio.get_running_loop(), runner.clock, start_time)
         self.loop.owner = self
+        # The function's own package is the program, even when it is installed.
+        self.loop.program_packages = frozenset({getattr(fn, "__module__", "").partition(".")[0]})
         self.random = random.Random(seed)
         self.calls: list[_Call] = []
         self.by_identity: dict[str, _Call] = {}
@@ -311,12 +313,16 @@ class Run:
     def _io_holds_back(self) -> bool:
         """Whether to wait for I/O before going on (live: suspending; replay: the next epoch).
 
-        Forwarded operations end by themselves. An open connection may still deliver
-        what a task waits for, unless calls are pending: then the function suspends and
-        the connection stays open in the live run. The same rule holds on replay.
+        Forwarded operations end by themselves. An open connection, or a volatile
+        timer (a library's timeout or back-off, a timer set from a callback), may
+        still deliver what a task waits for, unless calls are pending: then the
+        function suspends, and they carry on in the live run. The same rule
+        holds on replay.
         """
         loop = self.loop
-        return bool(loop.operations_inflight) or (bool(loop.io_inflight) and not self.open_calls)
+        if loop.operations_inflight:
+            return True
+        return bool(loop.io_inflight or loop.volatile_timers) and not self.open_calls
 
     async def settle(self, *, wait_io: bool) -> None:
         """Replay: run until no callback is ready (and, if asked, no I/O is in flight)."""
@@ -327,10 +333,9 @@ class Run:
                 return
             if wait_io and self._io_holds_back():
                 timer = loop.next_timer(durable=False)
-                await loop.wait(None if timer is None else timer.when())
-                for due in loop.due_timers(self.runner.clock.time()):
-                    if due.identity is None:
-                        loop.fire(due)
+                await loop.wait(None if timer is None else timer.deadline)
+                for due in loop.due_timers(self.runner.clock.time(), durable=False):
+                    loop.fire(due)
                 continue
             return
 
@@ -364,15 +369,15 @@ class Run:
                     # Only idle connections (a pool, a session) keep it live: suspend.
                     return "suspend"
                 timer = loop.next_timer()
-                await loop.wait(None if timer is None else timer.when())
+                await loop.wait(None if timer is None else timer.deadline)
                 continue
             transports_since = None
             if self.sent < len(self.calls):
                 return "suspend"
             durable = loop.next_timer(durable=True)
             if durable is not None:
-                if durable.when() - runner.clock.time() <= runner.live_timer_threshold:
-                    await loop.wait(durable.when())
+                if durable.deadline - runner.clock.time() <= runner.live_timer_threshold:
+                    await loop.wait(durable.deadline)
                     continue
                 return "suspend"
             if self.outstanding:
@@ -387,7 +392,6 @@ class Run:
 
     def suspend(self) -> function_pb2.RunResponse:
         """Answer with a Poll carrying the new calls and the journal."""
-        self.loop.drop_volatile_timers()
         self.polls += 1
         new_calls = self.calls[self.sent :]
         for call in new_calls:
@@ -436,7 +440,7 @@ class Run:
             call.input = None
         timer = self.loop.next_timer(durable=True)
         if timer is not None:
-            wait = max(1.0, timer.when() - self.runner.clock.time())
+            wait = max(1.0, timer.deadline - self.runner.clock.time())
             millis = math.ceil(wait * 1000)
             poll.max_wait.CopyFrom(
                 duration_pb2.Duration(seconds=millis // 1000, nanos=millis % 1000 * 1_000_000)
@@ -654,7 +658,6 @@ class Runner:
         except BaseException:
             await run.close()
             raise
-        run.loop.drop_volatile_timers()
         run.replaying = run.loop.replaying = False
         return run
 
