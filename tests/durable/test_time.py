@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -236,3 +237,34 @@ async def test_time_moves_while_io_is_in_flight(make_env: EnvFactory) -> None:
     # Not frozen (it would be 0); a little less than the sleep, since the clock of I/O
     # time starts once the operation is handed to the host loop.
     assert await env.call(io_then_time) >= 0.15
+
+
+async def _background_sleeps_forever(x: int) -> int:
+    forever = asyncio.create_task(asyncio.sleep(math.inf))
+    result = await double(x)  # suspends while the infinite timer is pending
+    forever.cancel()
+    return result
+
+
+background_sleeps_forever = Function(_background_sleeps_forever, name="background_sleeps_forever")
+
+
+async def test_an_infinite_sleep_never_fires(make_env: EnvFactory) -> None:
+    env = make_env(double, background_sleeps_forever)
+    assert await env.call(background_sleeps_forever, 21) == 42
+    polls = [r.poll for r in env.responses if r.WhichOneof("directive") == "poll"]
+    assert polls and not any(p.HasField("max_wait") for p in polls)
+
+
+async def _sleeps_forever() -> None:
+    await asyncio.sleep(math.inf)
+
+
+sleeps_forever = Function(_sleeps_forever, name="sleeps_forever")
+
+
+async def test_only_an_infinite_sleep_left_is_an_error(make_env: EnvFactory) -> None:
+    env = make_env(sleeps_forever)
+    info = await env.run(sleeps_forever)
+    assert info.status is not None and info.status.name == "PERMANENT_ERROR"
+    assert "never fires" in str(info.error)

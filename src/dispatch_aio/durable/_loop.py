@@ -44,6 +44,7 @@ import collections
 import contextvars
 import heapq
 import logging
+import math
 import os
 import re
 import sys
@@ -412,8 +413,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     @property
     def volatile_timers(self) -> bool:
-        """Whether a volatile timer (made by library code or a callback) is pending."""
-        return self.next_timer(durable=False) is not None
+        """Whether a volatile timer (made by library code or a callback) will fire."""
+        timer = self.next_timer(durable=False)
+        return timer is not None and math.isfinite(timer.deadline)
 
     def durable_timer(self, identity: str) -> Timer | None:
         """Return the pending durable timer with this identity, if any."""
@@ -442,6 +444,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._resources.difference_update(closing)
             self._io_changed()
             return
+        if deadline is not None and not math.isfinite(deadline):
+            deadline = None  # a timer that never fires
         if self._wake is None:
             self._wake = asyncio.Event()
         self._wake.clear()

@@ -343,7 +343,8 @@ class Run:
         """Run live until the function exits, must suspend, diverges or can never resume.
 
         Returns:
-            "exit", "suspend", "diverged" or "stuck".
+            "exit", "suspend", "diverged", "stuck", or "forever" (only timers that
+            never fire are left).
         """
         loop = self.loop
         runner = self.runner
@@ -375,13 +376,15 @@ class Run:
             if self.sent < len(self.calls):
                 return "suspend"
             durable = loop.next_timer(durable=True)
-            if durable is not None:
+            if durable is not None and math.isfinite(durable.deadline):
                 if durable.deadline - runner.clock.time() <= runner.live_timer_threshold:
                     await loop.wait(durable.deadline)
                     continue
                 return "suspend"
             if self.outstanding:
                 return "suspend"
+            if durable is not None:
+                return "forever"  # asyncio.sleep(math.inf), and nothing else can happen
             # Timers set outside any task are not durable: a replay would not fire
             # them at this point, so they are not waited for here either.
             if await loop.linger():
@@ -439,7 +442,7 @@ class Run:
             )
             call.input = None
         timer = self.loop.next_timer(durable=True)
-        if timer is not None:
+        if timer is not None and math.isfinite(timer.deadline):
             wait = max(1.0, timer.deadline - self.runner.clock.time())
             millis = math.ceil(wait * 1000)
             poll.max_wait.CopyFrom(
@@ -598,6 +601,14 @@ class Runner:
         if outcome == "diverged":
             assert run.divergence is not None
             return error_response(NondeterminismError(run.divergence), Status.INCOMPATIBLE_STATE)
+        if outcome == "forever":
+            return _failure(
+                Status.PERMANENT_ERROR,
+                "DeadlockError",
+                f"function {run.function!r} waits only for a timer that never fires "
+                "(asyncio.sleep(math.inf), or a timeout of infinity): no durable call, "
+                "other timer or I/O is pending",
+            )
         return _failure(
             Status.PERMANENT_ERROR,
             "DeadlockError",
