@@ -63,3 +63,32 @@ def test_session_options_and_marker(pytester: pytest.Pytester) -> None:
     )
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*MODE=always SHUFFLE=True*", "*MODE=cached SHUFFLE=True*"])
+
+
+def test_a_session_in_new_processes(pytester: pytest.Pytester) -> None:
+    """--dispatch-replay=process: the session's environments share one pool of workers."""
+    pytester.makepyfile(
+        test_app=APP
+        + """
+import os
+
+@dispatch.function
+async def pid() -> int:
+    return os.getpid()
+
+async def test_one(dispatch_env, dispatch_workers):
+    env = dispatch_env(dispatch)
+    assert await env.call(total, 4) == 12
+    assert await env.call(pid) != os.getpid()
+    assert env._workers is dispatch_workers
+
+async def test_two(dispatch_env, dispatch_workers):
+    env = dispatch_env(dispatch)
+    assert await env.call(pid) != os.getpid()
+    assert env._workers is dispatch_workers
+"""
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--asyncio-mode=auto", "--dispatch-replay=process"
+    )
+    result.assert_outcomes(passed=2)

@@ -11,19 +11,30 @@ dispatch_aio is installed. ``dispatch_env`` is a factory of
 Replay checking for a whole session: ``pytest --dispatch-replay=always
 --dispatch-shuffle``; for one test: ``@pytest.mark.dispatch(replay="always",
 shuffle=True, split=True)``. Options given to the factory win over both.
+
+``pytest --dispatch-replay=process`` runs every Run request of every call in a
+new Python interpreter, as a scheduler that restarts the app before every
+resume would: values and errors then cross a process boundary at each round.
+The session's environments share the spare interpreters of one
+`dispatch_aio.testing.WorkerPool`, the ``dispatch_workers`` fixture, which
+tests can also pass to environments they make themselves::
+
+    async def test_total(dispatch_workers):
+        async with Environment(dispatch, replay="process", workers=dispatch_workers) as env:
+            assert await env.call(total, 10) == 90
 """
 
 from __future__ import annotations
 
-__all__ = ["pytest_addoption", "pytest_configure"]
+__all__ = ["dispatch_workers", "pytest_addoption", "pytest_configure"]
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
-    from .testing import Environment
+    from .testing import Environment, WorkerPool
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,9 +42,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dispatch_aio", "dispatch_aio durable functions")
     group.addoption(
         "--dispatch-replay",
-        choices=("cached", "always"),
+        choices=("cached", "always", "process"),
         default=None,
         help="replay durable functions from their journal at every round ('always'), "
+        "in a new Python interpreter at every round ('process'), "
         "or keep suspended runs live ('cached', the default)",
     )
     group.addoption(
@@ -66,6 +78,15 @@ def _defaults(request: pytest.FixtureRequest) -> dict[str, Any]:
     return options
 
 
+@pytest.fixture(scope="session")
+def dispatch_workers() -> Iterator[WorkerPool]:
+    """Return the session's pool of interpreters for environments with ``replay="process"``."""
+    from .testing import WorkerPool
+
+    with WorkerPool() as pool:
+        yield pool
+
+
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - the fixture needs pytest-asyncio
@@ -88,7 +109,10 @@ else:
         made: list[Environment] = []
 
         def make(target: Any, **options: Any) -> Environment:
-            env = Environment(target, **{**defaults, **options})
+            options = {**defaults, **options}
+            if options.get("replay") == "process" and options.get("workers") is None:
+                options["workers"] = request.getfixturevalue("dispatch_workers")
+            env = Environment(target, **options)
             made.append(env)
             return env
 

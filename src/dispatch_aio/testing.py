@@ -20,9 +20,43 @@ with `errors.NondeterminismError` and the engine's report (both sides and the
 call site). `check_determinism` runs a call under several such settings and
 seeds and checks that the results agree.
 
+Replay in one process cannot show what a restart changes: there, a value pickled
+by value comes back as the very class it was made of. ``replay="process"`` runs
+every Run request of every call in a new Python interpreter that knows nothing
+but the request, as a scheduler that restarts the app before every resume would::
+
+    async with Environment(dispatch, replay="process") as env:
+        assert await env.call(total, 10) == 90
+
+A value, error or journal then crosses a process boundary at every round: a class
+rebuilt as a look-alike makes ``isinstance`` and ``except`` fail as they would in
+production. What the mode needs and does:
+
+- The new interpreter imports the functions by reference: the module-level name
+  of the `Dispatch` (or of each `Function`) in the module that defines them, on
+  the parent's ``sys.path``. The parent's main script is loaded as
+  ``__mp_main__`` and stands in for ``__main__``, as multiprocessing's spawn does,
+  so keep the code that runs at start under ``if __name__ == "__main__":``.
+  A function made inside a test, registered at run time, or defined in an
+  interactive session fails the call with `WorkerError`, which says what to do.
+- Stubs (`Environment.stub`) are closures of the test: they run in process.
+- Virtual time: the worker's clock starts at the environment's time; the
+  environment's clock stands still while workers run and then moves to where
+  theirs ended. Results computed at the same virtual time are delivered together.
+- The worker's log records are handled again by the test's loggers (``caplog``
+  sees them); what it prints goes to stderr. A worker that crashes fails the call
+  with `WorkerError` and the worker's stderr.
+- A new interpreter costs a few tenths of a second of CPU. A `WorkerPool` keeps
+  spare interpreters started ahead; pass one pool to many environments
+  (``workers=``) to share them. Under pytest the ``dispatch_workers`` fixture is
+  the session's pool, and ``pytest --dispatch-replay=process`` runs the
+  ``dispatch_env`` environments of a whole suite this way.
+
 `Environment.stub` replaces a function with a fake for one test, `Environment.calls`
 shows every call made (inputs, outputs, errors, attempts), and
 `check_journals` replays journals recorded earlier against the current code.
+Environments cancel what they still run when closed (``async with``, or `aclose`),
+so calls left in flight never leak into the next test.
 """
 
 from __future__ import annotations
@@ -41,6 +75,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from . import _codec
 from ._dispatch import Dispatch
 from ._function import Function
+from ._replay_worker import Setup, Target, WorkerError, WorkerPool, locate, module_file
 from ._status import Classifier, Status
 from .durable import Clock, Runner
 from .errors import NondeterminismError
@@ -51,6 +86,8 @@ __all__ = [
     "Environment",
     "JournalReport",
     "VirtualClock",
+    "WorkerError",
+    "WorkerPool",
     "check_determinism",
     "check_journals",
 ]
@@ -58,7 +95,8 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-Replay = Literal["cached", "always"]
+Replay = Literal["cached", "always", "process"]
+_MAIN_NAMES = ("__main__", "__mp_main__")
 # Per poller: children still running by correlation id, and results not yet delivered.
 _Poller = tuple[dict[int, "asyncio.Future[call_pb2.CallResult]"], list[call_pb2.CallResult]]
 _Target = Dispatch | Iterable[Function[Any, Any]]
@@ -79,7 +117,7 @@ class VirtualClock(Clock):
         self._seq = 0
         self._jumper: asyncio.Task[None] | None = None
         self._holds = 0
-        self._released: asyncio.Future[None] | None = None
+        self._unheld: list[asyncio.Future[None]] = []
 
     def time(self) -> float:
         """Return the virtual time in unix seconds."""
@@ -105,8 +143,17 @@ class VirtualClock(Clock):
             yield
         finally:
             self._holds -= 1
-            if not self._holds and self._released is not None and not self._released.done():
-                self._released.set_result(None)
+            if not self._holds:
+                waiters, self._unheld = self._unheld, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    async def _until_unheld(self) -> None:
+        while self._holds:
+            waiter = asyncio.get_running_loop().create_future()
+            self._unheld.append(waiter)
+            await waiter
 
     async def sleep_until(self, deadline: float) -> None:
         """Wait until the virtual time reaches ``deadline``."""
@@ -152,10 +199,7 @@ class VirtualClock(Clock):
             if not self._sleepers:
                 return
             if self._holds:
-                # Wait without spinning: the held work needs the CPU.
-                self._released = loop.create_future()
-                await self._released
-                self._released = None
+                await self._until_unheld()  # without spinning: the held work needs the CPU
                 quiet = 0
                 continue
             await asyncio.sleep(0)
@@ -243,7 +287,9 @@ class Environment:
     Args:
         target: A `Dispatch`, or the functions to run.
         replay: ``"cached"`` keeps suspended runs live, as an endpoint does;
-            ``"always"`` replays every round from the journal.
+            ``"always"`` replays every round from the journal;
+            ``"process"`` runs every Run request in a new Python interpreter
+            (see the module docstring).
         shuffle: Deliver the results of concurrent calls in random order.
         split: Deliver results over several rounds (between the Poll's
             ``min_results`` and ``max_results``).
@@ -253,6 +299,9 @@ class Environment:
         max_attempts: Attempts of a call that fails with a temporary status
             before its error is final.
         retry_delay: Seconds before the first retry; doubles at each retry.
+        workers: With ``replay="process"``, the `WorkerPool` to run requests
+            in, to share its spare interpreters between environments; by
+            default the environment starts a pool of its own and closes it.
     """
 
     def __init__(
@@ -266,7 +315,9 @@ class Environment:
         virtual_time: bool = True,
         max_attempts: int = 10,
         retry_delay: float = 1.0,
+        workers: WorkerPool | None = None,
     ) -> None:
+        self._owner = target if isinstance(target, Dispatch) else None
         if isinstance(target, Dispatch):
             self._functions: Mapping[str, Function[Any, Any]] = target.functions
             classifier = target._classifier
@@ -284,9 +335,15 @@ class Environment:
         self._runner = Runner(
             self._lookup,
             classifier=classifier,
-            cache_size=0 if replay == "always" else 1024,
+            cache_size=1024 if replay == "cached" else 0,
             clock=self.clock,
         )
+        self._workers: WorkerPool | None = None
+        self._own_workers = False
+        if replay == "process":
+            self._own_workers = workers is None
+            self._workers = WorkerPool() if workers is None else workers
+        self._targets: dict[str, Target] = {}
         self._calls: list[CallInfo] = []
         self._pollers: dict[str, _Poller] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -307,6 +364,8 @@ class Environment:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._runner.aclose()
+        if self._own_workers and self._workers is not None:
+            self._workers.close()
         if isinstance(self.clock, VirtualClock):
             await self.clock.aclose()
         # The runner cancels its cache sweeper without waiting for it: let it end here,
@@ -461,12 +520,39 @@ class Environment:
         self, info: CallInfo, request: function_pb2.RunRequest
     ) -> function_pb2.RunResponse:
         # Round trip through bytes, as over the wire.
-        request = function_pb2.RunRequest.FromString(request.SerializeToString())
+        data = request.SerializeToString()
+        request = function_pb2.RunRequest.FromString(data)
         self.requests.append(request)
         info.rounds += 1
-        response = await self._runner.run(request)
-        response = function_pb2.RunResponse.FromString(response.SerializeToString())
+        name = request.function
+        if self._workers is not None and name in self._functions and name not in self._stubs:
+            data = await self._run_in_worker(name, data)
+        else:
+            data = (await self._runner.run(request)).SerializeToString()
+        response = function_pb2.RunResponse.FromString(data)
         self.responses.append(response)
+        return response
+
+    async def _run_in_worker(self, name: str, request: bytes) -> bytes:
+        assert self._workers is not None
+        modules = {getattr(f.fn, "__module__", None) for f in self._functions.values()}
+        target = self._targets.get(name)
+        if target is None:
+            near = [m for m in modules if m is not None]
+            target = self._targets[name] = locate(self._functions[name], self._owner, near)
+        modules.add(target.module)
+        setup = Setup.current(
+            module_file(m) for m in sorted(m for m in modules if m and m not in _MAIN_NAMES)
+        )
+        if not isinstance(self.clock, VirtualClock):
+            _, response = await self._workers.run(setup, target, None, request)
+            return response
+        # The worker's clock starts at ours; ours stands still meanwhile (the loop looks
+        # idle while the worker runs) and then moves to where the worker's ended.
+        with self.clock.hold():
+            end, response = await self._workers.run(setup, target, self.clock.time(), request)
+        if end is not None:
+            self.clock.advance_to(end)
         return response
 
     async def _resume(
@@ -504,6 +590,11 @@ class Environment:
                 )
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if self._workers is not None and isinstance(self.clock, VirtualClock):
+                    # Results that other workers are computing at this same virtual time
+                    # come along, whichever process was quicker: delivery stays as
+                    # deterministic as in process.
+                    await self.clock._until_unheld()
             finally:
                 # Also when this call is cancelled (the environment closes with it in
                 # flight): a sleeper left behind would keep the clock's jumper running.
