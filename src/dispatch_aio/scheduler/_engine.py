@@ -159,6 +159,7 @@ class _Live:
         "queue",
         "rec",
         "running",
+        "stall_until",
         "stalls",
         "timer",
         "timer_at",
@@ -175,6 +176,9 @@ class _Live:
         self.timer_at = 0.0
         self.waiters: list[asyncio.Future[CallRecord]] = []
         self.stalls = 0  # consecutive attempts whose outcome could not be recorded
+        # When the next attempt may start after a stall: computed once per stall, so that
+        # the timer that reaches it starts the attempt instead of pushing it back again.
+        self.stall_until = 0.0
         # Attempts since the last success that got no answer from the function. Kept
         # apart from `rec.failures`, which counts towards `max_attempts`; only the
         # backoff uses it, so losing it in a restart costs nothing.
@@ -374,9 +378,8 @@ class Engine:
             when = now
         else:
             when = rec.due_at
-        if live.stalls:
-            not_before = now + self._settings.retry.backoff(live.stalls, self._rng)
-            when = not_before if when is None else max(when, not_before)
+        if live.stall_until > now:
+            when = live.stall_until if when is None else max(when, live.stall_until)
         if when is None or when > rec.expires_at:
             when = rec.expires_at
         if live.timer is not None:
@@ -420,10 +423,12 @@ class Engine:
                     live.queue.extendleft(reversed(delivered))
                 delivered = []
             live.stalls = 0
+            live.stall_until = 0.0
         except asyncio.CancelledError:
             raise
         except Exception:
             live.stalls += 1
+            live.stall_until = self._clock() + self._settings.retry.backoff(live.stalls, self._rng)
             logger.exception("call %s: the outcome of an attempt was not recorded", live.rec.id)
             live.queue.extendleft(reversed(delivered))
         finally:
