@@ -131,6 +131,27 @@ class DurableFuture(asyncio.Future[_T]):
         return self._seq
 
 
+class _BridgedFuture(DurableFuture[_T]):
+    """The future of an operation forwarded to the host loop.
+
+    Cancelling it cancels the operation there and completes once the operation
+    has ended, as awaiting the operation itself would: a task that cancels a
+    ``serve_forever()`` finds the server closed when it resumes.
+    """
+
+    def __init__(self, *, loop: DurableLoop, host: asyncio.Future[_T]) -> None:
+        super().__init__(loop=loop)
+        self._host_future = host
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the operation on the host loop; this future follows when it ends."""
+        if self.done():
+            return False
+        if not self._host_future.done():
+            return self._host_future.cancel(msg)
+        return super().cancel(msg)
+
+
 class DurableTask(asyncio.Task[_T]):
     """A task with a durable path: its parent's path and its index among the parent's children.
 
@@ -287,6 +308,13 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._debug = False
         self._exception_handler: Callable[..., object] | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
+        # Forwarded operations whose results were delivered here, and results held
+        # back by a replay until its next epoch (see set_completion_limit()).
+        self.completed = 0
+        self._completion_limit: int | None = None
+        self._held: collections.deque[tuple[asyncio.Future[Any], asyncio.Future[Any]]] = (
+            collections.deque()
+        )
         # Transports and servers opened from this loop: data may still arrive while
         # they are open.
         self._resources: set[asyncio.BaseTransport | asyncio.AbstractServer] = set()
@@ -315,7 +343,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     def _io_changed(self) -> None:
         """Start or stop the clock of I/O time when I/O starts or stops being in flight."""
-        active = bool(self._inflight or self._resources)
+        active = bool(self._inflight or self._held or self._resources)
         if active and self._io_since is None:
             self._io_since = self._clock.time()
         elif not active and self._io_since is not None:
@@ -328,7 +356,12 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     @property
     def io_inflight(self) -> int:
-        """Number of forwarded I/O operations running, and transports open, on the host loop."""
+        """Number of forwarded I/O operations not delivered yet, and transports open."""
+        return len(self._inflight) + len(self._held) + len(self._resources)
+
+    @property
+    def io_running(self) -> int:
+        """Number of forwarded I/O operations running on the host loop, and transports open."""
         return len(self._inflight) + len(self._resources)
 
     @property
@@ -480,6 +513,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Cancel every task and forwarded operation, and close the loop."""
         for fut in list(self._inflight):
             fut.cancel()
+        self._held.clear()
         for resource in self._resources:
             resource.close()
         # Not asyncio.all_tasks(): it scans the tasks of every loop in the process.
@@ -647,32 +681,49 @@ class DurableLoop(asyncio.AbstractEventLoop):
     def _bridge(self, awaitable: Awaitable[_T]) -> asyncio.Future[_T]:
         """Run ``awaitable`` on the host loop; return a future of this loop for its result."""
         host_future = asyncio.ensure_future(awaitable, loop=self._host)
-        future: asyncio.Future[_T] = self.create_future()
+        future: asyncio.Future[_T] = _BridgedFuture(loop=self, host=host_future)
         self._inflight.add(host_future)
         self._io_changed()
 
         def transfer(done: asyncio.Future[_T]) -> None:
             self._inflight.discard(done)
-            self._io_changed()
             # Wake the owner even when the durable side gave up (a timeout cancelled
             # it): one less operation in flight may be what it waits for.
             self._notify()
             if future.done():
+                self._io_changed()
                 return
-            if done.cancelled():
-                future.cancel()
-            elif (exc := done.exception()) is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(done.result())
-
-        def cancel_host(fut: asyncio.Future[_T]) -> None:
-            if fut.cancelled() and not host_future.done():
-                host_future.cancel()
+            if self._completion_limit is not None and self.completed >= self._completion_limit:
+                self._held.append((done, future))  # see set_completion_limit()
+                return
+            self._deliver(done, future)
 
         host_future.add_done_callback(transfer)
-        future.add_done_callback(cancel_host)
         return future
+
+    def _deliver(self, done: asyncio.Future[Any], future: asyncio.Future[Any]) -> None:
+        """Hand the result of a forwarded operation to the future that waits for it here."""
+        self.completed += 1
+        self._io_changed()
+        if future.done():
+            return
+        if done.cancelled():
+            asyncio.Future.cancel(future)
+        elif (exc := done.exception()) is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(done.result())
+
+    def set_completion_limit(self, limit: int | None) -> None:
+        """Deliver results of forwarded operations only until ``completed`` reaches ``limit``.
+
+        A replay sets it to the count recorded with the epoch it is about to
+        apply, so that the epoch's events land at the same place among I/O
+        completions as they did live; results beyond it wait. None: no limit.
+        """
+        self._completion_limit = limit
+        while self._held and (limit is None or self.completed < limit):
+            self._deliver(*self._held.popleft())
 
     async def run_on_host(self, awaitable: Awaitable[_T]) -> _T:
         """Await ``awaitable`` on the host loop and return its result here."""

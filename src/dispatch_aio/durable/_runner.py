@@ -215,6 +215,9 @@ class Run:
 
     def apply_poll_result(self, result: poll_pb2.PollResult) -> None:
         """Apply a PollResult's events live, as a new epoch."""
+        # I/O that completed while the run was suspended comes first, as it came
+        # first; the epoch records how many operations completed before it.
+        self._step()
         events: list[journal_pb2.Event] = []
         if result.HasField("error"):
             events.append(
@@ -246,7 +249,11 @@ class Run:
         now = max(self.runner.clock.time(), self.loop.time())
         self.loop.set_epoch_time(now)
         self.epochs_applied += 1
-        self.new_epochs.append(journal_pb2.Epoch(time=now, during_io=during_io, events=events))
+        self.new_epochs.append(
+            journal_pb2.Epoch(
+                time=now, during_io=during_io, events=events, io_done=self.loop.completed
+            )
+        )
         for event in events:
             self._apply(event)
 
@@ -326,18 +333,65 @@ class Run:
 
     async def settle(self, *, wait_io: bool) -> None:
         """Replay: run until no callback is ready (and, if asked, no I/O is in flight)."""
-        loop = self.loop
         while True:
             self._step()
             if self.divergence is not None:
                 return
             if wait_io and self._io_holds_back():
-                timer = loop.next_timer(durable=False)
-                await loop.wait(None if timer is None else timer.deadline)
-                for due in loop.due_timers(self.runner.clock.time(), durable=False):
-                    loop.fire(due)
+                await self._wait_for_io()
                 continue
             return
+
+    async def settle_for(self, epoch: journal_pb2.Epoch | None, number: int | None) -> None:
+        """Replay: run until epoch ``number`` can be applied where it was applied live.
+
+        That is once as many forwarded operations have completed as had live
+        (later results are held back), and once what its events refer to (the
+        calls made before it, its calls and timers) exists, waiting for I/O and
+        volatile timers as long as it does not. With no epoch: until every
+        recorded call was made again, where the live run suspended.
+        """
+        loop = self.loop
+        limit = None if epoch is None else epoch.io_done
+        loop.set_completion_limit(limit)
+        while True:
+            self._step()
+            if self.divergence is not None:
+                return
+            if limit is not None and loop.completed < limit and loop.operations_inflight:
+                await self._wait_for_io()
+                continue
+            if not self._applicable(epoch, number) and (loop.io_running or loop.volatile_timers):
+                await self._wait_for_io()
+                continue
+            return
+
+    def _applicable(self, epoch: journal_pb2.Epoch | None, number: int | None) -> bool:
+        calls = self.calls
+        for call in calls[self._verified :]:
+            if number is not None and call.epoch > number:
+                break
+            if call.future is None:
+                return False
+        if epoch is None:
+            return True
+        for event in epoch.events:
+            kind = event.WhichOneof("kind")
+            if kind == "result":
+                index = event.result.correlation_id - 1
+                if 0 <= index < len(calls) and calls[index].future is None:
+                    return False
+            elif kind == "timer" and self.loop.durable_timer(event.timer) is None:
+                return False
+        return True
+
+    async def _wait_for_io(self) -> None:
+        """Wait until I/O wakes the loop or a volatile timer is due, and fire those due."""
+        loop = self.loop
+        timer = loop.next_timer(durable=False)
+        await loop.wait(None if timer is None else timer.deadline)
+        for due in loop.due_timers(self.runner.clock.time(), durable=False):
+            loop.fire(due)
 
     async def drive(self) -> str:
         """Run live until the function exits, must suspend, diverges or can never resume.
@@ -358,6 +412,10 @@ class Run:
                 return "exit"
             if self._fire_due_timers():
                 continue
+            if self.sent < len(self.calls):
+                # New calls go out now, whatever I/O is in flight: it carries on in
+                # the live run, and a replay re-executes it.
+                return "suspend"
             if self._io_holds_back():
                 if loop.operations_inflight:
                     transports_since = None
@@ -373,8 +431,6 @@ class Run:
                 await loop.wait(None if timer is None else timer.deadline)
                 continue
             transports_since = None
-            if self.sent < len(self.calls):
-                return "suspend"
             durable = loop.next_timer(durable=True)
             if durable is not None and math.isfinite(durable.deadline):
                 if durable.deadline - runner.clock.time() <= runner.live_timer_threshold:
@@ -654,13 +710,17 @@ class Runner:
         try:
             run.start(args, kwargs)
             for number, epoch in enumerate(journal.epochs):
-                await run.settle(wait_io=not epoch.during_io)
+                if epoch.HasField("io_done"):
+                    await run.settle_for(epoch, number)
+                else:  # written before io_done existed
+                    run.loop.set_completion_limit(None)
+                    await run.settle(wait_io=not epoch.during_io)
                 self._check_replay(run, number)
                 run.loop.set_epoch_time(epoch.time)
                 run.epochs_applied += 1
                 for event in epoch.events:
                     run._apply(event)
-            await run.settle(wait_io=True)
+            await run.settle_for(None, None)
             self._check_replay(run, None)
         except _Diverged:
             await run.close()

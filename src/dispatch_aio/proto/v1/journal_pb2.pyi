@@ -138,10 +138,18 @@ class Epoch(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     DURING_IO_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    IO_DONE_FIELD_NUMBER: _builtins.int
     time: _builtins.float
     """Durable time at which the events were applied."""
     during_io: _builtins.bool
     """True when the events were applied while I/O was still in flight."""
+    io_done: _builtins.int
+    """Forwarded I/O operations (DNS, connects, executors, process waits...) whose
+    results the run had received when the events were applied. A replay applies
+    the events once as many operations have completed, not before nor after.
+    Absent in journals written before it existed: those wait for I/O to end
+    unless during_io is set.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
     def __init__(
@@ -150,12 +158,15 @@ class Epoch(_message.Message):
         time: _builtins.float = ...,
         during_io: _builtins.bool = ...,
         events: _abc.Iterable[Global___Event] | None = ...,
+        io_done: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_io_done", b"_io_done", "io_done", b"io_done"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["during_io", b"during_io", "events", b"events", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_io_done", b"_io_done", "during_io", b"during_io", "events", b"events", "io_done", b"io_done", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__io_done: _TypeAlias = _typing.Literal["io_done"]  # noqa: Y015
+    _WhichOneofArgType__io_done: _TypeAlias = _typing.Literal["_io_done", b"_io_done"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__io_done) -> _WhichOneofReturnType__io_done | None: ...
 
 Global___Epoch: _TypeAlias = Epoch  # noqa: Y015
 
