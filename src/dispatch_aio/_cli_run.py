@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._cli_console import Console, Style
-from ._cli_inspect import InspectClient
 from ._cli_scheduler import (
     CliError,
     LocalScheduler,
@@ -41,7 +40,6 @@ from ._cli_scheduler import (
     parse_addr,
 )
 from ._progress import CallTracker, Progress
-from .proto.v1 import inspect_pb2
 
 _OUR_NAME = "dispatch"
 _MAX_NAME = 16
@@ -233,43 +231,33 @@ async def run_app(options: RunOptions, console: Console) -> int:
         async with LocalScheduler(settings, tracker) as local:
             if signals.received.is_set():
                 return _exit_status(-(signals.first or signal.SIGINT))
-            async with InspectClient(local.api_url, local.api_key) as inspect:
-
-                async def running() -> list[str]:
-                    request = inspect_pb2.ListCallsRequest(
-                        states=[inspect_pb2.CALL_STATE_RUNNING], omit_payloads=True, limit=1000
-                    )
-                    page = await inspect.list_calls(request)
-                    return [call.dispatch_id for call in page.calls]
-
-                progress = Progress(console, tracker, prefix=ours, running=running)
+            # The engine's own set: no query of the calls at each refresh.
+            progress = Progress(console, tracker, prefix=ours, running=local.running)
+            console.line(f"{ours}scheduler API on {local.api_url}, calls kept in {local.database}")
+            api_port = int(local.api_url.rpartition(":")[2])
+            if (warning := exposure_warning(settings.host, api_port)) is not None:
                 console.line(
-                    f"{ours}scheduler API on {local.api_url}, calls kept in {local.database}"
+                    ours + console.paint(f"warning: {warning}", Style.YELLOW, err=True),
+                    err=True,
                 )
-                api_port = int(local.api_url.rpartition(":")[2])
-                if (warning := exposure_warning(settings.host, api_port)) is not None:
-                    console.line(
-                        ours + console.paint(f"warning: {warning}", Style.YELLOW, err=True),
-                        err=True,
-                    )
-                console.line(
-                    f"{ours}starting {shlex.join(command)} (endpoint {endpoint_url}, "
-                    f"DISPATCH_ENDPOINT_ADDR={endpoint_addr})"
-                )
-                env = dict(os.environ)
-                env.update(
-                    DISPATCH_API_URL=local.api_url,
-                    DISPATCH_API_KEY=local.api_key,
-                    DISPATCH_ENDPOINT_URL=endpoint_url,
-                    DISPATCH_ENDPOINT_ADDR=endpoint_addr,
-                    DISPATCH_VERIFICATION_KEY=local.verification_key,
-                )
-                env.setdefault("PYTHONUNBUFFERED", "1")
-                returncode = await _supervise(
-                    command, env, console, signals, progress, app_out, app_err
-                )
-                console.line(f"{ours}{shlex.join(command)} {_describe_exit(returncode)}")
-                console.line(ours + _closing(progress, local))
+            console.line(
+                f"{ours}starting {shlex.join(command)} (endpoint {endpoint_url}, "
+                f"DISPATCH_ENDPOINT_ADDR={endpoint_addr})"
+            )
+            env = dict(os.environ)
+            env.update(
+                DISPATCH_API_URL=local.api_url,
+                DISPATCH_API_KEY=local.api_key,
+                DISPATCH_ENDPOINT_URL=endpoint_url,
+                DISPATCH_ENDPOINT_ADDR=endpoint_addr,
+                DISPATCH_VERIFICATION_KEY=local.verification_key,
+            )
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            returncode = await _supervise(
+                command, env, console, signals, progress, app_out, app_err
+            )
+            console.line(f"{ours}{shlex.join(command)} {_describe_exit(returncode)}")
+            console.line(ours + _closing(progress, local))
         return _exit_status(returncode)
     finally:
         signals.uninstall()

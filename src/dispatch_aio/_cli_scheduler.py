@@ -242,6 +242,10 @@ class LocalScheduler:
             return "memory only (--in-memory)"
         return str(Path(self.settings.data_dir) / DB_FILE)
 
+    def running(self) -> list[str]:
+        """Return the dispatch ids of the calls with a Run request in flight."""
+        return [] if self._scheduler is None else self._scheduler.running()
+
     @property
     def verification_key(self) -> str:
         """The public key endpoints verify the scheduler's requests with."""

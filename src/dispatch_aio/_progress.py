@@ -3,8 +3,8 @@
 `TrackingStore` wraps the scheduler's store and tells a `CallTracker` about every
 change once it is committed: the tracker counts calls by state and reports each
 finished top-level call. Which calls are running (a Run request in flight) is known
-only to the scheduler's engine; `Progress` asks the inspection API for it while the
-status line is drawn.
+only to the scheduler's engine; `Progress` asks the engine for the set it keeps (a
+cost that does not grow with the number of calls) while the status line is drawn.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = [
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2
@@ -224,7 +224,7 @@ class Progress:
         tracker: CallTracker,
         *,
         prefix: str = "",
-        running: Callable[[], Awaitable[list[str]]] | None = None,
+        running: Callable[[], list[str]] | None = None,
     ) -> None:
         self._console = console
         self._tracker = tracker
@@ -261,7 +261,7 @@ class Progress:
             while True:
                 if self._running is not None and tick % _RUNNING_EVERY == 0:
                     try:
-                        self._tracker.set_running(await self._running())
+                        self._tracker.set_running(self._running())
                     except Exception as exc:  # the status line is best effort
                         logger.debug("cannot list running calls: %s", exc)
                 counts = self._tracker.counts()

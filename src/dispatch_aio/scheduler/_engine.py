@@ -234,6 +234,7 @@ class Engine:
         self._rng = rng or random.Random()
         self._clock = clock
         self._live: dict[str, _Live] = {}
+        self._running: set[str] = set()  # ids of the calls with an attempt in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = _Ids()
         self._seq = 1
@@ -354,6 +355,10 @@ class Engine:
         """Number of calls not done yet."""
         return len(self._live)
 
+    def running(self) -> list[str]:
+        """Return the dispatch ids of the calls with a Run request in flight."""
+        return list(self._running)
+
     # Scheduling.
 
     def _adopt(self, rec: CallRecord) -> None:
@@ -400,6 +405,7 @@ class Engine:
 
     def _start(self, live: _Live) -> None:
         live.running = True
+        self._running.add(live.rec.id)
         task = asyncio.get_running_loop().create_task(self._attempt(live))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -433,6 +439,7 @@ class Engine:
             live.queue.extendleft(reversed(delivered))
         finally:
             live.running = False
+            self._running.discard(live.rec.id)
         self._arm(live)
 
     def _request(

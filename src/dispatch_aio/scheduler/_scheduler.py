@@ -225,6 +225,10 @@ class Scheduler:
         """Number of calls not done yet."""
         return self._require().unfinished
 
+    def running(self) -> list[str]:
+        """Return the dispatch ids of the calls with a Run request in flight."""
+        return self._require().running()
+
     async def dispatch(self, calls: Sequence[call_pb2.Call]) -> list[str]:
         """Submit calls in process, as the Dispatch RPC does.
 
