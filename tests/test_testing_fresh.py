@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -168,6 +169,38 @@ async def test_code_a_new_interpreter_cannot_find(dispatch_workers: WorkerPool) 
             await env.call(local)
 
 
+async def test_a_module_that_fails_to_import_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dispatch_workers: WorkerPool
+) -> None:
+    source = tmp_path / "parent_only.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            import os
+            from dispatch_aio import Dispatch
+
+            if os.environ.get("DISPATCH_AIO_REPLAY_WORKER"):
+                raise ImportError("this module only imports in the parent")
+
+            dispatch = Dispatch()
+
+            @dispatch.function
+            async def hello() -> str:
+                return "hello"
+            """
+        )
+    )
+    spec = importlib.util.spec_from_file_location("parent_only_module", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    async with Environment(module.dispatch, replay="process", workers=dispatch_workers) as env:
+        with pytest.raises(WorkerError, match="'hello' failed \\(exit status 1\\)") as info:
+            await env.call(module.hello)
+    assert "ImportError: this module only imports in the parent" in str(info.value)
+
+
 async def test_cancelled_calls_stop_their_worker(tmp_path: Path) -> None:
     marker = tmp_path / "pid"
     with WorkerPool(spares=0) as pool:
@@ -296,3 +329,19 @@ def test_the_check_fails_when_main_classes_travel_by_value(tmp_path: Path) -> No
     assert result["isinstance"] is False
     assert result["caught"] == "not a Boom: <class '__main__.Boom'>"
     assert result["point_is_main_class"] is False
+
+
+def test_functions_of_a_program_that_cannot_be_loaded_again(tmp_path: Path) -> None:
+    # python -c: there is no script for a new interpreter to load.
+    program = SCRIPT.replace(
+        "asyncio.run(main())",
+        "try:\n        asyncio.run(main())\n"
+        "    except Exception as exc:\n        print(json.dumps({'error': str(exc)}))",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert "'main_workflow' (__main__:main_workflow) is defined in the main module" in error
+    assert "define it in an importable module" in error

@@ -75,6 +75,8 @@ class WorkerError(Exception):
     The message names the function and includes the worker's stderr.
     """
 
+    __module__ = "dispatch_aio.testing"  # where users find it
+
 
 # -- what the worker is told ----------------------------------------------------------------
 
@@ -275,6 +277,8 @@ class WorkerPool:
         python: The interpreter to start; defaults to this one.
     """
 
+    __module__ = "dispatch_aio.testing"  # where users find it
+
     def __init__(
         self, *, spares: int = 1, max_running: int | None = None, python: str | None = None
     ) -> None:
@@ -426,7 +430,8 @@ class WorkerPool:
             stderr=subprocess.PIPE,
             env={**os.environ, _IN_WORKER: "1"},
         )
-        self.started += 1
+        with self._lock:
+            self.started += 1
         fields = {
             "path": list(setup.path),
             "main": list(setup.main) if setup.main else [],
