@@ -48,6 +48,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import types
 import weakref
@@ -73,6 +74,8 @@ _SLOW_CALLBACK = 2.0
 # Before declaring a function stuck, wait this long for late I/O callbacks.
 _LINGER_STEP = 0.01
 _LINGER_STEPS = 50
+# How often to look whether a thread the function started has ended.
+_THREAD_POLL = 0.05
 
 _HOST_LOOP_HINT = (  # see host_loop_error()
     "it is bound to the host event loop (for example an aiohttp ClientSession or a "
@@ -308,6 +311,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._debug = False
         self._exception_handler: Callable[..., object] | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
+        # Threads the function started, and executor workers, which are not its own.
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._executor_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         # Forwarded operations whose results were delivered here, and results held
         # back by a replay until its next epoch (see set_completion_limit()).
         self.completed = 0
@@ -381,6 +387,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         sys.set_asyncgen_hooks(firstiter=self._asyncgens.add, finalizer=self._finalize_asyncgen)
         self._stepping = True
         self._step_frame = sys._getframe()
+        threads = threading.enumerate()
         try:
             while ready:
                 handle = ready.popleft()
@@ -401,6 +408,22 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._step_frame = None
             sys.set_asyncgen_hooks(*hooks)
             asyncio.events._set_running_loop(host)
+        if threading.active_count() != len(threads):
+            self._adopt_threads(threads)
+
+    def _adopt_threads(self, before: list[threading.Thread]) -> None:
+        # Threads the function started may hand values back with
+        # call_soon_threadsafe(): while one runs, the run waits for it as for I/O.
+        known = set(before)
+        known.update(self._executor_threads)
+        self._threads.update(t for t in threading.enumerate() if t not in known)
+
+    @property
+    def threads_alive(self) -> int:
+        """Number of threads started by the function (not executor workers) still running."""
+        for thread in [t for t in self._threads if not t.is_alive()]:
+            self._threads.discard(thread)
+        return len(self._threads)
 
     def _finalize_asyncgen(self, agen: AsyncGenerator[Any, Any]) -> None:
         # Called when an unfinished async generator is garbage collected.
@@ -482,10 +505,14 @@ class DurableLoop(asyncio.AbstractEventLoop):
         if self._wake is None:
             self._wake = asyncio.Event()
         self._wake.clear()
-        idle = not self.io_inflight
+        idle = not self.io_inflight and not self.threads_alive
         if self._resources and not self._inflight:
             # A transport closing may schedule nothing here: look again soon.
             soon = self._clock.time() + 1.0
+            deadline = soon if deadline is None else min(deadline, soon)
+        if self.threads_alive:
+            # A thread that ends schedules nothing here: look again soon.
+            soon = self._clock.time() + _THREAD_POLL
             deadline = soon if deadline is None else min(deadline, soon)
         await self._clock.wait(self._wake, deadline, idle=idle)
 
@@ -733,7 +760,11 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self, executor: Any, func: Callable[..., _T], *args: Any
     ) -> asyncio.Future[_T]:
         """Run ``func`` in an executor of the host loop."""
-        return self._bridge(self._host.run_in_executor(executor, func, *args))
+        before = set(threading.enumerate())
+        future = self._host.run_in_executor(executor, func, *args)
+        # A worker the executor started now is the executor's thread, not the function's.
+        self._executor_threads.update(t for t in threading.enumerate() if t not in before)
+        return self._bridge(future)
 
     def set_default_executor(self, executor: Any) -> None:
         """Refuse: the executor belongs to the host loop."""

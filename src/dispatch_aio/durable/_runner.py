@@ -320,16 +320,18 @@ class Run:
     def _io_holds_back(self) -> bool:
         """Whether to wait for I/O before going on (live: suspending; replay: the next epoch).
 
-        Forwarded operations end by themselves. An open connection, or a volatile
-        timer (a library's timeout or back-off, a timer set from a callback), may
-        still deliver what a task waits for, unless calls are pending: then the
+        Forwarded operations end by themselves. An open connection, a volatile
+        timer (a library's timeout or back-off, a timer set from a callback), or a
+        thread the function started (which may call ``call_soon_threadsafe()``)
+        may still deliver what a task waits for, unless calls are pending: then the
         function suspends, and they carry on in the live run. The same rule
         holds on replay.
         """
         loop = self.loop
         if loop.operations_inflight:
             return True
-        return bool(loop.io_inflight or loop.volatile_timers) and not self.open_calls
+        soft = loop.io_inflight or loop.volatile_timers or loop.threads_alive
+        return bool(soft) and not self.open_calls
 
     async def settle(self, *, wait_io: bool) -> None:
         """Replay: run until no callback is ready (and, if asked, no I/O is in flight)."""
@@ -361,7 +363,9 @@ class Run:
             if limit is not None and loop.completed < limit and loop.operations_inflight:
                 await self._wait_for_io()
                 continue
-            if not self._applicable(epoch, number) and (loop.io_running or loop.volatile_timers):
+            if not self._applicable(epoch, number) and (
+                loop.io_running or loop.volatile_timers or loop.threads_alive
+            ):
                 await self._wait_for_io()
                 continue
             return
