@@ -16,6 +16,7 @@ with the matching HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import logging
@@ -64,6 +65,8 @@ _MAX_PAGE = 1000
 MAX_CALLS_PER_REQUEST = 10_000
 """Calls one DispatchRequest may submit; a larger batch is refused, not half taken."""
 _MAX_SEQ = (1 << 63) - 1  # page tokens are SQLite row numbers
+BODY_TIMEOUT = 30.0
+"""Seconds a client may take to send a request body."""
 
 # Message types that JSON responses can render inside a google.protobuf.Any: importing
 # the modules registers them in the default descriptor pool.
@@ -163,7 +166,15 @@ class _Service:
         """Authenticate and decode the request body into `message`; True means JSON."""
         self._check_auth(request)
         content_type = request.content_type
-        body = await request.read()
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                body = await request.read()
+        except TimeoutError:
+            raise _ConnectError(
+                408,
+                "deadline_exceeded",
+                f"the request body was not received within {BODY_TIMEOUT:g} s",
+            ) from None
         if content_type == _JSON:
             try:
                 json_format.Parse(body.decode("utf-8"), message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Sequence
 from types import TracebackType
@@ -10,6 +11,13 @@ from typing import Self
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .._serving import (
+    IDLE_TIMEOUT,
+    ConnectionGuard,
+    default_connection_limit,
+    quiet_accept_errors,
+    raise_file_limit,
+)
 from .._signature import load_private_key, private_key_to_pem, public_key_to_base64
 from ..proto.sdk.v1 import call_pb2
 from ._api import create_app
@@ -189,8 +197,15 @@ class Scheduler:
         """
         if self._runner is not None:
             raise RuntimeError(f"the scheduler already serves on {self._url}")
-        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        guard = ConnectionGuard(default_connection_limit(raise_file_limit()), "the scheduler API")
+        self.app.middlewares.append(guard.middleware)
+        runner = web.AppRunner(
+            self.app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=IDLE_TIMEOUT
+        )
         await runner.setup()
+        assert runner.server is not None
+        guard.attach(runner.server)
+        quiet_accept_errors(asyncio.get_running_loop())
         try:
             await web.TCPSite(runner, host, port).start()
         except BaseException:
