@@ -24,8 +24,12 @@ from typing import Any
 import pytest
 from durable.workflows import FUNCTIONS, IDENTITY_FUNCTIONS, mixed, survey
 
-from dispatch_aio import Dispatch
+from dispatch_aio import Dispatch, _codec
+from dispatch_aio._replay_worker import Setup, locate, module_file
+from dispatch_aio._status import Status
 from dispatch_aio.errors import PermanentError
+from dispatch_aio.proto.sdk.v1 import function_pb2
+from dispatch_aio.proto.v1 import journal_pb2
 from dispatch_aio.testing import Environment, WorkerError, WorkerPool
 
 dispatch = Dispatch()
@@ -98,6 +102,23 @@ async def test_workflows_agree_with_the_in_process_modes(dispatch_workers: Worke
         assert comparable(await env.call(mixed, 4)) == expected
 
 
+async def test_the_golden_journal_replays_in_a_new_interpreter(
+    dispatch_workers: WorkerPool,
+) -> None:
+    """The committed journal of `mixed`, resumed as a restarted app would resume it."""
+    golden = Path(__file__).parent / "durable" / "golden"
+    data = (golden / "mixed-v1.bin").read_bytes()
+    request = function_pb2.RunRequest.FromString(data)
+    journal = journal_pb2.Journal.FromString(request.poll_result.typed_coroutine_state.value)
+    setup = Setup.current([module_file(mixed.fn.__module__)])
+    resume_at = journal.epochs[-1].time + 86400  # a day after it was recorded
+    _, answer = await dispatch_workers.run(setup, locate(mixed, None), resume_at, data)
+    response = function_pb2.RunResponse.FromString(answer)
+    assert response.status == Status.OK, response
+    expected = json.loads((golden / "mixed-v1.json").read_text())["result"]
+    assert _codec.decode_value(response.exit.result.output) == expected
+
+
 @pytest.mark.parametrize("replay", ["cached", "process"])
 async def test_classes_of_a_module_keep_their_identity(
     dispatch_workers: WorkerPool, replay: str
@@ -138,6 +159,7 @@ async def test_logs_and_prints_of_workers(
         assert env.time() - started >= 0.5
     [record] = [r for r in caplog.records if r.name == "tests.fresh"]
     assert record.getMessage() == "got 1"
+    assert isinstance(record.process, int)
     assert record.process != os.getpid()
     _, err = capfd.readouterr()
     assert "printed by the function" in err
@@ -321,8 +343,6 @@ def test_the_check_fails_when_main_classes_travel_by_value(tmp_path: Path) -> No
     This is what the test above would see without the codec's by-reference pickling of
     the main script's classes, and what any test replaying in one process cannot see.
     """
-    from dispatch_aio import _codec
-
     assert hasattr(_codec, "_is_main_name"), "update this control to the codec's new hook"
     disable = "from dispatch_aio import _codec\n_codec._is_main_name = lambda obj: False\n"
     result = run_script(tmp_path, disable + SCRIPT)

@@ -456,8 +456,9 @@ def _levels() -> dict[str, int]:
 
 
 def _log_again(fields: Mapping[str, Any]) -> None:
-    record = logging.makeLogRecord({**fields, "levelno": int(fields.get("levelno", 0))})
-    record.lineno = int(fields.get("lineno", 0))
+    # Struct numbers are doubles: the integer fields come back as floats.
+    integers = {key: int(fields[key]) for key in ("levelno", "lineno", "process") if key in fields}
+    record = logging.makeLogRecord({**fields, **integers})
     logger = logging.getLogger(record.name)
     if logger.isEnabledFor(record.levelno):
         logger.handle(record)
