@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatch_aio import errors
 from dispatch_aio._codec import (
     decode_error,
     decode_value,
@@ -23,6 +24,7 @@ from dispatch_aio._codec import (
     encode_value,
     input_digest,
 )
+from dispatch_aio.proto.sdk.v1 import error_pb2
 
 # The program: run with "encode" it writes values of its own classes; with "decode" it
 # reads them and checks that they are instances of its classes, as a resumed call would.
@@ -226,3 +228,14 @@ def test_input_digest_still_tells_values_apart() -> None:
     # Values without sets keep the plain digest of their bytes.
     assert input_digest(encode_value([1, 2])) == input_digest(encode_value([1, 2]))
     assert decode_value(encode_value({"a", "b"})) == {"a", "b"}
+
+
+def test_a_status_error_from_the_scheduler_is_the_class_of_its_status() -> None:
+    expired = decode_error(error_pb2.Error(type="STATUS_TIMEOUT", message="call expired"))
+    assert type(expired) is errors.DispatchTimeoutError and isinstance(expired, TimeoutError)
+    assert "call expired" in str(expired)
+    throttled = decode_error(error_pb2.Error(type="STATUS_THROTTLED", message="slow down"))
+    assert type(throttled) is errors.ThrottledError
+    # Another SDK's own error type stays a RemoteError.
+    other = decode_error(error_pb2.Error(type="ValueError", message="bad"))
+    assert type(other) is errors.RemoteError and other.type_name == "ValueError"

@@ -72,6 +72,8 @@ from google.protobuf import (
     wrappers_pb2,
 )
 
+from dispatch_aio import errors
+from dispatch_aio._status import Status
 from dispatch_aio.errors import RemoteError
 from dispatch_aio.proto.sdk.python.v1 import pickled_pb2
 from dispatch_aio.proto.sdk.v1 import error_pb2
@@ -766,10 +768,7 @@ def _materialize(reduced: object) -> object:
     """Turn the iterators of a pickle reduction (list and dict items) into lists."""
     if not isinstance(reduced, tuple):
         return reduced
-    return tuple(
-        list(part) if isinstance(part, typing.Iterator) else part
-        for part in reduced
-    )
+    return tuple(list(part) if isinstance(part, typing.Iterator) else part for part in reduced)
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,6 +823,33 @@ def _valid_utf8(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# Errors a scheduler writes for a call that ended without an exception of its own (it
+# expired, or its function answered a bare status) have the status's name as their type;
+# they are rebuilt as the class of that status, so ``except TimeoutError`` catches an
+# expired call.
+_STATUS_ERRORS: Mapping[str, type[errors.DispatchError]] = MappingProxyType(
+    {
+        cls.status.proto_name: cls
+        for cls in (
+            errors.TemporaryError,
+            errors.PermanentError,
+            errors.DispatchTimeoutError,
+            errors.ThrottledError,
+            errors.InvalidArgumentError,
+            errors.InvalidResponseError,
+            errors.IncompatibleStateError,
+            errors.DNSError,
+            errors.TCPError,
+            errors.TLSError,
+            errors.HTTPError,
+            errors.UnauthenticatedError,
+            errors.PermissionDeniedError,
+            errors.NotFoundError,
+        )
+    }
+)
+
+
 def decode_error(error: error_pb2.Error) -> BaseException:
     """Rebuild the exception described by a ``dispatch.sdk.v1.Error``; never raises.
 
@@ -831,8 +857,11 @@ def decode_error(error: error_pb2.Error) -> BaseException:
     ``Exception``. Otherwise (no value, as from other-language SDKs, a value that does not
     load, or a ``BaseException`` such as ``CancelledError`` or ``KeyboardInterrupt``, which
     must not be raised into the caller's own control flow) the result is a
-    :class:`~dispatch_aio.errors.RemoteError` with the remote type name and message. The
-    remote traceback, when present, is attached as a note.
+    :class:`~dispatch_aio.errors.RemoteError` with the remote type name and message, except
+    for an error without a value whose type is a status name (``STATUS_TIMEOUT``, as a
+    scheduler writes for an expired call): that is rebuilt as the `errors` class of the
+    status (`errors.DispatchTimeoutError`, a ``TimeoutError``). The remote traceback, when
+    present, is attached as a note.
 
     Args:
         error: The error received from the remote side.
@@ -854,6 +883,8 @@ def decode_error(error: error_pb2.Error) -> BaseException:
                 problem = f"{type(loaded).__qualname__} is not raised across calls"
             else:
                 problem = f"Error.value holds a {_type_name(loaded)!r}, not an exception"
+    if rebuilt is None and not error.value and error.type in _STATUS_ERRORS:
+        rebuilt = _STATUS_ERRORS[error.type](error.message)
     if rebuilt is None:
         rebuilt = RemoteError(error.type, error.message)
         if problem:
