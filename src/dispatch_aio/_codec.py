@@ -73,7 +73,6 @@ from google.protobuf import (
 )
 
 from dispatch_aio import errors
-from dispatch_aio._status import Status
 from dispatch_aio.errors import RemoteError
 from dispatch_aio.proto.sdk.python.v1 import pickled_pb2
 from dispatch_aio.proto.sdk.v1 import error_pb2
