@@ -120,7 +120,9 @@ class CallRecord:
     attempts: int = 0
     """Run requests answered (or failed) so far."""
     failures: int = 0
-    """Consecutive failed attempts; drives the backoff, reset by any success."""
+    """Consecutive temporary answers from the function (attempts that reached no function
+    are not counted); drives the backoff and `RetryPolicy.max_attempts`, reset by any
+    success."""
     polls: int = 0
     status: int = 0
     """Final Status when DONE; otherwise the status of the last attempt."""
