@@ -1,4 +1,4 @@
-"""Crash safety: the scheduler is SIGKILLed mid-workload and restarted on its database."""
+"""Crash safety: the scheduler and the app are SIGKILLed mid-workload and restarted."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .workloads import expected_rounds
 
 ROOTS_FIRST = 20
 ROOTS_PER_RESTART = 10
-KILLS = 3
+KILLS = 5  # of the scheduler, and as many of the app
 CALLS_PER_ROOT = 1 + 3 * (1 + 3)  # the root, then 3 rounds of one call and a gather of 3
 UNFINISHED = [
     inspect_pb2.CALL_STATE_PENDING,
@@ -73,6 +73,10 @@ async def test_no_accepted_call_is_lost_or_answered_twice_across_kills(
         stack.server.proc.kill()  # SIGKILL: no chance to finish anything
         stack.server = start_server(procs, *args)
         await submit(ROOTS_FIRST + kill * ROOTS_PER_RESTART, ROOTS_PER_RESTART)
+        # Then the app, in the middle of its runs: the scheduler retries what it lost.
+        await asyncio.sleep(rng.uniform(0.1, 0.5))
+        stack.app.kill()
+        stack.app = start_app(procs, stack.server, app_port)
     assert busy_kills == KILLS  # every kill hit calls in flight, or the test shows nothing
 
     # Every accepted call finishes with what its function received, in order: a lost,
@@ -85,7 +89,7 @@ async def test_no_accepted_call_is_lost_or_answered_twice_across_kills(
             assert decode_value(info.result.output) == expected_rounds(i)
         calls = await inspect.iter_calls(inspect_pb2.ListCallsRequest(omit_payloads=False))
     print(
-        f"crash test: {len(accepted)} roots, {len(calls)} calls, {KILLS} kills, "
+        f"crash test: {len(accepted)} roots, {len(calls)} calls, {KILLS} + {KILLS} kills, "
         f"{time.perf_counter() - started:.1f} s"
     )
 
