@@ -329,7 +329,7 @@ def run_script(directory: Path, source: str) -> dict[str, Any]:
 
 
 def test_classes_of_the_main_script_keep_their_identity(tmp_path: Path) -> None:
-    """The worker loads the script as __mp_main__, so __main__ references resolve there."""
+    """The worker loads the script as __mp_main__ for __main__: references resolve there."""
     result = run_script(tmp_path, SCRIPT)
     assert result["pid"] != result["parent"]  # the workflow ran in another process
     assert result["isinstance"] is True

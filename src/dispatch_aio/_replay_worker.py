@@ -11,7 +11,10 @@ The new interpreter finds the functions by reference: the module and attribute
 of the `Dispatch` (or of the `Function`) found in the parent, imported on the
 parent's ``sys.path``. The parent's main script is loaded first as
 ``__mp_main__`` and aliased as ``__main__``, as multiprocessing's spawn does, so
-pickled ``__main__.X`` references resolve.
+pickled ``__main__.X`` references resolve; its classes and functions say they are
+``__main__``'s, as in the program itself, so the worker pickles them as the
+program would (not by reference to ``__mp_main__``, which would hide a by-value
+look-alike).
 
 Starting an interpreter and importing the SDK takes a few tenths of a second, so
 the pool keeps spare workers that have done their imports and wait for exactly
