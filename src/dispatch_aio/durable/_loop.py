@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import heapq
 import logging
@@ -332,6 +333,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._epoch_time = start_time
         self._io_elapsed = 0.0
         self._io_since: float | None = None
+        # Tasks of a parked run, kept until it is discarded (see park()).
+        self._parked_tasks: list[DurableTask[Any]] = []
+        self.parked = self.discarded = False
         # Set by the owner, read by code inside the run (see _context.py).
         self.owner: Any = None
 
@@ -559,6 +563,53 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._durable_timers.clear()
         self._closed = True
 
+    def park(self) -> None:
+        """Let go of a run that has not ended, without running any of its code.
+
+        Cancelling its tasks would run the function's ``finally:`` and ``except
+        CancelledError:`` blocks now, and again at the real end of the function
+        (in whichever run replays it there). So its forwarded operations are
+        cancelled on the host loop, its transports and servers closed, its timers
+        and ready callbacks dropped, and the loop closed: nothing is scheduled on
+        it any more. Its tasks are kept, suspended, until discard(): Python
+        would otherwise finalize them at some garbage collection, inside any
+        other run, running those blocks there.
+        """
+        for fut in list(self._inflight):
+            fut.cancel()
+        self._inflight.clear()
+        self._held.clear()
+        for resource in self._resources:
+            resource.close()
+        self._resources.clear()
+        self._io_changed()
+        self._ready.clear()
+        self._timers.clear()
+        self._durable_timers.clear()
+        self._parked_tasks = [t for t in self._tasks if not t.done()]
+        self._closed = self.parked = True
+
+    def discard(self) -> None:
+        """Release the tasks of a parked run (when the runner closes, or many are parked).
+
+        Their coroutines are closed here, at a known point, with this loop
+        installed as the running loop: ``finally:`` blocks run then (with
+        GeneratorExit, not CancelledError), and any durable call, task, or I/O
+        they start ends them at once instead of reaching another run.
+        """
+        self.discarded = True
+        tasks, self._parked_tasks = self._parked_tasks, []
+        host = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            for task in tasks:
+                task._log_destroy_pending = False  # type: ignore[attr-defined]
+                with contextlib.suppress(BaseException):
+                    task.get_coro().close()
+        finally:
+            asyncio.events._set_running_loop(host)
+        self._ready.clear()
+
     # -- scheduling ------------------------------------------------------------
 
     def call_soon(  # type: ignore[override]
@@ -569,8 +620,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
     ) -> asyncio.Handle:
         """Schedule a callback; FIFO order is what makes the loop deterministic."""
         handle = asyncio.Handle(callback, args, self, context)
-        self._ready.append(handle)
-        self._notify()
+        if not self._closed:
+            self._ready.append(handle)
+            self._notify()
         return handle
 
     def call_soon_threadsafe(  # type: ignore[override]
@@ -581,6 +633,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
     ) -> asyncio.Handle:
         """Schedule a callback from another thread."""
         handle = asyncio.Handle(callback, args, self, context)
+        if self._closed:
+            return handle
         self._ready.append(handle)
         if self._wake is not None:
             self._host.call_soon_threadsafe(self._wake.set)
@@ -687,6 +741,11 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
         See the module docstring for which tasks take a durable path.
         """
+        if self.discarded:
+            # A finally block of a discarded run: it must not start anything.
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            raise GeneratorExit
         program = self._stepping and self._program_decides()
         parent = asyncio.current_task(self) if self._stepping else None
         if isinstance(parent, DurableTask):
@@ -707,6 +766,11 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     def _bridge(self, awaitable: Awaitable[_T]) -> asyncio.Future[_T]:
         """Run ``awaitable`` on the host loop; return a future of this loop for its result."""
+        if self.discarded:
+            # A finally block of a discarded run: it must not start anything.
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise GeneratorExit
         host_future = asyncio.ensure_future(awaitable, loop=self._host)
         future: asyncio.Future[_T] = _BridgedFuture(loop=self, host=host_future)
         self._inflight.add(host_future)
@@ -920,7 +984,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Log an error raised by a callback."""
         message = context.get("message", "unhandled exception in a durable function")
         exc = context.get("exception")
-        if self.replaying:
+        if self.replaying or self.parked:
             return
         logger.error("%s: %r", message, context, exc_info=exc)
 

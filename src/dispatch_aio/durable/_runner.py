@@ -140,6 +140,8 @@ class Run:
         self, function: str, input: any_pb2.Any, *, call_site: str, endpoint: str
     ) -> DurableFuture[Any]:
         """Record a durable call made by the current task; return the future of its result."""
+        if self.loop.discarded:
+            raise GeneratorExit  # a finally block of a discarded run (see DurableLoop.discard)
         task = asyncio.current_task()
         if not isinstance(task, DurableTask):
             raise RuntimeError(f"durable call to {function!r} made outside a durable task")
@@ -543,9 +545,17 @@ class Run:
                 )
         return error_response(exc, classifier.status_for_error(exc))
 
-    async def close(self) -> None:
-        """Tear the loop down: cancel its tasks and forwarded I/O."""
+    async def finish(self) -> None:
+        """Tear the loop down at the function's real end: cancel its tasks and forwarded I/O."""
         await self.loop.teardown()
+
+    async def close(self) -> None:
+        """Let go of the run before its end, without running any of its code.
+
+        Its I/O is stopped and its loop parked (see DurableLoop.park); the
+        function's cleanup code runs at its real end, in whichever run gets there.
+        """
+        self.loop.park()
 
 
 def error_response(exc: BaseException, status: Status) -> function_pb2.RunResponse:
@@ -566,6 +576,9 @@ class Runner:
         live_timer_threshold: Timers due within this many seconds are waited
             out live instead of suspending the function.
         clock: Source of time; tests pass a virtual clock.
+        parked_limit: Most runs let go of before their end (evicted, replaced,
+            diverged) kept suspended so that their cleanup code never runs; past
+            it the oldest are discarded, running their ``finally:`` blocks.
     """
 
     def __init__(
@@ -577,8 +590,12 @@ class Runner:
         cache_idle_timeout: float = 300.0,
         live_timer_threshold: float = 1.0,
         clock: Clock | None = None,
+        parked_limit: int = 1024,
     ) -> None:
         self.lookup = lookup
+        self.parked_limit = parked_limit
+        self._parked: collections.deque[Run] = collections.deque()
+        self._warned_discard = False
         self.classifier = classifier or Classifier()
         self.cache_size = cache_size
         self.cache_idle_timeout = cache_idle_timeout
@@ -622,7 +639,7 @@ class Runner:
         try:
             return await self._continue(run)
         except BaseException:
-            await run.close()
+            await self._let_go(run)
             raise
 
     def _first(self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]]) -> Run:
@@ -655,7 +672,10 @@ class Runner:
             response = run.suspend()
             await self._keep(run)
             return response
-        await run.close()
+        if outcome == "diverged":
+            await self._let_go(run)  # not its end: it restarts from its input
+        else:
+            await run.finish()
         if outcome == "exit":
             return run.exit()
         if outcome == "diverged":
@@ -727,11 +747,11 @@ class Runner:
             await run.settle_for(None, None)
             self._check_replay(run, None)
         except _Diverged:
-            await run.close()
+            await self._let_go(run)
             assert run.divergence is not None
             raise NondeterminismError(run.divergence) from None
         except BaseException:
-            await run.close()
+            await self._let_go(run)
             raise
         run.replaying = run.loop.replaying = False
         return run
@@ -778,7 +798,7 @@ class Runner:
             run = await self._replay(journal, state, fn)
         except (IncompatibleState, NondeterminismError) as exc:
             return function, str(exc)
-        await run.close()
+        await self._let_go(run)
         return function, None
 
     # -- live cache -----------------------------------------------------------------
@@ -799,13 +819,13 @@ class Runner:
             return None
         if run.state != state or run.function != request.function:
             # Another round of the same run (a retry, another replica's state): replay.
-            await run.close()
+            await self._let_go(run)
             return None
         return run
 
     async def _keep(self, run: Run) -> None:
         if self.cache_size <= 0 or self._closed:
-            await run.close()
+            await self._let_go(run)
             return
         run.last_used = time.monotonic()
         evicted = []
@@ -820,7 +840,30 @@ class Runner:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         for old in evicted:
-            await old.close()
+            await self._let_go(old)
+
+    async def _let_go(self, run: Run) -> None:
+        """Let go of a run before its end without running its cleanup code (see Run.close).
+
+        Parked runs are kept, up to ``parked_limit``; past it the oldest are
+        discarded, which runs their ``finally:`` blocks early: say so once.
+        """
+        await run.close()
+        if self._closed:
+            run.loop.discard()  # nothing would discard it later
+            return
+        self._parked.append(run)
+        while len(self._parked) > self.parked_limit:
+            oldest = self._parked.popleft()
+            oldest.loop.discard()
+            if not self._warned_discard:
+                self._warned_discard = True
+                logger.warning(
+                    "more than %d suspended runs were let go of (parked_limit): the oldest, "
+                    "of %r, is discarded and its finally blocks run now rather than at its end",
+                    self.parked_limit,
+                    oldest.function,
+                )
 
     def _expired(self) -> list[Run]:
         """Remove and return the cached runs unused for longer than the idle timeout."""
@@ -840,19 +883,21 @@ class Runner:
             delay = oldest.last_used + self.cache_idle_timeout - time.monotonic()
             await asyncio.sleep(max(delay, 0.0) + 0.01)
             for old in self._expired():
-                await old.close()
+                await self._let_go(old)
 
     async def aclose(self) -> None:
-        """Tear down every live run in the cache.
+        """Let go of every live run in the cache, and discard the parked runs.
 
-        Runs still in flight are torn down when they suspend.
+        Runs still in flight are let go of when they suspend.
         """
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         while self._cache:
             _, run = self._cache.popitem()
-            await run.close()
+            await self._let_go(run)
+        while self._parked:
+            self._parked.popleft().loop.discard()
 
 
 def _failure(status: Status, type_name: str, message: str) -> function_pb2.RunResponse:
