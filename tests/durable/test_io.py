@@ -195,3 +195,31 @@ async def test_host_loop_error_names_what_was_awaited(make_env: EnvFactory) -> N
     assert isinstance(error, HostLoopError)
     assert str(error).startswith("a durable function awaited <Future pending")
     misused.cancel()
+
+
+# Made outside any function: the first run that has to wait on it binds it to its loop.
+SHARED = asyncio.Semaphore(1)
+
+
+async def _uses_a_shared_semaphore(x: int) -> int:
+    async def one(i: int) -> int:
+        async with SHARED:
+            await asyncio.sleep(0)
+            return i
+
+    return await double(sum(await asyncio.gather(one(x), one(x + 1))))
+
+
+uses_a_shared_semaphore = Function(_uses_a_shared_semaphore, name="uses_a_shared_semaphore")
+
+
+@pytest.mark.parametrize("mode", ["live", "replay"])
+async def test_a_primitive_made_outside_the_function_is_named(make_env: EnvFactory) -> None:
+    env = make_env(uses_a_shared_semaphore, double)
+    infos = [await env.run(uses_a_shared_semaphore, i) for i in range(2)]
+    errors = [i.error for i in infos if i.error is not None]
+    assert errors, "a second run cannot use the semaphore the first one bound"
+    message = str(errors[0])
+    assert isinstance(errors[0], HostLoopError)
+    assert "Semaphore" in message
+    assert "create it inside the function" in message

@@ -94,13 +94,28 @@ def host_loop_error(exc: BaseException | None) -> HostLoopError | None:
     explained where it leaves the function rather than where it is raised. The
     explanation names what was awaited, as asyncio describes it.
     """
-    if type(exc) is RuntimeError and "attached to a different loop" in str(exc):
-        match = _OTHER_LOOP.search(str(exc))
+    if type(exc) is not RuntimeError:
+        return None
+    text = str(exc)
+    if "attached to a different loop" in text:
+        match = _OTHER_LOOP.search(text)
         what = match.group(1) if match else "an object"
         error = HostLoopError(f"a durable function awaited {what}: {_HOST_LOOP_HINT}")
-        error.__cause__ = exc
-        return error
-    return None
+    elif text.endswith(" is bound to a different event loop"):
+        # asyncio's Lock, Semaphore, Event, Condition, Queue, Barrier: bound to the
+        # first loop that waits on them.
+        what = text.removesuffix(" is bound to a different event loop")
+        error = HostLoopError(
+            f"a durable function used {what}, which was created outside it and is bound to "
+            "another event loop (the host's, or another run's: every run of a durable "
+            "function, and every replay of one, has a loop of its own); create it inside "
+            "the function and pass it to the tasks that share it. State shared between "
+            "runs does not replay: share it through durable calls instead"
+        )
+    else:
+        return None
+    error.__cause__ = exc
+    return error
 
 
 class Clock:
