@@ -239,3 +239,28 @@ async def test_poll_error_raised_in_caller(make_env: EnvFactory) -> None:
     env = make_env(double, rejected)
     env.reject_calls(rejected, message="calls rejected by the test scheduler")
     assert await env.call(rejected) == "rejected: calls rejected by the test scheduler; then 4"
+
+
+async def _fire_and_forget(x: int) -> str:
+    async def notify() -> None:
+        await double(x)  # made, never sent: the function returns first
+
+    asyncio.create_task(notify())  # noqa: RUF006
+    return "done"
+
+
+fire_and_forget = Function(_fire_and_forget, name="fire_and_forget")
+
+
+# Not with a new interpreter per request: it would log there, not here.
+@pytest.mark.parametrize("mode", ["live", "replay", "shuffle"])
+async def test_tasks_left_running_at_return_are_named(
+    make_env: EnvFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = make_env(double, fire_and_forget)
+    with caplog.at_level("WARNING", logger="dispatch_aio"):
+        assert await env.call(fire_and_forget, 4) == "done"
+    [warning] = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert "notify" in warning
+    assert "'double'" in warning
+    assert len(env.calls(double)) == 0  # cancelled at the return, as asyncio.run() does

@@ -379,6 +379,10 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """Create the task that runs the function itself (path ``"0"``)."""
         return DurableTask(coro, loop=self, path="0")
 
+    def tasks(self) -> list[DurableTask[Any]]:
+        """Return the tasks of this loop, in creation order."""
+        return sorted(self._tasks, key=lambda t: t._seq)
+
     @property
     def io_inflight(self) -> int:
         """Number of forwarded I/O operations not delivered yet, and transports open."""

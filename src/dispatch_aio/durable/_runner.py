@@ -7,6 +7,12 @@ each Poll. A resume continues the live run kept in the ``Runner``'s cache
 when the echoed state is exactly the one it sent; otherwise the function is
 replayed from the journal: run from the start on a fresh loop, with the
 recorded events applied at the same points, and it must make the same calls.
+
+A function's end is its root task's end. Tasks it started and left running
+are cancelled then, as ``asyncio.run()`` does (their ``finally:`` blocks run,
+once), and calls they made that had not gone out yet are never made; a
+warning names them. A run let go of before its end (evicted from the live
+cache, replaced, diverged) runs none of its code: see ``Run.close``.
 """
 
 from __future__ import annotations
@@ -80,6 +86,11 @@ class _Call:
 
     def describe(self) -> str:
         return _describe(self.identity, self.function, self.site, self.digest)
+
+
+def _describe_task(task: DurableTask[Any]) -> str:
+    coro = task.get_coro()
+    return f"{getattr(coro, '__qualname__', repr(coro))} (task {task.path})"
 
 
 def _short_site(site: str) -> str:
@@ -545,6 +556,30 @@ class Run:
                 )
         return error_response(exc, classifier.status_for_error(exc))
 
+    def warn_left_running(self) -> None:
+        """Name the tasks the function started and left running when it returned.
+
+        As ``asyncio.run()`` does, they are cancelled when the function ends, and
+        calls they made that had not gone out yet are never made. That is easy to
+        do by mistake (``create_task()`` without keeping or awaiting the task), so
+        it is said, with the calls lost.
+        """
+        left = [
+            t for t in self.loop.tasks() if not t.done() and not t.volatile and t is not self.root
+        ]
+        if not left or self.replaying:
+            return
+        unsent = sorted({c.function for c in self.calls[self.sent :]})
+        lost = f"; calls never made: {', '.join(map(repr, unsent))}" if unsent else ""
+        logger.warning(
+            "function %r returned while tasks it started were still running: %s; they are "
+            "cancelled, as asyncio.run() does%s. Await them (or use an asyncio.TaskGroup) "
+            "before returning",
+            self.function,
+            ", ".join(_describe_task(t) for t in left),
+            lost,
+        )
+
     async def finish(self) -> None:
         """Tear the loop down at the function's real end: cancel its tasks and forwarded I/O."""
         await self.loop.teardown()
@@ -675,6 +710,8 @@ class Runner:
         if outcome == "diverged":
             await self._let_go(run)  # not its end: it restarts from its input
         else:
+            if outcome == "exit":
+                run.warn_left_running()
             await run.finish()
         if outcome == "exit":
             return run.exit()
