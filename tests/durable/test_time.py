@@ -208,7 +208,8 @@ async def _time_as_input() -> list[float]:
     second = await echo(loop.time())
     sum(range(100_000))  # some work: time must not move while the function computes
     third = await echo(loop.time())
-    return [first, second, third]
+    fourth = await echo(durable.now().timestamp())
+    return [first, second, third, fourth]
 
 
 time_as_input = Function(_time_as_input, name="time_as_input")
@@ -218,8 +219,9 @@ async def test_time_read_between_durable_points_replays_identically(make_env: En
     # On the real clock: the time the function reads must be the journaled one, or a
     # replay would send calls with other inputs than the journal recorded.
     env = make_env(echo, time_as_input, virtual_time=False)
-    first, second, third = await env.call(time_as_input)
-    assert first <= second <= third
+    first, second, third, fourth = await env.call(time_as_input)
+    # now() is wall-clock time, loop.time() on the scale of time.monotonic().
+    assert first <= fourth and second <= third
 
 
 async def _io_then_time() -> float:
@@ -268,3 +270,21 @@ async def test_only_an_infinite_sleep_left_is_an_error(make_env: EnvFactory) -> 
     info = await env.run(sleeps_forever)
     assert info.status is not None and info.status.name == "PERMANENT_ERROR"
     assert "never fires" in str(info.error)
+
+
+async def _deadline_from_monotonic() -> tuple[int, float]:
+    loop = asyncio.get_running_loop()
+    skew = loop.time() - time.monotonic()
+    # As on asyncio's default loop, loop.time() is on the scale of time.monotonic().
+    async with asyncio.timeout_at(time.monotonic() + 30):
+        return await double(1), skew
+
+
+deadline_from_monotonic = Function(_deadline_from_monotonic, name="deadline_from_monotonic")
+
+
+async def test_loop_time_is_on_the_monotonic_scale(make_env: EnvFactory) -> None:
+    env = make_env(double, deadline_from_monotonic, virtual_time=False)
+    result, skew = await env.call(deadline_from_monotonic)
+    assert result == 2
+    assert abs(skew) < 5

@@ -122,7 +122,9 @@ def now() -> datetime.datetime:
     it is the wall clock.
     """
     loop = _durable_loop()
-    seconds = loop.time() if loop is not None else datetime.datetime.now(datetime.UTC).timestamp()
+    if loop is None:
+        return datetime.datetime.now(datetime.UTC)
+    seconds = loop.unix_time()
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
 
 

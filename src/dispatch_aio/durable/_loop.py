@@ -294,6 +294,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
         host: The event loop that serves the endpoint; I/O is forwarded to it.
         clock: Source of wall-clock time while the run is live.
         start_time: Durable time (unix seconds) at which the run started.
+        monotonic_offset: Unix time minus monotonic time when the run started;
+            ``time()`` is durable time minus it (see ``time()``).
     """
 
     def __init__(
@@ -301,9 +303,11 @@ class DurableLoop(asyncio.AbstractEventLoop):
         host: asyncio.AbstractEventLoop,
         clock: Clock,
         start_time: float,
+        monotonic_offset: float = 0.0,
     ) -> None:
         self._host = host
         self._clock = clock
+        self._offset = monotonic_offset
         self._ready: collections.deque[asyncio.Handle] = collections.deque()
         self._timers: list[tuple[float, int, Timer]] = []
         self._durable_timers: dict[str, Timer] = {}
@@ -685,8 +689,12 @@ class DurableLoop(asyncio.AbstractEventLoop):
         if isinstance(task, DurableTask) and self._program_decides():
             identity = task.next_identity()
         seq = self._next_seq()
-        # A volatile timer counts real seconds from now (see Timer).
-        deadline = when if identity else self._clock.time() + max(0.0, when - self.time())
+        # A durable timer is due at its durable time (unix seconds on the clock), a
+        # volatile one counts real seconds from now (see Timer).
+        if identity is not None:
+            deadline = when + self._offset
+        else:
+            deadline = self._clock.time() + max(0.0, when - self.time())
         timer = Timer(when, callback, args, self, context, identity, seq, deadline)
         heapq.heappush(self._timers, (deadline, seq, timer))
         if identity is not None:
@@ -733,13 +741,24 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._durable_timers.pop(identity, None)
 
     def time(self) -> float:
-        """Durable time in unix seconds.
+        """Durable time, in seconds on the scale of ``time.monotonic()``.
 
         It is the time of the last journaled point (the start, a delivered result, a
         fired timer), the same live and on replay, so code that reads it replays
         identically; while I/O is in flight it also moves with the wall clock, so
         that I/O timeouts work (time read then depends on how long the I/O took).
+
+        As on asyncio's default loop, it starts out equal to ``time.monotonic()``,
+        so that ``asyncio.timeout_at(time.monotonic() + 30)`` works; the offset is
+        journaled, so it replays identically in any process. Deadlines computed
+        from ``time.monotonic()`` are only right on the machine (and boot) that
+        started the run: compute them from ``loop.time()``. ``dispatch_aio.now()``
+        is the durable wall-clock time.
         """
+        return self.unix_time() - self._offset
+
+    def unix_time(self) -> float:
+        """Durable time in unix seconds (what ``dispatch_aio.now()`` returns)."""
         elapsed = self._io_elapsed
         if self._io_since is not None:
             elapsed += max(0.0, self._clock.time() - self._io_since)

@@ -117,6 +117,7 @@ class Run:
         run_id: bytes,
         seed: int,
         start_time: float,
+        monotonic_offset: float,
     ) -> None:
         self.runner = runner
         self.function = function
@@ -125,7 +126,10 @@ class Run:
         self.run_id = run_id
         self.seed = seed
         self.start_time = start_time
-        self.loop = DurableLoop(asyncio.get_running_loop(), runner.clock, start_time)
+        self.monotonic_offset = monotonic_offset
+        self.loop = DurableLoop(
+            asyncio.get_running_loop(), runner.clock, start_time, monotonic_offset
+        )
         self.loop.owner = self
         # The function's own package is the program, even when it is installed.
         self.loop.program_packages = frozenset({getattr(fn, "__module__", "").partition(".")[0]})
@@ -259,7 +263,7 @@ class Run:
             self._apply_live(events, during_io=False)
 
     def _apply_live(self, events: list[journal_pb2.Event], during_io: bool) -> None:
-        now = max(self.runner.clock.time(), self.loop.time())
+        now = max(self.runner.clock.time(), self.loop.unix_time())
         self.loop.set_epoch_time(now)
         self.epochs_applied += 1
         self.new_epochs.append(
@@ -496,6 +500,7 @@ class Run:
             delta.run_id = self.run_id
             delta.seed = self.seed
             delta.start_time = self.start_time
+            delta.monotonic_offset = self.monotonic_offset
         self.state += delta.SerializeToString()
         self.new_epochs = []
         poll = poll_pb2.Poll(
@@ -679,6 +684,7 @@ class Runner:
 
     def _first(self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]]) -> Run:
         args, kwargs = decode_input(request.input)
+        now = self.clock.time()
         run = Run(
             self,
             request.function,
@@ -686,7 +692,8 @@ class Runner:
             request.input,
             os.urandom(16),
             int.from_bytes(os.urandom(8), "big"),
-            self.clock.time(),
+            now,
+            now - time.monotonic(),
         )
         run.start(args, kwargs)
         return run
@@ -750,6 +757,7 @@ class Runner:
             journal.run_id,
             journal.seed,
             journal.start_time,
+            journal.monotonic_offset,
         )
         run.replaying = run.loop.replaying = True
         for index, record in enumerate(journal.calls):

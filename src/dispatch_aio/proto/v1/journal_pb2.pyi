@@ -42,6 +42,7 @@ class Journal(_message.Message):
     POLLS_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
+    MONOTONIC_OFFSET_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Format version; a decoder refuses versions it does not know."""
     function: _builtins.str
@@ -54,6 +55,12 @@ class Journal(_message.Message):
     """Durable time (unix seconds) when the run started."""
     polls: _builtins.int
     """Number of Polls the run answered so far."""
+    monotonic_offset: _builtins.float
+    """Unix time minus monotonic time when the run started: loop.time() is durable
+    time minus this offset, on the scale of time.monotonic() as on asyncio's
+    default loop. 0 in journals written before it existed (loop.time() was unix
+    time then).
+    """
     @_builtins.property
     def input(self) -> _any_pb2.Any:
         """The original input of the run (a resume request does not carry it)."""
@@ -78,10 +85,11 @@ class Journal(_message.Message):
         polls: _builtins.int = ...,
         epochs: _abc.Iterable[Global___Epoch] | None = ...,
         calls: _abc.Iterable[Global___CallRecord] | None = ...,
+        monotonic_offset: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "epochs", b"epochs", "function", b"function", "input", b"input", "polls", b"polls", "run_id", b"run_id", "seed", b"seed", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "epochs", b"epochs", "function", b"function", "input", b"input", "monotonic_offset", b"monotonic_offset", "polls", b"polls", "run_id", b"run_id", "seed", b"seed", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
