@@ -25,7 +25,9 @@ request... in numbers that follow I/O timing. So:
 - A task takes the next child path of its parent under the same rule; a task a
   library starts gets a path of its own (``parent.~n``, counted apart) and one
   started on the host loop by I/O (a server's connection handler) gets
-  ``~ioN``: neither moves the program's paths.
+  ``~ioN``: neither moves the program's paths. (Durable operations made in
+  such a task, by a program callback the library runs there, are identified
+  by its path, which holds only if the library starts its tasks alike.)
 - Everything else is volatile: it has no identity, is not journaled, and is
   treated as I/O. A volatile timer counts real seconds from when it was armed
   (its clock deadline), live and on replay; while one is pending and no durable
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import heapq
 import logging
@@ -627,8 +628,12 @@ class DurableLoop(asyncio.AbstractEventLoop):
         try:
             for task in tasks:
                 task._log_destroy_pending = False  # type: ignore[attr-defined]
-                with contextlib.suppress(BaseException):
+                try:
                     task.get_coro().close()
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    pass  # what its finally blocks raised: nobody is there to see it
         finally:
             asyncio.events._set_running_loop(host)
         self._ready.clear()
