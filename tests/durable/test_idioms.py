@@ -57,24 +57,6 @@ def mode(request: pytest.FixtureRequest) -> dict[str, Any]:
     return settings
 
 
-def xfail_when_replayed(
-    request: pytest.FixtureRequest, reason: str, replay: tuple[str, ...] = ("always",)
-) -> None:
-    """Expect the test to fail in the modes whose ``replay`` setting is in ``replay``."""
-    if MODES[request.node.callspec.params["mode"]]["replay"] in replay:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
-TEARDOWN_RUNS_CLEANUP = (
-    "a run let go of while suspended (forced replay lets go of it at every round; the "
-    "live cache when it evicts) is torn down by cancelling its tasks, which runs the "
-    "function's `finally:` / `except CancelledError:` / `__aexit__` code; code there "
-    "that awaits a call or I/O never completes and its task is destroyed pending "
-    "('Task was destroyed but it is pending!'). Issue #11 item 7: eviction never runs "
-    "user cleanup code"
-)
-
-
 class _Leftovers(logging.Handler):
     """Collects, as text only, the errors that runs log or leave to finalizers."""
 
@@ -411,7 +393,6 @@ cancel_a_waiting_task = Function(_cancel_a_waiting_task, name="idioms.cancel_a_w
 async def test_cancel_a_task_awaiting_a_call_with_a_finally_that_calls(
     run: Callable[..., Any], request: pytest.FixtureRequest
 ) -> None:
-    xfail_when_replayed(request, TEARDOWN_RUNS_CLEANUP)
     assert await run(cancel_a_waiting_task) == {
         "log": ["tick", "cancelled", "cleaned up", "awaited: CancelledError"],
         "cancelled": True,
@@ -622,7 +603,6 @@ async def test_async_generators_and_context_managers(
     # With a new interpreter per request too: the worker tears its run down after
     # answering, and finalizing the generator it suspended in raises "aclose():
     # asynchronous generator is already running".
-    xfail_when_replayed(request, TEARDOWN_RUNS_CLEANUP, ("always", "process"))
     assert await run(generators_and_managers) == {
         "all": [0, 2, 4, 6],
         "first two": [0, 2],
@@ -840,7 +820,6 @@ http_client = Function(_http_client, name="idioms.http_client")
 async def test_aiohttp_client_session(
     run: Callable[..., Any], http_server: str, request: pytest.FixtureRequest
 ) -> None:
-    xfail_when_replayed(request, TEARDOWN_RUNS_CLEANUP)
     assert await run(http_client, http_server, virtual_time=False) == [
         (200, "a", "A"),
         (200, "b", "B"),
@@ -882,7 +861,6 @@ stream_client = Function(_stream_client, name="idioms.stream_client")
 async def test_open_connection(
     run: Callable[..., Any], echo_server: int, request: pytest.FixtureRequest
 ) -> None:
-    xfail_when_replayed(request, TEARDOWN_RUNS_CLEANUP)
     assert await run(stream_client, echo_server, virtual_time=False) == [
         "PING",
         "ping",
