@@ -27,6 +27,7 @@ def normalize(state: bytes) -> bytes:
     journal.run_id = b"\0" * 16
     journal.seed = 0
     journal.start_time = 0
+    journal.monotonic_offset = 0
     for epoch in journal.epochs:
         epoch.time = 0
     return journal.SerializeToString(deterministic=True)

@@ -337,11 +337,10 @@ async def test_concurrent_resumes_of_one_run_leave_one_live_run(
         await close(run)
 
     monkeypatch.setattr(Run, "close", recording_close)
-    gate = asyncio.Event()
 
     async def waits() -> int:
         first = await double(1)
-        await gate.wait()  # keeps both resumes in flight at once
+        await asyncio.to_thread(time.sleep, 0.1)  # keeps both resumes in flight at once
         return first + await double(2)
 
     fn = Function(waits, name="workflow")
@@ -350,12 +349,10 @@ async def test_concurrent_resumes_of_one_run_leave_one_live_run(
     # The scheduler retries a resume while the first is still running.
     first = asyncio.ensure_future(runner.run(_resume("workflow", poll, {1: 2})))
     second = asyncio.ensure_future(runner.run(_resume("workflow", poll, {1: 2})))
-    await asyncio.sleep(0.05)
-    gate.set()
     await asyncio.gather(first, second)
     assert len(runner._cache) == 1
     [kept] = runner._cache.values()
-    assert len(closed) == 1 and closed[0] is not kept  # the other one was torn down
+    assert len(closed) == 1 and closed[0] is not kept  # the other one was let go of
     await runner.aclose()
     assert closed[1] is kept
 
