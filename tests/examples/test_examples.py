@@ -8,7 +8,6 @@ functions on `dispatch_aio.testing.Environment`, on virtual time and with replay
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import random
 import re
@@ -39,21 +38,6 @@ def run_example(procs: Starter, tmp_path: Path, name: str, timeout: float = 30) 
     assert proc.wait(timeout) == 0, proc.dump()
     assert "Traceback" not in proc.stdout + proc.stderr, proc.dump()
     return [m[2] for line in proc.out if (m := LINE.fullmatch(line)) and m[1] == name]
-
-
-@pytest.fixture
-def load(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
-    """Import an example as a module of its own (its `main` does not run)."""
-
-    def load(name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, module)
-        spec.loader.exec_module(module)
-        return module
-
-    return load
 
 
 def test_every_example_has_a_header_and_a_test() -> None:
