@@ -695,7 +695,7 @@ def table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) 
             spread = f"{w.number(min(figures))}..{w.number(max(figures))}"
             names = ["dispatch-py"] if system == "dispatch-py" else ["scheduler", "app"]
             cpu = [_cpu([s.usage[n] for s in runs]) for n in names]
-            peak = [f"{_median(runs, lambda s, n=n: s.usage[n].peak_rss_mb):.1f}" for n in names]
+            peak = [f"{statistics.median(s.usage[n].peak_rss_mb for s in runs):.1f}" for n in names]
             if system == "dispatch-py":  # one process: scheduler, app and client
                 cpu, peak = [cpu[0], "(same)"], [peak[0], "(same)"]
             lines.append(
