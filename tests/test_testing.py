@@ -109,7 +109,7 @@ async def test_check_determinism_passes_for_deterministic_code() -> None:
 
 
 async def test_check_journals() -> None:
-    async with Environment(dispatch) as env:
+    async with Environment(dispatch, journal="whole") as env:
         await env.call(fan, 3)
         states = [
             (f"round {i}", r.poll.typed_coroutine_state.value)

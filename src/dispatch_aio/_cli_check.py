@@ -1,7 +1,8 @@
 """``dispatch-aio check``: replay recorded journals against the current code.
 
 Journals come from files (a serialized journal, or the Any that wraps it) or
-from the calls a local scheduler keeps suspended in its database. The
+from the calls a local scheduler keeps suspended in its database, where a
+journal is stored whole or, with the journal extension, as segments to join. The
 application is imported from ``module:attribute`` or ``path/to/app.py:attribute``
 (its ``if __name__ == "__main__":`` block does not run).
 """
@@ -27,8 +28,10 @@ from .testing import JournalReport, check_journals
 
 JournalSource = tuple[str, bytes]
 
-# StateKind.TYPED of the scheduler's store: the state column holds a serialized Any.
+# StateKind of the scheduler's store: TYPED, the state column holds a serialized Any;
+# SEGMENTS, the journal is the concatenation of its rows in `segments`.
 _TYPED_STATE = 2
+_SEGMENTS_STATE = 3
 
 
 def load_target(spec: str) -> Dispatch:
@@ -101,19 +104,25 @@ def _from_database(path: pathlib.Path) -> list[JournalSource]:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
         try:
             rows = conn.execute(
-                "SELECT id, state FROM calls WHERE state_kind = ? ORDER BY seq", (_TYPED_STATE,)
+                "SELECT id, state_kind, state FROM calls WHERE state_kind IN (?, ?) ORDER BY seq",
+                (_TYPED_STATE, _SEGMENTS_STATE),
             ).fetchall()
+            journals = []
+            for dispatch_id, kind, state in rows:
+                if kind == _SEGMENTS_STATE:
+                    segments = conn.execute(
+                        "SELECT data FROM segments WHERE call_id = ? ORDER BY polls",
+                        (dispatch_id,),
+                    ).fetchall()
+                    journals.append((str(dispatch_id), b"".join(bytes(s) for (s,) in segments)))
+                elif (journal := _journal_bytes(bytes(state))) is not None:
+                    journals.append((str(dispatch_id), journal))
         finally:
             conn.close()
     except sqlite3.OperationalError as exc:
         raise CliError(
             f"cannot read {path} ({exc}); a running scheduler keeps it locked: stop it first"
         ) from exc
-    journals = []
-    for dispatch_id, state in rows:
-        journal = _journal_bytes(bytes(state))
-        if journal is not None:
-            journals.append((str(dispatch_id), journal))
     return journals
 
 

@@ -24,6 +24,13 @@ function not registered                                     404     not_found
 Without a verification key, only peers on this machine (loopback addresses) are served,
 however the endpoint is mounted, unless insecure mode is on.
 
+A scheduler of this SDK announces the journal extension with the header
+``Dispatch-Aio-Journal: delta``: Polls then carry only what is new in the journal,
+and resumes name it by reference (see ``JournalDelta`` in journal.proto). The
+header is not covered by the signature; forging it cannot run anything, and a
+scheduler that does not keep the deltas sends them back, which restarts the call
+(INCOMPATIBLE_STATE).
+
 Everything after that is answered with a ``RunResponse`` (HTTP 200, application/proto)
 whose status classifies the outcome. Nothing a request contains leads to a 500; only a
 misconfigured endpoint (an invalid verification key, when it was not checked at startup)
@@ -60,6 +67,7 @@ from ._signature import (
     verify_request,
 )
 from .durable import Runner
+from .durable._journal import JOURNAL_HEADER
 from .errors import ConfigurationError
 from .proto.sdk.v1 import function_pb2
 
@@ -257,7 +265,8 @@ class Endpoint:
             run_request.dispatch_id,
             run_request.WhichOneof("directive") or "no directive",
         )
-        response = await self._runner().run(run_request)
+        delta = request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta"
+        response = await self._runner().run(run_request, journal_delta=delta)
         return web.Response(body=response.SerializeToString(), content_type="application/proto")
 
     def _check_headers(self, request: web.Request) -> web.Response | None:

@@ -176,6 +176,15 @@ class TrackingStore(Store):
         """Read a scheduler-wide value from the inner store."""
         return await self._inner.get_meta(key)
 
+    @property
+    def keeps_segments(self) -> bool:
+        """Whether the inner store keeps journal segments."""
+        return self._inner.keeps_segments
+
+    async def read_segments(self, dispatch_id: str) -> list[bytes]:
+        """Read a call's journal segments from the inner store."""
+        return await self._inner.read_segments(dispatch_id)
+
 
 def finished_line(rec: CallRecord, console: Console) -> str:
     """Describe a finished call on one line: function, input, result or error, timing.

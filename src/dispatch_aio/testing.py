@@ -52,6 +52,14 @@ production. What the mode needs and does:
   the session's pool, and ``pytest --dispatch-replay=process`` runs the
   ``dispatch_env`` environments of a whole suite this way.
 
+Like the local scheduler, the environment uses the journal extension with the
+live cache (``replay="cached"``): a Poll carries only the journal's new segment,
+which the environment keeps, and a resume names the journal by reference; the
+whole journal goes only when the run is not live any more. So ``responses`` and
+``requests`` hold ``JournalDelta`` and ``JournalRef`` states there; pass
+``journal="whole"`` for the plain protocol, where every state is the whole
+journal.
+
 `Environment.stub` replaces a function with a fake for one test, `Environment.calls`
 shows every call made (inputs, outputs, errors, attempts), and
 `check_journals` replays journals recorded earlier against the current code.
@@ -78,8 +86,15 @@ from ._function import Function
 from ._replay_worker import Setup, Target, WorkerError, WorkerPool, locate, module_file
 from ._status import Classifier, Status
 from .durable import Clock, Runner
+from .durable._journal import (
+    JOURNAL_DELTA_TYPE_URL,
+    JOURNAL_NEEDED,
+    JOURNAL_REF_TYPE_URL,
+    pack_state,
+)
 from .errors import NondeterminismError
 from .proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
+from .proto.v1 import journal_pb2
 
 __all__ = [
     "CallInfo",
@@ -302,6 +317,10 @@ class Environment:
         workers: With ``replay="process"``, the `WorkerPool` to run requests
             in, to share its spare interpreters between environments; by
             default the environment starts a pool of its own and closes it.
+        journal: ``"delta"`` uses the journal extension, as the local
+            scheduler does (it takes effect with the live cache only);
+            ``"whole"`` the plain protocol, where each Poll carries the whole
+            journal and each resume echoes it.
     """
 
     def __init__(
@@ -316,6 +335,7 @@ class Environment:
         max_attempts: int = 10,
         retry_delay: float = 1.0,
         workers: WorkerPool | None = None,
+        journal: Literal["delta", "whole"] = "delta",
     ) -> None:
         self._owner = target if isinstance(target, Dispatch) else None
         if isinstance(target, Dispatch):
@@ -338,6 +358,9 @@ class Environment:
             cache_size=1024 if replay == "cached" else 0,
             clock=self.clock,
         )
+        self._journal_delta = journal == "delta"
+        # Journals kept for the calls (the journal extension): segments by call id.
+        self._journals: dict[str, list[journal_pb2.JournalDelta]] = {}
         self._workers: WorkerPool | None = None
         self._own_workers = False
         if replay == "process":
@@ -469,6 +492,11 @@ class Environment:
         delay = self._retry_delay
         while True:
             response = await self._send(info, request)
+            if _journal_needed(response) and info.id in self._journals:
+                # The run is not live any more: the same resume, with the whole journal.
+                whole = b"".join(d.segment for d in self._journals[info.id])
+                request.poll_result.typed_coroutine_state.CopyFrom(pack_state(whole))
+                response = await self._send(info, request)
             if response.WhichOneof("directive") == "poll":
                 request = await self._resume(info, request, response.poll)
                 continue
@@ -499,6 +527,7 @@ class Environment:
         *,
         nondeterministic: bool = False,
     ) -> call_pb2.CallResult:
+        self._journals.pop(info.id, None)
         info.status = status
         if result.HasField("error"):
             info.error = _codec.decode_error(result.error)
@@ -528,7 +557,8 @@ class Environment:
         if self._workers is not None and name in self._functions and name not in self._stubs:
             data = await self._run_in_worker(name, data)
         else:
-            data = (await self._runner.run(request)).SerializeToString()
+            response = await self._runner.run(request, journal_delta=self._journal_delta)
+            data = response.SerializeToString()
         response = function_pb2.RunResponse.FromString(data)
         self.responses.append(response)
         return response
@@ -562,7 +592,7 @@ class Environment:
         rejections = self._rejections.get(info.function)
         if poll.calls and rejections:
             return self._resume_request(
-                request, poll, [], error_pb2.Error(type="Rejected", message=rejections.pop(0))
+                info, request, poll, [], error_pb2.Error(type="Rejected", message=rejections.pop(0))
             )
         for call in poll.calls:
             child = self._new_call(call.function, call.input, info)
@@ -606,20 +636,29 @@ class Environment:
         if self._split and count > poll.min_results:
             count = self._rng.randint(poll.min_results, count)
         delivered, queue[:] = queue[:count], queue[count:]
-        return self._resume_request(request, poll, delivered, None)
+        return self._resume_request(info, request, poll, delivered, None)
 
-    @staticmethod
     def _resume_request(
+        self,
+        info: CallInfo,
         request: function_pb2.RunRequest,
         poll: poll_pb2.Poll,
         results: list[call_pb2.CallResult],
         error: error_pb2.Error | None,
     ) -> function_pb2.RunRequest:
         result = poll_pb2.PollResult(results=results, error=error)
+        state = poll.typed_coroutine_state
         if poll.WhichOneof("state") == "coroutine_state":
             result.coroutine_state = poll.coroutine_state
+        elif state.type_url == JOURNAL_DELTA_TYPE_URL:
+            self._keep_delta(info, journal_pb2.JournalDelta.FromString(state.value))
+            last = self._journals[info.id][-1]
+            ref = journal_pb2.JournalRef(run_id=last.run_id, polls=last.polls, tag=last.tag)
+            result.typed_coroutine_state.type_url = JOURNAL_REF_TYPE_URL
+            result.typed_coroutine_state.value = ref.SerializeToString()
         else:
-            result.typed_coroutine_state.CopyFrom(poll.typed_coroutine_state)
+            self._journals.pop(info.id, None)
+            result.typed_coroutine_state.CopyFrom(state)
         return function_pb2.RunRequest(
             function=request.function,
             poll_result=result,
@@ -628,6 +667,26 @@ class Environment:
             root_dispatch_id=request.root_dispatch_id,
             creation_time=request.creation_time,
         )
+
+    def _keep_delta(self, info: CallInfo, delta: journal_pb2.JournalDelta) -> None:
+        """Append a JournalDelta to the journal kept for a call, which it must continue."""
+        kept = self._journals.get(info.id)
+        if delta.polls_before == 0:
+            self._journals[info.id] = [delta]
+            return
+        if kept is None:
+            # The whole journal went last (a cache miss): the deltas go on from it.
+            raise RuntimeError(
+                f"call {info.id} ({info.function!r}) answered a JournalDelta that continues "
+                f"round {delta.polls_before} of a journal the environment does not keep"
+            )
+        last = kept[-1]
+        if last.run_id != delta.run_id or last.polls != delta.polls_before:
+            raise RuntimeError(
+                f"call {info.id} ({info.function!r}) answered a JournalDelta that continues "
+                f"round {delta.polls_before}, but the environment keeps round {last.polls}"
+            )
+        kept.append(delta)
 
     def _children(self, info: CallInfo) -> _Poller:
         poller = self._pollers.get(info.id)
@@ -646,6 +705,13 @@ class Environment:
                 result.CopyFrom(task.result())
                 result.correlation_id = correlation_id
                 queue.append(result)
+
+
+def _journal_needed(response: function_pb2.RunResponse) -> bool:
+    return (
+        Status(response.status) is Status.INCOMPATIBLE_STATE
+        and response.exit.result.error.type == JOURNAL_NEEDED
+    )
 
 
 async def check_determinism(

@@ -49,7 +49,7 @@ async def _record(spec: str, folder: pathlib.Path) -> list[str]:
     """Run report(5) in a test environment and save the journal of each Poll."""
     dispatch = _load(spec)
     files = []
-    async with Environment(dispatch) as env:
+    async with Environment(dispatch, journal="whole") as env:
         await env.call(dispatch.functions["report"], 5)
         for i, response in enumerate(env.responses):
             if response.WhichOneof("directive") == "poll" and env.requests[i].function == "report":

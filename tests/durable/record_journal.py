@@ -37,7 +37,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--golden", type=pathlib.Path)
     args = parser.parse_args()
-    env = Environment(FUNCTIONS)
+    env = Environment(FUNCTIONS, journal="whole")
     result = await env.call(mixed, 8)
     last = [r for r in env.requests if r.function == "mixed" and r.HasField("poll_result")][-1]
     state = last.poll_result.typed_coroutine_state.value

@@ -2,8 +2,15 @@
 
 The journal travels in ``Poll.typed_coroutine_state`` and comes back in
 ``PollResult``. It is written incrementally: each Poll appends the encoding of
-a Journal holding only what is new, which protobuf parses as a merge, so a
-suspension costs what changed rather than the whole history.
+a Journal holding only what is new (a segment), which protobuf parses as a
+merge, so the journal is the concatenation of its segments.
+
+With a scheduler of this SDK that announces the journal extension (the
+``Dispatch-Aio-Journal: delta`` header, see ``JournalDelta`` in journal.proto),
+a Poll carries only the new segment, as a ``JournalDelta``; the scheduler
+keeps the segments and resumes with a ``JournalRef``, which the live cache
+continues. When the cache no longer holds the run, the answer is the
+``JOURNAL_NEEDED`` signal and the scheduler sends the whole journal again.
 """
 
 from __future__ import annotations
@@ -15,25 +22,64 @@ from ..proto.sdk.v1 import poll_pb2
 from ..proto.v1 import journal_pb2
 
 __all__ = [
+    "JOURNAL_DELTA_TYPE_URL",
+    "JOURNAL_HEADER",
+    "JOURNAL_NEEDED",
+    "JOURNAL_REF_TYPE_URL",
     "JOURNAL_TYPE_URL",
     "JOURNAL_VERSION",
     "IncompatibleState",
+    "JournalNeeded",
     "decode_state",
+    "journal_ref",
+    "pack_delta",
     "pack_state",
     "peek_run_id",
 ]
 
 JOURNAL_VERSION = 1
 JOURNAL_TYPE_URL = "type.googleapis.com/" + journal_pb2.Journal.DESCRIPTOR.full_name
+JOURNAL_DELTA_TYPE_URL = "type.googleapis.com/" + journal_pb2.JournalDelta.DESCRIPTOR.full_name
+JOURNAL_REF_TYPE_URL = "type.googleapis.com/" + journal_pb2.JournalRef.DESCRIPTOR.full_name
+JOURNAL_HEADER = "Dispatch-Aio-Journal"
+"""HTTP header by which a scheduler announces the journal extension (value ``delta``)."""
+JOURNAL_NEEDED = "dispatch_aio.JournalNeeded"
+"""Error type of the answer to a JournalRef the live cache cannot continue."""
 
 
 class IncompatibleState(Exception):
     """The state of a resume request cannot be used; the call must restart from its input."""
 
 
+class JournalNeeded(Exception):
+    """A resume names its journal by a JournalRef, and the live cache cannot continue it."""
+
+
 def pack_state(journal: bytes) -> any_pb2.Any:
     """Wrap serialized journal bytes as the typed coroutine state."""
     return any_pb2.Any(type_url=JOURNAL_TYPE_URL, value=journal)
+
+
+def pack_delta(delta: journal_pb2.JournalDelta) -> any_pb2.Any:
+    """Wrap a JournalDelta as the typed coroutine state."""
+    return any_pb2.Any(type_url=JOURNAL_DELTA_TYPE_URL, value=delta.SerializeToString())
+
+
+def journal_ref(result: poll_pb2.PollResult) -> journal_pb2.JournalRef | None:
+    """Return the JournalRef a PollResult carries as its state, or None for any other state.
+
+    Raises:
+        IncompatibleState: The JournalRef is corrupt.
+    """
+    if result.WhichOneof("state") != "typed_coroutine_state":
+        return None
+    state = result.typed_coroutine_state
+    if state.type_url != JOURNAL_REF_TYPE_URL:
+        return None
+    try:
+        return journal_pb2.JournalRef.FromString(state.value)
+    except ProtoDecodeError as exc:
+        raise IncompatibleState(f"the journal reference is corrupt: {exc}") from None
 
 
 def decode_state(result: poll_pb2.PollResult, function: str) -> tuple[journal_pb2.Journal, bytes]:
@@ -52,6 +98,11 @@ def decode_state(result: poll_pb2.PollResult, function: str) -> tuple[journal_pb
             "never writes"
         )
     state = result.typed_coroutine_state
+    if state.type_url == JOURNAL_DELTA_TYPE_URL:
+        raise IncompatibleState(
+            "the coroutine state is a JournalDelta: the scheduler echoed a delta it should "
+            "have kept (it announced the journal extension without supporting it)"
+        )
     if state.type_url.rsplit("/", 1)[-1] != journal_pb2.Journal.DESCRIPTOR.full_name:
         raise IncompatibleState(
             f"the coroutine state has type {state.type_url!r}, not a dispatch_aio journal; "

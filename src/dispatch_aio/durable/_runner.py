@@ -8,6 +8,14 @@ when the echoed state is exactly the one it sent; otherwise the function is
 replayed from the journal: run from the start on a fresh loop, with the
 recorded events applied at the same points, and it must make the same calls.
 
+With the journal extension (``journal_delta=True``, which the endpoint sets
+when the scheduler announces it; see ``_journal``), a Poll carries only the
+round's new segment of the journal, and a resume names the journal by a
+``JournalRef``: the live run it names continues, and if the cache does not
+hold it the answer is the ``JOURNAL_NEEDED`` signal, upon which the scheduler
+sends the whole journal. So a round trip costs what the round changed, not
+the length of the history.
+
 A function's end is its root task's end. Tasks it started and left running
 are cancelled then, as ``asyncio.run()`` does (their ``finally:`` blocks run,
 once), and calls they made that had not gone out yet are never made; a
@@ -46,7 +54,17 @@ from ..errors import NondeterminismError
 from ..proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, poll_pb2, status_pb2
 from ..proto.v1 import journal_pb2
 from ._context import TailCall
-from ._journal import JOURNAL_VERSION, IncompatibleState, decode_state, pack_state, peek_run_id
+from ._journal import (
+    JOURNAL_NEEDED,
+    JOURNAL_VERSION,
+    IncompatibleState,
+    JournalNeeded,
+    decode_state,
+    journal_ref,
+    pack_delta,
+    pack_state,
+    peek_run_id,
+)
 from ._loop import Clock, DurableFuture, DurableLoop, DurableTask, host_loop_error
 
 __all__ = ["Run", "Runner"]
@@ -141,13 +159,22 @@ class Run:
         self.sent = 0  # calls[:sent] went out in Polls
         self.outstanding = 0  # sent and not resolved
         self.open_calls = 0  # made (in this process) and not resolved
-        self.state = b""  # journal bytes as of the last Poll
+        # The journal as of the last Poll, in segments (joined on demand: see `state`).
+        self.segments: list[bytes] = []
+        self.tag = b""  # random tag of the last Poll, named by a JournalRef
         self.new_epochs: list[journal_pb2.Epoch] = []
         self.replaying = False
         self.divergence: str | None = None
         self.root: DurableTask[Any] | None = None
         self.last_used = 0.0
         self._verified = 0  # while replaying: calls[:_verified] were made again
+
+    @property
+    def state(self) -> bytes:
+        """The serialized journal as of the last Poll (empty before the first)."""
+        if len(self.segments) > 1:
+            self.segments = [b"".join(self.segments)]
+        return self.segments[0] if self.segments else b""
 
     # -- inside the function ----------------------------------------------------
 
@@ -470,15 +497,20 @@ class Run:
 
     # -- answers ------------------------------------------------------------------
 
-    def suspend(self) -> function_pb2.RunResponse:
-        """Answer with a Poll carrying the new calls and the journal."""
+    def suspend(self, *, delta: bool = False) -> function_pb2.RunResponse:
+        """Answer with a Poll carrying the new calls and the journal.
+
+        Args:
+            delta: Carry only the journal's new segment, as a JournalDelta.
+        """
+        polls_before = self.polls
         self.polls += 1
         new_calls = self.calls[self.sent :]
         for call in new_calls:
             call.poll = self.polls
         self.sent = len(self.calls)
         self.outstanding += len(new_calls)
-        delta = journal_pb2.Journal(
+        added = journal_pb2.Journal(
             polls=self.polls,
             epochs=self.new_epochs,
             calls=[
@@ -493,18 +525,32 @@ class Run:
                 for c in new_calls
             ],
         )
-        if not self.state:
-            delta.version = JOURNAL_VERSION
-            delta.function = self.function
-            delta.input.CopyFrom(self.input)
-            delta.run_id = self.run_id
-            delta.seed = self.seed
-            delta.start_time = self.start_time
-            delta.monotonic_offset = self.monotonic_offset
-        self.state += delta.SerializeToString()
+        if not self.segments:
+            added.version = JOURNAL_VERSION
+            added.function = self.function
+            added.input.CopyFrom(self.input)
+            added.run_id = self.run_id
+            added.seed = self.seed
+            added.start_time = self.start_time
+            added.monotonic_offset = self.monotonic_offset
+        segment = added.SerializeToString()
+        self.segments.append(segment)
+        self.tag = os.urandom(8)
         self.new_epochs = []
+        if delta:
+            state = pack_delta(
+                journal_pb2.JournalDelta(
+                    run_id=self.run_id,
+                    polls_before=polls_before,
+                    polls=self.polls,
+                    segment=segment,
+                    tag=self.tag,
+                )
+            )
+        else:
+            state = pack_state(self.state)
         poll = poll_pb2.Poll(
-            typed_coroutine_state=pack_state(self.state),
+            typed_coroutine_state=state,
             min_results=1,
             max_results=max(1, min(self.outstanding, _MAX_RESULTS)),
         )
@@ -645,17 +691,26 @@ class Runner:
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def run(self, request: function_pb2.RunRequest) -> function_pb2.RunResponse:
-        """Run one request; never raises for anything the request or the function does."""
+    async def run(
+        self, request: function_pb2.RunRequest, *, journal_delta: bool = False
+    ) -> function_pb2.RunResponse:
+        """Run one request; never raises for anything the request or the function does.
+
+        Args:
+            request: The request.
+            journal_delta: The scheduler announced the journal extension: a Poll
+                may carry only the journal's new segment (when the live cache is on,
+                since a resume must find the run there to use it).
+        """
         try:
-            return await self._run(request)
+            return await self._run(request, journal_delta and self.cache_size > 0)
         except (KeyboardInterrupt, asyncio.CancelledError):
             raise
         except BaseException as exc:
             logger.exception("internal error while running %r", request.function)
             return error_response(exc, Status.TEMPORARY_ERROR)
 
-    async def _run(self, request: function_pb2.RunRequest) -> function_pb2.RunResponse:
+    async def _run(self, request: function_pb2.RunRequest, delta: bool) -> function_pb2.RunResponse:
         fn = self.lookup(request.function)
         if fn is None:
             return _failure(
@@ -665,6 +720,9 @@ class Runner:
         if directive == "poll_result":
             try:
                 run = await self._resume(request, fn)
+            except JournalNeeded as exc:
+                logger.debug("%s: %s; asking for the whole journal", request.function, exc)
+                return _failure(Status.INCOMPATIBLE_STATE, JOURNAL_NEEDED, str(exc))
             except IncompatibleState as exc:
                 logger.warning("cannot resume %s, it restarts: %s", request.function, exc)
                 return _failure(Status.INCOMPATIBLE_STATE, "IncompatibleStateError", str(exc))
@@ -677,7 +735,7 @@ class Runner:
             except DecodeError as exc:
                 return error_response(exc, Status.INVALID_ARGUMENT)
         try:
-            return await self._continue(run)
+            return await self._continue(run, delta)
         except BaseException:
             await self._let_go(run)
             raise
@@ -701,17 +759,18 @@ class Runner:
     async def _resume(
         self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]]
     ) -> Run:
-        run = await self._take(request)
+        ref = journal_ref(request.poll_result)
+        run = await self._take(request) if ref is None else await self._take_ref(request, ref)
         if run is None:
             journal, state = decode_state(request.poll_result, request.function)
             run = await self._replay(journal, state, fn)
         run.apply_poll_result(request.poll_result)
         return run
 
-    async def _continue(self, run: Run) -> function_pb2.RunResponse:
+    async def _continue(self, run: Run, delta: bool) -> function_pb2.RunResponse:
         outcome = await run.drive()
         if outcome == "suspend":
-            response = run.suspend()
+            response = run.suspend(delta=delta)
             await self._keep(run)
             return response
         if outcome == "diverged":
@@ -775,7 +834,7 @@ class Runner:
         run.sent = len(run.calls)
         run.outstanding = run.sent
         run.polls = journal.polls
-        run.state = state
+        run.segments = [state]
         try:
             run.start(args, kwargs)
             for number, epoch in enumerate(journal.epochs):
@@ -866,6 +925,24 @@ class Runner:
             # Another round of the same run (a retry, another replica's state): replay.
             await self._let_go(run)
             return None
+        return run
+
+    async def _take_ref(self, request: function_pb2.RunRequest, ref: journal_pb2.JournalRef) -> Run:
+        """Return the live run a JournalRef names.
+
+        Raises:
+            JournalNeeded: The cache does not hold that very round of the run.
+        """
+        run = self._cache.pop(ref.run_id, None)
+        if run is None:
+            raise JournalNeeded(f"run {ref.run_id.hex()} is not held live here")
+        if run.polls != ref.polls or run.tag != ref.tag or run.function != request.function:
+            # Another round of the run (a retried request, a response that was lost).
+            await self._let_go(run)
+            raise JournalNeeded(
+                f"run {ref.run_id.hex()} is held live at round {run.polls}, not at the "
+                f"round {ref.polls} the scheduler kept"
+            )
         return run
 
     async def _keep(self, run: Run) -> None:

@@ -31,6 +31,13 @@ attempt sends one RunRequest; its outcome moves the call:
   could not be reached (connection refused, HTTP error, no response in time) is
   retried until the call expires: an application that is down or being redeployed
   loses no call.
+- with the journal extension (see journal.proto), announced on every Run request when
+  the store keeps segments: a Poll whose state is a ``dispatch_aio.v1.JournalDelta``
+  appends its segment to the journal the store keeps for the call (one row, committed
+  with the Poll), and the resume sends a ``JournalRef`` in its place. If the endpoint
+  answers that it does not hold the run live (``dispatch_aio.JournalNeeded``), the same
+  resume goes again at once with the whole journal, read back from the segments. Any
+  other state is stored and echoed whole, as the protocol says.
 - past its expiration the call is DONE with STATUS_TIMEOUT. Calls without an
   expiration get `DEFAULT_EXPIRATION`; a child never outlives its parent's expiration.
 """
@@ -48,12 +55,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
 from .._status import Status
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
+from ..proto.v1 import journal_pb2
 from ._invoker import Invoker, Outcome
 from ._store import (
     WRITE_ALONE,
     AddResult,
+    AppendSegment,
     CallRecord,
     InsertCall,
     Op,
@@ -61,6 +73,7 @@ from ._store import (
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
+    RemoveSegments,
     StateKind,
     Store,
     UpdateCall,
@@ -83,6 +96,12 @@ DEFAULT_EXPIRATION = 7 * 24 * 3600.0
 durable sleeps of hours or days."""
 
 _MAX_RESULTS = 1000
+_TYPE_PREFIX = "type.googleapis.com/"
+_JOURNAL_URL = _TYPE_PREFIX + journal_pb2.Journal.DESCRIPTOR.full_name
+_DELTA_URL = _TYPE_PREFIX + journal_pb2.JournalDelta.DESCRIPTOR.full_name
+_REF_URL = _TYPE_PREFIX + journal_pb2.JournalRef.DESCRIPTOR.full_name
+JOURNAL_NEEDED = "dispatch_aio.JournalNeeded"
+"""Error type by which an endpoint asks for the whole journal (see journal.proto)."""
 _TIMER_SLACK = 0.001  # fire timers a little late rather than early
 
 
@@ -150,6 +169,10 @@ class EngineSettings:
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     default_endpoint: str = ""
     """Endpoint of submitted calls that name none (empty: they must name one)."""
+    journal_delta: bool = True
+    """Announce the journal extension to endpoints (used only with a store that keeps
+    journal segments): endpoints of this SDK then send what is new in the journal, not
+    all of it, at each round trip."""
 
 
 class _Live:
@@ -233,6 +256,7 @@ class Engine:
         self._settings = settings or EngineSettings()
         self._rng = rng or random.Random()
         self._clock = clock
+        self._delta = self._settings.journal_delta and store.keeps_segments
         self._live: dict[str, _Live] = {}
         self._running: set[str] = set()  # ids of the calls with an attempt in flight
         self._tasks: set[asyncio.Task[None]] = set()
@@ -421,7 +445,19 @@ class Engine:
             else:
                 request, delivered = self._request(live)
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
-                outcome = await self._invoker.run(rec.endpoint, request, timeout)
+                outcome = await self._invoker.run(
+                    rec.endpoint, request, timeout, journal_delta=self._delta
+                )
+                if rec.state_kind is StateKind.SEGMENTS and _journal_needed(outcome):
+                    # The endpoint does not hold the run live (it restarted, another
+                    # replica answered, the run was evicted): the whole journal goes.
+                    segments = await self._store.read_segments(rec.id)
+                    state = request.poll_result.typed_coroutine_state
+                    state.type_url, state.value = _JOURNAL_URL, b"".join(segments)
+                    timeout = min(self._settings.request_timeout, rec.expires_at - self._clock())
+                    outcome = await self._invoker.run(
+                        rec.endpoint, request, timeout, journal_delta=self._delta
+                    )
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
                 WRITE_ALONE.set(len(self._tasks) == 1)
@@ -460,7 +496,7 @@ class Engine:
             poll_result.SetInParent()
             if rec.state_kind is StateKind.BYTES:
                 poll_result.coroutine_state = rec.state
-            elif rec.state_kind is StateKind.TYPED:
+            elif rec.state_kind in (StateKind.TYPED, StateKind.SEGMENTS):
                 poll_result.typed_coroutine_state.SetInParent()
                 poll_result.typed_coroutine_state.MergeFromString(rec.state)
             count = min(rec.max_results, len(live.queue))
@@ -488,15 +524,19 @@ class Engine:
                 await self._tail_call(live, response, delivered, now)
                 return True
             if directive == "poll" and outcome.status in (Status.OK, Status.UNSPECIFIED):
+                kept = _kept_state(rec, response.poll)
                 if now >= rec.expires_at:
                     await self._expire(live, delivered)
-                else:
-                    await self._poll(live, response.poll, delivered, now)
-                return True
-            if directive == "exit" and outcome.status is Status.OK:
+                    return True
+                if not isinstance(kept, str):
+                    await self._poll(live, response.poll, kept, delivered, now)
+                    return True
+                # Retried, the endpoint gets the whole journal and its delta fits it.
+                outcome, response = Outcome(Status.INVALID_RESPONSE, error=kept), None
+            elif directive == "exit" and outcome.status is Status.OK:
                 await self._finish(live, Status.OK, response.exit.result, "", delivered)
                 return True
-            if directive is None and outcome.status is Status.OK:
+            elif directive is None and outcome.status is Status.OK:
                 outcome = Outcome(
                     Status.INVALID_RESPONSE,
                     error="the RunResponse has status OK but neither exit nor poll",
@@ -542,6 +582,7 @@ class Engine:
         self,
         live: _Live,
         poll: poll_pb2.Poll,
+        kept: tuple[StateKind, bytes, list[Op]],
         delivered: list[tuple[int, call_pb2.CallResult]],
         now: float,
     ) -> None:
@@ -571,7 +612,7 @@ class Engine:
             logger.info("call %s: %s", rec.id, problem)
             error = error_pb2.Error(type=Status.INVALID_ARGUMENT.proto_name, message=problem)
             poll_error = error.SerializeToString()
-        state_kind, state = _state_of(poll)
+        state_kind, state, journal_ops = kept
         max_wait = poll.max_wait.ToNanoseconds() / 1e9 if poll.HasField("max_wait") else 0.0
         new = dataclasses.replace(
             rec,
@@ -590,6 +631,7 @@ class Engine:
             updated_at=now,
         )
         ops: list[Op] = [InsertCall(c) for c in children]
+        ops.extend(journal_ops)
         ops.append(UpdateCall(new))
         if delivered:
             ops.append(RemoveResults(tuple(seq for seq, _ in delivered)))
@@ -657,6 +699,8 @@ class Engine:
         ops: list[Op] = [UpdateCall(new)]
         if live.queue or delivered:
             ops.append(RemovePollerResults(new.id))
+        if live.rec.state_kind is StateKind.SEGMENTS:
+            ops.append(RemoveSegments(new.id))
         await self._store.write(ops)
         live.rec = new
         live.queue.clear()
@@ -719,6 +763,8 @@ class Engine:
         ops: list[Op] = [UpdateCall(new)]
         if live.queue or delivered:
             ops.append(RemovePollerResults(rec.id))
+        if rec.state_kind is StateKind.SEGMENTS:
+            ops.append(RemoveSegments(rec.id))
         parent = self._live.get(rec.parent_id) if rec.parent_id else None
         seq = 0
         if parent is not None and parent.rec.generation == rec.parent_generation:
@@ -800,13 +846,68 @@ def _fresh_run(rec: CallRecord) -> CallRecord:
     )
 
 
-def _state_of(poll: poll_pb2.Poll) -> tuple[StateKind, bytes]:
+def _kept_state(rec: CallRecord, poll: poll_pb2.Poll) -> tuple[StateKind, bytes, list[Op]] | str:
+    """Return how to keep a Poll's state: kind, `state` column and journal operations.
+
+    A JournalDelta is appended to the journal kept for the call, which it must
+    continue (same run, next round); when it does not, the problem is returned.
+    """
     member = poll.WhichOneof("state")
+    drop: list[Op] = [RemoveSegments(rec.id)] if rec.state_kind is StateKind.SEGMENTS else []
     if member == "coroutine_state":
-        return StateKind.BYTES, poll.coroutine_state
-    if member == "typed_coroutine_state":
-        return StateKind.TYPED, poll.typed_coroutine_state.SerializeToString()
-    return StateKind.NONE, b""
+        return StateKind.BYTES, poll.coroutine_state, drop
+    if member != "typed_coroutine_state":
+        return StateKind.NONE, b"", drop
+    state = poll.typed_coroutine_state
+    if state.type_url != _DELTA_URL:
+        return StateKind.TYPED, state.SerializeToString(), drop
+    try:
+        delta = journal_pb2.JournalDelta.FromString(state.value)
+    except DecodeError as exc:
+        return f"the Poll's JournalDelta cannot be decoded: {exc}"
+    ops: list[Op]
+    if delta.polls_before == 0:
+        ops = drop  # a new journal
+    elif rec.state_kind is StateKind.SEGMENTS:
+        ref = journal_pb2.JournalRef.FromString(any_pb2.Any.FromString(rec.state).value)
+        if ref.run_id != delta.run_id or ref.polls != delta.polls_before:
+            return (
+                f"the Poll's JournalDelta continues round {delta.polls_before} of run "
+                f"{delta.run_id.hex()}, but the scheduler keeps round {ref.polls} of run "
+                f"{ref.run_id.hex()}"
+            )
+        ops = []
+    else:
+        # The whole journal went last (the plain protocol, or a cache miss): it becomes
+        # the first segment.
+        whole = any_pb2.Any.FromString(rec.state) if rec.state_kind is StateKind.TYPED else None
+        if whole is None or whole.type_url != _JOURNAL_URL:
+            return "the Poll's JournalDelta continues a journal the scheduler does not have"
+        try:
+            journal = journal_pb2.Journal.FromString(whole.value)
+        except DecodeError:
+            journal = journal_pb2.Journal()
+        if journal.run_id != delta.run_id or journal.polls != delta.polls_before:
+            return (
+                f"the Poll's JournalDelta continues round {delta.polls_before} of run "
+                f"{delta.run_id.hex()}, but the journal sent was round {journal.polls} of "
+                f"run {journal.run_id.hex()}"
+            )
+        ops = [AppendSegment(rec.id, journal.polls, whole.value)]
+    ops.append(AppendSegment(rec.id, delta.polls, delta.segment))
+    ref = journal_pb2.JournalRef(run_id=delta.run_id, polls=delta.polls, tag=delta.tag)
+    kept = any_pb2.Any(type_url=_REF_URL, value=ref.SerializeToString())
+    return StateKind.SEGMENTS, kept.SerializeToString(), ops
+
+
+def _journal_needed(outcome: Outcome) -> bool:
+    """Whether the endpoint asks for the whole journal instead of a JournalRef."""
+    result = _exit_result(outcome)
+    return (
+        outcome.status is Status.INCOMPATIBLE_STATE
+        and result is not None
+        and result.error.type == JOURNAL_NEEDED
+    )
 
 
 def _exit_result(outcome: Outcome) -> call_pb2.CallResult | None:

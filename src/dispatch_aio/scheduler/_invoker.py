@@ -30,13 +30,16 @@ from .._signature import RequestSigner
 from .._status import Status, status_for_http
 from ..proto.sdk.v1 import function_pb2
 
-__all__ = ["RUN_PATH", "Invoker", "Outcome", "run_url"]
+__all__ = ["JOURNAL_HEADER", "RUN_PATH", "Invoker", "Outcome", "run_url"]
 
 logger = logging.getLogger("dispatch_aio.scheduler")
 
 RUN_PATH = "/dispatch.sdk.v1.FunctionService/Run"
 _PROTO = "application/proto"
 _HEADERS = MappingProxyType({"Content-Type": _PROTO})
+JOURNAL_HEADER = "Dispatch-Aio-Journal"
+"""Announces the journal extension to endpoints of this SDK (see journal.proto)."""
+_DELTA_HEADERS = MappingProxyType({JOURNAL_HEADER: "delta"})
 _OVERLOAD_HTTP = frozenset({429, 503})
 _UNREACHABLE = frozenset({Status.TCP_ERROR, Status.DNS_ERROR, Status.TLS_ERROR, Status.TIMEOUT})
 _BODY_EXCERPT = 300
@@ -172,7 +175,12 @@ class Invoker:
         return window.limit if window is not None else float(min(self._initial, self._ceiling))
 
     async def run(
-        self, endpoint: str, request: function_pb2.RunRequest, time_limit: float
+        self,
+        endpoint: str,
+        request: function_pb2.RunRequest,
+        time_limit: float,
+        *,
+        journal_delta: bool = False,
     ) -> Outcome:
         """Make one Run attempt.
 
@@ -180,6 +188,8 @@ class Invoker:
             endpoint: Base URL of the function endpoint.
             request: The request to send.
             time_limit: Seconds the whole attempt may take, queueing for a slot excluded.
+            journal_delta: Announce the journal extension (endpoints of other SDKs
+                ignore the header).
 
         Returns:
             The outcome; network and HTTP failures are outcomes too, never exceptions.
@@ -193,7 +203,9 @@ class Invoker:
         epoch = await window.acquire()
         outcome = Outcome(Status.UNSPECIFIED, error="the attempt was interrupted")
         try:
-            outcome = await self._send(self._session, run_url(endpoint), body, time_limit)
+            outcome = await self._send(
+                self._session, run_url(endpoint), body, time_limit, journal_delta
+            )
         finally:
             window.release(
                 epoch,
@@ -227,13 +239,20 @@ class Invoker:
                 )
 
     async def _send(
-        self, session: aiohttp.ClientSession, url: str, body: bytes, time_limit: float
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: bytes,
+        time_limit: float,
+        journal_delta: bool,
     ) -> Outcome:
         # Signed after the slot is acquired, so that `created` is the sending time.
         signer = self._signers.get(url)
         if signer is None:
             signer = self._signers[url] = RequestSigner(self._key, "POST", url, _HEADERS)
         headers = {**_HEADERS, **signer.sign(body)}
+        if journal_delta:
+            headers.update(_DELTA_HEADERS)
         try:
             async with session.post(
                 url,

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from ._store import (
     WRITE_ALONE,
     AddResult,
+    AppendSegment,
     CallQuery,
     CallRecord,
     InsertCall,
@@ -52,6 +53,7 @@ from ._store import (
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
+    RemoveSegments,
     SetMeta,
     Snapshot,
     StateKind,
@@ -66,7 +68,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of the schema this module writes (PRAGMA user_version)."""
 
 _SCHEMA_V1 = """
@@ -124,13 +126,34 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+# Version 2: journals kept by the scheduler (StateKind.SEGMENTS), one row per round, so
+# that a round appends a row instead of rewriting the whole journal.
+_SCHEMA_V2 = """
+CREATE TABLE segments (
+    call_id TEXT NOT NULL,
+    polls INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE UNIQUE INDEX segments_call ON segments (call_id, polls)
+"""
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V2.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 _COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
 _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
 _FILE_MODE = 0o600
 
 _INLINE_MAX = 0.002  # seconds: a slower last commit sends writes to the writer thread
 
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_0_to_1,
+    _migrate_1_to_2,
+)
 
 # Column order of `calls` after `seq`, shared by inserts, updates and reads.
 _COLUMNS = (
@@ -169,6 +192,9 @@ _REMOVE_RESULT = "DELETE FROM results WHERE seq = ?"
 _REMOVE_POLLER_RESULTS = "DELETE FROM results WHERE poller_id = ?"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _SELECT_CALLS = f"SELECT seq, {_COLUMNS} FROM calls"
+_APPEND_SEGMENT = "INSERT INTO segments (call_id, polls, data) VALUES (?, ?, ?)"
+_REMOVE_SEGMENTS = "DELETE FROM segments WHERE call_id = ?"
+_SELECT_SEGMENTS = "SELECT data FROM segments WHERE call_id = ? ORDER BY polls"
 
 _Statement = tuple[str, tuple[Any, ...]]
 
@@ -265,6 +291,10 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_REMOVE_POLLER_RESULTS, (poller_id,))]
         case SetMeta(key, value):
             return [(_SET_META, (key, value))]
+        case AppendSegment(call_id, polls, data):
+            return [(_APPEND_SEGMENT, (call_id, polls, data))]
+        case RemoveSegments(call_id):
+            return [(_REMOVE_SEGMENTS, (call_id,))]
 
 
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
@@ -416,6 +446,16 @@ class SQLiteStore(Store):
         """Return a value stored with `SetMeta`, or None."""
         rows = await self._run(self._query, "SELECT value FROM meta WHERE key = ?", (key,))
         return bytes(rows[0][0]) if rows else None
+
+    @property
+    def keeps_segments(self) -> bool:
+        """True: the `segments` table keeps journals (schema version 2)."""
+        return True
+
+    async def read_segments(self, dispatch_id: str) -> list[bytes]:
+        """Return a call's journal segments in order."""
+        rows = await self._run(self._query, _SELECT_SEGMENTS, (dispatch_id,))
+        return [bytes(row[0]) for row in rows]
 
     # Event-loop side of the writer.
 

@@ -6,7 +6,8 @@ returns, all of them are durable; when it raises, none of them happened. Nothing
 scheduler acknowledges or sends depends on a write that has not returned.
 
 Reads serve the start-up recovery (`Store.load`) and the inspection service; the
-engine never reads on its hot path.
+engine never reads on its hot path. It reads a call's journal segments
+(`Store.read_segments`) only when an endpoint no longer holds the run live.
 
 The engine tells a store, through the context variable `WRITE_ALONE`, when a write is
 the only thing the scheduler has in flight: a store that hands writes to a thread may
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 __all__ = [
     "WRITE_ALONE",
     "AddResult",
+    "AppendSegment",
     "CallQuery",
     "CallRecord",
     "InsertCall",
@@ -33,6 +35,7 @@ __all__ = [
     "QueuedResult",
     "RemovePollerResults",
     "RemoveResults",
+    "RemoveSegments",
     "SetMeta",
     "Snapshot",
     "StateKind",
@@ -74,6 +77,10 @@ class StateKind(enum.IntEnum):
     """The deprecated `coroutine_state` bytes."""
     TYPED = 2
     """`typed_coroutine_state`, stored as the serialized Any."""
+    SEGMENTS = 3
+    """A dispatch_aio journal kept by the scheduler (the journal extension): its
+    segments are stored apart (`AppendSegment`), and `state` is the serialized Any of
+    the `dispatch_aio.v1.JournalRef` that a resume sends in its place."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +220,23 @@ class RemovePollerResults:
 
 
 @dataclass(frozen=True, slots=True)
+class AppendSegment:
+    """Append a segment to a call's journal (`StateKind.SEGMENTS`)."""
+
+    call_id: str
+    polls: int
+    """The journal's round count once the segment is appended; orders the segments."""
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveSegments:
+    """Drop a call's journal segments (its run ended, restarted or handed over)."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetMeta:
     """Set a scheduler-wide value (the signing key ...)."""
 
@@ -220,7 +244,16 @@ class SetMeta:
     value: bytes
 
 
-Op = InsertCall | UpdateCall | AddResult | RemoveResults | RemovePollerResults | SetMeta
+Op = (
+    InsertCall
+    | UpdateCall
+    | AddResult
+    | RemoveResults
+    | RemovePollerResults
+    | SetMeta
+    | AppendSegment
+    | RemoveSegments
+)
 
 
 class Store(abc.ABC):
@@ -269,3 +302,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_meta(self, key: str) -> bytes | None:
         """Return a scheduler-wide value set with `SetMeta`, or None."""
+
+    @property
+    def keeps_segments(self) -> bool:
+        """Whether the store keeps journal segments (`AppendSegment`, `read_segments`).
+
+        The engine uses the journal extension only with a store that does.
+        """
+        return False
+
+    async def read_segments(self, dispatch_id: str) -> list[bytes]:
+        """Return a call's journal segments in order (empty if it has none).
+
+        Raises:
+            StoreError: The store cannot read them, or keeps none.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no journal segments")

@@ -235,3 +235,90 @@ class PollError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PollError: _TypeAlias = PollError  # noqa: Y015
+
+@_typing.final
+class JournalDelta(_message.Message):
+    """The journal extension. Between a scheduler and an endpoint of dispatch_aio, the
+    journal need not travel whole in every round trip: the scheduler keeps it, and the
+    endpoint's live cache holds the run. A scheduler that supports it announces it on
+    each Run request with the HTTP header `Dispatch-Aio-Journal: delta`. An endpoint
+    that sees the header may answer a Poll with a JournalDelta as its
+    typed_coroutine_state instead of the whole Journal. The scheduler appends the
+    delta's segment to the journal it keeps and resumes with a JournalRef plus the new
+    results. An endpoint that no longer holds the run live answers the JournalRef with
+    RunResponse{status: INCOMPATIBLE_STATE, exit.result.error.type:
+    "dispatch_aio.JournalNeeded"}, and the scheduler sends the same resume again with
+    the whole Journal (the concatenation of its segments). Without the header, or with
+    any other scheduler or SDK, the plain protocol applies: the whole Journal travels.
+
+    JournalDelta is what one round added to a run's journal.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    POLLS_BEFORE_FIELD_NUMBER: _builtins.int
+    POLLS_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.bytes
+    """Run id of the journal (Journal.run_id)."""
+    polls_before: _builtins.int
+    """Journal.polls before this round: 0 when the segment starts the journal."""
+    polls: _builtins.int
+    """Journal.polls after this round."""
+    segment: _builtins.bytes
+    """A serialized Journal holding what this round added. The journal as of `polls` is
+    the journal as of `polls_before` (serialized) followed by these bytes, which
+    protobuf parses as a merge.
+    """
+    tag: _builtins.bytes
+    """Random tag of this round of the live run; a JournalRef names it, so that a
+    resume continues only the very execution that wrote the segment.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.bytes = ...,
+        polls_before: _builtins.int = ...,
+        polls: _builtins.int = ...,
+        segment: _builtins.bytes = ...,
+        tag: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["polls", b"polls", "polls_before", b"polls_before", "run_id", b"run_id", "segment", b"segment", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalDelta: _TypeAlias = JournalDelta  # noqa: Y015
+
+@_typing.final
+class JournalRef(_message.Message):
+    """JournalRef stands for the journal a scheduler keeps, in a resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    POLLS_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.bytes
+    """Run id of the journal."""
+    polls: _builtins.int
+    """Journal.polls of the journal kept: the `polls` of the last delta."""
+    tag: _builtins.bytes
+    """The `tag` of the last delta."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.bytes = ...,
+        polls: _builtins.int = ...,
+        tag: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["polls", b"polls", "run_id", b"run_id", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalRef: _TypeAlias = JournalRef  # noqa: Y015
