@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from ._cli_scheduler import CliError
 from ._dispatch import Dispatch
+from ._replay_worker import load_main
 from .durable import JOURNAL_TYPE_URL
 from .testing import JournalReport, check_journals
 
@@ -35,7 +36,11 @@ _SEGMENTS_STATE = 3
 
 
 def load_target(spec: str) -> Dispatch:
-    """Import ``module:attribute`` (or ``file.py:attribute``) and return that Dispatch."""
+    """Import ``module:attribute`` (or ``file.py:attribute``) and return that Dispatch.
+
+    A file is loaded as this process's ``__main__`` (see `load_main`), which the command
+    then is; callers that go on afterwards restore ``sys.modules["__main__"]``.
+    """
     module_name, _, attribute = spec.partition(":")
     attribute = attribute or "dispatch"
     if not module_name:
@@ -46,14 +51,10 @@ def load_target(spec: str) -> Dispatch:
             if not path.is_file():
                 raise CliError(f"no such file: {module_name}", 2)
             sys.path.insert(0, str(path.parent))
-            loaded = importlib.util.spec_from_file_location(path.stem, path)
-            assert loaded is not None and loaded.loader is not None
-            module = importlib.util.module_from_spec(loaded)
-            sys.modules[path.stem] = module
-            # Journals written by `python app.py` name the script's classes `__main__.X`;
-            # the codec resolves those here, as multiprocessing's spawn does.
-            sys.modules["__mp_main__"] = module
-            loaded.loader.exec_module(module)
+            # The script runs as this process's __main__, as under `python app.py`: the
+            # journals name its classes `__main__.X`, and the inputs replayed here must
+            # pickle (and digest) as they did there.
+            module = load_main("file", str(path))
         else:
             sys.path.insert(0, str(pathlib.Path.cwd()))
             module = importlib.import_module(module_name)

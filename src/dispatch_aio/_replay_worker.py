@@ -60,7 +60,16 @@ if TYPE_CHECKING:
     from ._dispatch import Dispatch
     from ._function import Function
 
-__all__ = ["Setup", "Target", "WorkerError", "WorkerPool", "locate", "main", "module_file"]
+__all__ = [
+    "Setup",
+    "Target",
+    "WorkerError",
+    "WorkerPool",
+    "load_main",
+    "locate",
+    "main",
+    "module_file",
+]
 
 # Run by the new interpreter: the worker module is imported under its own name, so the
 # program's main script can take the place of __main__.
@@ -564,7 +573,7 @@ def _prepare(setup: Mapping[str, Any]) -> list[BaseException]:
     main = setup.get("main") or None
     if main is not None:
         try:
-            _load_main(str(main[0]), str(main[1]))
+            load_main(str(main[0]), str(main[1]))
         except BaseException as exc:
             problems.append(exc)
     for name, file in setup.get("modules", []):
@@ -574,12 +583,16 @@ def _prepare(setup: Mapping[str, Any]) -> list[BaseException]:
     return problems
 
 
-def _load_main(kind: str, name: str) -> None:
-    # As multiprocessing.spawn: run the main program as __mp_main__ (so its
-    # `if __name__ == "__main__":` block does not run) and alias it as __main__.
+def load_main(kind: str, name: str) -> types.ModuleType:
+    """Load a program's main script (``kind`` "file") or module as this process's ``__main__``.
+
+    As multiprocessing's spawn does: it runs as ``__mp_main__`` (so its ``if __name__ ==
+    "__main__":`` block does not run) and is aliased as ``__main__``, so values the program
+    pickled as ``__main__.X`` resolve, and values made here pickle as the program's would.
+    """
     if kind == "module":
         if name == "__main__" or name.endswith(".__main__"):
-            return  # a package's __main__ runs its program at import: nothing to load
+            return sys.modules["__main__"]  # a package's __main__ runs its program: keep it
         content = runpy.run_module(name, run_name="__mp_main__", alter_sys=True)
     else:
         content = runpy.run_path(name, run_name="__mp_main__")
@@ -592,6 +605,7 @@ def _load_main(kind: str, name: str) -> None:
     seen: set[int] = set()
     for value in content.values():
         _claim_for_main(value, seen)
+    return module
 
 
 def _claim_for_main(value: object, seen: set[int]) -> None:

@@ -270,13 +270,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _check_command(args: argparse.Namespace, console: Console) -> int:
     from . import _cli_check
 
-    target = _cli_check.load_target(args.app)
-    database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
-    journals = _cli_check.read_journals(args.files, database)
-    if not journals:
-        console.line("no journals to check")
-        return 0
-    reports = await _cli_check.run_check(target, journals)
+    mains = {name: sys.modules.get(name) for name in ("__main__", "__mp_main__")}
+    try:
+        target = _cli_check.load_target(args.app)
+        database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
+        journals = _cli_check.read_journals(args.files, database)
+        if not journals:
+            console.line("no journals to check")
+            return 0
+        reports = await _cli_check.run_check(target, journals)
+    finally:  # the command may run inside another program (tests call main())
+        for name, module in mains.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
     for line in _cli_check.describe(reports):
         console.line(line)
     bad = sum(not r.ok for r in reports)

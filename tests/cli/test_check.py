@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -42,7 +44,15 @@ def _write_app(folder: pathlib.Path, first: str) -> str:
 def _load(spec: str) -> Dispatch:
     from dispatch_aio._cli_check import load_target
 
-    return load_target(spec)
+    mains = {name: sys.modules.get(name) for name in ("__main__", "__mp_main__")}
+    try:
+        return load_target(spec)
+    finally:  # the script was loaded as __main__, as the command does
+        for name, module in mains.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 async def _record(spec: str, folder: pathlib.Path) -> list[str]:
@@ -121,3 +131,55 @@ def test_check_bad_app(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str
     assert cli.main(["check", "no_such_module_here:dispatch", "x.bin"]) == 1
     assert "cannot import no_such_module_here" in capsys.readouterr().err
     assert cli.main(["check", str(tmp_path / "missing.py")]) == 2
+
+
+MAIN_CLASSES_APP = """
+import asyncio, dataclasses, sys
+from pathlib import Path
+from dispatch_aio import Dispatch
+from dispatch_aio.testing import Environment
+
+dispatch = Dispatch()
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+@dispatch.function
+async def show(p: Point) -> str:
+    return f"{p.x},{p.y}"
+
+@dispatch.function
+async def report(n: int) -> str:
+    first = await show(Point(n, n + 1))
+    await asyncio.sleep(3600)
+    return first + " " + await show(Point(0, n))
+
+async def record(folder: Path) -> None:
+    async with Environment(dispatch, journal="whole") as env:
+        await env.call(report, 5)
+    for i, response in enumerate(env.responses):
+        if response.HasField("poll"):
+            state = response.poll.typed_coroutine_state.SerializeToString()
+            (folder / f"journal-{i}.bin").write_bytes(state)
+
+if __name__ == "__main__":
+    asyncio.run(record(Path(sys.argv[1])))
+"""
+
+
+def test_check_replays_inputs_holding_classes_of_the_main_script(tmp_path: pathlib.Path) -> None:
+    # Recorded by `python app.py`, the journal digests inputs that pickle the script's
+    # Point as __main__.Point; replayed by the command, they must pickle the same.
+    script = tmp_path / "main_classes_app.py"
+    script.write_text(textwrap.dedent(MAIN_CLASSES_APP))
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=60)
+    files = sorted(str(p) for p in tmp_path.glob("journal-*.bin"))
+    assert files
+    done = subprocess.run(
+        [sys.executable, "-m", "dispatch_aio", "check", f"{script}:dispatch", *files],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(files)} of {len(files)} journals replay; 0 diverge" in done.stdout
