@@ -45,6 +45,7 @@ __all__ = [
     "RUN_PATH",
     "Endpoint",
     "EndpointServer",
+    "body_too_large",
     "is_loopback",
 ]
 
@@ -91,6 +92,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # another host name: it may resolve to any interface
+
+
+def body_too_large(length: int, limit: int) -> str:
+    """Say why a Run request of `length` bytes is refused, and what to do about it."""
+    return (
+        f"the request body of {length} bytes exceeds the limit of {limit} bytes: a resume "
+        "carries the results the function has not consumed yet and, when the endpoint does "
+        "not hold the run live (after a restart, on another replica), its whole journal, "
+        "every earlier result included; return large data by reference (a URL, a key in a "
+        "store) rather than by value, or raise the endpoint's max_body_size"
+    )
 
 
 def _error(status: int, code: str, message: str, *, unread: bool = False) -> web.Response:
@@ -301,8 +313,7 @@ class Endpoint:
             return _error(
                 413,
                 "invalid_argument",
-                f"the request body of {length} bytes exceeds the limit of "
-                f"{self._max_body_size} bytes",
+                body_too_large(length, self._max_body_size),
                 unread=True,
             )
         return None

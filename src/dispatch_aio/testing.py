@@ -82,6 +82,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 
 from . import _codec
 from ._dispatch import Dispatch
+from ._endpoint import DEFAULT_MAX_BODY_SIZE, body_too_large
 from ._function import Function
 from ._replay_worker import Setup, Target, WorkerError, WorkerPool, locate, module_file
 from ._status import Classifier, Status
@@ -93,7 +94,7 @@ from .durable._journal import (
     pack_state,
 )
 from .errors import NondeterminismError
-from .proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
+from .proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2, status_pb2
 from .proto.v1 import journal_pb2
 
 __all__ = [
@@ -321,6 +322,11 @@ class Environment:
             scheduler does (it takes effect with the live cache only);
             ``"whole"`` the plain protocol, where each Poll carries the whole
             journal and each resume echoes it.
+        max_body_size: Largest Run request, in bytes, as the endpoint's limit: a
+            larger one fails the call with PERMANENT_ERROR and the endpoint's
+            message. With ``replay="always"`` or ``"process"`` every resume carries
+            the whole journal, as after an app restart, so a function whose results
+            would not fit there fails in the test, not in production.
     """
 
     def __init__(
@@ -336,7 +342,9 @@ class Environment:
         retry_delay: float = 1.0,
         workers: WorkerPool | None = None,
         journal: Literal["delta", "whole"] = "delta",
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        self._max_body_size = max_body_size
         self._owner = target if isinstance(target, Dispatch) else None
         if isinstance(target, Dispatch):
             self._functions: Mapping[str, Function[Any, Any]] = target.functions
@@ -553,6 +561,14 @@ class Environment:
         request = function_pb2.RunRequest.FromString(data)
         self.requests.append(request)
         info.rounds += 1
+        if len(data) > self._max_body_size:  # refused by the endpoint, as HTTP 413
+            refusal = body_too_large(len(data), self._max_body_size)
+            message = f"function {request.function!r}: HTTP 413 ({refusal})"
+            error = error_pb2.Error(type=Status.PERMANENT_ERROR.proto_name, message=message)
+            refused = function_pb2.RunResponse(status=status_pb2.STATUS_PERMANENT_ERROR)
+            refused.exit.result.error.CopyFrom(error)
+            self.responses.append(refused)
+            return refused
         name = request.function
         if self._workers is not None and name in self._functions and name not in self._stubs:
             data = await self._run_in_worker(name, data)
