@@ -62,7 +62,7 @@ PROFILE_ENV = "BENCH_E2E_PROFILE"  # where a profiled process writes its cProfil
 TIMEOUT = 900.0  # a stalled workload fails the benchmark rather than hanging it
 SYSTEMS = ("dispatch-py", "persistent", "in-memory")
 # W4 is left out while our chain of 10,000 takes minutes (cost per step grows with it).
-DEFAULT_WORKLOADS = "w1,w2,w3one,w3batch"
+DEFAULT_WORKLOADS = "w1,w2,w3one,w3batch,w4"
 OURS = ("persistent", "in-memory")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
