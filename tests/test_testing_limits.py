@@ -57,3 +57,17 @@ async def test_a_gather_of_1200_calls_stays_within_the_protocol(replay: str) -> 
         assert await env.call(gather_1200) == sum(range(1200))
     polls = [r.poll for r in env.responses if r.HasField("poll")]
     assert all(1 <= p.min_results <= p.max_results <= 1000 for p in polls)
+
+
+@dispatch.function
+async def always_late() -> None:
+    raise TimeoutError("late again")
+
+
+async def test_max_attempts_counts_attempts_as_the_scheduler_does() -> None:
+    async with Environment(dispatch, max_attempts=3, retry_delay=0.01) as env:
+        info = await env.run(always_late)
+    # Three attempts in all: the first and two retries, then the error is final.
+    assert info.attempts == 2
+    assert isinstance(info.error, TimeoutError)
+    assert [r.status for r in env.responses] == [Status.TIMEOUT.value] * 3

@@ -267,7 +267,8 @@ class CallInfo:
     children: list[CallInfo] = dataclasses.field(default_factory=list)
     """Calls made by this one, in the order they were made."""
     attempts: int = 0
-    """Number of times the call was started or retried after a failure."""
+    """Number of retries after a temporary failure (0 for a call whose first attempt
+    was final)."""
     rounds: int = 0
     """Number of Run requests sent for the call, resumes included."""
     tail_calls: list[str] = dataclasses.field(default_factory=list)
@@ -312,8 +313,9 @@ class Environment:
         seed: Seed of the random choices of ``shuffle`` and ``split``.
         virtual_time: Run on a `VirtualClock`; False uses the real clock
             (needed when functions do real I/O with timeouts).
-        max_attempts: Attempts of a call that fails with a temporary status
-            before its error is final.
+        max_attempts: Attempts in all (the first included) of a call that fails
+            with a temporary status before its error is final, as the scheduler's
+            ``--max-attempts``.
         retry_delay: Seconds before the first retry; doubles at each retry.
         workers: With ``replay="process"``, the `WorkerPool` to run requests
             in, to share its spare interpreters between environments; by
@@ -519,7 +521,8 @@ class Environment:
             if status is Status.INCOMPATIBLE_STATE:
                 # A real scheduler would restart the call; a test wants to know.
                 return self._finish(info, status, done.result, nondeterministic=True)
-            if status.temporary and info.attempts < self._max_attempts:
+            # As the scheduler's --max-attempts: attempts in all, the first included.
+            if status.temporary and info.attempts + 1 < self._max_attempts:
                 info.attempts += 1
                 await self.clock.sleep_until(self.clock.time() + delay)
                 delay *= 2
