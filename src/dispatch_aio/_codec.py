@@ -35,8 +35,10 @@ the same program finds again when it resumes a call after a restart, a redeploy 
 replica. So ``isinstance`` checks and ``except`` clauses see the program's own classes in every
 process. Only what has no importable name (lambdas, and classes or functions defined inside
 functions) is pickled by value, as a look-alike copy. A process that loads the main script
-under another name (``dispatch-aio check app.py:dispatch``) registers it as ``__mp_main__``, as
-multiprocessing does, and ``__main__`` references resolve there too.
+as a module registers it as ``__mp_main__``, as multiprocessing does, and ``__main__``
+references resolve there too; ``dispatch-aio check app.py:dispatch`` and the fresh-process
+test workers go further and load the script as ``__main__`` itself, so that values they make
+pickle as the program's do.
 
 Exceptions keep their chain: ``__cause__``, ``__context__`` and ``__notes__`` are pickled with
 them (when they pickle; otherwise the exception travels without its chain).
