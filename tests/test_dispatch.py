@@ -49,6 +49,8 @@ async def api2() -> AsyncIterator[FakeAPI]:
 def make_dispatch(key: Ed25519PrivateKey | None = None, **kwargs: Any) -> Dispatch:
     kwargs.setdefault("env", {})
     kwargs.setdefault("endpoint_addr", "127.0.0.1:0")
+    # A separate scheduler (never reached unless a test submits): serve over HTTP.
+    kwargs.setdefault("api_url", "http://127.0.0.1:9")
     if key is not None:
         kwargs.setdefault("verification_key", public_key_to_base64(key.public_key()))
     return Dispatch(**kwargs)
@@ -436,7 +438,8 @@ async def test_logs_a_warning_without_a_key_and_the_address_when_serving(
         "request signature verification is disabled because DISPATCH_VERIFICATION_KEY is "
         "not set: anyone who can reach this endpoint can run its functions",
     ) in messages
-    assert (logging.INFO, f"serving Dispatch functions on {server.url}") in messages
+    line = f"serving Dispatch functions on {server.url}, for the scheduler at http://127.0.0.1:9"
+    assert (logging.INFO, line) in messages
 
     caplog.clear()
     async with await make_dispatch(key).start():
@@ -504,7 +507,8 @@ async def test_serve_runs_until_cancelled_then_releases_resources(
         await listening.wait()
     finally:
         logging.getLogger("dispatch_aio").removeHandler(watch)
-    url = next(m for m in caplog.messages if m.startswith(prefix)).removeprefix(prefix)
+    line = next(m for m in caplog.messages if m.startswith(prefix))
+    url = line.removeprefix(prefix).split(",")[0]
     assert await Driver(session, url).call("ping") == Outcome(Status.OK, "pong")
     await ping.dispatch()
     assert dispatch.client._session is not None
@@ -542,6 +546,7 @@ async def test_run_serves_until_a_signal_and_prints_nothing(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
     env["DISPATCH_ENDPOINT_ADDR"] = "127.0.0.1:0"
+    env["DISPATCH_API_URL"] = "http://127.0.0.1:9"  # a separate scheduler: serve over HTTP
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -560,7 +565,7 @@ async def test_run_serves_until_a_signal_and_prints_nothing(
                 lines.append(line)
                 if "serving Dispatch functions on " in line:
                     break
-        url = line.split("serving Dispatch functions on ")[1].strip()
+        url = line.split("serving Dispatch functions on ")[1].split(",")[0]
         assert await Driver(session, url).call("square", 7) == Outcome(Status.OK, 49)
         proc.send_signal(sig)
         async with asyncio.timeout(20):

@@ -30,6 +30,7 @@ SMALL_LIMIT = 4096
 def build_dispatch(**kwargs: Any) -> Dispatch:
     kwargs.setdefault("env", {})
     kwargs.setdefault("endpoint_addr", "127.0.0.1:0")
+    kwargs.setdefault("api_url", "http://127.0.0.1:9")  # a separate scheduler: serve over HTTP
     dispatch = Dispatch(**kwargs)
 
     @dispatch.function(name="echo")

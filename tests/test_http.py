@@ -162,7 +162,7 @@ async def test_a_given_session_is_used_and_left_open(server: str) -> None:
 
 
 async def test_inside_durable_functions(server: str) -> None:
-    dispatch = Dispatch(env={}, endpoint_addr="127.0.0.1:0")
+    dispatch = Dispatch(env={}, endpoint_addr="127.0.0.1:0", api_url="http://127.0.0.1:9")
 
     @dispatch.function(name="fetch")
     async def fetch(path: str) -> Any:

@@ -1,9 +1,6 @@
 """The local scheduler as the command runs it: data folder, addresses, connection file.
 
-The data folder (``.dispatch`` by default) holds the database, ``scheduler.db``, and,
-while a scheduler runs, ``scheduler.json``: its API URL and key, so that ``dispatch-aio
-calls`` and ``show`` find it without being told. The folder gets a ``.gitignore`` so
-that it is never committed by accident.
+The data folder is described in `dispatch_aio._datadir`.
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ __all__ = [
 import contextlib
 import errno
 import ipaddress
-import json
-import os
 import re
 import secrets
 import socket
@@ -37,12 +32,16 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Self
 
+from ._datadir import (
+    CONNECTION_FILE,
+    DB_FILE,
+    DEFAULT_DATA_DIR,
+    prepare_data_dir,
+    publish_connection,
+    read_connection,
+)
 from ._progress import CallTracker, TrackingStore
 from .scheduler import RetryPolicy, Scheduler, SQLiteStore, StoreError
-
-DEFAULT_DATA_DIR = ".dispatch"
-DB_FILE = "scheduler.db"
-CONNECTION_FILE = "scheduler.json"
 
 _ADDR = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<host>[^:\[\]]+):(?P<port>[0-9]+)")
 _WILDCARDS = MappingProxyType({"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"})
@@ -202,22 +201,6 @@ def exposure_warning(host: str, port: int) -> str | None:
     )
 
 
-def _connection_path(data_dir: str) -> Path:
-    return Path(data_dir) / CONNECTION_FILE
-
-
-def read_connection(data_dir: str) -> tuple[str, str] | None:
-    """Return the API URL and key a scheduler running on `data_dir` published, if any."""
-    try:
-        data = json.loads(_connection_path(data_dir).read_text("utf-8"))
-        url, key = data["api_url"], data["api_key"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if isinstance(url, str) and isinstance(key, str) and url and key:
-        return url, key
-    return None
-
-
 class LocalScheduler:
     """A `Scheduler` on the command's data folder, serving its API; an async context manager.
 
@@ -299,33 +282,16 @@ class LocalScheduler:
             self._publish()
 
     def _prepare_data_dir(self) -> str:
-        folder = Path(self.settings.data_dir)
         try:
-            if not folder.is_dir():
-                folder.mkdir(parents=True, mode=0o700)
-                (folder / ".gitignore").write_text(
-                    "# Created by dispatch-aio: the local scheduler's data.\n*\n", "utf-8"
-                )
-            # The database holds the signing key: the folder is its owner's alone.
-            if folder.stat().st_mode & 0o077:
-                folder.chmod(0o700)
+            return str(prepare_data_dir(self.settings.data_dir))
         except OSError as exc:
             raise CliError(
-                f"cannot create the data folder {str(folder)!r}: {exc.strerror or exc}; choose "
-                "another with --data-dir PATH, or use --in-memory"
+                f"cannot create the data folder {self.settings.data_dir!r}: "
+                f"{exc.strerror or exc}; choose another with --data-dir PATH, or use --in-memory"
             ) from None
-        return str(folder / DB_FILE)
 
     def _publish(self) -> None:
-        path = _connection_path(self.settings.data_dir)
-        data = {"api_url": self.api_url, "api_key": self.api_key, "pid": os.getpid()}
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                json.dump(data, file)
-        except OSError:
-            return  # only a convenience for `calls` and `show`
-        self._connection = path
+        self._connection = publish_connection(self.settings.data_dir, self.api_url, self.api_key)
 
     async def close(self) -> None:
         """Stop the scheduler; unfinished calls stay in the database."""

@@ -8,16 +8,23 @@ DispatchService/Dispatch``, ``Content-Type: application/proto``, ``Connect-Proto
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_RETRIES", "DEFAULT_TIMEOUT", "DISPATCH_PATH", "Call", "Client"]
+__all__ = [
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "DISPATCH_PATH",
+    "Call",
+    "Client",
+    "EmbeddedAPI",
+]
 
 import asyncio
 import dataclasses
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import aiohttp
 from google.protobuf import any_pb2
@@ -30,6 +37,7 @@ from ._function import check_function_name
 from .durable import in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import inspect_pb2
+from .scheduler._store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +124,9 @@ class Client:
     client when it is closed). Used from another event loop after the first one ended
     (``asyncio.run()`` twice, one event loop per test), it starts a new session.
 
+    The client of a `Dispatch` object that runs its own scheduler (no
+    ``DISPATCH_API_URL``) submits to that scheduler in memory, once it is started.
+
     Retries: a ``Dispatch`` request has no idempotency key, so sending it again after it
     may have reached the API could create the calls twice. The client therefore retries
     only when the connection could not be established (connection refused, unreachable
@@ -153,11 +164,21 @@ class Client:
 
     @classmethod
     def _with_config(
-        cls, config: Config, *, timeout: float, retries: int = DEFAULT_RETRIES
+        cls,
+        config: Config,
+        *,
+        timeout: float,
+        retries: int = DEFAULT_RETRIES,
+        embedded: Callable[[], EmbeddedAPI | None] | None = None,
     ) -> Client:
-        """Build a client that reads the configuration of a `Dispatch` object."""
+        """Build a client that reads the configuration of a `Dispatch` object.
+
+        `embedded` returns the object's embedded scheduler while it runs; the client
+        uses it whenever the configuration sets no API URL.
+        """
         client = cls.__new__(cls)
         client._setup(config, timeout=timeout, retries=retries, session=None)
+        client._embedded = embedded
         return client
 
     def _setup(
@@ -178,6 +199,7 @@ class Client:
         self._external = session
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._embedded: Callable[[], EmbeddedAPI | None] | None = None
 
     def __repr__(self) -> str:
         return f"<Client {self._config!r}>"
@@ -215,6 +237,11 @@ class Client:
         calls = list(calls)
         if not calls:
             return []
+        local = self._local()
+        if local is not None:
+            local_calls = [call._to_proto(local.endpoint_url) for call in calls]
+            ids: list[str] = await _on_host(_submit_local(local, local_calls))
+            return ids
         endpoint = ""
         if any(call.endpoint is None for call in calls):
             endpoint = self._config.endpoint_url()
@@ -263,10 +290,29 @@ class Client:
             dispatch_aio.errors.ClientError: The scheduler answered with an error (for
                 example an unknown dispatch id).
         """
+        local = self._local()
+        if local is not None:
+            return await _on_host(_wait_local(local, dispatch_id, timeout))
         wait = self._wait(dispatch_id, timeout)
         if in_durable_function():
             return await run_on_host(wait)
         return await wait
+
+    def _local(self) -> EmbeddedAPI | None:
+        """The embedded scheduler to use, or None to use the API over HTTP."""
+        if self._embedded is None or not self._config.embedded():
+            return None
+        local = self._embedded()
+        if local is None:
+            raise errors.ConfigurationError(
+                "no scheduler to submit to: DISPATCH_API_URL is not set, so the application "
+                "runs its own scheduler, which is not started; submit calls while "
+                "`dispatch.run()`, `await dispatch.start()` or an aiohttp application with "
+                "`dispatch.cleanup_ctx` runs, or set DISPATCH_API_URL to use a separate "
+                "scheduler (`dispatch-aio run -- python app.py` sets it)",
+                variable="DISPATCH_API_URL",
+            )
+        return local
 
     async def _wait(self, dispatch_id: str, timeout: float | None) -> Any:  # noqa: ASYNC109
         api_key = self._config.api_key()
@@ -439,11 +485,67 @@ def _hint(status: int, code: str, url: str) -> str:
 
 def _outcome(call: inspect_pb2.CallInfo) -> Any:
     """Return the output of a finished call, or raise its error."""
-    result = call.result
+    return _finished(call.dispatch_id, call.function, call.status, call.result)
+
+
+def _finished(dispatch_id: str, function: str, status: int, result: call_pb2.CallResult) -> Any:
     if result.HasField("error"):
         raise decode_error(result.error)
-    if call.status != status_pb2.STATUS_OK:
-        raise errors.RemoteError(
-            status_pb2.Status.Name(call.status), f"call {call.dispatch_id} ({call.function}) failed"
-        )
+    if status != status_pb2.STATUS_OK:
+        name = status_pb2.Status.Name(status)  # type: ignore[arg-type]
+        raise errors.RemoteError(name, f"call {dispatch_id} ({function}) failed")
     return decode_value(result.output) if result.HasField("output") else None
+
+
+class _FinishedCall(Protocol):
+    @property
+    def dispatch_id(self) -> str: ...
+    @property
+    def function(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def result(self) -> call_pb2.CallResult: ...
+
+
+class EmbeddedAPI(Protocol):
+    """What the client needs of a scheduler running in this process."""
+
+    endpoint_url: str
+    """The endpoint URL of calls that name none."""
+
+    async def submit(self, calls: list[call_pb2.Call]) -> list[str]:
+        """Submit calls atomically; raise `ValueError` for an invalid one."""
+        ...
+
+    async def wait(self, dispatch_id: str, max_seconds: float | None) -> _FinishedCall | None:
+        """Wait for a call to finish; None if it still runs; `LookupError` if unknown."""
+        ...
+
+
+async def _on_host(work: Any) -> Any:
+    # The scheduler belongs to the host loop, not to a function's durable loop.
+    if in_durable_function():
+        return await run_on_host(work)
+    return await work
+
+
+async def _submit_local(local: EmbeddedAPI, calls: list[call_pb2.Call]) -> list[str]:
+    try:
+        return await local.submit(calls)
+    except ValueError as exc:  # the scheduler's InvalidCallError
+        raise errors.ClientError(str(exc), http_status=400, code="invalid_argument") from None
+    except (RuntimeError, StoreError) as exc:  # closing, or the database failed
+        raise errors.ClientError(str(exc), http_status=503, code="unavailable") from None
+
+
+async def _wait_local(local: EmbeddedAPI, dispatch_id: str, timeout: float | None) -> Any:  # noqa: ASYNC109
+    try:
+        done = await local.wait(dispatch_id, timeout)
+    except LookupError as exc:
+        raise errors.ClientError(str(exc), http_status=404, code="not_found") from None
+    if done is None:
+        raise errors.DispatchTimeoutError(
+            f"call {dispatch_id} still runs after {timeout:g} s"  # only with a timeout
+        )
+    return _finished(done.dispatch_id, done.function, done.status, done.result)

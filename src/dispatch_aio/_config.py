@@ -10,11 +10,14 @@ serving or builds a client. An explicit argument beats the environment. Every er
 __all__ = [
     "API_KEY",
     "API_URL",
+    "DATA_DIR",
     "DEFAULT_API_URL",
     "DEFAULT_ENDPOINT_ADDR",
+    "DEFAULT_SCHEDULER_ADDR",
     "ENDPOINT_ADDR",
     "ENDPOINT_URL",
     "INSECURE",
+    "SCHEDULER_ADDR",
     "VERIFICATION_KEY",
     "Config",
     "mask_secret",
@@ -34,9 +37,13 @@ ENDPOINT_URL = "DISPATCH_ENDPOINT_URL"
 ENDPOINT_ADDR = "DISPATCH_ENDPOINT_ADDR"
 VERIFICATION_KEY = "DISPATCH_VERIFICATION_KEY"
 INSECURE = "DISPATCH_INSECURE"
+DATA_DIR = "DISPATCH_DATA_DIR"
+SCHEDULER_ADDR = "DISPATCH_SCHEDULER_ADDR"
 
 DEFAULT_API_URL = "https://api.dispatch.run"
 DEFAULT_ENDPOINT_ADDR = "127.0.0.1:8000"
+DEFAULT_SCHEDULER_ADDR = "127.0.0.1:0"
+_OFF = frozenset({"off", "none", "no"})
 
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
@@ -79,6 +86,9 @@ class Config:
             (``DISPATCH_VERIFICATION_KEY``).
         insecure: Allow serving without a verification key on a non-loopback address
             (``DISPATCH_INSECURE``).
+        data_dir: The embedded scheduler's data folder (``DISPATCH_DATA_DIR``).
+        scheduler_addr: The ``host:port`` the embedded scheduler serves its API on
+            (``DISPATCH_SCHEDULER_ADDR``), or ``off``.
         env: The environment to read; None means `os.environ`, read at each call.
         owner: What explicit values are passed to, named in error messages.
     """
@@ -92,6 +102,8 @@ class Config:
         endpoint_addr: str | None = None,
         verification_key: str | None = None,
         insecure: bool | None = None,
+        data_dir: str | None = None,
+        scheduler_addr: str | None = None,
         env: Mapping[str, str] | None = None,
         owner: str = "Dispatch()",
     ) -> None:
@@ -101,6 +113,8 @@ class Config:
         self._endpoint_addr = endpoint_addr
         self._verification_key = verification_key
         self._insecure = insecure
+        self._data_dir = data_dir
+        self._scheduler_addr = scheduler_addr
         self._env = env
         self._owner = owner
 
@@ -112,6 +126,8 @@ class Config:
             "endpoint_addr": self._endpoint_addr,
             "verification_key": self._verification_key,
             "insecure": self._insecure,
+            "data_dir": self._data_dir,
+            "scheduler_addr": self._scheduler_addr,
         }
         fields = ", ".join(f"{k}={v!r}" for k, v in explicit.items() if v is not None)
         return f"Config({fields})"
@@ -141,6 +157,12 @@ class Config:
             )
         return value
 
+    def optional_api_key(self) -> str | None:
+        """Return the API key if one is set, else None (checked as `api_key`)."""
+        if self._value(self._api_key, API_KEY, "api_key")[0] is None:
+            return None
+        return self.api_key()
+
     def api_url(self) -> str:
         """Return the Dispatch API base URL, without a trailing slash.
 
@@ -153,6 +175,69 @@ class Config:
         if value is None:
             return DEFAULT_API_URL
         return self._check_url(value, source, ("http", "https"), example=DEFAULT_API_URL)
+
+    def embedded(self) -> bool:
+        """Return whether the application runs its own scheduler (no API URL is set)."""
+        return self._value(self._api_url, API_URL, "api_url")[0] is None
+
+    def data_dir(self) -> str:
+        """Return the embedded scheduler's data folder; default ``.dispatch``.
+
+        Raises:
+            ConfigurationError: The value is empty or holds control characters.
+        """
+        value, source = self._value(self._data_dir, DATA_DIR, "data_dir")
+        if value is None:
+            return ".dispatch"
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ConfigurationError(
+                f"invalid {source} {value!r}: a folder name without control characters "
+                "(newlines, tabs ...) is expected",
+                variable=source,
+                value=value,
+            )
+        return value
+
+    def scheduler_addr(self) -> tuple[str, int] | None:
+        """Return where the embedded scheduler serves its API, or None for nowhere.
+
+        Defaults to ``127.0.0.1:0`` (a free port on loopback); ``off`` serves nothing.
+
+        Raises:
+            ConfigurationError: The address is malformed.
+        """
+        value, source = self._value(self._scheduler_addr, SCHEDULER_ADDR, "scheduler_addr")
+        if value is None:
+            value = DEFAULT_SCHEDULER_ADDR
+        if value.lower() in _OFF:
+            return None
+        host, port_text, problem = _split_addr(value)
+        if problem is not None:
+            raise ConfigurationError(
+                f"invalid {source} {value!r}: {problem}, or off to serve no API",
+                variable=source,
+                value=value,
+            )
+        return host, int(port_text)
+
+    def local_endpoint_url(self) -> str:
+        """Return the endpoint URL of this application's calls when it runs its scheduler.
+
+        ``DISPATCH_ENDPOINT_URL`` if set, else ``http://`` and the endpoint address: the
+        URL the application would be served at, so that the same data folder works with
+        a separate scheduler calling the application over HTTP.
+
+        Raises:
+            ConfigurationError: The URL or the address is invalid.
+        """
+        if self._value(self._endpoint_url, ENDPOINT_URL, "endpoint_url")[0] is not None:
+            return self.endpoint_url()
+        host, port = self.endpoint_addr()
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def endpoint_url(self) -> str:
         """Return the URL at which the scheduler reaches this application.

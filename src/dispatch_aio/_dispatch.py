@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from types import MappingProxyType
 from typing import Any, ParamSpec, Self, TypeVar, overload
@@ -15,7 +16,8 @@ from typing import Any, ParamSpec, Self, TypeVar, overload
 from aiohttp import web
 
 from ._client import DEFAULT_TIMEOUT, Call, Client
-from ._config import Config
+from ._config import DATA_DIR, Config
+from ._embedded import EmbeddedScheduler
 from ._endpoint import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_SIZE,
@@ -53,6 +55,15 @@ class Dispatch:
     with ``await fn.dispatch(...)`` or `batch`. Several objects can live in one process:
     nothing is shared between them.
 
+    Where the calls run is configuration alone. With ``DISPATCH_API_URL`` set (as
+    ``dispatch-aio run`` and ``server`` print it), the object serves its endpoint over
+    HTTP to that scheduler. Without it, the object runs its own scheduler in this
+    process, on the SQLite database of its data folder (``DISPATCH_DATA_DIR``, default
+    ``.dispatch``): `run`, `serve`, `start` and `cleanup_ctx` start it, and a script
+    killed mid-call finishes its accepted calls when it runs again. Its API is served on
+    loopback for ``dispatch-aio calls``/``show`` and other programs
+    (``DISPATCH_SCHEDULER_ADDR``). One line at start says which mode runs.
+
     Configuration comes from the arguments, else from the environment. It is read only
     when it is needed, not here: the API key when a call is submitted, the endpoint
     address and verification key when serving starts.
@@ -74,6 +85,11 @@ class Dispatch:
         insecure: Serve unsigned Run requests from other machines when no verification
             key is set (``DISPATCH_INSECURE``); otherwise they are refused, however the
             endpoint is served, and `run`, `serve` and `start` refuse a non-loopback address.
+        data_dir: The folder of the embedded scheduler's database (``DISPATCH_DATA_DIR``,
+            default ``.dispatch``); one process at a time may use it.
+        scheduler_addr: The ``host:port`` the embedded scheduler serves its API on
+            (``DISPATCH_SCHEDULER_ADDR``; default ``127.0.0.1:0``, a free port), or
+            ``"off"``.
         env: The environment to read instead of `os.environ`.
         max_body_size: Largest accepted Run request body, in bytes (16,000,000).
         body_timeout: Seconds a client may take to send a Run request body.
@@ -101,6 +117,8 @@ class Dispatch:
         endpoint_addr: str | None = None,
         verification_key: str | None = None,
         insecure: bool | None = None,
+        data_dir: str | None = None,
+        scheduler_addr: str | None = None,
         env: Mapping[str, str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
@@ -119,6 +137,8 @@ class Dispatch:
             endpoint_addr=endpoint_addr,
             verification_key=verification_key,
             insecure=insecure,
+            data_dir=data_dir,
+            scheduler_addr=scheduler_addr,
             env=env,
         )
         self._functions: dict[str, Function[Any, Any]] = {}
@@ -137,7 +157,10 @@ class Dispatch:
             raise ValueError(f"max_connections must be positive, got {max_connections!r}")
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
-        self._client = Client._with_config(self._config, timeout=api_timeout)
+        self._embedded: EmbeddedScheduler | None = None
+        self._client = Client._with_config(
+            self._config, timeout=api_timeout, embedded=lambda: self._embedded
+        )
         self._endpoint = Endpoint(
             self._config,
             self._functions,
@@ -285,10 +308,14 @@ class Dispatch:
     async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """An aiohttp cleanup context: ``app.cleanup_ctx.append(dispatch.cleanup_ctx)``.
 
-        At startup it checks the verification key (and warns without one); at cleanup,
-        after in-flight requests, it closes this object (`aclose`).
+        At startup it starts the embedded scheduler when no API URL is set, else checks
+        the verification key (and warns without one); at cleanup, after in-flight
+        requests, it closes this object (`aclose`).
         """
-        self._endpoint.prepare()
+        if self._config.embedded():
+            await self._start_embedded()
+        else:
+            self._endpoint.prepare()
         try:
             yield
         finally:
@@ -305,12 +332,16 @@ class Dispatch:
         return self._config.endpoint_addr()
 
     async def start(self) -> EndpointServer:
-        """Serve the endpoint on ``DISPATCH_ENDPOINT_ADDR`` until the server is closed.
+        """Serve the functions until the returned server is closed.
 
         ::
 
             async with await dispatch.start() as server:
                 print(server.url)
+
+        With ``DISPATCH_API_URL`` set, the endpoint is served over HTTP on
+        ``DISPATCH_ENDPOINT_ADDR``. Without it, the embedded scheduler starts and runs
+        the functions in this process; nothing listens on the endpoint address then.
 
         Returns:
             The running server; close it with ``await server.aclose()``.
@@ -318,9 +349,15 @@ class Dispatch:
         Raises:
             dispatch_aio.errors.ConfigurationError: The address or verification key is
                 invalid, or the address is not a loopback one while no verification key
-                is set and insecure mode is off.
+                is set and insecure mode is off; or the data folder cannot be created.
+            dispatch_aio.scheduler.StoreError: Another process uses the data folder, or
+                its database is damaged.
             OSError: The address cannot be bound (for example, it is in use).
         """
+        if self._config.embedded():
+            embedded = await self._start_embedded()
+            host, port = self._config.endpoint_addr()
+            return EndpointServer.embedded(embedded, host, port, self.aclose)
         host, port = self._config.endpoint_addr()
         self._endpoint.check_bind(host, port)
         file_limit = raise_file_limit()
@@ -354,8 +391,28 @@ class Dispatch:
             await runner.cleanup()
             raise
         server = EndpointServer(runner, site, host)
-        logger.info("serving Dispatch functions on %s", server.url)
+        _announce(
+            f"serving Dispatch functions on {server.url}, for the scheduler at "
+            f"{self._config.api_url()}"
+        )
         return server
+
+    async def _start_embedded(self) -> EmbeddedScheduler:
+        if self._embedded is not None:
+            raise RuntimeError(
+                "this Dispatch object already runs its scheduler: close the server first"
+            )
+        embedded = EmbeddedScheduler(
+            self._config, self._endpoint, self._config.local_endpoint_url()
+        )
+        await embedded.start()
+        self._embedded = embedded
+        api = f", API on {embedded.api_url}" if embedded.api_url else ""
+        _announce(
+            f"running Dispatch functions with the embedded scheduler (DISPATCH_API_URL is "
+            f"not set): calls kept in {embedded.database} ({DATA_DIR}){api}"
+        )
+        return embedded
 
     async def serve(self) -> None:
         """Serve the endpoint on ``DISPATCH_ENDPOINT_ADDR`` until cancelled.
@@ -425,7 +482,10 @@ class Dispatch:
         The object stays usable: resources are created again when needed.
         """
         runner, self._runner = self._runner, None
+        embedded, self._embedded = self._embedded, None
         try:
+            if embedded is not None:
+                await embedded.close()  # first: no run starts after this
             await self._client.aclose()
         finally:
             self._endpoint.reset()
@@ -437,6 +497,15 @@ class Dispatch:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _announce(line: str) -> None:
+    """Log the start-up line; print it when logging is not configured, so it shows."""
+    if logger.hasHandlers():  # logging is configured: its level decides
+        logger.info("%s", line)
+    else:
+        sys.stderr.write(f"dispatch_aio: {line}\n")
+        sys.stderr.flush()
 
 
 class Batch:

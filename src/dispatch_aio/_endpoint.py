@@ -52,8 +52,8 @@ __all__ = [
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, Self
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, Self
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -281,6 +281,20 @@ class Endpoint:
         response = await self._runner().run(run_request, journal_delta=delta)
         return web.Response(body=response.SerializeToString(), content_type="application/proto")
 
+    async def run_in_process(
+        self, request: function_pb2.RunRequest, journal_delta: bool
+    ) -> function_pb2.RunResponse:
+        """Run a request handed over in memory by a scheduler in this process.
+
+        Nothing is checked but the function's name: the request never left the process.
+
+        Raises:
+            LookupError: The function is not registered (the message says so).
+        """
+        if request.function not in self._functions:
+            raise LookupError(self._not_found(request.function))
+        return await self._runner().run(request, journal_delta=journal_delta)
+
     def _check_headers(self, request: web.Request) -> web.Response | None:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in ("", "identity"):
@@ -356,43 +370,92 @@ def _from_loopback(request: web.Request) -> bool:
 
 
 class EndpointServer:
-    """A running standalone endpoint, as returned by `Dispatch.start`.
+    """A running application, as returned by `Dispatch.start`.
+
+    Either its endpoint served over HTTP, or its embedded scheduler running its
+    functions in this process.
 
     Use it as an async context manager, or call `aclose` to stop it.
     """
 
     def __init__(self, runner: web.AppRunner, site: web.TCPSite, host: str) -> None:
-        self._runner = runner
+        self._runner: web.AppRunner | None = runner
         self._site = site
         self._host = host
+        self._port = 0
+        self._scheduler: _EmbeddedInfo | None = None
+        self._closer: Callable[[], Awaitable[None]] | None = None
         self._closed = False
+
+    @classmethod
+    def embedded(
+        cls,
+        scheduler: _EmbeddedInfo,
+        host: str,
+        port: int,
+        closer: Callable[[], Awaitable[None]],
+    ) -> EndpointServer:
+        """The server of an application that runs its own scheduler (nothing listens)."""
+        server = cls.__new__(cls)
+        server._runner = None
+        server._host = host
+        server._port = port
+        server._scheduler = scheduler
+        server._closer = closer
+        server._closed = False
+        return server
 
     @property
     def host(self) -> str:
-        """The address the server is bound to."""
+        """The address the endpoint is bound to (or would be, with a separate scheduler)."""
         return self._host
 
     @property
     def port(self) -> int:
-        """The port the server listens on (the chosen one when 0 was asked for)."""
-        return self._site.port
+        """The port the endpoint listens on (the chosen one when 0 was asked for)."""
+        return self._site.port if self._runner is not None else self._port
 
     @property
     def url(self) -> str:
-        """The base URL of the endpoint, e.g. ``http://127.0.0.1:8000``."""
+        """The base URL of the endpoint, e.g. ``http://127.0.0.1:8000``.
+
+        With the embedded scheduler, the URL its calls name; they are run in memory.
+        """
+        if self._scheduler is not None:
+            return self._scheduler.endpoint_url
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self.port}"
+
+    @property
+    def is_embedded(self) -> bool:
+        """Whether the functions run with the scheduler embedded in this process."""
+        return self._scheduler is not None
+
+    @property
+    def api_url(self) -> str | None:
+        """The embedded scheduler's API URL (DISPATCH_API_URL for other programs), if any."""
+        return None if self._scheduler is None else self._scheduler.api_url
+
+    @property
+    def database(self) -> str | None:
+        """The embedded scheduler's database file, if any."""
+        return None if self._scheduler is None else self._scheduler.database
 
     async def aclose(self) -> None:
         """Stop accepting connections, let in-flight runs finish, then release resources.
 
         Runs still going after the Dispatch object's shutdown timeout are cancelled.
-        Closing again does nothing.
+        With the embedded scheduler, runs in flight are stopped; their calls stay in the
+        database and go on when the application starts again. Closing again does
+        nothing.
         """
         if self._closed:
             return
         self._closed = True
-        await self._runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        elif self._closer is not None:
+            await self._closer()
 
     async def __aenter__(self) -> Self:
         return self
@@ -401,4 +464,12 @@ class EndpointServer:
         await self.aclose()
 
     def __repr__(self) -> str:
+        if self._scheduler is not None:
+            return f"<EndpointServer {self.url} (embedded scheduler, {self.database})>"
         return f"<EndpointServer {self.url}>"
+
+
+class _EmbeddedInfo(Protocol):
+    endpoint_url: str
+    api_url: str | None
+    database: str

@@ -1,14 +1,17 @@
-"""The examples: each run to completion by ``dispatch-aio run``, and in process.
+"""The examples: each run to completion by ``dispatch-aio run``, alone, and in process.
 
-The first test of each example runs it as a user would, as a subprocess of the real
-``dispatch-aio run`` command (its local scheduler, real HTTP, signed requests), and
-checks its exit status and what it printed. The in-process tests run the same
-functions on `dispatch_aio.testing.Environment`, on virtual time and with replays.
+The first test of each example runs it as a user would, both ways: as a subprocess of
+the real ``dispatch-aio run`` command (its local scheduler, real HTTP, signed
+requests), and as a plain ``python example.py`` (its embedded scheduler, on a data
+folder of its own); it checks the exit status and what it printed. The in-process tests
+run the same functions on `dispatch_aio.testing.Environment`, on virtual time and with
+replays.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import sys
@@ -28,8 +31,27 @@ DISPATCH_AIO = str(Path(sys.executable).parent / "dispatch-aio")
 LINE = re.compile(r"(\S+)\s*\| (.*)")
 
 
-def run_example(procs: Starter, tmp_path: Path, name: str, timeout: float = 30) -> list[str]:
-    """Run examples/`name`.py with ``dispatch-aio run``; return the lines it printed."""
+@pytest.fixture(params=["scheduler", "alone"])
+def how(request: pytest.FixtureRequest) -> str:
+    """How an example runs: under ``dispatch-aio run``, or alone with its own scheduler."""
+    return str(request.param)
+
+
+def run_example(
+    procs: Starter, tmp_path: Path, name: str, how: str = "scheduler", timeout: float = 30
+) -> list[str]:
+    """Run examples/`name`.py with ``dispatch-aio run`` or alone; return what it printed."""
+    if how == "alone":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+        env["DISPATCH_ENDPOINT_ADDR"] = f"127.0.0.1:{free_port()}"  # for aiohttp_app
+        proc = procs([sys.executable, str(EXAMPLES / f"{name}.py")], cwd=tmp_path, env=env)
+        assert proc.wait(timeout) == 0, proc.dump()
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.dump()
+        if "logging.basicConfig" not in (EXAMPLES / f"{name}.py").read_text("utf-8"):
+            # Printed while logging is not configured; otherwise logged at INFO.
+            assert "with the embedded scheduler" in proc.stderr, proc.dump()
+        assert (tmp_path / ".dispatch" / "scheduler.db").exists()
+        return list(proc.out)
     command = [
         *(DISPATCH_AIO, "run", "--in-memory", "--endpoint", f"127.0.0.1:{free_port()}"),
         *("--", sys.executable, str(EXAMPLES / f"{name}.py")),
@@ -57,8 +79,8 @@ def test_every_example_has_a_header_and_a_test() -> None:
 # -- getting_started ------------------------------------------------------------------------
 
 
-def test_getting_started_runs(procs: Starter, tmp_path: Path) -> None:
-    assert run_example(procs, tmp_path, "getting_started") == ["Hello, World!"]
+def test_getting_started_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    assert run_example(procs, tmp_path, "getting_started", how) == ["Hello, World!"]
 
 
 async def test_getting_started_in_process(load: Callable[[str], ModuleType]) -> None:
@@ -70,8 +92,8 @@ async def test_getting_started_in_process(load: Callable[[str], ModuleType]) -> 
 # -- fan_out --------------------------------------------------------------------------------
 
 
-def test_fan_out_runs(procs: Starter, tmp_path: Path) -> None:
-    assert run_example(procs, tmp_path, "fan_out") == [
+def test_fan_out_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    assert run_example(procs, tmp_path, "fan_out", how) == [
         "sum of squares of 1..100: 338350",
         "words in 3 documents: 17",
     ]
@@ -106,8 +128,8 @@ async def test_replay_checker_catches_a_nondeterministic_variant(
 # -- pipeline -------------------------------------------------------------------------------
 
 
-def test_pipeline_runs(procs: Starter, tmp_path: Path) -> None:
-    assert run_example(procs, tmp_path, "pipeline") == [
+def test_pipeline_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    assert run_example(procs, tmp_path, "pipeline", how) == [
         "inbox: 503, try again later",
         "inbox: received {'words': 13, 'top': {'the': 5, 'scheduler': 2, 'step': 2}}",
         "published as report-2",
@@ -117,8 +139,8 @@ def test_pipeline_runs(procs: Starter, tmp_path: Path) -> None:
 # -- aiohttp_app ----------------------------------------------------------------------------
 
 
-def test_aiohttp_app_runs(procs: Starter, tmp_path: Path) -> None:
-    assert run_example(procs, tmp_path, "aiohttp_app") == [
+def test_aiohttp_app_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    assert run_example(procs, tmp_path, "aiohttp_app", how) == [
         "GET / -> 202",
         "welcome email sent to grace@example.com",
     ]
@@ -127,9 +149,9 @@ def test_aiohttp_app_runs(procs: Starter, tmp_path: Path) -> None:
 # -- timers ---------------------------------------------------------------------------------
 
 
-def test_timers_runs(procs: Starter, tmp_path: Path) -> None:
+def test_timers_runs(procs: Starter, tmp_path: Path, how: str) -> None:
     started = time.monotonic()
-    quote, reminder = run_example(procs, tmp_path, "timers")
+    quote, reminder = run_example(procs, tmp_path, "timers", how)
     assert quote == "coffee: no quote within 1 s, using the list price"
     # Real time, this time: the scheduler may wake the function up a little late.
     assert re.fullmatch(r"reminder after [34] s: stand up and stretch", reminder)
@@ -166,8 +188,8 @@ async def test_timers_in_process(load: Callable[[str], ModuleType]) -> None:
 # -- failures -------------------------------------------------------------------------------
 
 
-def test_failures_runs(procs: Starter, tmp_path: Path) -> None:
-    assert run_example(procs, tmp_path, "failures") == [
+def test_failures_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    assert run_example(procs, tmp_path, "failures", how) == [
         "booked seat 12A on DA 101 (attempt 3), charged 420.00 to 4242-4242-4242-4242",
         "seat on DA 202 released",
         "not booked: card 4000-0000-0000-0000 declined",
@@ -202,8 +224,8 @@ def job_line(tenant: str, records: int, batches: int, seconds: int | str) -> str
     return rf"{tenant}: {records} records in {batches} batches \({seconds} s, job [0-9a-f]{{8}}\)"
 
 
-def test_background_jobs_runs(procs: Starter, tmp_path: Path) -> None:
-    lines = run_example(procs, tmp_path, "background_jobs")
+def test_background_jobs_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    lines = run_example(procs, tmp_path, "background_jobs", how)
     # Real time: the scheduler may wake a job up a little late.
     expected = [job_line("acme", 250, 3, "[34]"), job_line("globex", 120, 2, "[23]")]
     expected.append(job_line("initech", 180, 2, "[23]"))

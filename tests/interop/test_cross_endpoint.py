@@ -26,6 +26,7 @@ pytestmark = pytest.mark.timeout(300)  # the first test may create the virtualen
 def our_app(scheduler: Scheduler, port: int, peer_url: str) -> Dispatch:
     dispatch = Dispatch(
         env={},
+        api_url=scheduler.url,
         endpoint_addr=f"127.0.0.1:{port}",
         verification_key=scheduler.verification_key,
     )

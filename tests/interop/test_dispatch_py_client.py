@@ -23,7 +23,10 @@ pytestmark = pytest.mark.timeout(300)  # the first test may create the virtualen
 
 def our_app(scheduler: Scheduler) -> Dispatch:
     dispatch = Dispatch(
-        env={}, endpoint_addr="127.0.0.1:0", verification_key=scheduler.verification_key
+        env={},
+        api_url=scheduler.url,
+        endpoint_addr="127.0.0.1:0",
+        verification_key=scheduler.verification_key,
     )
 
     @dispatch.function(name="greet")

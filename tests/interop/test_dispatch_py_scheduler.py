@@ -40,6 +40,7 @@ def our_app(cache_size: int) -> tuple[Dispatch, str]:
     # Timers longer than 50 ms suspend the function, so `nap` goes through Polls.
     dispatch = Dispatch(
         env={},
+        api_url="http://127.0.0.1:9",  # dispatch-py's scheduler: serve over HTTP
         endpoint_addr=f"127.0.0.1:{port}",
         cache_size=cache_size,
         live_timer_threshold=0.05,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -22,14 +23,25 @@ from .._signature import load_private_key, private_key_to_pem, public_key_to_bas
 from ..proto.sdk.v1 import call_pb2
 from ._api import create_app
 from ._engine import DEFAULT_EXPIRATION, Engine, EngineSettings, RetryPolicy
-from ._invoker import Invoker
+from ._invoker import Invoker, LocalHandler
 from ._sqlite import SQLiteStore
-from ._store import SetMeta, Store
+from ._store import Phase, SetMeta, Store
 from ._validate import endpoint_problem
 
-__all__ = ["Scheduler"]
+__all__ = ["FinishedCall", "Scheduler"]
 
 _SIGNING_KEY = "signing_key"
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedCall:
+    """A call that is done, as `Scheduler.wait_done` returns it."""
+
+    dispatch_id: str
+    function: str
+    status: int
+    """The final status (a ``dispatch.sdk.v1.Status`` number)."""
+    result: call_pb2.CallResult
 
 
 class Scheduler:
@@ -66,6 +78,8 @@ class Scheduler:
         max_concurrency: Ceiling of the adaptive number of concurrent Run requests to
             one endpoint.
         rng: Source of the backoff jitter (seed it for reproducible delays).
+        local: Endpoints served by this process, by URL: their Run requests are handed
+            to the handler in memory instead of sent over HTTP (see `LocalHandler`).
 
     Raises:
         ValueError: An argument is invalid (the message says which).
@@ -84,6 +98,7 @@ class Scheduler:
         retry: RetryPolicy | None = None,
         max_concurrency: int = 64,
         rng: random.Random | None = None,
+        local: Mapping[str, LocalHandler] | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty: API clients authenticate with it")
@@ -107,6 +122,10 @@ class Scheduler:
         )
         self._max_concurrency = max_concurrency
         self._rng = rng
+        for url in local or {}:
+            if problem := endpoint_problem(url):
+                raise ValueError(f"local endpoint {url!r} {problem}")
+        self._local = dict(local or {})
         self._key: Ed25519PrivateKey | None = None
         self._engine: Engine | None = None
         self._invoker: Invoker | None = None
@@ -132,7 +151,7 @@ class Scheduler:
             if key is None:
                 key = await self._stored_key()
             self._key = key
-            self._invoker = Invoker(key, max_concurrency=self._max_concurrency)
+            self._invoker = Invoker(key, max_concurrency=self._max_concurrency, local=self._local)
             await self._invoker.open()
             self._engine = Engine(self._store, self._invoker, self._settings, rng=self._rng)
             await self._engine.start()
@@ -272,6 +291,23 @@ class Scheduler:
         if rec is None:
             raise LookupError(f"no call with dispatch id {dispatch_id!r}")
         return call_pb2.CallResult.FromString(rec.result)
+
+    async def wait_done(
+        self, dispatch_id: str, max_seconds: float | None = None
+    ) -> FinishedCall | None:
+        """Wait for a call to finish, at most `max_seconds`; None if it still runs then.
+
+        Raises:
+            LookupError: There is no such call.
+        """
+        rec = await self._require().wait(dispatch_id, max_seconds)
+        if rec is None:
+            raise LookupError(f"no call with dispatch id {dispatch_id!r}")
+        if rec.phase is not Phase.DONE:
+            return None
+        return FinishedCall(
+            rec.id, rec.function, rec.status, call_pb2.CallResult.FromString(rec.result)
+        )
 
     def _require(self) -> Engine:
         if self._engine is None:

@@ -1,0 +1,205 @@
+"""The embedded scheduler: a Dispatch object with no API URL runs its calls itself.
+
+Real SQLite files in a temporary data folder, the real engine, and Run requests handed
+to the endpoint in memory; the API it exposes is reached over real HTTP on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatch_aio import Call, Client, Dispatch
+from dispatch_aio.errors import ClientError, ConfigurationError, DispatchTimeoutError
+from dispatch_aio.scheduler import StoreError
+
+DISPATCH_AIO = str(Path(sys.executable).parent / "dispatch-aio")
+
+
+def make_app(data_dir: Path, **kwargs: Any) -> tuple[Dispatch, dict[str, Any]]:
+    dispatch = Dispatch(env={}, data_dir=str(data_dir), **kwargs)
+    seen: dict[str, Any] = {"flaky": 0}
+
+    @dispatch.function(name="square")
+    async def square(x: int) -> int:
+        return x * x
+
+    @dispatch.function(name="flaky")
+    async def flaky(x: int) -> int:
+        seen["flaky"] += 1
+        if seen["flaky"] < 3:
+            raise ConnectionError("try again")  # a temporary status: retried
+        return x
+
+    @dispatch.function(name="fails")
+    async def fails(message: str) -> None:
+        raise ValueError(message)
+
+    @dispatch.function(name="tree")
+    async def tree(n: int) -> dict[str, Any]:
+        squares = await asyncio.gather(*(square(i) for i in range(n)))
+        await asyncio.sleep(0.05)  # suspends: a durable timer through a Poll
+        try:
+            await fails("boom")
+        except ValueError as exc:
+            caught = str(exc)
+        return {"sum": sum(squares), "caught": caught, "flaky": await flaky(7)}
+
+    seen["functions"] = (square, flaky, fails, tree)
+    return dispatch, seen
+
+
+async def test_a_call_tree_runs_in_process_and_is_persisted(tmp_path: Path) -> None:
+    dispatch, seen = make_app(tmp_path / "data", live_timer_threshold=0.0)
+    _, _, _, tree = seen["functions"]
+    async with await dispatch.start() as server:
+        assert server.is_embedded
+        assert server.database == str(tmp_path / "data" / "scheduler.db")
+        assert server.url == "http://127.0.0.1:8000"  # the URL its calls name; unserved
+        dispatch_id = await tree.dispatch(10)
+        result = await dispatch.client.result(dispatch_id, timeout=30)
+    assert result == {"sum": 285, "caught": "boom", "flaky": 7}
+    assert seen["flaky"] == 3
+    mode = (tmp_path / "data").stat().st_mode & 0o777
+    assert mode == 0o700
+    assert (tmp_path / "data" / ".gitignore").exists()
+
+
+async def test_errors_and_unknown_functions_reach_the_client(tmp_path: Path) -> None:
+    dispatch, seen = make_app(tmp_path)
+    _, _, fails, _ = seen["functions"]
+    async with await dispatch.start():
+        with pytest.raises(ValueError, match=r"^nope"):
+            await dispatch.client.result(await fails.dispatch("nope"), timeout=30)
+        missing = (await dispatch.client.dispatch([Call("missing")]))[0]
+        with pytest.raises(Exception, match="'missing' is not registered"):
+            await dispatch.client.result(missing, timeout=30)
+        with pytest.raises(ClientError, match="http:// and https:// endpoints only") as info:
+            await dispatch.client.dispatch([Call("square", endpoint="bridge://elsewhere")])
+        assert info.value.code == "invalid_argument"
+        with pytest.raises(ClientError, match="no call with dispatch id") as info:
+            await dispatch.client.result("unknown-id")
+        assert info.value.code == "not_found"
+
+
+async def test_result_times_out_while_the_call_runs(tmp_path: Path) -> None:
+    dispatch = Dispatch(env={}, data_dir=str(tmp_path))
+
+    @dispatch.function
+    async def slow() -> None:
+        await asyncio.sleep(3600)
+
+    async with await dispatch.start():
+        dispatch_id = await slow.dispatch()
+        with pytest.raises(DispatchTimeoutError, match=r"still runs after 0\.2 s"):
+            await dispatch.client.result(dispatch_id, timeout=0.2)
+
+
+async def test_submitting_before_the_scheduler_starts_says_what_to_do(tmp_path: Path) -> None:
+    _, seen = make_app(tmp_path)
+    square = seen["functions"][0]
+    with pytest.raises(ConfigurationError, match=r"DISPATCH_API_URL is not set.*start\(\)"):
+        await square.dispatch(2)
+
+
+async def test_a_second_process_on_the_data_folder_is_refused(tmp_path: Path) -> None:
+    first, _ = make_app(tmp_path)
+    async with await first.start():
+        script = (
+            "import asyncio\nfrom dispatch_aio import Dispatch\n"
+            f"d = Dispatch(data_dir={str(tmp_path)!r}, env={{}})\n"
+            "asyncio.run(d.start())\n"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 1
+        assert "StoreError" in err.decode()
+        assert "only one process may use a data folder" in err.decode()
+        assert "DISPATCH_DATA_DIR" in err.decode()
+        # Another object of this process too.
+        second = Dispatch(env={}, data_dir=str(tmp_path))
+        with pytest.raises(StoreError, match="in use by another process"):
+            await second.start()
+
+
+async def test_the_api_serves_other_programs_and_the_inspection_commands(
+    tmp_path: Path,
+) -> None:
+    dispatch, seen = make_app(tmp_path / "data")
+    square = seen["functions"][0]
+    async with await dispatch.start() as server:
+        assert server.api_url is not None
+        connection = json.loads((tmp_path / "data" / "scheduler.json").read_text())
+        assert connection["api_url"] == server.api_url
+        assert (tmp_path / "data" / "scheduler.json").stat().st_mode & 0o777 == 0o600
+        # Another program submits with the published key, for this app's endpoint.
+        async with Client(
+            api_url=server.api_url,
+            api_key=connection["api_key"],
+            endpoint_url=server.url,
+            env={},
+        ) as other:
+            ids = await other.dispatch([Call("square", (12,))])
+            assert await other.result(ids[0], timeout=30) == 144
+        await dispatch.client.result(await square.dispatch(3), timeout=30)
+        # `dispatch-aio calls` in the folder of the data finds it without options.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+        proc = await asyncio.create_subprocess_exec(
+            DISPATCH_AIO,
+            "calls",
+            "--data-dir",
+            str(tmp_path / "data"),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().count("square") == 2
+    assert not (tmp_path / "data" / "scheduler.json").exists()
+
+
+async def test_scheduler_addr_off_serves_no_api(tmp_path: Path) -> None:
+    dispatch, seen = make_app(tmp_path, scheduler_addr="off")
+    async with await dispatch.start() as server:
+        assert server.api_url is None
+        assert await dispatch.client.result(await seen["functions"][0].dispatch(5)) == 25
+    assert not (tmp_path / "scheduler.json").exists()
+
+
+def test_invalid_settings_name_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="DISPATCH_SCHEDULER_ADDR"):
+        Dispatch(env={"DISPATCH_SCHEDULER_ADDR": "nowhere"})._config.scheduler_addr()
+    with pytest.raises(ConfigurationError, match="DISPATCH_DATA_DIR"):
+        Dispatch(env={"DISPATCH_DATA_DIR": "a\nb"})._config.data_dir()
+
+
+async def test_an_unwritable_data_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    dispatch = Dispatch(env={}, data_dir=str(blocker / "data"))
+    with pytest.raises(ConfigurationError, match="cannot create the scheduler's data folder"):
+        await dispatch.start()
+
+
+async def test_an_aiohttp_app_starts_the_scheduler_with_cleanup_ctx(tmp_path: Path) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    dispatch, seen = make_app(tmp_path)
+    square = seen["functions"][0]
+    app = web.Application()
+    app.add_routes(dispatch.routes())
+    app.cleanup_ctx.append(dispatch.cleanup_ctx)
+    async with TestServer(app):
+        assert await dispatch.client.result(await square.dispatch(9), timeout=30) == 81
+    with pytest.raises(ConfigurationError):  # stopped with the application
+        await square.dispatch(1)
