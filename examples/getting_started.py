@@ -1,13 +1,17 @@
 # examples/getting_started.py
 #
-# A durable function, submitted to the scheduler once the app serves its endpoint.
+# A durable function, submitted to the scheduler once the app serves it.
+#
+#     python examples/getting_started.py
+#
+# Alone, the program runs its own scheduler, in process, with its calls kept in
+# .dispatch/scheduler.db: it dispatches one call to `greet`, waits for its result, prints
+# "Hello, World!" and exits. Killed mid-call, it finishes the call when run again.
 #
 #     dispatch-aio run -- python examples/getting_started.py
 #
-# `dispatch-aio run` starts the local scheduler, then this program with the DISPATCH_*
-# variables set. The program serves `greet`, dispatches one call, waits for its result
-# (through the scheduler, which called `greet` on the endpoint), prints "Hello, World!"
-# and exits.
+# Under `dispatch-aio run`, the same program serves `greet` over HTTP to the separate
+# local scheduler, which the DISPATCH_* variables the command sets point it at.
 import asyncio
 
 from dispatch_aio import Dispatch
@@ -21,7 +25,7 @@ async def greet(name: str) -> str:
 
 
 async def main() -> None:
-    async with await dispatch.start():  # serves the endpoint on DISPATCH_ENDPOINT_ADDR
+    async with await dispatch.start():  # runs the scheduler, or serves the endpoint
         dispatch_id = await greet.dispatch("World")
         print(await dispatch.client.result(dispatch_id))
 
