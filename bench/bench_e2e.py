@@ -1,6 +1,6 @@
 """End to end, side by side: dispatch-aio and dispatch-py 0.8.0, measured in the same run.
 
-Each workload runs `--repeat` times on each of three systems, interleaved, each run on
+Each workload runs `--repeat` times on each of four systems, interleaved, each run on
 fresh processes (so that peak memory is per run):
 
 - dispatch-py: dispatch-py 0.8.0 in a virtualenv of its own (built as tests/interop
@@ -10,6 +10,9 @@ fresh processes (so that peak memory is per run):
   this SDK served with ``dispatch.run()``, two processes; the scheduler signs every Run
   request and the application verifies every signature. This is real use.
 - in-memory: the same with ``--in-memory``.
+- embedded: the application alone (``python app.py``), its scheduler in process on a
+  SQLite file (``synchronous=FULL``), Run requests handed over in memory; one process,
+  as dispatch-py's (which keeps nothing).
 
 Workloads: W1 one call gathers 1000 children (children/s); W2 one call makes 200
 sequential calls (ms/step); W3 2000 top-level calls submitted one by one, and in one
@@ -60,10 +63,11 @@ PEER = Path(__file__).resolve().parent / "peers" / "dispatch_py_bench.py"
 READY_LINE = "Ready. Press Ctrl+C to stop."
 PROFILE_ENV = "BENCH_E2E_PROFILE"  # where a profiled process writes its cProfile stats
 TIMEOUT = 900.0  # a stalled workload fails the benchmark rather than hanging it
-SYSTEMS = ("dispatch-py", "persistent", "in-memory")
+SYSTEMS = ("dispatch-py", "persistent", "in-memory", "embedded")
 # W4 is left out while our chain of 10,000 takes minutes (cost per step grows with it).
 DEFAULT_WORKLOADS = "w1,w2,w3one,w3batch,w4"
-OURS = ("persistent", "in-memory")
+OURS = ("persistent", "in-memory", "embedded")
+EMBEDDED_KEY = "bench-embedded"  # the embedded scheduler's API key (loopback only)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
 Marks = list[tuple[int, float]]  # (step index, time.monotonic() when that step ran)
@@ -156,6 +160,31 @@ def profiled(main: Callable[[], T]) -> T:
 def serve_app() -> None:
     """Serve the functions until SIGTERM."""
     profiled(build_app().dispatch.run)
+
+
+def serve_embedded(key: str, long_chain: int, folder: str) -> None:
+    """Run one workload on the embedded scheduler, driven as dispatch-py's peer is.
+
+    Prints ``ready`` after a warm-up, runs the workload when a line arrives on standard
+    input, prints ``result <json>``, and stays alive (for its CPU and memory to be read)
+    until standard input closes.
+    """
+    workload = workloads(long_chain)[key]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        app = build_app(env={}, data_dir=folder, api_key=EMBEDDED_KEY)
+        async with await app.dispatch.start() as server:
+            assert server.api_url is not None
+            async with InspectClient(server.api_url, EMBEDDED_KEY) as inspect:
+                await app.dispatch.client.result(await app.fan_out.dispatch(4), timeout=60)
+                print("ready", flush=True)
+                await loop.run_in_executor(None, sys.stdin.readline)
+                seconds, marks = await workload.run(app, inspect, workload.size)
+                print("result " + json.dumps({"seconds": seconds, "marks": marks}), flush=True)
+                await loop.run_in_executor(None, sys.stdin.read)
+
+    profiled(lambda: asyncio.run(main()))
 
 
 def serve_scheduler(argv: list[str]) -> None:
@@ -532,6 +561,43 @@ async def drive(stack: Stack, workload: Workload) -> Sample:
     )
 
 
+def run_embedded(
+    workload: Workload, long_chain: int, data_root: str | None, profile: str | None = None
+) -> Sample:
+    """One run of `workload` in a fresh process with the embedded scheduler."""
+    folder = tempfile.mkdtemp(prefix="bench-e2e-", dir=data_root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", PROFILE_ENV))}
+    if profile:
+        env[PROFILE_ENV] = profile
+    args = [sys.executable, os.path.abspath(__file__), "--serve-embedded"]
+    args += [workload.key, str(long_chain), str(Path(folder) / "data")]
+    proc = Proc(args, env, ready_line="ready", stdin=True)
+    try:
+        proc.wait_for(proc.ready, "the embedded application did not get ready", 60)
+        if profile:
+            proc.popen.send_signal(signal.SIGUSR1)
+        before = usage(proc.pid)
+        assert proc.popen.stdin is not None
+        proc.popen.stdin.write(b"go\n")
+        proc.popen.stdin.flush()
+        proc.wait_for(proc.done, "the embedded application did not finish", TIMEOUT)
+        after = usage(proc.pid)
+        if proc.result is None:
+            raise proc.failure("the embedded application printed no result")
+        if profile:
+            proc.popen.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(profile) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        proc.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    seconds = float(proc.result["seconds"])
+    raw = proc.result["marks"]
+    marks = [(int(i), float(at)) for i, at in raw] if raw else None
+    return Sample(seconds, workload.figure(seconds), marks, {"embedded": after.minus(before)})
+
+
 def run_ours(
     workload: Workload, mode: str, data_root: str | None, profile: str | None = None
 ) -> Sample:
@@ -636,7 +702,8 @@ def header(repeat: int, data_root: str | None, python: Path) -> list[str]:
         "dispatch-py: one process, its in-process test scheduler (dispatch.test: in memory, "
         f"unsigned); python {python}",
         "persistent: dispatch-aio server --data-dir (SQLite) + the application, every Run "
-        "request signed and verified; in-memory: the same with --in-memory.",
+        "request signed and verified; in-memory: the same with --in-memory; embedded: the "
+        "application alone, its scheduler in process on SQLite (one process).",
         "Ratios are ours over dispatch-py as speed-ups: above 1.00x we are faster. "
         "target: issue #13's goal for the persistent ratio.",
         "",
@@ -650,26 +717,29 @@ def _median(samples: list[Sample], key: Callable[[Sample], float]) -> float:
 def table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) -> list[str]:
     lines = [
         f"{'workload':<28} {'unit':<11} {'dispatch-py':>11} {'persistent':>10} {'ratio':>7} "
-        f"{'target':>7}  {'in-memory':>9} {'ratio':>7}"
+        f"{'target':>7}  {'in-memory':>9} {'ratio':>7}  {'embedded':>9} {'ratio':>7}"
     ]
     for w in chosen:
         base = _median(results[w.key, "dispatch-py"], lambda s: s.figure)
         p = _median(results[w.key, "persistent"], lambda s: s.figure)
         m = _median(results[w.key, "in-memory"], lambda s: s.figure)
+        e = _median(results[w.key, "embedded"], lambda s: s.figure)
         ratio = w.speedup(p, base)
         target = (
             "" if w.target is None else f"{w.target:.1f}x {'ok' if ratio >= w.target else 'no'}"
         )
         lines.append(
             f"{w.label:<28} {w.unit:<11} {w.number(base):>11} {w.number(p):>10} {ratio:>6.2f}x "
-            f"{target:>7}  {w.number(m):>9} {w.speedup(m, base):>6.2f}x"
+            f"{target:>7}  {w.number(m):>9} {w.speedup(m, base):>6.2f}x  "
+            f"{w.number(e):>9} {w.speedup(e, base):>6.2f}x"
         )
         if w.key == "w4":
             f = {s: _median(results[w.key, s], lambda x: x.flatness) for s in SYSTEMS}
             flat = "1.3 " + ("ok" if f["persistent"] <= 1.3 else "no")  # the issue's bound
             lines.append(
                 f"{'  flatness (last/first tenth)':<28} {'ratio':<11} {f['dispatch-py']:>11.2f} "
-                f"{f['persistent']:>10.2f} {'':>7} {flat:>7}  {f['in-memory']:>9.2f}"
+                f"{f['persistent']:>10.2f} {'':>7} {flat:>7}  {f['in-memory']:>9.2f} "
+                f"{'':>7}  {f['embedded']:>9.2f}"
             )
     rss = {  # the highest of the workloads' medians
         s: max(_median(results[w.key, s], lambda x: x.peak_rss_mb) for w in chosen) for s in SYSTEMS
@@ -678,7 +748,8 @@ def table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) 
         f"{'peak RSS, all processes':<28} {'MB':<11} {rss['dispatch-py']:>11.1f} "
         f"{rss['persistent']:>10.1f} {rss['dispatch-py'] / rss['persistent']:>6.2f}x "
         f"{'1.0x ' + ('ok' if rss['persistent'] <= rss['dispatch-py'] else 'no'):>7}  "
-        f"{rss['in-memory']:>9.1f} {rss['dispatch-py'] / rss['in-memory']:>6.2f}x"
+        f"{rss['in-memory']:>9.1f} {rss['dispatch-py'] / rss['in-memory']:>6.2f}x  "
+        f"{rss['embedded']:>9.1f} {rss['dispatch-py'] / rss['embedded']:>6.2f}x"
     )
     lines += [
         "",
@@ -693,10 +764,10 @@ def table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) 
             runs = results[w.key, system]
             figures = [s.figure for s in runs]
             spread = f"{w.number(min(figures))}..{w.number(max(figures))}"
-            names = ["dispatch-py"] if system == "dispatch-py" else ["scheduler", "app"]
+            names = [system] if system in ("dispatch-py", "embedded") else ["scheduler", "app"]
             cpu = [_cpu([s.usage[n] for s in runs]) for n in names]
             peak = [f"{statistics.median(s.usage[n].peak_rss_mb for s in runs):.1f}" for n in names]
-            if system == "dispatch-py":  # one process: scheduler, app and client
+            if len(names) == 1:  # one process: scheduler, app and client
                 cpu, peak = [cpu[0], "(same)"], [peak[0], "(same)"]
             lines.append(
                 f"{w.key:<8} {system:<11} {spread:>15} {_median(runs, lambda s: s.seconds):>7.2f} "
@@ -735,21 +806,24 @@ def profile(
     os.makedirs(folder, exist_ok=True)
     for w in chosen:
         prefix = os.path.join(os.path.abspath(folder), w.key)
-        for name in ("scheduler", "app", "dispatch-py"):
+        for name in ("scheduler", "app", "dispatch-py", "embedded"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{prefix}-{name}.prof")
         ours = run_ours(w, "persistent", data_root, profile=prefix)
         theirs = run_dispatch_py(python, w, profile=f"{prefix}-dispatch-py.prof")
+        alone = run_embedded(w, w.size, data_root, profile=f"{prefix}-embedded.prof")
         sched, app = ours.usage["scheduler"], ours.usage["app"]
         print(
             f"##### {w.label} under cProfile: persistent {w.number(ours.figure)} {w.unit} "
             f"({ours.seconds:.2f} s; CPU s: scheduler {sched.cpu_main:.2f} + "
             f"{sched.cpu_other:.2f}, app {app.cpu_main:.2f} + {app.cpu_other:.2f}); "
-            f"dispatch-py {w.number(theirs.figure)} {w.unit} ({theirs.seconds:.2f} s)"
+            f"dispatch-py {w.number(theirs.figure)} {w.unit} ({theirs.seconds:.2f} s); "
+            f"embedded {w.number(alone.figure)} {w.unit} ({alone.seconds:.2f} s)"
         )
         print_profile(f"{prefix}-scheduler.prof", f"{w.key} scheduler (main thread)", top)
         print_profile(f"{prefix}-app.prof", f"{w.key} application", top)
         print_profile(f"{prefix}-dispatch-py.prof", f"{w.key} dispatch-py (one process)", top)
+        print_profile(f"{prefix}-embedded.prof", f"{w.key} embedded (one process)", top)
 
 
 def main() -> None:
@@ -775,6 +849,10 @@ def main() -> None:
     parser.add_argument("--serve-app", action="store_true", help=argparse.SUPPRESS)
     if sys.argv[1:2] == ["--serve-scheduler"]:
         serve_scheduler(sys.argv[2:])
+    if sys.argv[1:2] == ["--serve-embedded"]:
+        key, long_chain, folder = sys.argv[2:5]
+        serve_embedded(key, int(long_chain), folder)
+        return
     args = parser.parse_args()
     if args.serve_app:
         serve_app()
@@ -800,11 +878,13 @@ def main() -> None:
     # Interleaved, the order of the systems rotating, so that a change of the machine's
     # load hits them alike.
     for run in range(args.repeat):
-        order = SYSTEMS[run % 3 :] + SYSTEMS[: run % 3]
+        order = SYSTEMS[run % len(SYSTEMS) :] + SYSTEMS[: run % len(SYSTEMS)]
         for w in chosen:
             for system in order:
                 if system == "dispatch-py":
                     sample = run_dispatch_py(python, w)
+                elif system == "embedded":
+                    sample = run_embedded(w, args.long_chain, args.data_root)
                 else:
                     sample = run_ours(w, system, args.data_root)
                 results[w.key, system].append(sample)

@@ -79,7 +79,7 @@ def test_bad_calls_fail_where_they_are_made(make: object) -> None:
 
 @pytest.fixture
 async def driver() -> AsyncIterator[Driver]:
-    dispatch = Dispatch(env={}, endpoint_addr="127.0.0.1:0")
+    dispatch = Dispatch(env={}, endpoint_addr="127.0.0.1:0", api_url="http://127.0.0.1:9")
 
     @dispatch.function(name="relay")
     async def relay(x: int) -> list[object]:
