@@ -408,9 +408,11 @@ class Dispatch:
         await embedded.start()
         self._embedded = embedded
         api = f", API on {embedded.api_url}" if embedded.api_url else ""
+        unfinished = embedded.scheduler.unfinished
+        resumed = f"; {unfinished} unfinished calls picked up" if unfinished else ""
         _announce(
             f"running Dispatch functions with the embedded scheduler (DISPATCH_API_URL is "
-            f"not set): calls kept in {embedded.database} ({DATA_DIR}){api}"
+            f"not set): calls kept in {embedded.database} ({DATA_DIR}){api}{resumed}"
         )
         return embedded
 

@@ -111,3 +111,4 @@ def test_a_killed_script_finishes_its_calls_when_run_again(procs: Starter, tmp_p
     assert results == dict.fromkeys(ids, sum(i * i for i in range(12)))
     assert _leaves(log) == {(root, i) for root in range(3) for i in range(12)}
     assert "Traceback" not in third.stderr, third.dump()
+    assert "3 unfinished calls picked up" in third.stderr, third.dump()
