@@ -10,6 +10,14 @@ An endpoint that stays unreachable (connection, DNS or TLS errors, no response i
 for `unreachable_warning` seconds gets one warning line, and one more when it answers
 again, so that an outage shows at the default log level without a line per attempt.
 
+An endpoint may be served by several replicas (processes of one application, each at
+its own URL). The attempts of a call go to the replica that rendezvous hashing of its
+dispatch id ranks first, so that its resumes find the run still live in that replica's
+memory, whichever scheduler process sends them; a replica that cannot be connected to,
+or that signals overload, is passed over for `replica_backoff` seconds, and the call
+goes to the next in its ranking (which replays it from the journal). A request that
+could not be sent at all moves to the next replica at once, in the same attempt.
+
 Endpoints served by the scheduler's own process (the scheduler embedded in an
 application) are given as `LocalHandler`s: their Run requests are handed over in
 memory, with no HTTP, signature or size limit, but with the same window, time limit and
@@ -20,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -72,6 +81,8 @@ class Outcome:
     """What went wrong when there is no RunResponse (names the HTTP code or error)."""
     http_status: int = 0
     """The HTTP status code, when the endpoint answered at all."""
+    unsent: bool = False
+    """The request provably never reached the endpoint (no connection was made)."""
 
 
 class _Window:
@@ -145,6 +156,10 @@ class Invoker:
         initial_concurrency: Starting window per endpoint.
         unreachable_warning: Seconds an endpoint may be unreachable before a warning.
         local: Endpoints served in this process, by URL, and their handlers.
+        replicas: Endpoints served by several processes: the endpoint URL (as calls
+            name it) and the URLs of its replicas.
+        replica_backoff: Seconds a replica that could not be reached or signalled
+            overload is passed over.
     """
 
     def __init__(
@@ -155,6 +170,8 @@ class Invoker:
         initial_concurrency: int = 8,
         unreachable_warning: float = 10.0,
         local: Mapping[str, LocalHandler] | None = None,
+        replicas: Mapping[str, Sequence[str]] | None = None,
+        replica_backoff: float = 5.0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -166,6 +183,11 @@ class Invoker:
         self._signers: dict[str, RequestSigner] = {}  # by URL
         self._session: aiohttp.ClientSession | None = None
         self._local = MappingProxyType(dict(local or {}))
+        self._replicas = MappingProxyType(
+            {endpoint: tuple(urls) for endpoint, urls in (replicas or {}).items() if urls}
+        )
+        self._replica_backoff = replica_backoff
+        self._passed_over: dict[str, float] = {}  # replica URL -> monotonic time
         self._local_tasks: set[asyncio.Task[function_pb2.RunResponse]] = set()
 
     async def open(self) -> None:
@@ -212,6 +234,39 @@ class Invoker:
         """
         if self._session is None:
             raise RuntimeError("the invoker is not open")
+        replicas = self._replicas.get(endpoint)
+        if replicas is None:
+            return await self._attempt(endpoint, request, time_limit, journal_delta)
+        ranking = self._ranking(replicas, request.dispatch_id)
+        for i, replica in enumerate(ranking):
+            outcome = await self._attempt(replica, request, time_limit, journal_delta)
+            if outcome.unsent or _is_overload(outcome):
+                self._passed_over[replica] = time.monotonic() + self._replica_backoff
+            if not outcome.unsent or i == len(ranking) - 1:
+                break
+        return outcome
+
+    def _ranking(self, replicas: tuple[str, ...], dispatch_id: str) -> list[str]:
+        """Replicas in the call's order (rendezvous hashing), those passed over last."""
+
+        def weight(replica: str) -> bytes:
+            key = f"{dispatch_id}\0{replica}".encode()
+            return hashlib.blake2b(key, digest_size=8).digest()
+
+        ranked = sorted(replicas, key=weight, reverse=True)
+        now = time.monotonic()
+        usable = [r for r in ranked if self._passed_over.get(r, 0.0) <= now]
+        return usable + [r for r in ranked if r not in usable]
+
+    async def _attempt(
+        self,
+        endpoint: str,
+        request: function_pb2.RunRequest,
+        time_limit: float,
+        journal_delta: bool,
+    ) -> Outcome:
+        session = self._session
+        assert session is not None  # checked by `run`
         window = self._windows.get(endpoint)
         if window is None:
             window = self._windows[endpoint] = _Window(self._initial, self._ceiling)
@@ -224,7 +279,7 @@ class Invoker:
                 outcome = await self._hand_over(local, request, time_limit, journal_delta)
             else:
                 outcome = await self._send(
-                    self._session, run_url(endpoint), body, time_limit, journal_delta
+                    session, run_url(endpoint), body, time_limit, journal_delta
                 )
         finally:
             window.release(
@@ -315,9 +370,13 @@ class Invoker:
         except TimeoutError:
             return Outcome(Status.TIMEOUT, error=f"no response within {time_limit:.3g} s")
         except aiohttp.ClientConnectorDNSError as exc:
-            return Outcome(Status.DNS_ERROR, error=f"cannot resolve the endpoint: {exc}")
+            return Outcome(
+                Status.DNS_ERROR, error=f"cannot resolve the endpoint: {exc}", unsent=True
+            )
         except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as exc:
             return Outcome(Status.TLS_ERROR, error=f"TLS error: {exc}")
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
+            return Outcome(Status.TCP_ERROR, error=f"connection error: {exc!r}", unsent=True)
         except aiohttp.ClientConnectionError as exc:
             return Outcome(Status.TCP_ERROR, error=f"connection error: {exc!r}")
         except aiohttp.ClientError as exc:

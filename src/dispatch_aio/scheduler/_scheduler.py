@@ -80,6 +80,10 @@ class Scheduler:
         rng: Source of the backoff jitter (seed it for reproducible delays).
         local: Endpoints served by this process, by URL: their Run requests are handed
             to the handler in memory instead of sent over HTTP (see `LocalHandler`).
+        replicas: Endpoints served by several processes, each at its own URL: the
+            endpoint URL calls name, and the URLs of its replicas. A call's attempts go
+            to one replica while it answers, so that its resumes find the run live
+            there; another takes over when it is down or overloaded.
 
     Raises:
         ValueError: An argument is invalid (the message says which).
@@ -99,6 +103,7 @@ class Scheduler:
         max_concurrency: int = 64,
         rng: random.Random | None = None,
         local: Mapping[str, LocalHandler] | None = None,
+        replicas: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty: API clients authenticate with it")
@@ -126,6 +131,13 @@ class Scheduler:
             if problem := endpoint_problem(url):
                 raise ValueError(f"local endpoint {url!r} {problem}")
         self._local = dict(local or {})
+        for endpoint, urls in (replicas or {}).items():
+            for url in (endpoint, *urls):
+                if problem := endpoint_problem(url):
+                    raise ValueError(f"replica endpoint {url!r} {problem}")
+            if not urls:
+                raise ValueError(f"endpoint {endpoint!r} is given no replicas")
+        self._replicas = {endpoint: tuple(urls) for endpoint, urls in (replicas or {}).items()}
         self._key: Ed25519PrivateKey | None = None
         self._engine: Engine | None = None
         self._invoker: Invoker | None = None
@@ -151,7 +163,12 @@ class Scheduler:
             if key is None:
                 key = await self._stored_key()
             self._key = key
-            self._invoker = Invoker(key, max_concurrency=self._max_concurrency, local=self._local)
+            self._invoker = Invoker(
+                key,
+                max_concurrency=self._max_concurrency,
+                local=self._local,
+                replicas=self._replicas,
+            )
             await self._invoker.open()
             self._engine = Engine(self._store, self._invoker, self._settings, rng=self._rng)
             await self._engine.start()
