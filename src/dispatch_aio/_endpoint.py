@@ -45,14 +45,18 @@ __all__ = [
     "RUN_PATH",
     "Endpoint",
     "EndpointServer",
+    "Incoming",
+    "Reply",
     "body_too_large",
     "is_loopback",
 ]
 
 import asyncio
 import ipaddress
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 from aiohttp import web
@@ -105,12 +109,48 @@ def body_too_large(length: int, limit: int) -> str:
     )
 
 
-def _error(status: int, code: str, message: str, *, unread: bool = False) -> web.Response:
-    response = web.json_response({"code": code, "message": message}, status=status)
-    if unread:
-        # Close rather than drain a body that is not wanted (it may be huge or endless).
-        response.force_close()
-    return response
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A Run request as any HTTP server sees it (aiohttp, ASGI ...)."""
+
+    method: str
+    url: str
+    """The absolute URL the client addressed (the signature covers its path and host)."""
+    headers: Mapping[str, str]
+    """Case-insensitive; repeated fields joined with ", " (a multidict does both)."""
+    remote: str | None
+    """The peer's address; empty or a path for a Unix socket; None if unknown."""
+    read: Callable[[int], Awaitable[bytes]]
+    """Reads exactly that many bytes of the body, raising `asyncio.IncompleteReadError`
+    when the body ends before."""
+
+    @property
+    def content_length(self) -> int | None:
+        """The Content-Length, or None if absent or not a number."""
+        raw = self.headers.get("Content-Length")
+        if raw is None or not raw.strip().isdigit():
+            return None
+        return int(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to a Run request, for the server to send."""
+
+    status: int
+    body: bytes
+    content_type: str
+    close: bool = False
+    """Close the connection instead of reading the rest of an unwanted body."""
+
+
+_PROTO = "application/proto"
+
+
+def _error(status: int, code: str, message: str, *, unread: bool = False) -> Reply:
+    # Close rather than drain a body that is not wanted (it may be huge or endless).
+    body = json.dumps({"code": code, "message": message}).encode()
+    return Reply(status, body, "application/json", close=unread)
 
 
 class Endpoint:
@@ -211,7 +251,23 @@ class Endpoint:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Handle ``POST .../dispatch.sdk.v1.FunctionService/Run``."""
+        """Handle ``POST .../dispatch.sdk.v1.FunctionService/Run`` (aiohttp)."""
+        # The URL as the client addressed it: behind a proxy, the Host header must be the
+        # one that was signed.
+        url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
+        incoming = Incoming(
+            request.method, url, request.headers, request.remote, request.content.readexactly
+        )
+        reply = await self.respond(incoming)
+        response = web.Response(
+            status=reply.status, body=reply.body, content_type=reply.content_type
+        )
+        if reply.close:
+            response.force_close()
+        return response
+
+    async def respond(self, request: Incoming) -> Reply:
+        """Check and run a Run request; return the answer (see the module docstring)."""
         try:
             self.prepare()
         except ConfigurationError as exc:
@@ -224,7 +280,7 @@ class Endpoint:
         assert length is not None  # checked above
         try:
             async with asyncio.timeout(self._body_timeout):
-                body = await request.content.readexactly(length)
+                body = await request.read(length)
         except asyncio.IncompleteReadError as exc:
             return _error(
                 400,
@@ -279,7 +335,7 @@ class Endpoint:
         )
         delta = request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta"
         response = await self._runner().run(run_request, journal_delta=delta)
-        return web.Response(body=response.SerializeToString(), content_type="application/proto")
+        return Reply(200, response.SerializeToString(), _PROTO)
 
     async def run_in_process(
         self, request: function_pb2.RunRequest, journal_delta: bool
@@ -295,7 +351,7 @@ class Endpoint:
             raise LookupError(self._not_found(request.function))
         return await self._runner().run(request, journal_delta=journal_delta)
 
-    def _check_headers(self, request: web.Request) -> web.Response | None:
+    def _check_headers(self, request: Incoming) -> Reply | None:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             return _error(
@@ -332,14 +388,10 @@ class Endpoint:
             )
         return None
 
-    def _verify(
-        self, request: web.Request, body: bytes, key: Ed25519PublicKey
-    ) -> web.Response | None:
-        # The URL as the client addressed it: behind a proxy, the Host header must be the
-        # one that was signed.
-        url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
+    def _verify(self, request: Incoming, body: bytes, key: Ed25519PublicKey) -> Reply | None:
         try:
-            self._replays.admit(verify_request(key, request.method, url, request.headers, body))
+            verified = verify_request(key, request.method, request.url, request.headers, body)
+            self._replays.admit(verified)
         except InvalidSignatureError as exc:
             logger.warning("rejected a Run request with an invalid signature: %s", exc)
             return _error(403, "permission_denied", f"invalid request signature: {exc}")
@@ -357,7 +409,7 @@ class Endpoint:
         )
 
 
-def _from_loopback(request: web.Request) -> bool:
+def _from_loopback(request: Incoming) -> bool:
     remote = request.remote
     if remote is None:
         return False
