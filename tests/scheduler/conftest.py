@@ -1,16 +1,17 @@
-"""Fixtures for scheduler tests: a scripted endpoint on loopback and schedulers."""
+"""Fixtures for scheduler tests: a scripted endpoint on loopback, schedulers and stores."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dispatch_aio.scheduler import Scheduler
+from dispatch_aio.scheduler import PostgresStore, Scheduler, SQLiteStore, Store
 
 from .scripted import API_KEY, FAST_RETRY, RUN_PATH, ScriptedEndpoint
 
@@ -55,3 +56,28 @@ async def make_scheduler(
     yield make
     for scheduler in reversed(started):
         await scheduler.close()
+
+
+STORE_KINDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Make unopened stores of one database, on each kind of store in turn.
+
+    Each store made is a new client of the same database, as a restarted scheduler is.
+    """
+    if request.param == "sqlite":
+        path = str(tmp_path / "calls.db")
+        return lambda: SQLiteStore(path)
+    url = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)
+
+
+@pytest.fixture
+async def store(new_store: Callable[[], Store]) -> AsyncIterator[Store]:
+    """An open store, on each kind of store in turn."""
+    s = new_store()
+    await s.open()
+    yield s
+    await s.close()

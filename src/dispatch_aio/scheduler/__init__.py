@@ -5,9 +5,9 @@ RPC and an inspection service, ``dispatch_aio.v1.InspectService``), calls functi
 endpoints with signed ``Run`` requests, and implements the Poll semantics of the
 protocol: child calls, per-poller result queues, ``min_results``/``max_results``/
 ``max_wait``, tail calls, retries with backoff and restart on INCOMPATIBLE_STATE.
-Every accepted call and state change is committed to its store (SQLite by default)
-before it is acknowledged or acted on, and a restarted scheduler picks up every
-unfinished call.
+Every accepted call and state change is committed to its store (SQLite by default,
+or PostgreSQL with `PostgresStore`) before it is acknowledged or acted on, and a
+restarted scheduler picks up every unfinished call.
 
 Calls that set no expiration may run for `DEFAULT_EXPIRATION` seconds (7 days); an
 expired call fails with STATUS_TIMEOUT. A child call never outlives its parent's
@@ -15,12 +15,14 @@ expiration.
 """
 
 from ._engine import DEFAULT_EXPIRATION, RetryPolicy
+from ._postgres import PostgresStore
 from ._scheduler import Scheduler
 from ._sqlite import SQLiteStore
 from ._store import Store, StoreError
 
 __all__ = [
     "DEFAULT_EXPIRATION",
+    "PostgresStore",
     "RetryPolicy",
     "SQLiteStore",
     "Scheduler",

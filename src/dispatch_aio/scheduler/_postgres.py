@@ -1,0 +1,864 @@
+"""PostgreSQL implementation of the scheduler's `Store`, on asyncpg.
+
+One scheduler drives a database at a time: the store takes a session-level advisory
+lock (``pg_try_advisory_lock``) on the connection it writes with, and a second
+scheduler on the same database is refused. Every write goes through that connection,
+so a write can only commit while its session holds the lock. When the connection is
+lost, writes fail with `StoreError` (the engine retries the calls they were for), and
+the next write connects again and takes the lock again.
+
+Writes of concurrent operations are grouped as in the SQLite store: while a
+transaction commits, new writes queue up and the next transaction takes all of them;
+if one group fails, the batch is applied again with a savepoint per group, so that
+only the failing writes fail. Reads (start-up recovery, inspection, journal segments)
+use a small pool of other connections and see every committed write.
+
+A connection lost while its COMMIT was on the way leaves the outcome unknown. Each
+transaction therefore records a random token in the database; the store connects
+again, reads the token back, and only then answers the writers of that transaction:
+success if the token is there, `StoreError` if not. Answering either way without
+knowing would let the scheduler run a call again whose outcome was committed, or act
+on one that was not.
+
+Commits are durable when the server acknowledges them (``synchronous_commit`` is
+turned on for the session if the server has it off). The schema version is kept in
+the ``dispatch_schema`` table; `_MIGRATIONS[n]` upgrades a database from version n to
+n + 1, in one transaction at open, and a database of a newer version is refused.
+
+asyncpg is an optional dependency (``pip install 'dispatch-aio[postgres]'``),
+imported when a store is opened.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "mask_url"]
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ._store import (
+    AddResult,
+    AppendSegment,
+    CallQuery,
+    CallRecord,
+    InsertCall,
+    Op,
+    Phase,
+    QueuedResult,
+    RemovePollerResults,
+    RemoveResults,
+    RemoveSegments,
+    SetMeta,
+    Snapshot,
+    StateKind,
+    Store,
+    StoreError,
+    UpdateCall,
+)
+
+logger = logging.getLogger("dispatch_aio.scheduler")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+"""Version of the schema this module writes (the ``dispatch_schema`` table)."""
+
+INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
+
+# The advisory lock of the scheduler driving a database: the bytes "dispatch".
+_LOCK_KEY = int.from_bytes(b"dispatch", "big")
+_APPLICATION_NAME = "dispatch-aio scheduler"
+_READERS = 4  # connections of the read pool
+_CONNECT_TIMEOUT = 10.0
+_COMMAND_TIMEOUT = 60.0  # a statement taking longer: the connection is deemed lost
+_RESOLVE_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnections
+
+_SCHEMA_V1 = """
+CREATE TABLE dispatch_calls (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    root_id text NOT NULL,
+    parent_id text NOT NULL,
+    correlation_id bigint NOT NULL,
+    parent_generation bigint NOT NULL,
+    endpoint text NOT NULL,
+    function text NOT NULL,
+    input bytea NOT NULL,
+    version text NOT NULL,
+    created_at double precision NOT NULL,
+    expires_at double precision NOT NULL,
+    phase integer NOT NULL,
+    updated_at double precision NOT NULL,
+    generation bigint NOT NULL,
+    due_at double precision,
+    state_kind integer NOT NULL,
+    state bytea NOT NULL,
+    min_results integer NOT NULL,
+    max_results integer NOT NULL,
+    poll_error bytea NOT NULL,
+    attempts bigint NOT NULL,
+    failures bigint NOT NULL,
+    polls bigint NOT NULL,
+    status integer NOT NULL,
+    last_error text NOT NULL,
+    result bytea NOT NULL,
+    finished_at double precision
+);
+CREATE INDEX dispatch_calls_unfinished ON dispatch_calls (seq) WHERE phase <> 4;
+CREATE INDEX dispatch_calls_root ON dispatch_calls (root_id, seq);
+CREATE INDEX dispatch_calls_parent ON dispatch_calls (parent_id, seq);
+CREATE TABLE dispatch_results (
+    seq bigint PRIMARY KEY,
+    poller_id text NOT NULL,
+    generation bigint NOT NULL,
+    result bytea NOT NULL
+);
+CREATE INDEX dispatch_results_poller ON dispatch_results (poller_id);
+CREATE TABLE dispatch_meta (
+    key text PRIMARY KEY,
+    value bytea NOT NULL
+);
+CREATE TABLE dispatch_segments (
+    call_id text NOT NULL,
+    polls bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (call_id, polls)
+);
+CREATE TABLE dispatch_commits (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    token bigint NOT NULL
+);
+INSERT INTO dispatch_commits (token) VALUES (0);
+"""
+
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+
+_COLUMNS = (
+    "id",
+    "root_id",
+    "parent_id",
+    "correlation_id",
+    "parent_generation",
+    "endpoint",
+    "function",
+    "input",
+    "version",
+    "created_at",
+    "expires_at",
+    "phase",
+    "updated_at",
+    "generation",
+    "due_at",
+    "state_kind",
+    "state",
+    "min_results",
+    "max_results",
+    "poll_error",
+    "attempts",
+    "failures",
+    "polls",
+    "status",
+    "last_error",
+    "result",
+    "finished_at",
+)
+_MUTABLE = (
+    "endpoint",
+    "function",
+    "input",
+    "phase",
+    "updated_at",
+    "generation",
+    "due_at",
+    "state_kind",
+    "state",
+    "min_results",
+    "max_results",
+    "poll_error",
+    "attempts",
+    "failures",
+    "polls",
+    "status",
+    "last_error",
+    "result",
+    "finished_at",
+)
+_MUTABLE_AT = tuple(_COLUMNS.index(c) for c in _MUTABLE)
+_INSERT_CALL = (
+    f"INSERT INTO dispatch_calls ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_COLUMNS) + 1))})"
+)
+_UPDATE_CALL = (
+    f"UPDATE dispatch_calls SET {', '.join(f'{c} = ${i}' for i, c in enumerate(_MUTABLE, 1))} "
+    f"WHERE id = ${len(_MUTABLE) + 1}"
+)
+_ADD_RESULT = (
+    "INSERT INTO dispatch_results (seq, poller_id, generation, result) VALUES ($1, $2, $3, $4)"
+)
+_REMOVE_RESULTS = "DELETE FROM dispatch_results WHERE seq = ANY($1::bigint[])"
+_REMOVE_POLLER_RESULTS = "DELETE FROM dispatch_results WHERE poller_id = $1"
+_SET_META = (
+    "INSERT INTO dispatch_meta (key, value) VALUES ($1, $2) "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+_APPEND_SEGMENT = "INSERT INTO dispatch_segments (call_id, polls, data) VALUES ($1, $2, $3)"
+_REMOVE_SEGMENTS = "DELETE FROM dispatch_segments WHERE call_id = $1"
+_SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
+_SELECT_CALLS = f"SELECT seq, {', '.join(_COLUMNS)} FROM dispatch_calls"
+_MARK_COMMIT = "UPDATE dispatch_commits SET token = $1"
+_READ_MARK = "SELECT token FROM dispatch_commits"
+_LOCK_HOLDER = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND classid = $1 AND objid = $2 AND objsubid = 1 AND database = "
+    "(SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+_BACKEND_START = "SELECT backend_start FROM pg_stat_activity WHERE pid = $1"
+
+_Statement = tuple[str, tuple[Any, ...]]
+
+
+def mask_url(url: str) -> str:
+    """Return a database URL with its password (in the user part or the query) masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<an invalid URL>"
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = parts.query
+    if "password" in query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*/")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _import_asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError:
+        raise StoreError(
+            f"the PostgreSQL store needs the asyncpg package: {INSTALL_HINT}"
+        ) from None
+    return asyncpg
+
+
+def _signed(value: int) -> int:
+    """Map a uint64 to the bigint PostgreSQL stores (and back with `_unsigned`)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+def _text(value: str) -> str:
+    # PostgreSQL text holds neither NUL nor unpaired surrogates; free-form strings (an
+    # error message, a version) must never make a write fail for good.
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _insert_params(r: CallRecord) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.root_id,
+        r.parent_id,
+        _signed(r.correlation_id),
+        r.parent_generation,
+        _text(r.endpoint),
+        _text(r.function),
+        r.input,
+        _text(r.version),
+        r.created_at,
+        r.expires_at,
+        int(r.phase),
+        r.updated_at,
+        r.generation,
+        r.due_at,
+        int(r.state_kind),
+        r.state,
+        r.min_results,
+        r.max_results,
+        r.poll_error,
+        r.attempts,
+        r.failures,
+        r.polls,
+        r.status,
+        _text(r.last_error),
+        r.result,
+        r.finished_at,
+    )
+
+
+def _update_params(r: CallRecord) -> tuple[Any, ...]:
+    values = _insert_params(r)
+    return (*(values[i] for i in _MUTABLE_AT), r.id)
+
+
+def _record(row: Sequence[Any]) -> tuple[int, CallRecord]:
+    return row[0], CallRecord(
+        id=row[1],
+        root_id=row[2],
+        parent_id=row[3],
+        correlation_id=_unsigned(row[4]),
+        parent_generation=row[5],
+        endpoint=row[6],
+        function=row[7],
+        input=row[8],
+        version=row[9],
+        created_at=row[10],
+        expires_at=row[11],
+        phase=Phase(row[12]),
+        updated_at=row[13],
+        generation=row[14],
+        due_at=row[15],
+        state_kind=StateKind(row[16]),
+        state=row[17],
+        min_results=row[18],
+        max_results=row[19],
+        poll_error=row[20],
+        attempts=row[21],
+        failures=row[22],
+        polls=row[23],
+        status=row[24],
+        last_error=row[25],
+        result=row[26],
+        finished_at=row[27],
+    )
+
+
+def _statements(op: Op) -> list[_Statement]:
+    match op:
+        case InsertCall(record):
+            return [(_INSERT_CALL, _insert_params(record))]
+        case UpdateCall(record):
+            return [(_UPDATE_CALL, _update_params(record))]
+        case AddResult(q):
+            return [(_ADD_RESULT, (q.seq, q.poller_id, q.generation, q.result))]
+        case RemoveResults(seqs):
+            return [(_REMOVE_RESULTS, (list(seqs),))] if seqs else []
+        case RemovePollerResults(poller_id):
+            return [(_REMOVE_POLLER_RESULTS, (poller_id,))]
+        case SetMeta(key, value):
+            return [(_SET_META, (key, value))]
+        case AppendSegment(call_id, polls, data):
+            return [(_APPEND_SEGMENT, (call_id, polls, data))]
+        case RemoveSegments(call_id):
+            return [(_REMOVE_SEGMENTS, (call_id,))]
+
+
+async def _execute(conn: Any, statements: list[_Statement]) -> None:
+    # Consecutive statements with the same SQL go through one executemany (one round trip).
+    i = 0
+    while i < len(statements):
+        sql = statements[i][0]
+        j = i + 1
+        while j < len(statements) and statements[j][0] == sql:
+            j += 1
+        if j - i == 1:
+            await conn.execute(sql, *statements[i][1])
+        else:
+            await conn.executemany(sql, [params for _, params in statements[i:j]])
+        i = j
+
+
+class _InDoubt(Exception):
+    """The connection was lost while a COMMIT was on the way."""
+
+    def __init__(self, token: int, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.token = token
+
+
+class _Locked(StoreError):
+    """Another session holds the scheduler's lock on the database."""
+
+
+class PostgresStore(Store):
+    """A `Store` in a PostgreSQL database, for one scheduler at a time.
+
+    The tables (``dispatch_calls``, ``dispatch_results``, ``dispatch_segments``,
+    ``dispatch_meta``, ``dispatch_commits`` and ``dispatch_schema``) are created in the
+    database's default schema on first open. The database user needs the right to
+    create tables there the first time, and to read and write them afterwards.
+
+    Args:
+        url: The database, as ``postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE``
+            (query parameters as libpq's, such as ``?sslmode=require`` or
+            ``?host=/run/postgresql`` for a Unix socket). Without a password in the
+            URL, ``PGPASSWORD`` or ``~/.pgpass`` is used.
+
+    Raises:
+        ValueError: `url` is not a ``postgresql://`` URL.
+    """
+
+    def __init__(self, url: str) -> None:
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                f"{mask_url(url)!r} is not a PostgreSQL URL: expected "
+                "postgresql://USER@HOST/DATABASE"
+            )
+        self._url = url
+        self._masked = mask_url(url)
+        self._pg: Any = None  # the asyncpg module, once open
+        self._conn: Any = None  # the writing connection, holding the lock
+        self._session: tuple[int, Any] | None = None  # its backend pid and start time
+        self._pool: Any = None  # read connections
+        self._opened = False
+        self._closing = False
+        self._lost = False  # the writing connection was lost (logged once)
+        self._pending: list[tuple[list[_Statement], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._commits = 0
+
+    @property
+    def url(self) -> str:
+        """The database URL, with its password masked (for messages)."""
+        return self._masked
+
+    @property
+    def commits(self) -> int:
+        """Number of write transactions committed so far (to observe batching)."""
+        return self._commits
+
+    async def open(self) -> None:
+        """Connect, take the scheduler's lock, and create or migrate the schema.
+
+        Raises:
+            StoreError: asyncpg is not installed, the server cannot be reached or
+                refuses the connection, another scheduler runs on the database, or
+                its schema is newer than this version knows.
+        """
+        if self._opened:
+            return
+        self._pg = _import_asyncpg()
+        self._closing = False
+        self._conn = await self._connect_writer()
+        try:
+            self._pool = await self._pg.create_pool(
+                self._url,
+                min_size=0,
+                max_size=_READERS,
+                timeout=_CONNECT_TIMEOUT,
+                command_timeout=_COMMAND_TIMEOUT,
+                server_settings={"application_name": _APPLICATION_NAME},
+            )
+        except BaseException:
+            await self._drop()
+            raise
+        self._opened = True
+
+    async def close(self) -> None:
+        """Commit pending writes, release the lock and close the connections."""
+        if not self._opened:
+            return
+        self._closing = True
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        self._opened = False
+        await self._drop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (Exception, TimeoutError):
+                pool.terminate()
+
+    async def write(self, ops: Sequence[Op]) -> None:
+        """Apply `ops` in one transaction shared with concurrent writes.
+
+        Raises:
+            StoreError: The transaction failed, or the database cannot be reached;
+                none of `ops` was applied.
+        """
+        if not self._opened:
+            raise StoreError("the store is not open")
+        statements = [s for op in ops for s in _statements(op)]
+        if not statements:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((statements, future))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
+        await future
+
+    async def load(self) -> Snapshot:
+        """Return every unfinished call and the results queued for them."""
+
+        async def read(conn: Any) -> Snapshot:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                calls = await conn.fetch(f"{_SELECT_CALLS} WHERE phase <> 4 ORDER BY seq")
+                results = await conn.fetch(
+                    "SELECT seq, poller_id, generation, result FROM dispatch_results ORDER BY seq"
+                )
+            return Snapshot(
+                calls=[_record(row)[1] for row in calls],
+                results=[QueuedResult(r[0], r[1], r[2], r[3]) for r in results],
+                next_seq=(results[-1][0] if results else 0) + 1,
+            )
+
+        return await self._read(read)
+
+    async def get_call(self, dispatch_id: str) -> CallRecord | None:
+        """Return a call by dispatch id, or None."""
+        rows = await self._fetch(f"{_SELECT_CALLS} WHERE id = $1", dispatch_id)
+        return _record(rows[0])[1] if rows else None
+
+    async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
+        """Return the calls matching `query` in creation order."""
+        where = ["seq > $1"]
+        params: list[Any] = [query.after]
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if query.phases:
+            where.append(f"phase = ANY({param([int(p) for p in query.phases])}::integer[])")
+        if query.statuses:
+            where.append(f"phase = 4 AND status = ANY({param(list(query.statuses))}::integer[])")
+        if query.root_id:
+            where.append(f"root_id = {param(query.root_id)}")
+        if query.parent_id is not None:
+            where.append(f"parent_id = {param(query.parent_id)}")
+        sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY seq"
+        if query.limit is not None:
+            sql += f" LIMIT {param(query.limit)}"
+        return [_record(row) for row in await self._fetch(sql, *params)]
+
+    async def count_children(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
+        """Return how many direct children each of `dispatch_ids` has."""
+        if not dispatch_ids:
+            return {}
+        rows = await self._fetch(
+            "SELECT parent_id, count(*) FROM dispatch_calls "
+            "WHERE parent_id = ANY($1::text[]) GROUP BY parent_id",
+            list(dispatch_ids),
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def get_meta(self, key: str) -> bytes | None:
+        """Return a value stored with `SetMeta`, or None."""
+        rows = await self._fetch("SELECT value FROM dispatch_meta WHERE key = $1", key)
+        return bytes(rows[0][0]) if rows else None
+
+    @property
+    def keeps_segments(self) -> bool:
+        """True: the ``dispatch_segments`` table keeps journals."""
+        return True
+
+    async def read_segments(self, dispatch_id: str) -> list[bytes]:
+        """Return a call's journal segments in order."""
+        return [bytes(row[0]) for row in await self._fetch(_SELECT_SEGMENTS, dispatch_id)]
+
+    # Reads.
+
+    async def _fetch(self, sql: str, *params: Any) -> list[Any]:
+        async def read(conn: Any) -> list[Any]:
+            return list(await conn.fetch(sql, *params))
+
+        return await self._read(read)
+
+    async def _read(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        if not self._opened or self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            async with self._pool.acquire() as conn:
+                return await fn(conn)
+        except (Exception, TimeoutError) as exc:
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"cannot read the database {self._masked}: {exc}") from exc
+
+    # The writing connection.
+
+    async def _connect_writer(self) -> Any:
+        """Connect, take the lock and bring the schema up to date; return the connection.
+
+        Raises:
+            StoreError: The connection failed or the database cannot be used.
+        """
+        pg = self._pg
+        try:
+            conn = await pg.connect(
+                self._url,
+                timeout=_CONNECT_TIMEOUT,
+                command_timeout=_COMMAND_TIMEOUT,
+                server_settings={"application_name": _APPLICATION_NAME},
+            )
+        except (Exception, TimeoutError) as exc:
+            raise StoreError(self._connect_problem(exc)) from None
+        try:
+            await self._lock(conn)
+            await self._migrate(conn)
+            if await conn.fetchval("SHOW synchronous_commit") in ("off", "local"):
+                # Acknowledged means durable: never commit asynchronously.
+                await conn.execute("SET synchronous_commit = on")
+            pid = conn.get_server_pid()
+            self._session = (pid, await conn.fetchval(_BACKEND_START, pid))
+        except BaseException as exc:
+            conn.terminate()
+            if isinstance(exc, pg.PostgresError | pg.InterfaceError | OSError | TimeoutError):
+                raise StoreError(f"cannot use the database {self._masked}: {exc}") from None
+            raise
+        return conn
+
+    def _connect_problem(self, exc: BaseException) -> str:
+        pg = self._pg
+        reason = str(exc) or type(exc).__name__
+        password = urlsplit(self._url).password
+        if password:
+            reason = reason.replace(password, "***")
+        if isinstance(exc, pg.InvalidCatalogNameError):
+            fix = "create it (createdb), or give another database in the URL"
+        elif isinstance(exc, pg.InvalidAuthorizationSpecificationError | pg.InvalidPasswordError):
+            fix = "check the user and password (in the URL, PGPASSWORD or ~/.pgpass)"
+        elif isinstance(exc, TimeoutError):
+            reason = f"no answer within {_CONNECT_TIMEOUT:g} s"
+            fix = "check the host and port, and that PostgreSQL runs there"
+        else:
+            fix = "check the URL, and that PostgreSQL runs there and accepts connections"
+        return f"cannot connect to the database {self._masked}: {reason}; {fix}"
+
+    async def _lock(self, conn: Any) -> None:
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            return
+        holder = await conn.fetchval(_LOCK_HOLDER, _LOCK_KEY >> 32, _LOCK_KEY & 0xFFFFFFFF)
+        session = self._session
+        if (
+            session is not None
+            and holder == session[0]
+            and await conn.fetchval(_BACKEND_START, holder) == session[1]
+        ):
+            # Our own previous connection, which the server has not noticed is gone yet:
+            # end it (same user), then take the lock.
+            await conn.fetchval("SELECT pg_terminate_backend($1, 5000)", holder)
+            for _ in range(50):
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+                    return
+                await asyncio.sleep(0.1)
+        raise _Locked(
+            f"another scheduler is running on the database {self._masked} (its session "
+            f"holds the scheduler's lock, server process {holder}); only one scheduler may "
+            "drive a database: stop the other one, or give this one another database"
+        )
+
+    async def _migrate(self, conn: Any) -> None:
+        async with conn.transaction():
+            await conn.execute("CREATE TABLE IF NOT EXISTS dispatch_schema (version integer)")
+            version = await conn.fetchval("SELECT max(version) FROM dispatch_schema") or 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database {self._masked} has schema version {version}, newer than "
+                    f"the {SCHEMA_VERSION} this version of dispatch_aio knows (a newer "
+                    f"dispatch_aio wrote it): upgrade dispatch_aio ({INSTALL_HINT} --upgrade), "
+                    "or give this scheduler another database"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            for step in range(version, SCHEMA_VERSION):
+                await conn.execute(_MIGRATIONS[step])
+            await conn.execute("DELETE FROM dispatch_schema")
+            await conn.execute("INSERT INTO dispatch_schema (version) VALUES ($1)", SCHEMA_VERSION)
+        logger.info("database %s migrated to schema version %d", self._masked, SCHEMA_VERSION)
+
+    async def _writer(self) -> Any:
+        """Return the writing connection, connecting again if it was lost."""
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        await self._drop()
+        self._conn = await self._connect_writer()
+        if self._lost:
+            self._lost = False
+            logger.warning("connected again to the database %s; writes resume", self._masked)
+        return self._conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if conn.is_closed():
+            return
+        try:
+            # Closing the session releases the lock.
+            await asyncio.wait_for(conn.close(), 2)
+        except (Exception, TimeoutError):
+            conn.terminate()
+
+    def _connection_lost(self, exc: BaseException) -> StoreError:
+        if not self._lost:
+            self._lost = True
+            logger.warning(
+                "lost the connection to the database %s (%s); writes fail until it is back",
+                self._masked,
+                exc,
+            )
+        return StoreError(
+            f"the database write failed: lost the connection to {self._masked} ({exc}); "
+            "connecting again at the next write"
+        )
+
+    # Writes.
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    outcomes = await self._commit([s for s, _ in batch])
+                except Exception as exc:  # never leave a writer waiting
+                    logger.exception("database write failed")
+                    outcomes = [StoreError(f"the database write failed: {exc}")] * len(batch)
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if outcome is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(outcome)
+        finally:
+            self._flusher = None
+
+    async def _commit(self, groups: list[list[_Statement]]) -> list[StoreError | None]:
+        """Commit all groups in one transaction; return each group's outcome.
+
+        If a group fails, the batch is applied again in one transaction with a
+        savepoint per group, so that only the failing groups are left out.
+        """
+        pg = self._pg
+        try:
+            conn = await self._writer()
+        except StoreError as exc:
+            if not self._lost and not isinstance(exc, _Locked):
+                self._lost = True
+                logger.warning("%s; writes fail until the database is back", exc)
+            return [exc] * len(groups)
+        errors: list[StoreError | None] | None = None
+        for attempt in range(2):
+            try:
+                await self._transaction(conn, groups if attempt else [_flat(groups)], errors)
+                return errors if errors is not None else [None] * len(groups)
+            except _InDoubt as doubt:
+                try:
+                    committed = await self._resolve(doubt)
+                except StoreError as exc:
+                    return [exc] * len(groups)
+                if committed and errors is not None:
+                    return errors
+                if committed:
+                    return [None] * len(groups)
+                return [self._connection_lost(doubt)] * len(groups)
+            except pg.PostgresError as exc:
+                if conn.is_closed():
+                    await self._drop()
+                    return [self._connection_lost(exc)] * len(groups)
+                if len(groups) == 1 or attempt:
+                    return [StoreError(f"the database write failed: {exc}")] * len(groups)
+                errors = []
+            except (pg.InterfaceError, OSError, TimeoutError) as exc:
+                await self._drop()
+                return [self._connection_lost(exc)] * len(groups)
+        raise AssertionError("unreachable")
+
+    async def _transaction(
+        self, conn: Any, groups: list[list[_Statement]], errors: list[StoreError | None] | None
+    ) -> None:
+        """Apply `groups` in one transaction; with `errors`, each group in a savepoint."""
+        pg = self._pg
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            for group in groups:
+                if errors is None:
+                    await _execute(conn, group)
+                    continue
+                savepoint = conn.transaction()
+                await savepoint.start()
+                try:
+                    await _execute(conn, group)
+                except pg.PostgresError as exc:
+                    if conn.is_closed():
+                        raise
+                    await savepoint.rollback()
+                    errors.append(StoreError(f"the database write failed: {exc}"))
+                else:
+                    await savepoint.commit()
+                    errors.append(None)
+            token = secrets.randbits(63)
+            await conn.execute(_MARK_COMMIT, token)
+        except BaseException:
+            if not conn.is_closed():
+                try:
+                    await tx.rollback()
+                except (Exception, TimeoutError):
+                    conn.terminate()
+            raise
+        try:
+            await tx.commit()
+        except pg.PostgresError as exc:
+            if not conn.is_closed():
+                raise  # the server refused the commit: nothing was written
+            raise _InDoubt(token, exc) from exc
+        except (pg.InterfaceError, OSError, TimeoutError) as exc:
+            conn.terminate()
+            raise _InDoubt(token, exc) from exc
+        self._commits += 1
+
+    async def _resolve(self, doubt: _InDoubt) -> bool:
+        """Return whether the transaction of `doubt` committed, once that can be known.
+
+        Raises:
+            StoreError: The store is closing, or another scheduler took the database,
+                before the outcome could be read.
+        """
+        await self._drop()
+        logger.warning(
+            "lost the connection to the database %s while committing (%s); reading the "
+            "outcome back before answering",
+            self._masked,
+            doubt,
+        )
+        wait, longest = _RESOLVE_BACKOFF
+        started = time.monotonic()
+        while True:
+            try:
+                conn = await self._writer()
+                token = await conn.fetchval(_READ_MARK)
+            except _Locked:
+                raise
+            except StoreError:
+                pass
+            except (self._pg.PostgresError, self._pg.InterfaceError, OSError, TimeoutError):
+                await self._drop()
+            else:
+                logger.warning(
+                    "the transaction in doubt %s (known after %.1f s)",
+                    "was committed" if token == doubt.token else "was not committed",
+                    time.monotonic() - started,
+                )
+                return bool(token == doubt.token)
+            if self._closing:
+                raise StoreError(
+                    f"the database write's outcome is unknown: the connection to {self._masked} "
+                    "was lost while committing, and the store is closing"
+                )
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, longest)
+
+
+def _flat(groups: list[list[_Statement]]) -> list[_Statement]:
+    return [s for group in groups for s in group]

@@ -1,0 +1,201 @@
+"""The `Store` contract, on every kind of store: records, queues, atomic and batched writes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+
+from dispatch_aio.scheduler import PostgresStore, SQLiteStore, Store, StoreError
+from dispatch_aio.scheduler._store import (
+    AddResult,
+    AppendSegment,
+    CallQuery,
+    CallRecord,
+    InsertCall,
+    Phase,
+    QueuedResult,
+    RemovePollerResults,
+    RemoveResults,
+    RemoveSegments,
+    SetMeta,
+    StateKind,
+    UpdateCall,
+)
+
+
+def record(dispatch_id: str, **kw: object) -> CallRecord:
+    fields: dict[str, object] = {
+        "id": dispatch_id,
+        "root_id": dispatch_id,
+        "parent_id": "",
+        "correlation_id": 0,
+        "parent_generation": 0,
+        "endpoint": "http://127.0.0.1:1",
+        "function": "f",
+        "input": b"in",
+        "version": "",
+        "created_at": 1.5,
+        "expires_at": 100.25,
+        "phase": Phase.PENDING,
+        "updated_at": 2.0,
+    }
+    fields.update(kw)
+    return CallRecord(**fields)  # type: ignore[arg-type]
+
+
+def commits(store: Store) -> int:
+    assert isinstance(store, SQLiteStore | PostgresStore)
+    return store.commits
+
+
+async def test_records_round_trip(store: Store) -> None:
+    full = record(
+        "a",
+        correlation_id=2**64 - 1,
+        phase=Phase.SUSPENDED,
+        due_at=7.5,
+        state_kind=StateKind.TYPED,
+        state=b"\x00state",
+        min_results=3,
+        max_results=9,
+        poll_error=b"err",
+        attempts=4,
+        failures=1,
+        polls=2,
+        status=6,
+        last_error="HTTP 503",
+        generation=3,
+    )
+    await store.write([InsertCall(full)])
+    assert await store.get_call("a") == full
+    done = dataclasses.replace(full, phase=Phase.DONE, result=b"res", finished_at=9.0, status=1)
+    await store.write([UpdateCall(done)])
+    assert await store.get_call("a") == done
+    assert await store.get_call("missing") is None
+
+
+async def test_load_returns_unfinished_calls_and_their_queues(store: Store) -> None:
+    await store.write(
+        [
+            InsertCall(record("p", phase=Phase.SUSPENDED)),
+            InsertCall(record("c1", root_id="p", parent_id="p", phase=Phase.DONE)),
+            InsertCall(record("c2", root_id="p", parent_id="p")),
+            AddResult(QueuedResult(5, "p", 0, b"r5")),
+            AddResult(QueuedResult(3, "p", 0, b"r3")),
+        ]
+    )
+    snapshot = await store.load()
+    assert [c.id for c in snapshot.calls] == ["p", "c2"]
+    assert [(r.seq, r.result) for r in snapshot.results] == [(3, b"r3"), (5, b"r5")]
+    assert snapshot.next_seq == 6
+    await store.write([RemoveResults((3,))])
+    assert [r.seq for r in (await store.load()).results] == [5]
+    await store.write([RemovePollerResults("p")])
+    snapshot = await store.load()
+    assert snapshot.results == []
+    assert snapshot.next_seq == 1
+
+
+async def test_list_calls_filters_and_pages(store: Store) -> None:
+    await store.write(
+        [
+            InsertCall(record("r1", phase=Phase.DONE, status=1)),
+            InsertCall(record("k1", root_id="r1", parent_id="r1", phase=Phase.DONE, status=7)),
+            InsertCall(record("k2", root_id="r1", parent_id="r1", phase=Phase.SUSPENDED)),
+            InsertCall(record("r2")),
+        ]
+    )
+
+    async def ids(**kw: object) -> list[str]:
+        return [rec.id for _, rec in await store.list_calls(CallQuery(**kw))]  # type: ignore[arg-type]
+
+    assert await ids() == ["r1", "k1", "k2", "r2"]
+    assert await ids(parent_id="") == ["r1", "r2"]
+    assert await ids(root_id="r1") == ["r1", "k1", "k2"]
+    assert await ids(phases=(Phase.PENDING, Phase.SUSPENDED)) == ["k2", "r2"]
+    assert await ids(statuses=(7,)) == ["k1"]
+    first = await store.list_calls(CallQuery(limit=2))
+    assert [r.id for _, r in first] == ["r1", "k1"]
+    assert await ids(after=first[-1][0]) == ["k2", "r2"]
+    assert await ids(root_id="r1", parent_id="r1", after=first[-1][0], limit=1) == ["k2"]
+    assert await store.count_children(["r1", "r2", "k1"]) == {"r1": 2}
+    assert await store.count_children([]) == {}
+
+
+async def test_a_write_is_atomic(store: Store) -> None:
+    await store.write([InsertCall(record("a"))])
+    with pytest.raises(StoreError, match=r"(?i)unique"):
+        await store.write([InsertCall(record("b")), InsertCall(record("a"))])
+    assert await store.get_call("b") is None
+
+
+async def test_concurrent_writes_share_commits_and_fail_alone(store: Store) -> None:
+    await store.write([InsertCall(record("dup"))])
+    before = commits(store)
+    writes = [store.write([InsertCall(record(f"c{i}"))]) for i in range(200)]
+    writes.insert(100, store.write([InsertCall(record("dup"))]))
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+    assert isinstance(outcomes[100], StoreError)
+    assert [o for i, o in enumerate(outcomes) if i != 100] == [None] * 200
+    assert len(await store.list_calls(CallQuery())) == 201
+    # 200 writes issued together: grouped into a handful of transactions.
+    assert commits(store) - before < 10
+
+
+async def test_meta_values(store: Store) -> None:
+    assert await store.get_meta("k") is None
+    await store.write([SetMeta("k", b"v1")])
+    await store.write([SetMeta("k", b"v2")])
+    assert await store.get_meta("k") == b"v2"
+
+
+async def test_journal_segments(store: Store) -> None:
+    assert store.keeps_segments
+    assert await store.read_segments("a") == []
+    await store.write([InsertCall(record("a")), AppendSegment("a", 2, b"two")])
+    await store.write([AppendSegment("a", 1, b"one"), AppendSegment("b", 1, b"other")])
+    assert await store.read_segments("a") == [b"one", b"two"]
+    with pytest.raises(StoreError):  # a round is appended once
+        await store.write([AppendSegment("a", 2, b"again")])
+    await store.write([RemoveSegments("a")])
+    assert await store.read_segments("a") == []
+    assert await store.read_segments("b") == [b"other"]
+
+
+async def test_data_survives_reopening(new_store: Callable[[], Store]) -> None:
+    first = new_store()
+    await first.open()
+    await first.write([InsertCall(record("a")), AddResult(QueuedResult(1, "a", 0, b"r"))])
+    await first.close()
+    second = new_store()
+    await second.open()
+    try:
+        snapshot = await second.load()
+        assert [c.id for c in snapshot.calls] == ["a"]
+        assert [r.result for r in snapshot.results] == [b"r"]
+        assert snapshot.next_seq == 2
+    finally:
+        await second.close()
+
+
+async def test_a_second_scheduler_cannot_open_the_same_database(
+    store: Store, new_store: Callable[[], Store]
+) -> None:
+    other = new_store()
+    with pytest.raises(StoreError, match=r"in use by another process|another scheduler is running"):
+        await other.open()
+    # The first one is unaffected.
+    await store.write([InsertCall(record("a"))])
+
+
+async def test_writing_to_a_closed_store_fails(new_store: Callable[[], Store]) -> None:
+    store = new_store()
+    with pytest.raises(StoreError, match="not open"):
+        await store.write([InsertCall(record("a"))])
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreError, match="not open"):
+        await store.write([InsertCall(record("a"))])
