@@ -34,6 +34,7 @@ from ._serving import (
     raise_file_limit,
 )
 from ._status import Classifier, Status
+from .asgi import ASGIEndpoint
 from .durable import Runner
 from .http import Response, response_status
 
@@ -310,7 +311,25 @@ class Dispatch:
 
         At startup it starts the embedded scheduler when no API URL is set, else checks
         the verification key (and warns without one); at cleanup, after in-flight
-        requests, it closes this object (`aclose`).
+        requests, it closes this object (`aclose`). See `lifespan`.
+        """
+        async with self.lifespan(app):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Start this object with an application, and close it when the application stops.
+
+        An async context manager, in the form ASGI frameworks take::
+
+            app = FastAPI(lifespan=dispatch.lifespan)
+
+        On entry it starts the embedded scheduler when no API URL is set, else checks
+        the verification key (and warns without one); on exit it closes this object
+        (`aclose`).
+
+        Args:
+            app: The application (unused; frameworks pass it).
         """
         if self._config.embedded():
             await self._start_embedded()
@@ -320,6 +339,24 @@ class Dispatch:
             yield
         finally:
             await self.aclose()
+
+    def asgi(self) -> ASGIEndpoint:
+        """Return the endpoint as an ASGI application.
+
+        It serves ``POST .../dispatch.sdk.v1.FunctionService/Run`` with the checks of
+        `routes` (signatures, limits, Connect errors) and answers 404 elsewhere. Served
+        alone (``uvicorn app:endpoint`` with ``endpoint = dispatch.asgi()``) it runs
+        `lifespan` itself. In FastAPI or Starlette, add it as the route of that path and
+        pass `lifespan` to the application, which does not forward lifespan events to
+        routes::
+
+            app = FastAPI(lifespan=dispatch.lifespan)
+            app.add_route(dispatch_aio.asgi.RUN_PATH, dispatch.asgi(), methods=["POST"])
+
+        Returns:
+            The ASGI application.
+        """
+        return ASGIEndpoint(self._endpoint, self.lifespan)
 
     def endpoint_addr(self) -> tuple[str, int]:
         """Return the ``(host, port)`` the endpoint binds (``DISPATCH_ENDPOINT_ADDR``).
