@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from asgi_server import serve_asgi
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from endpoint_driver import RUN_PATH, Driver, Outcome, Reply, serve_app
 from hypothesis import HealthCheck, given, settings
@@ -50,19 +52,30 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-@pytest.fixture
-async def signed() -> AsyncIterator[EndpointServer]:
+@contextlib.asynccontextmanager
+async def served(dispatch: Dispatch, how: str) -> AsyncIterator[EndpointServer]:
+    """Serve with `Dispatch.start` (aiohttp), or as ASGI under uvicorn."""
+    if how == "aiohttp":
+        async with await dispatch.start() as server:
+            yield server
+    else:
+        async with serve_asgi(dispatch.asgi()) as server:
+            yield server  # type: ignore[misc]  # the same url and port
+
+
+@pytest.fixture(params=["aiohttp", "asgi"])
+async def signed(request: pytest.FixtureRequest) -> AsyncIterator[EndpointServer]:
     """An endpoint that verifies signatures made with KEY."""
     dispatch = build_dispatch(verification_key=public_key_to_base64(KEY.public_key()))
-    async with await dispatch.start() as server:
+    async with served(dispatch, request.param) as server:
         yield server
 
 
-@pytest.fixture
-async def unsigned() -> AsyncIterator[EndpointServer]:
+@pytest.fixture(params=["aiohttp", "asgi"])
+async def unsigned(request: pytest.FixtureRequest) -> AsyncIterator[EndpointServer]:
     """An endpoint without a verification key and a small body limit."""
     dispatch = build_dispatch(max_body_size=SMALL_LIMIT, body_timeout=0.5)
-    async with await dispatch.start() as server:
+    async with served(dispatch, request.param) as server:
         yield server
 
 

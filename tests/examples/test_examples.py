@@ -146,6 +146,16 @@ def test_aiohttp_app_runs(procs: Starter, tmp_path: Path, how: str) -> None:
     ]
 
 
+# -- fastapi_app ----------------------------------------------------------------------------
+
+
+def test_fastapi_app_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    assert run_example(procs, tmp_path, "fastapi_app", how) == [
+        "GET / -> 202",
+        "welcome email sent to grace@example.com",
+    ]
+
+
 # -- timers ---------------------------------------------------------------------------------
 
 
