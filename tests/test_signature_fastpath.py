@@ -1,8 +1,9 @@
 """The signature fast paths against the general code they shortcut.
 
-Verification parses the exact header shapes a Dispatch signer emits with a few regular
-expressions and falls back to the RFC 8941 parser for anything else; signing builds the
-signature base from parts computed once per URL. Both must agree with the general path
+Verification checks a whole request of the exact shape a Dispatch signer emits with a few
+regular expressions (`_fast_verify`), and otherwise parses the exact header shapes with a
+few more before it falls back to the RFC 8941 parser; signing builds the signature base
+from parts computed once per URL. Both must agree with the general path
 on every input: these tests generate headers around the recognised shapes (and
 mutations of them) and compare.
 """
@@ -10,11 +11,14 @@ mutations of them) and compare.
 from __future__ import annotations
 
 import base64
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from dispatch_aio._signature import (
     InvalidSignatureError,
@@ -23,10 +27,12 @@ from dispatch_aio._signature import (
     SignatureError,
     _Dictionary,
     _fast_dictionary,
+    _fast_verify,
     _InnerList,
     _Item,
     _Parser,
     _sign,
+    _signature_base,
     _Token,
     _verify,
     content_digest,
@@ -325,6 +331,25 @@ def test_request_signer_equals_general_signer(
     assert (with_nonce["Signature-Input"], with_nonce["Signature"]) == expected
 
 
+def test_request_signer_fresh_nonce_is_signed_like_any_other() -> None:
+    signer = RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Type": "a/b"})
+    first, second = (signer.sign(b"x", created=CREATED) for _ in range(2))
+    assert first["Signature"] != second["Signature"]  # same body, same second
+    covered = general(first["Signature-Input"], "Signature-Input")["dispatch"]
+    assert isinstance(covered, _InnerList)
+    nonce = covered.params["nonce"]
+    assert isinstance(nonce, str) and re.fullmatch(r"[A-Za-z0-9_-]{16}", nonce)
+    pairs = [("Content-Type", "a/b"), ("Content-Digest", content_digest(b"x"))]
+    params: dict[str, int | str] = {
+        "created": CREATED,
+        "keyid": "default",
+        "alg": "ed25519",
+        "nonce": nonce,
+    }
+    expected = _sign(PRIVATE_KEY, "POST", URL, pairs, COMPONENTS, params, "dispatch")
+    assert (first["Signature-Input"], first["Signature"]) == expected
+
+
 def test_request_signer_refuses_what_sign_request_refuses() -> None:
     with pytest.raises(ValueError, match="without a Content-Type header"):
         RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Digest": "x"})
@@ -344,3 +369,202 @@ def test_request_signer_uses_the_clock() -> None:
     verify_request(PUBLIC_KEY, "POST", URL, headers, b"body")
     assert ";created=" in headers["Signature-Input"]
     assert _Token("x") == "x"  # why `typed` keeps types apart
+
+
+# --- whole-request fast verification: same outcome as the general path ---------------------------
+
+HTTP_MESSAGE_SIGNATURES_ORDER = ("created", "keyid", "expires", "nonce", "alg")  # dispatch-py's
+
+
+def signed_text(
+    input_text: str,
+    method: str = "POST",
+    url: str = URL,
+    content_type: str = "a/b",
+    body: bytes = b"x",
+) -> dict[str, str]:
+    """Headers with this Signature-Input text, signed over what the general parser reads."""
+    headers = {"Content-Type": content_type, "Content-Digest": content_digest(body)}
+    covered = general(input_text, "Signature-Input")["dispatch"]
+    assert isinstance(covered, _InnerList)
+    base = _signature_base(method, url, list(headers.items()), covered)
+    signature = base64.b64encode(PRIVATE_KEY.sign(base.encode("ascii"))).decode()
+    return {**headers, "Signature-Input": input_text, "Signature": f"dispatch=:{signature}:"}
+
+
+def test_fast_verify_takes_the_shapes_dispatch_signers_emit() -> None:
+    # Ours, with and without a nonce, from aiohttp's headers or a plain dict in any case.
+    signer = RequestSigner(PRIVATE_KEY, "POST", URL, {"Content-Type": "a/b"})
+    for nonce in (True, False, "n-1"):
+        signed = {"Content-Type": "a/b", **signer.sign(b"x", created=CREATED, nonce=nonce)}
+        for headers in (
+            signed,
+            {key.lower(): value for key, value in signed.items()},
+            CIMultiDictProxy(CIMultiDict(signed)),
+        ):
+            verified = _fast_verify(PUBLIC_KEY, "POST", URL, headers, b"x", CREATED)
+            assert verified is not None
+            assert verified == verify_request(PUBLIC_KEY, "POST", URL, headers, b"x", now=CREATED)
+    # dispatch-py's: components in the order of a set, its parameters in its own order.
+    components = '"content-digest" "@authority" "@method" "content-type" "@path"'
+    params = f';created={CREATED};keyid="default";expires={CREATED + 60};nonce="n";alg="ed25519"'
+    headers = signed_text(f"dispatch=({components}){params}")
+    assert _fast_verify(PUBLIC_KEY, "POST", URL, headers, b"x", CREATED) is not None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        f';created={CREATED};keyid="default";created={CREATED}',  # repeated: the last one counts
+        f';created=0{CREATED};keyid="default"',  # a leading zero, not in the base
+        f';created={CREATED};keyid="default";nonce="a\\\\b"',  # an escape, not in the base
+        f';created={CREATED};keyid="default" ',  # a trailing space
+    ],
+)
+@pytest.mark.parametrize("separator", [" ", "  "])  # two spaces: the base has one
+def test_fast_verify_declines_what_only_the_general_path_accepts(
+    params: str, separator: str
+) -> None:
+    components = separator.join(f'"{name}"' for name in COMPONENTS)
+    headers = signed_text(f"dispatch=({components}){params}")
+    assert _fast_verify(PUBLIC_KEY, "POST", URL, headers, b"x", CREATED) is None
+    verify_request(PUBLIC_KEY, "POST", URL, headers, b"x", now=CREATED)
+
+
+@st.composite
+def fast_shaped_requests(
+    draw: st.DrawFn,
+) -> tuple[str, str, Mapping[str, str], bytes, float]:
+    """Requests in or next to the shape `_fast_verify` takes, edited where it decides."""
+    body = draw(st.binary(max_size=32))
+    url = draw(
+        mostly(
+            st.just(URL),
+            st.sampled_from(
+                [
+                    "https://Example.com:443",
+                    "http://user@h:80/a?b",
+                    "HTTP://H/%7e",
+                    "http://[::1/x",  # urlsplit raises ValueError
+                    "http://h/\u00e9",
+                    "http://h/a\tb",
+                ]
+            ),
+        )
+    )
+    method = draw(mostly(st.just("POST"), st.sampled_from(["post", "P\u0131ST", "PO\nST", ""])))
+    content_type = draw(
+        mostly(
+            st.just("application/proto"),
+            st.sampled_from([" a/b ", "a/b\n", "a\rb", "\u00e9", "", "a, b"]),
+        )
+    )
+    names = draw(mostly(st.just(COMPONENTS), st.permutations(COMPONENTS)))
+    if draw(st.integers(0, 9)) == 0:
+        names = draw(st.lists(st.sampled_from([*COMPONENTS, "x-other"]), max_size=6))
+    param_values: dict[str, str] = {
+        "created": str(CREATED),
+        "keyid": '"default"',
+        "expires": str(CREATED + 10),
+        "nonce": '"' + draw(st.sampled_from(["n-1", "", "a b", 'a\\"b', "a;b"])) + '"',
+        "alg": '"ed25519"',
+    }
+    orders = [
+        ("created", "keyid", "alg", "nonce"),  # ours
+        ("created", "keyid", "alg"),
+        ("created", "keyid", "nonce", "alg"),
+        HTTP_MESSAGE_SIGNATURES_ORDER,
+    ]
+    order = draw(st.sampled_from(orders))
+    pairs = [(name, param_values[name]) for name in order]
+    if draw(st.integers(0, 3)) == 0:  # an edit where the fast path decides
+        name = draw(st.sampled_from(sorted(param_values)))
+        value = draw(
+            st.sampled_from(
+                [
+                    "0",
+                    "01",
+                    str(CREATED - 400),
+                    str(CREATED + 30),
+                    "-1",
+                    "1.5",
+                    "?1",
+                    "default",
+                    '"default"',
+                    '"ed25519"',
+                    '"other"',
+                    '""',
+                    "1" * 16,
+                ]
+            )
+        )
+        position = draw(st.integers(0, len(pairs)))
+        if draw(st.booleans()):
+            pairs.insert(position, (name, value))  # sometimes a repeat
+        else:
+            pairs = [(n, value if n == name else v) for n, v in pairs]
+    label = draw(mostly(st.just("dispatch"), st.sampled_from(["sig", "*"])))
+    input_text = f"{label}=(" + " ".join(f'"{n}"' for n in names) + ")"
+    input_text += "".join(f";{n}={v}" for n, v in pairs)
+    headers = {"Content-Type": content_type, "Content-Digest": content_digest(body)}
+    if draw(st.integers(0, 9)) == 0:
+        headers["Content-Digest"] = content_digest(body, "sha-256")
+    try:
+        covered = general(input_text, "Signature-Input")[label]
+        assert isinstance(covered, _InnerList)
+        base = _signature_base(method, url, list(headers.items()), covered)
+        signature = PRIVATE_KEY.sign(base.encode("ascii"))
+    except (SignatureError, ValueError, UnicodeError):
+        signature = bytes(64)
+    sig_label = draw(mostly(st.just(label), st.just("other")))
+    signed = {
+        **headers,
+        "Signature-Input": input_text,
+        "Signature": f"{sig_label}=:{base64.b64encode(signature).decode()}:",
+    }
+    if draw(st.integers(0, 4)) == 0:
+        name = draw(st.sampled_from(sorted(signed)))
+        signed[name] = draw(mutated(st.just(signed[name])))
+    container = draw(st.sampled_from(["dict", "lower", "multidict"]))
+    result_headers: Mapping[str, str]
+    if container == "multidict":
+        multi = CIMultiDict(signed)
+        if draw(st.integers(0, 4)) == 0:  # a repeated header field
+            name = draw(st.sampled_from(sorted(signed)))
+            multi.add(draw(st.sampled_from([name, name.upper()])), draw(st.sampled_from(["", "x"])))
+        result_headers = CIMultiDictProxy(multi)
+    elif container == "lower":
+        result_headers = {key.lower(): value for key, value in signed.items()}
+        if draw(st.integers(0, 4)) == 0:  # one field under two spellings
+            result_headers["CONTENT-TYPE"] = content_type
+    else:
+        result_headers = signed
+    if draw(st.integers(0, 5)) == 0:
+        body += b"!"
+    now = draw(
+        mostly(
+            st.sampled_from([CREATED, CREATED + 1]),
+            st.sampled_from([CREATED - 5, CREATED - 6, CREATED + 305, CREATED + 306, CREATED + 16]),
+        )
+    )
+    return method, url, result_headers, body, now
+
+
+@settings(max_examples=3000, deadline=None)
+@given(request=fast_shaped_requests())
+def test_fast_verify_outcome_equals_general_path(
+    request: tuple[str, str, Mapping[str, str], bytes, float],
+) -> None:
+    method, url, headers, body, now = request
+    fast = outcome(verify_request, PUBLIC_KEY, method, url, headers, body, now=now)
+    slow = outcome(_verify, PUBLIC_KEY, method, url, headers, body, now=now, parse=general)
+    try:
+        verified = _fast_verify(PUBLIC_KEY, method, url, headers, body, now)
+        taken: tuple[Any, ...] | None = None if verified is None else ("ok",)
+    except SignatureError as exc:
+        taken = type(exc), str(exc)
+    event("general path" if taken is None else "fast path")
+    event(f"outcome: {fast[0] if fast == ('ok',) else fast[0].__name__}")
+    assert fast == slow
+    if taken is not None:  # it decided: it verified, or raised as the last two checks do
+        assert taken == slow

@@ -23,11 +23,13 @@ import base64
 import hashlib
 import heapq
 import hmac
+import os
 import re
-import secrets
 import time
+from binascii import b2a_base64
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from hashlib import sha512
 from types import MappingProxyType
 from typing import TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
@@ -35,6 +37,7 @@ from urllib.parse import SplitResult, urlsplit
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "InvalidSignatureError",
@@ -55,6 +58,10 @@ _REQUIRED_COMPONENTS = ("@method", "@path", "@authority", "content-type", "conte
 _ALLOWED_PARAMS = frozenset({"alg", "created", "expires", "keyid", "nonce"})
 _CLOCK_SKEW = 5  # seconds a signer's clock may run ahead; also grace after expiry
 _MAX_AGE = 300  # seconds a signature stays acceptable after `created`
+_DIGEST_MISMATCH = "digest of the request body does not match the Content-Digest header"
+_SIGNATURE_MISMATCH = "request signature does not match the request and verification key"
+_NONCE_BYTES = 12  # 16 characters of URL-safe base64, as secrets.token_urlsafe(12) gives
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 # Preference order; the constructors themselves, cheaper to call than hashlib.new(name).
 _DIGESTS = MappingProxyType({"sha-512": hashlib.sha512, "sha-256": hashlib.sha256})
 
@@ -279,6 +286,136 @@ def _parse_dictionary(text: str, field: str) -> _Dictionary:
     return fast if fast is not None else _Parser(text, field).dictionary()
 
 
+# --- Fast verification: a whole request in the profile's exact shape ----------------------------
+#
+# `_fast_verify` proves, with a few regular expressions, that every shape check of `_verify`
+# passes, and then that the values do; it answers None as soon as anything differs (another
+# shape, or any failure but the last two value checks) and `_verify` decides alone. Within the
+# shape, serializing the parsed inner list gives back its text unchanged (no escapes, no
+# leading zeros, no repeated parameter, single spaces), so the ``@signature-params`` line is
+# the Signature-Input value itself, past the label.
+
+_FAST_OURS = re.compile(  # what RequestSigner emits: no parameter list to take apart
+    r'([a-z*][a-z0-9_.*-]*)=(\("@method" "@path" "@authority" "content-type" "content-digest"\)'
+    r';created=(0|[1-9][0-9]{0,14});keyid="default";alg="ed25519"(?:;nonce="[ !#-\[\]-~]*")?)'
+)
+_FAST_INPUT = re.compile(  # other orders (dispatch-py's components come from a set)
+    r'([a-z*][a-z0-9_.*-]*)=(\(("[a-z@-]+"(?: "[a-z@-]+"){4})\)'
+    r'((?:;(?:created|expires)=(?:0|[1-9][0-9]{0,14})|;(?:keyid|alg|nonce)="[ !#-\[\]-~]*")+))'
+)
+_FAST_INPUT_PARAM = re.compile(r';([a-z]+)=(?:"([ !#-\[\]-~]*)"|([0-9]+))')
+_FAST_SHA512 = re.compile(r"sha-512=:([A-Za-z0-9+/]*={0,2}):")
+_COMPONENT_SET = frozenset(_REQUIRED_COMPONENTS)
+_DEFAULT_PORTS = MappingProxyType({"http": ":80", "https": ":443"})
+
+
+def _fast_verify(
+    key: Ed25519PublicKey,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    current: float,
+) -> Verified | None:
+    """Verify a request of the shape Dispatch signers emit, or return None to let `_verify` decide.
+
+    Args:
+        key: The verification key.
+        method: The HTTP method.
+        url: The absolute request URL as the server saw it.
+        headers: The request headers.
+        body: The request body.
+        current: The current Unix time.
+
+    Returns:
+        The verified signature, or None when `_verify` must decide.
+
+    Raises:
+        InvalidSignatureError: Only as `_verify` would: the body digest or the signature does not
+            match, and every other check passed.
+    """
+    if type(headers) is CIMultiDictProxy or type(headers) is CIMultiDict:
+        # Its case-insensitive lookups find what `_index` would, without copying every header.
+        inputs = headers.getall("signature-input", ())
+        signatures = headers.getall("signature", ())
+        digests = headers.getall("content-digest", ())
+        types = headers.getall("content-type", ())
+    else:
+        index = _index(headers.items())
+        inputs = index.get("signature-input", ())
+        signatures = index.get("signature", ())
+        digests = index.get("content-digest", ())
+        types = index.get("content-type", ())
+    if len(inputs) != 1 or len(signatures) != 1 or len(digests) != 1 or len(types) != 1:
+        return None
+    names: list[str] | None = None  # None: in the profile's order
+    expires: object = None
+    if (m := _FAST_OURS.fullmatch(inputs[0])) is not None:
+        label, signature_params, created_text = m.groups()
+        created: object = int(created_text)
+    elif (m := _FAST_INPUT.fullmatch(inputs[0])) is not None:
+        label, signature_params, components, tail = m.groups()
+        names = components[1:-1].split('" "')
+        found = _FAST_INPUT_PARAM.findall(tail)
+        params = {name: int(digits) if digits else text for name, text, digits in found}
+        created, expires = params.get("created"), params.get("expires")
+        if (
+            set(names) != _COMPONENT_SET
+            or len(params) != len(found)  # repeated: first position, last value; not its text
+            or params.get("keyid") != "default"
+            or params.get("alg") not in (None, "ed25519")
+        ):
+            return None
+    else:
+        return None
+    if (
+        type(created) is not int
+        or created > current + _CLOCK_SKEW
+        or created + _MAX_AGE < current - _CLOCK_SKEW
+        or (type(expires) is int and expires < current - _CLOCK_SKEW)
+        or (signature := _FAST_BYTES.fullmatch(signatures[0])) is None
+        or signature[1] != label
+        or (digest := _FAST_SHA512.fullmatch(digests[0])) is None
+    ):
+        return None
+    try:
+        # Decoded as the general parser decodes; padding errors are its to report.
+        signature_bytes = base64.b64decode(signature[2], validate=True)
+        claimed = base64.b64decode(digest[1], validate=True)
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    path = parts.path or "/"
+    authority = parts.netloc.rpartition("@")[2].lower()
+    if (default_port := _DEFAULT_PORTS.get(parts.scheme.lower())) is not None:
+        authority = authority.removesuffix(default_port)
+    if names is None:
+        head = (
+            f'"@method": {method.upper()}\n"@path": {path}\n"@authority": {authority}\n'
+            f'"content-type": {types[0].strip()}\n"content-digest": {digests[0]}'
+        )
+    else:
+        lines = {
+            "@method": method.upper(),
+            "@path": path,
+            "@authority": authority,
+            "content-type": types[0].strip(),
+            "content-digest": digests[0],
+        }
+        head = "\n".join(f'"{name}": {lines[name]}' for name in names)
+    base = f'{head}\n"@signature-params": {signature_params}'
+    # Exactly the five separators: no component value holds a line break.
+    if base.count("\n") != 5 or "\r" in base or not base.isascii():
+        return None
+    if not hmac.compare_digest(claimed, sha512(body).digest()):
+        raise InvalidSignatureError(_DIGEST_MISMATCH)
+    try:
+        key.verify(signature_bytes, base.encode("ascii"))
+    except InvalidSignature:
+        raise InvalidSignatureError(_SIGNATURE_MISMATCH) from None
+    return Verified(signature_bytes, created)
+
+
 # --- Signature base (RFC 9421 section 2.5) ------------------------------------------------------
 
 _Headers = Sequence[tuple[str, str]]
@@ -484,17 +621,22 @@ class RequestSigner:
         Returns:
             The headers to add: ``Content-Digest``, ``Signature-Input`` and ``Signature``.
         """
-        digest = content_digest(body)
+        # content_digest(body) and base64, inlined: this runs for every request.
+        digest = b2a_base64(sha512(body).digest(), newline=False).decode("ascii")
         when = int(time.time()) if created is None else created
-        tail = f"{when}{self._params_tail}"
-        if nonce is not False:
-            tail += f";nonce={_ser_bare(_new_nonce() if nonce is True else nonce)}"
-        base = f'{self._head}{digest}\n"@signature-params": {self._params_head}{tail}'
-        signature = base64.b64encode(self._key.sign(base.encode("ascii"))).decode("ascii")
+        if nonce is True:
+            fresh = b2a_base64(os.urandom(_NONCE_BYTES), newline=False).translate(_URLSAFE)
+            tail = f'{when}{self._params_tail};nonce="{fresh.decode("ascii")}"'
+        elif nonce is False:
+            tail = f"{when}{self._params_tail}"
+        else:
+            tail = f"{when}{self._params_tail};nonce={_ser_bare(nonce)}"
+        base = f'{self._head}sha-512=:{digest}:\n"@signature-params": {self._params_head}{tail}'
+        signature = b2a_base64(self._key.sign(base.encode("ascii")), newline=False)
         return {
-            "Content-Digest": digest,
+            "Content-Digest": f"sha-512=:{digest}:",
             "Signature-Input": self._input_head + tail,
-            "Signature": f"{self._label}=:{signature}:",
+            "Signature": f"{self._label}=:{signature.decode('ascii')}:",
         }
 
 
@@ -536,10 +678,6 @@ def sign_request(
     return signer.sign(body, created=created, nonce=nonce)
 
 
-def _new_nonce() -> str:
-    return secrets.token_urlsafe(12)
-
-
 def verify_request(
     key: Ed25519PublicKey,
     method: str,
@@ -566,7 +704,11 @@ def verify_request(
         MalformedSignatureError: A signature header, parameter or component is missing or malformed.
         InvalidSignatureError: The signature or digest does not match, or is stale or expired.
     """
-    return _verify(key, method, url, headers, body, now=now)
+    current = time.time() if now is None else now
+    verified = _fast_verify(key, method, url, headers, body, current)
+    return (
+        verified if verified is not None else _verify(key, method, url, headers, body, now=current)
+    )
 
 
 def _verify(
@@ -634,15 +776,11 @@ def _verify(
     if expires is not None and expires < current - _CLOCK_SKEW:
         raise InvalidSignatureError(f"signature expired {current - expires:.0f} s ago")
     if not hmac.compare_digest(claimed, actual):
-        raise InvalidSignatureError(
-            "digest of the request body does not match the Content-Digest header"
-        )
+        raise InvalidSignatureError(_DIGEST_MISMATCH)
     try:
         key.verify(sig_item.value, base.encode("ascii"))
     except InvalidSignature:
-        raise InvalidSignatureError(
-            "request signature does not match the request and verification key"
-        ) from None
+        raise InvalidSignatureError(_SIGNATURE_MISMATCH) from None
     return Verified(sig_item.value, created)
 
 
