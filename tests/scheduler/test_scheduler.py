@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dispatch_aio._signature import private_key_to_pem, public_key_to_base64
 from dispatch_aio.proto.sdk.v1 import dispatch_pb2, function_pb2
-from dispatch_aio.scheduler import Scheduler, StoreError
+from dispatch_aio.scheduler import Scheduler, Store, StoreError
 
 from .scripted import (
     API_KEY,
@@ -30,9 +30,8 @@ MakeScheduler = Callable[..., Awaitable[Scheduler]]
 
 
 async def test_restart_picks_up_unfinished_calls(
-    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler, tmp_path: Path
+    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler, new_store: Callable[[], Store]
 ) -> None:
-    db = str(tmp_path / "calls.db")
     released = {"a": asyncio.Event(), "b": asyncio.Event(), "c": asyncio.Event()}
 
     async def child(req: function_pb2.RunRequest) -> function_pb2.RunResponse:
@@ -52,7 +51,7 @@ async def test_restart_picks_up_unfinished_calls(
     endpoint.on("parent", parent)
     endpoint.on("top", lambda req: ok("top"))
 
-    first = await make_scheduler(db, default_endpoint=endpoint.url)
+    first = await make_scheduler(new_store(), default_endpoint=endpoint.url)
     [parent_id] = await first.dispatch([call("parent")])
     await endpoint.wait_for(lambda: len(endpoint.requests_for("child")) == 3)
     released["a"].set()
@@ -61,7 +60,7 @@ async def test_restart_picks_up_unfinished_calls(
     await first.close()
     assert len(endpoint.for_id(parent_id)) == 1
 
-    second = await make_scheduler(db, default_endpoint=endpoint.url)
+    second = await make_scheduler(new_store(), default_endpoint=endpoint.url)
     assert second.unfinished == 2
     released["c"].set()
     async with asyncio.timeout(5):
@@ -78,9 +77,8 @@ async def test_restart_picks_up_unfinished_calls(
 
 
 async def test_submitted_calls_survive_a_restart_before_running(
-    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler, tmp_path: Path
+    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler, new_store: Callable[[], Store]
 ) -> None:
-    db = str(tmp_path / "calls.db")
     gate = asyncio.Event()
 
     async def slow(req: function_pb2.RunRequest) -> function_pb2.RunResponse:
@@ -88,12 +86,12 @@ async def test_submitted_calls_survive_a_restart_before_running(
         return ok(unpack_text(req.input))
 
     endpoint.on("slow", slow)
-    first = await make_scheduler(db, default_endpoint=endpoint.url, max_concurrency=1)
+    first = await make_scheduler(new_store(), default_endpoint=endpoint.url, max_concurrency=1)
     ids = await first.dispatch([call("slow", str(i)) for i in range(5)])
     await endpoint.wait_for(lambda: len(endpoint.received) == 1)
     await first.close()
     gate.set()
-    second = await make_scheduler(db, default_endpoint=endpoint.url)
+    second = await make_scheduler(new_store(), default_endpoint=endpoint.url)
     async with asyncio.timeout(5):
         outputs = [unpack_text((await second.wait(i)).output) for i in ids]
     assert outputs == ["0", "1", "2", "3", "4"]
@@ -116,11 +114,12 @@ async def test_max_wait_that_elapsed_while_down_resumes_at_once(
     assert time.monotonic() - start < 0.7  # not another max_wait (1 s) of waiting
 
 
-async def test_signing_key_is_generated_once_and_kept(tmp_path: Path) -> None:
-    db = str(tmp_path / "calls.db")
-    async with Scheduler(db, api_key=API_KEY) as first:
+async def test_signing_key_is_generated_once_and_kept(
+    tmp_path: Path, new_store: Callable[[], Store]
+) -> None:
+    async with Scheduler(new_store(), api_key=API_KEY) as first:
         key = first.verification_key
-    async with Scheduler(db, api_key=API_KEY) as second:
+    async with Scheduler(new_store(), api_key=API_KEY) as second:
         assert second.verification_key == key
     async with Scheduler(str(tmp_path / "other.db"), api_key=API_KEY) as third:
         assert third.verification_key != key

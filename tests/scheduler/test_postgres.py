@@ -1,0 +1,167 @@
+"""The PostgreSQL store: schema versions, one scheduler per database, lost connections."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from dispatch_aio.scheduler import PostgresStore, Scheduler, StoreError
+from dispatch_aio.scheduler._postgres import SCHEMA_VERSION, mask_url
+from dispatch_aio.scheduler._store import InsertCall
+
+from .scripted import ScriptedEndpoint
+from .test_store_contract import record
+from .test_store_failures import CALLS, finished, gated_calls
+
+MakeScheduler = Callable[..., Awaitable[Scheduler]]
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def admin_url(url: str) -> str:
+    """The URL of the server's own database, to act on `url`'s from outside."""
+    return urlunsplit(urlsplit(url)._replace(path="/postgres"))
+
+
+@pytest.fixture
+async def admin(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(admin_url(pg_url))
+    yield conn
+    await conn.execute(f'ALTER DATABASE "{database_name(pg_url)}" ALLOW_CONNECTIONS true')
+    await conn.close()
+
+
+async def terminate_sessions(admin: asyncpg.Connection, url: str) -> int:
+    """End every session on `url`'s database (as a restarted or failed-over server does)."""
+    return len(
+        await admin.fetch(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database_name(url),
+        )
+    )
+
+
+async def test_a_new_database_gets_the_schema_and_its_version(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetch("SELECT version FROM dispatch_schema") == [(SCHEMA_VERSION,)]
+    finally:
+        await conn.close()
+    again = PostgresStore(pg_url)  # opening it again changes nothing
+    await again.open()
+    await again.close()
+
+
+async def test_a_newer_schema_is_refused_with_the_versions(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("UPDATE dispatch_schema SET version = $1", SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError) as refused:
+        await PostgresStore(pg_url).open()
+    message = str(refused.value)
+    assert f"schema version {SCHEMA_VERSION + 1}, newer than the {SCHEMA_VERSION}" in message
+    assert "upgrade dispatch_aio" in message
+
+
+async def test_connection_errors_name_the_server_without_the_password() -> None:
+    store = PostgresStore("postgresql://alice:s3cret@127.0.0.1:1/calls")
+    with pytest.raises(StoreError) as failed:
+        await store.open()
+    message = str(failed.value)
+    assert message.startswith(
+        "cannot connect to the database postgresql://alice:***@127.0.0.1:1/calls: "
+    )
+    assert "s3cret" not in message
+    with pytest.raises(StoreError, match="not open"):
+        await store.write([InsertCall(record("a"))])
+
+
+async def test_a_missing_database_says_to_create_it(pg_url: str) -> None:
+    url = urlunsplit(urlsplit(pg_url)._replace(path="/no_such_db"))
+    with pytest.raises(StoreError, match=r"does not exist; create it \(createdb\)"):
+        await PostgresStore(url).open()
+
+
+def test_urls_are_checked_and_masked() -> None:
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        PostgresStore("mysql://u:p@h/db")
+    assert mask_url("postgresql://u:p@h:5432/db?sslmode=require") == (
+        "postgresql://u:***@h:5432/db?sslmode=require"
+    )
+    assert mask_url("postgres://u@h/db?password=p&x=1") == "postgres://u@h/db?password=***&x=1"
+    assert mask_url("postgresql://h/db") == "postgresql://h/db"
+
+
+def test_the_scheduler_imports_without_asyncpg() -> None:
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "import asyncio, dispatch_aio.scheduler as s\n"
+        "try:\n"
+        "    asyncio.run(s.PostgresStore('postgresql://u@h/db').open())\n"
+        "except s.StoreError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == (
+        "the PostgreSQL store needs the asyncpg package: pip install 'dispatch-aio[postgres]'"
+    )
+
+
+async def test_the_store_connects_again_and_takes_the_lock_again(
+    pg_url: str, admin: asyncpg.Connection
+) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        await store.write([InsertCall(record("a"))])
+        assert await terminate_sessions(admin, pg_url) >= 1
+        # Fails if the loss is noticed only by this write, else connects again at once.
+        writing = store.write([InsertCall(record("b"))])
+        outcome = await asyncio.gather(writing, return_exceptions=True)
+        if outcome != [None]:
+            assert "lost the connection to postgresql://postgres@/" in str(outcome[0])
+            assert await store.get_call("b") is None
+        await store.write([InsertCall(record("c"))])
+        assert await store.get_call("c") is not None
+        with pytest.raises(StoreError, match="another scheduler is running on the database"):
+            await PostgresStore(pg_url).open()
+    finally:
+        await store.close()
+    other = PostgresStore(pg_url)  # closing released the lock
+    await other.open()
+    await other.close()
+
+
+async def test_calls_move_again_once_the_database_is_back(
+    endpoint: ScriptedEndpoint,
+    make_scheduler: MakeScheduler,
+    pg_url: str,
+    admin: asyncpg.Connection,
+) -> None:
+    s = await make_scheduler(PostgresStore(pg_url))
+    gate = asyncio.Event()
+    ids = await gated_calls(s, endpoint, gate)
+    # The database goes away: its sessions end and no new one is accepted for a while.
+    await admin.execute(f'ALTER DATABASE "{database_name(pg_url)}" ALLOW_CONNECTIONS false')
+    await terminate_sessions(admin, pg_url)
+    gate.set()  # the outcomes arrive while nothing can be written
+    await asyncio.sleep(1.0)  # several stalled attempts and re-armed timers
+    await admin.execute(f'ALTER DATABASE "{database_name(pg_url)}" ALLOW_CONNECTIONS true')
+    assert await finished(s, ids, 10) == [f"{i}!" for i in range(CALLS)]
