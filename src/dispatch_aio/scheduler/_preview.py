@@ -39,8 +39,10 @@ _PICKLED = "dispatch.sdk.python.v1.Pickled"
 _MAX_DEPTH = 12
 _MAX_INT_DIGITS = 1000
 DEFAULT_LIMIT = 4000
-_MAX_OPS = 200_000
-"""Opcodes read at most: a bigger pickle is described, not read (a preview must be cheap)."""
+_OPS_PER_CHAR = 50
+"""Opcodes read per character of the limit: a preview of a bigger pickle shows the start
+of its value, rebuilt from the opcodes read (a preview must be cheap)."""
+_MIN_OPS = 10_000
 
 _SCALARS: dict[str, type[Message]] = {
     "google.protobuf.BoolValue": wrappers_pb2.BoolValue,
@@ -123,7 +125,20 @@ class _Unreadable(Exception):
 
 
 class _TooBig(Exception):
-    """The pickle has more opcodes than a preview reads."""
+    """The pickle has more opcodes than a preview reads; `partial` is what was rebuilt."""
+
+    def __init__(self, partial: object) -> None:
+        super().__init__("too many opcodes")
+        self.partial = partial
+
+
+class _Partial:
+    """The start of a value whose pickle was not read to the end."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
 
 
 # Reducers whose result is a plain container of their argument: rebuilt as that
@@ -202,14 +217,15 @@ def _items(value: object) -> list[object] | None:
     return None
 
 
-def _read(data: bytes) -> object:
+def _read(data: bytes, max_ops: int) -> object:
     """Run the pickle's opcodes on a stack of rebuilt values; return what STOP returns."""
     stack: list[object] = []
     marks: list[int] = []
     memo: dict[int, object] = {}
     for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
-        if count >= _MAX_OPS:
-            raise _TooBig
+        if count >= max_ops:
+            # The outermost value is at the bottom of the stack, filled in so far.
+            raise _TooBig(stack[0] if stack and stack[0] is not _MARK else None)
         name = opcode.name
         if name in ("PROTO", "FRAME"):
             continue
@@ -411,6 +427,9 @@ def _write(out: _Writer, value: object, depth: int) -> None:
         out.write(f"<{value.name}>")
     elif isinstance(value, _Opaque):
         out.write(f"<{value.what}>")
+    elif isinstance(value, _Partial):
+        _write(out, value.value, depth)
+        out.write(" ...")
     elif depth >= _MAX_DEPTH:
         out.write("...")
     elif id(value) in out.active:
@@ -532,9 +551,9 @@ def _size(data: bytes | str) -> str:
     return f"{len(data)} byte" + ("" if len(data) == 1 else "s")
 
 
-def _read_pickle(data: bytes) -> object:
+def _read_pickle(data: bytes, max_ops: int) -> object:
     try:
-        return _read(data)
+        return _read(data, max_ops)
     except (_Unreadable, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
         raise _Unreadable(str(exc)) from exc
 
@@ -550,7 +569,7 @@ def preview_pickle(data: bytes, limit: int = DEFAULT_LIMIT) -> str:
         The text; instances, classes and functions appear by name, such as
         ``<Point(x=1, y=2)>``, and a damaged pickle as a short description.
     """
-    return _render(_pickled(data), limit)
+    return _render(_pickled(data, _max_ops(limit)), limit)
 
 
 def preview_value(value: any_pb2.Any, limit: int = DEFAULT_LIMIT) -> str:
@@ -560,7 +579,7 @@ def preview_value(value: any_pb2.Any, limit: int = DEFAULT_LIMIT) -> str:
         value: The value, as a ``google.protobuf.Any``.
         limit: Maximum length of the text (0: no limit).
     """
-    return _render(_decode(value, 0), limit)
+    return _render(_decode(value, 0, _max_ops(limit)), limit)
 
 
 def preview_input(value: any_pb2.Any, limit: int = DEFAULT_LIMIT) -> str:
@@ -570,7 +589,7 @@ def preview_input(value: any_pb2.Any, limit: int = DEFAULT_LIMIT) -> str:
         value: The input, as a ``google.protobuf.Any``.
         limit: Maximum length of the text (0: no limit).
     """
-    decoded = _decode(value, 0)
+    decoded = _decode(value, 0, _max_ops(limit))
     if (
         isinstance(decoded, tuple)
         and len(decoded) == 2
@@ -595,7 +614,11 @@ def preview_error_value(data: bytes, limit: int = DEFAULT_LIMIT) -> str:
 # -- protobuf values ---------------------------------------------------------------------
 
 
-def _decode(value: any_pb2.Any, depth: int) -> object:
+def _max_ops(limit: int) -> int:
+    return max(limit * _OPS_PER_CHAR, _MIN_OPS) if limit else 1 << 62
+
+
+def _decode(value: any_pb2.Any, depth: int, max_ops: int) -> object:
     url = value.type_url
     if not url:
         return _Opaque("no value")
@@ -603,17 +626,17 @@ def _decode(value: any_pb2.Any, depth: int) -> object:
     try:
         if name == _PICKLED:
             data = pickled_pb2.Pickled.FromString(value.value).pickled_value
-            return _pickled(data)
+            return _pickled(data, max_ops)
         if name in _SCALARS:
             scalar: object = getattr(_SCALARS[name].FromString(value.value), "value")  # noqa: B009
             if isinstance(scalar, bytes) and scalar[:1] == b"\x80" and scalar[-1:] == b".":
-                return _pickled(scalar)  # dispatch-py's legacy form of pickles
+                return _pickled(scalar, max_ops)  # dispatch-py's legacy form of pickles
             return scalar
         if name == "google.protobuf.Empty":
             empty_pb2.Empty.FromString(value.value)
             return None
         if name == "google.protobuf.Any" and depth < _MAX_DEPTH:
-            return _decode(any_pb2.Any.FromString(value.value), depth + 1)
+            return _decode(any_pb2.Any.FromString(value.value), depth + 1, max_ops)
         if name == "google.protobuf.Timestamp":
             stamp = timestamp_pb2.Timestamp.FromString(value.value)
             moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
@@ -635,11 +658,13 @@ def _decode(value: any_pb2.Any, depth: int) -> object:
     return _Opaque(f"{name}, {_size(value.value)}")
 
 
-def _pickled(data: bytes) -> object:
+def _pickled(data: bytes, max_ops: int) -> object:
     try:
-        return _read_pickle(data)
-    except _TooBig:
-        return _Opaque(f"pickle too large to preview, {_size(data)}")
+        return _read_pickle(data, max_ops)
+    except _TooBig as exc:
+        if exc.partial is None:
+            return _Opaque(f"pickle too large to preview, {_size(data)}")
+        return _Partial(exc.partial)
     except _Unreadable:
         return _Opaque(f"pickle that cannot be read, {_size(data)}")
 
