@@ -26,6 +26,7 @@ from ._engine import DEFAULT_EXPIRATION, Engine, EngineSettings, RetryPolicy
 from ._invoker import Invoker, LocalHandler
 from ._sqlite import SQLiteStore
 from ._store import Phase, SetMeta, Store
+from ._ui import add_ui_routes
 from ._validate import endpoint_problem
 
 __all__ = ["FinishedCall", "Scheduler"]
@@ -173,6 +174,7 @@ class Scheduler:
             self._engine = Engine(self._store, self._invoker, self._settings, rng=self._rng)
             await self._engine.start()
             self._app = create_app(self._engine, self._store, api_key=self._api_key)
+            add_ui_routes(self._app, self._engine, self._store, api_key=self._api_key)
         except BaseException:
             await self.close()
             raise
