@@ -41,7 +41,8 @@ from ._datadir import (
     read_connection,
 )
 from ._progress import CallTracker, TrackingStore
-from .scheduler import RetryPolicy, Scheduler, SQLiteStore, StoreError
+from .scheduler import PostgresStore, RetryPolicy, Scheduler, SQLiteStore, Store, StoreError
+from .scheduler._postgres import mask_url
 
 _ADDR = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<host>[^:\[\]]+):(?P<port>[0-9]+)")
 _WILDCARDS = MappingProxyType({"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"})
@@ -162,6 +163,8 @@ class SchedulerSettings:
     """Folder of the database and connection file."""
     in_memory: bool = False
     """Keep calls in memory only (nothing is written to the data folder)."""
+    database: str = ""
+    """A PostgreSQL URL to keep the calls in; empty: SQLite in the data folder."""
     endpoint_url: str = ""
     """Endpoint of calls that name none."""
     max_attempts: int = RetryPolicy().max_attempts
@@ -220,9 +223,11 @@ class LocalScheduler:
 
     @property
     def database(self) -> str:
-        """Where the calls are kept: the database path, or ``memory only (--in-memory)``."""
+        """Where the calls are kept: a database path or URL (password masked), or memory."""
         if self.settings.in_memory:
             return "memory only (--in-memory)"
+        if self.settings.database:
+            return mask_url(self.settings.database)
         return str(Path(self.settings.data_dir) / DB_FILE)
 
     def running(self) -> list[str]:
@@ -244,8 +249,7 @@ class LocalScheduler:
                 unreadable, or the API address is in use.
         """
         settings = self.settings
-        db = ":memory:" if settings.in_memory else self._prepare_data_dir()
-        store = TrackingStore(SQLiteStore(db), self.tracker)
+        store = TrackingStore(self._store(), self.tracker)
         try:
             scheduler = Scheduler(
                 store,
@@ -259,6 +263,8 @@ class LocalScheduler:
         try:
             await scheduler.start()
         except StoreError as exc:
+            if settings.database:
+                raise CliError(str(exc)) from None
             raise CliError(
                 f"{exc}. To run a separate scheduler, give it another folder with --data-dir "
                 "PATH, or use --in-memory"
@@ -278,8 +284,25 @@ class LocalScheduler:
         # Bound to every interface: clients on this machine reach it on loopback.
         port = int(url.rpartition(":")[2])
         self.api_url = endpoint_url_for(settings.host, port) if settings.host in _WILDCARDS else url
-        if not settings.in_memory:
+        if settings.database:
+            # The data folder only holds the connection file then: without it, the
+            # inspection commands need --api-url; not worth failing for.
+            with contextlib.suppress(OSError):
+                prepare_data_dir(settings.data_dir)
+                self._publish()
+        elif not settings.in_memory:
             self._publish()
+
+    def _store(self) -> Store:
+        settings = self.settings
+        if settings.in_memory:
+            return SQLiteStore(":memory:")
+        if settings.database:
+            try:
+                return PostgresStore(settings.database)
+            except ValueError as exc:
+                raise CliError(f"invalid --database: {exc}", code=2) from None
+        return SQLiteStore(self._prepare_data_dir())
 
     def _prepare_data_dir(self) -> str:
         try:

@@ -15,10 +15,12 @@ Subcommands:
 - ``version``: print the version.
 
 Calls are kept in ``.dispatch/scheduler.db`` (``--data-dir`` to choose the folder,
-``--in-memory`` to keep nothing). The scheduler's API listens on 127.0.0.1, on a free
-port for ``run`` and on port 4450 for ``server``; ``calls`` and ``show`` find a
-scheduler through ``--api-url``/``--api-key``, ``DISPATCH_API_URL``/``DISPATCH_API_KEY``,
-or the connection file a running scheduler writes in its data folder.
+``--in-memory`` to keep nothing), or in PostgreSQL with ``--database
+postgresql://USER@HOST/DB`` (or ``DISPATCH_DATABASE_URL``). The scheduler's API
+listens on 127.0.0.1, on a free port for ``run`` and on port 4450 for ``server``;
+``calls`` and ``show`` find a scheduler through ``--api-url``/``--api-key``,
+``DISPATCH_API_URL``/``DISPATCH_API_KEY``, or the connection file a running scheduler
+writes in its data folder.
 
 Exit statuses: that of CMD for ``run`` (127 if it is not found, 126 if it cannot be
 executed); 0 on success, 1 on a failure, 2 on a usage error otherwise.
@@ -82,6 +84,7 @@ READY_LINE = "Ready. Press Ctrl+C to stop."
 """The last line ``dispatch-aio server`` prints once it accepts calls."""
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+DATABASE_ENV = "DISPATCH_DATABASE_URL"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     sched = argparse.ArgumentParser(add_help=False, parents=[logs, data])
     sched.add_argument(
         "--in-memory", action="store_true", help="keep calls in memory only (lost at exit)"
+    )
+    sched.add_argument(
+        "--database",
+        metavar="URL",
+        help="keep calls in PostgreSQL, at postgresql://USER@HOST/DB (default: "
+        f"{DATABASE_ENV} if set, else SQLite in --data-dir); needs "
+        "pip install 'dispatch-aio[postgres]'",
     )
     sched.add_argument(
         "--host", default="127.0.0.1", help="address the scheduler API binds (default: 127.0.0.1)"
@@ -318,12 +328,23 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
         raise CliError(f"invalid --run-timeout {args.run_timeout:g}: it must be positive", 2)
     if args.max_attempts < 0:
         raise CliError(f"invalid --max-attempts {args.max_attempts}: use 0 or more", code=2)
+    if args.database is not None and args.in_memory:
+        raise CliError(
+            "--database and --in-memory cannot go together: the calls are kept in one place",
+            code=2,
+        )
+    database = args.database
+    if database is None and not args.in_memory:
+        database = os.environ.get(DATABASE_ENV, "").strip()
+    if args.database is not None and not database.strip():
+        raise CliError("--database is empty: give postgresql://USER@HOST/DB", code=2)
     return SchedulerSettings(
         host=args.host,
         port=args.port,
         api_key=args.api_key.strip() if args.api_key else None,
         data_dir=args.data_dir,
         in_memory=args.in_memory,
+        database=(database or "").strip(),
         run_timeout=args.run_timeout,
         max_attempts=args.max_attempts,
     )

@@ -76,6 +76,7 @@ _APPLICATION_NAME = "dispatch-aio scheduler"
 _READERS = 4  # connections of the read pool
 _CONNECT_TIMEOUT = 10.0
 _COMMAND_TIMEOUT = 60.0  # a statement taking longer: the connection is deemed lost
+_LOCK_GRACE = 1.0  # seconds a held lock may take to be released before refusing
 _RESOLVE_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnections
 
 _SCHEMA_V1 = """
@@ -635,7 +636,14 @@ class PostgresStore(Store):
         return f"cannot connect to the database {self._masked}: {reason}; {fix}"
 
     async def _lock(self, conn: Any) -> None:
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+        # A scheduler restarted right after it was killed may find its old session still
+        # ending on the server: give it a moment before refusing.
+        deadline = time.monotonic() + _LOCK_GRACE
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        else:
             return
         holder = await conn.fetchval(_LOCK_HOLDER, _LOCK_KEY >> 32, _LOCK_KEY & 0xFFFFFFFF)
         session = self._session
