@@ -99,8 +99,17 @@ async def stamped() -> int:
 
 
 async def test_nondeterminism_caught() -> None:
-    with pytest.raises(NondeterminismError, match="diverged from its journal") as info:
+    # The detection names the read and its line before any replay diverges.
+    with pytest.raises(
+        NondeterminismError, match=r"time\.monotonic_ns\(\) at \S*test_testing\.py:"
+    ):
         await check_determinism(dispatch, stamped)
+
+
+async def test_nondeterminism_caught_by_replay_without_detection() -> None:
+    with pytest.raises(NondeterminismError, match="diverged from its journal") as info:
+        async with Environment(dispatch, replay="always", nondeterminism="off") as env:
+            await env.call(stamped)
     assert "test_testing.py:" in str(info.value)
 
 

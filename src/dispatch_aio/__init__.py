@@ -14,7 +14,16 @@ from ._dispatch import Batch, Dispatch
 from ._endpoint import EndpointServer
 from ._function import Function
 from ._status import Status
-from .durable import get_logger, in_durable_function, now, random, run_on_host, uuid4
+from .durable import (
+    deprecate_patch,
+    get_logger,
+    in_durable_function,
+    now,
+    patched,
+    random,
+    run_on_host,
+    uuid4,
+)
 
 __all__ = [
     "Batch",
@@ -25,12 +34,14 @@ __all__ = [
     "Function",
     "Status",
     "__version__",
+    "deprecate_patch",
     "errors",
     "get_logger",
     "http",
     "in_durable_function",
     "interop",
     "now",
+    "patched",
     "random",
     "run_on_host",
     "uuid4",

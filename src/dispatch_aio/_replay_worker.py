@@ -312,7 +312,12 @@ class WorkerPool:
         self.close()
 
     async def run(
-        self, setup: Setup, target: Target, start: float | None, request: bytes
+        self,
+        setup: Setup,
+        target: Target,
+        start: float | None,
+        request: bytes,
+        options: Mapping[str, str | bool] | None = None,
     ) -> tuple[float | None, bytes]:
         """Run one serialized RunRequest in a new interpreter.
 
@@ -321,6 +326,8 @@ class WorkerPool:
             target: The function to run (`locate`).
             start: Virtual time to start the worker's clock at; None for the real clock.
             request: The serialized RunRequest.
+            options: Options of the worker's `Runner` (``on_divergence``,
+                ``nondeterminism``, ``perturb_time``).
 
         Returns:
             The worker's virtual time at the end (None on the real clock), and
@@ -344,6 +351,8 @@ class WorkerPool:
         }
         if start is not None:
             job["time"] = start
+        if options:
+            job["runner"] = dict(options)
         payload = _frame(_struct(job)) + _frame(request)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -691,7 +700,8 @@ async def _serve(job: Mapping[str, Any], data: bytes) -> tuple[float | None, byt
         )
     clock: Clock = Clock() if job.get("time") is None else VirtualClock(float(job["time"]))
     functions: Mapping[str, Callable[..., Awaitable[Any]]] = {target.function: fn.fn}
-    runner = Runner(functions.get, classifier=classifier, cache_size=0, clock=clock)
+    options = job.get("runner", {})
+    runner = Runner(functions.get, classifier=classifier, cache_size=0, clock=clock, **options)
     try:
         response = await runner.run(function_pb2.RunRequest.FromString(data))
     finally:

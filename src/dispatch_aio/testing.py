@@ -93,6 +93,7 @@ from .durable._journal import (
     JOURNAL_REF_TYPE_URL,
     pack_state,
 )
+from .durable._runner import Detection, DivergencePolicy
 from .errors import NondeterminismError
 from .proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2, status_pb2
 from .proto.v1 import journal_pb2
@@ -279,6 +280,9 @@ class CallInfo:
     """Return value, when the call succeeded."""
     error: BaseException | None = None
     """Exception the call ended with, if any."""
+    divergences: int = 0
+    """Runs of the call that diverged from their journal (with
+    ``on_divergence="restart"`` each restarted the call from its input)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +295,11 @@ class JournalReport:
     """Function the journal belongs to."""
     problem: str | None
     """Why the journal would not replay (a divergence report), or None if it would."""
+    old_patches: tuple[str, ...] = ()
+    """Patches (`dispatch_aio.patched`) whose old branch the journal's run takes: the
+    code must keep those branches until the run has ended."""
+    app_version: str = ""
+    """Version of the application that recorded the journal, if it set one."""
 
     @property
     def ok(self) -> bool:
@@ -329,6 +338,23 @@ class Environment:
             message. With ``replay="always"`` or ``"process"`` every resume carries
             the whole journal, as after an app restart, so a function whose results
             would not fit there fails in the test, not in production.
+        on_divergence: ``"fail"`` (the default here) ends a call that diverges from
+            its journal with `errors.NondeterminismError`; ``"restart"`` runs it
+            again from its input, as a scheduler does for functions with that
+            policy (counted in `CallInfo.divergences`).
+        nondeterminism: What reading the wall clock (``time.time``,
+            ``time.monotonic``, ``datetime.now``), the global ``random``,
+            ``uuid.uuid4``, ``os.urandom`` or ``secrets`` directly inside a durable
+            function does: ``"fail"`` (the default here) fails the call with
+            `errors.NondeterminismError`, naming the line and what to use instead;
+            ``"warn"`` logs it; ``"off"``. Only functions that suspend are held to
+            it (a run that ends in its first round never replays), and only the
+            program's own code: libraries, ``run_on_host`` and threads are not
+            watched.
+        perturb_time: With virtual time, shift the time the ``time`` module returns
+            while a function runs, by an offset that grows with each round (a day,
+            an hour, a minute and a second per round), so that code that branches
+            on it takes another branch on replay; `check_determinism` turns it on.
     """
 
     def __init__(
@@ -345,6 +371,9 @@ class Environment:
         workers: WorkerPool | None = None,
         journal: Literal["delta", "whole"] = "delta",
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        on_divergence: DivergencePolicy = "fail",
+        nondeterminism: Detection = "fail",
+        perturb_time: bool = False,
     ) -> None:
         self._max_body_size = max_body_size
         self._owner = target if isinstance(target, Dispatch) else None
@@ -362,11 +391,22 @@ class Environment:
         self._max_attempts = max_attempts
         self._retry_delay = retry_delay
         self.clock: VirtualClock | _RealClock = VirtualClock() if virtual_time else _RealClock()
+        self._on_divergence: DivergencePolicy = on_divergence
+        # Perturbed time would move a real clock, which the runner itself reads.
+        perturb_time = perturb_time and virtual_time
+        self._runner_options: dict[str, str | bool] = {
+            "on_divergence": on_divergence,
+            "nondeterminism": nondeterminism,
+            "perturb_time": perturb_time,
+        }
         self._runner = Runner(
             self._lookup,
             classifier=classifier,
             cache_size=1024 if replay == "cached" else 0,
             clock=self.clock,
+            on_divergence=on_divergence,
+            nondeterminism=nondeterminism,
+            perturb_time=perturb_time,
         )
         self._journal_delta = journal == "delta"
         # Journals kept for the calls (the journal extension): segments by call id.
@@ -500,6 +540,7 @@ class Environment:
     ) -> call_pb2.CallResult:
         request = self._first_request(info, function, input)
         delay = self._retry_delay
+        restarts = 0
         while True:
             response = await self._send(info, request)
             if _journal_needed(response) and info.id in self._journals:
@@ -518,8 +559,15 @@ class Environment:
                 request = self._first_request(info, info.function, input)
                 continue
             status = Status(response.status)
+            if done.result.error.type == "NondeterminismError":
+                info.divergences += 1
             if status is Status.INCOMPATIBLE_STATE:
-                # A real scheduler would restart the call; a test wants to know.
+                restarts += 1
+                if self._on_divergence == "restart" and restarts < self._max_attempts:
+                    # As a scheduler does: the call runs again from its input.
+                    self._journals.pop(info.id, None)
+                    request = self._first_request(info, info.function, input)
+                    continue
                 return self._finish(info, status, done.result, nondeterministic=True)
             # As the scheduler's --max-attempts: attempts in all, the first included.
             if status.temporary and info.attempts + 1 < self._max_attempts:
@@ -593,13 +641,16 @@ class Environment:
         setup = Setup.current(
             module_file(m) for m in sorted(m for m in modules if m and m not in _MAIN_NAMES)
         )
+        options = self._runner_options
         if not isinstance(self.clock, VirtualClock):
-            _, response = await self._workers.run(setup, target, None, request)
+            _, response = await self._workers.run(setup, target, None, request, options)
             return response
         # The worker's clock starts at ours; ours stands still meanwhile (the loop looks
         # idle while the worker runs) and then moves to where the worker's ended.
         with self.clock.hold():
-            end, response = await self._workers.run(setup, target, self.clock.time(), request)
+            end, response = await self._workers.run(
+                setup, target, self.clock.time(), request, options
+            )
         if end is not None:
             self.clock.advance_to(end)
         return response
@@ -743,7 +794,10 @@ async def check_determinism(
     """Run a call under several replay settings and seeds; check the results agree.
 
     The call runs once with the live cache, then with forced replay at every
-    round combined with shuffled and split delivery under seeds 0 to 2.
+    round combined with shuffled and split delivery under seeds 0 to 2. Every run
+    reads another time from the ``time`` module (``perturb_time``), so a branch on
+    the real time flips between a run and its replay, and reading the clock or
+    randomness directly fails the call (``nondeterminism="fail"``), naming the line.
 
     Returns:
         The call's result.
@@ -759,7 +813,7 @@ async def check_determinism(
     ]
     results: list[tuple[dict[str, Any], Any]] = []
     for setting in settings:
-        async with Environment(target, **setting) as env:
+        async with Environment(target, perturb_time=True, **setting) as env:
             results.append((setting, await env.call(fn, *args, **kwargs)))
     first_setting, first = results[0]
     for setting, result in results[1:]:
@@ -793,8 +847,12 @@ async def check_journals(
     reports = []
     try:
         for label, state in journals:
-            function, problem = await runner.check_journal(state)
-            reports.append(JournalReport(label, function, problem))
+            found = await runner.check_journal(state)
+            reports.append(
+                JournalReport(
+                    label, found.function, found.problem, found.old_patches, found.app_version
+                )
+            )
     finally:
         await runner.aclose()
     return reports

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import logging
 import random as _random
+import sys
 import uuid
 from collections.abc import Awaitable, Coroutine, Generator, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,12 +19,15 @@ if TYPE_CHECKING:
     from ._runner import Run
 
 __all__ = [
+    "DurableCall",
     "TailCall",
     "current_run",
+    "deprecate_patch",
     "durable_call",
     "get_logger",
     "in_durable_function",
     "now",
+    "patched",
     "random",
     "run_on_host",
     "uuid4",
@@ -68,31 +72,70 @@ class DurableCall(Coroutine[Any, Any, Any]):
     item in a task; plain coroutines hash by address, which would make the
     order of those tasks, and so the identities of their calls, differ on
     replay. This wrapper hashes by a sequence number of its loop instead.
+
+    The call is recorded when the coroutine first runs (awaited, or wrapped in a
+    task). One never run is an un-awaited call (``r = other(x)``): the run names
+    it, at the user's line, when the function returns or suspends, and it cannot
+    be encoded as a value.
     """
 
-    __slots__ = ("_coro", "_seq")
+    __slots__ = ("_args", "_coro", "_seq", "function", "site")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], seq: int) -> None:
-        self._coro = coro
+    def __init__(
+        self, run: Run, function: str, input: any_pb2.Any, site: str, endpoint: str, seq: int
+    ) -> None:
+        self._coro: Coroutine[Any, Any, Any] | None = None
+        self._args: tuple[Run, any_pb2.Any, str] | None = (run, input, endpoint)
         self._seq = seq
+        self.function = function
+        self.site = site
+
+    @property
+    def started(self) -> bool:
+        """Whether the call ran (was awaited, or wrapped in a task)."""
+        return self._args is None
+
+    def _start(self) -> Coroutine[Any, Any, Any]:
+        if self._coro is None:
+            assert self._args is not None
+            run, input, endpoint = self._args
+            self._args = None
+            # Created only now, so that a call never awaited leaves no coroutine for
+            # Python to warn about from inside the SDK: the run names the user's line.
+            self._coro = _call(run, self.function, input, self.site, endpoint)
+        return self._coro
 
     def __hash__(self) -> int:
         return self._seq
 
+    def __repr__(self) -> str:
+        state = "" if self.started else "un-awaited "
+        return f"<{state}durable call to {self.function!r} made at {self.site or '?'}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a durable call to {self.function!r} (made at {self.site or '?'}) is not a "
+            "value: it was not awaited; write `await "
+            f"{self.function.rpartition('.')[2]}(...)` to get its result"
+        )
+
     def send(self, value: Any) -> Any:
         """Resume the call."""
-        return self._coro.send(value)
+        return self._start().send(value)
 
     def throw(self, *args: Any) -> Any:
         """Raise an exception inside the call."""
-        return self._coro.throw(*args)
+        return self._start().throw(*args)
 
     def close(self) -> None:
         """Close the call."""
-        self._coro.close()
+        if self._coro is not None:
+            self._coro.close()
+        else:
+            self._args = None  # closed before it ran (a cancelled gather): not pending
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._coro.__await__()
+        return self._start().__await__()
 
 
 async def _call(run: Run, function: str, input: any_pb2.Any, call_site: str, endpoint: str) -> Any:
@@ -111,7 +154,59 @@ def durable_call(
     if loop is None:
         raise RuntimeError(f"durable call to {function!r} made outside a durable function")
     run: Run = loop.owner
-    return DurableCall(_call(run, function, input, call_site, endpoint), loop._next_seq())
+    call = DurableCall(run, function, input, call_site, endpoint, loop._next_seq())
+    run.track_call(call)
+    return call
+
+
+def patched(change_id: str) -> bool:
+    """Whether the running function takes the new branch of a code change.
+
+    Change a durable function while calls of it are in flight by keeping both
+    branches behind a patch id::
+
+        if dispatch_aio.patched("send-receipt"):
+            await send_receipt(order)     # new code
+        else:
+            await send_email(order)       # what runs started before did
+
+    A run that reaches this point live (every new run, and a run started before the
+    change that had not reached this point yet) takes the new branch, and its journal
+    records the patch id. A run replaying a journal recorded before the change, that
+    already passed this point, takes the old branch, so it makes the calls it made
+    then and does not diverge. A run answers the same for one id every time it asks.
+
+    Once no journal needs the old branch any more (``dispatch-aio check`` lists the
+    stored journals that still do), replace the test with `deprecate_patch` and
+    delete the old branch; later, remove that call too.
+
+    Outside a durable function (a plain in-process call) it returns True.
+
+    Args:
+        change_id: Names the change; unique within the function, never reused.
+
+    Returns:
+        True for the new branch, False for the old one.
+    """
+    run = current_run()
+    return True if run is None else run.patched(change_id)
+
+
+def deprecate_patch(change_id: str) -> None:
+    """Say that the old branch of a `patched` change was removed.
+
+    Put it where ``if patched(change_id):`` was and keep only the new branch. Runs
+    still record the patch id, so journals written in between replay against code
+    that still tests ``patched(change_id)``; a run replaying a journal that took the
+    old branch fails with a divergence that names the patch.
+
+    Args:
+        change_id: The id that was given to `patched`.
+    """
+    run = current_run()
+    if run is not None:
+        caller = sys._getframe(1)
+        run.patched(change_id, deprecated=f"{caller.f_code.co_filename}:{caller.f_lineno}")
 
 
 def now() -> datetime.datetime:

@@ -728,6 +728,14 @@ class DurableLoop(asyncio.AbstractEventLoop):
             frame = frame.f_back
         return True
 
+    def is_program_frame(self, frame: types.FrameType) -> bool:
+        """Whether a frame runs the program's own code (see `_program_decides`)."""
+        module = frame.f_globals.get("__name__", "")
+        kind = self._module_kinds.get(module)
+        if kind is None:
+            kind = self._module_kinds[module] = self._module_kind(module, frame.f_code.co_filename)
+        return kind == _PROGRAM
+
     def _module_kind(self, module: str, filename: str) -> str:
         top = module.partition(".")[0]
         if top in self.program_packages:

@@ -35,7 +35,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf import any_pb2, duration_pb2
 
@@ -53,7 +53,8 @@ from .._status import Classifier, Status
 from ..errors import NondeterminismError
 from ..proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, poll_pb2, status_pb2
 from ..proto.v1 import journal_pb2
-from ._context import TailCall
+from ._context import DurableCall, TailCall
+from ._detect import PERTURB_STEP, Sources, Watch
 from ._journal import (
     JOURNAL_NEEDED,
     JOURNAL_VERSION,
@@ -67,11 +68,21 @@ from ._journal import (
 )
 from ._loop import Clock, DurableFuture, DurableLoop, DurableTask, host_loop_error
 
-__all__ = ["Run", "Runner"]
+__all__ = ["Detection", "DivergencePolicy", "JournalCheck", "Run", "Runner"]
 
 logger = logging.getLogger(__name__)
 
 FunctionLookup = Callable[[str], Callable[..., Awaitable[Any]] | None]
+
+DivergencePolicy = Literal["restart", "fail"]
+"""What a divergence from the journal does to its call: ``"restart"`` answers
+INCOMPATIBLE_STATE, and the scheduler runs the call again from its input (its leaf
+side effects run again); ``"fail"`` ends the call with `errors.NondeterminismError`
+(PERMANENT_ERROR), for a person to look at."""
+
+Detection = Literal["off", "warn", "fail"]
+"""What reading the clock or randomness directly in a durable function does (see
+``_detect``): nothing, a warning logged once per place, or the call fails."""
 
 # Timers due within this margin fire now rather than costing another round trip.
 _TIMER_SLACK = 0.005
@@ -106,6 +117,16 @@ class _Call:
         return _describe(self.identity, self.function, self.site, self.digest)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class JournalCheck:
+    """What replaying a stored journal against the current code found."""
+
+    function: str
+    problem: str | None  # why it would not replay, None when it does
+    old_patches: tuple[str, ...] = ()  # patches whose old branch the replay took
+    app_version: str = ""  # the version that recorded the journal
+
+
 def _describe_task(task: DurableTask[Any]) -> str:
     coro = task.get_coro()
     return f"{getattr(coro, '__qualname__', repr(coro))} (task {task.path})"
@@ -136,6 +157,7 @@ class Run:
         seed: int,
         start_time: float,
         monotonic_offset: float,
+        polls: int = 0,
     ) -> None:
         self.runner = runner
         self.function = function
@@ -168,6 +190,27 @@ class Run:
         self.root: DurableTask[Any] | None = None
         self.last_used = 0.0
         self._verified = 0  # while replaying: calls[:_verified] were made again
+        self.dispatch_id = ""
+        self.app_version = runner.version
+        # patched(): the answer per id, ids the journal records, ids to record next Poll,
+        # and the ids whose old branch this run takes.
+        self.patches: dict[str, bool] = {}
+        self.recorded_patches: frozenset[str] = frozenset()
+        self.new_patches: list[str] = []
+        self.old_branches: list[str] = []
+        # Durable calls made and not yet run (pruned as they run).
+        self._made: list[DurableCall] = []
+        self._prune_at = 64
+        self._warned_unawaited: set[int] = set()
+        detect = runner.nondeterminism != "off"
+        # Round n of a run ran live with the offset of round n and replays with a later
+        # one: a time branch flips between a run and its replay, in any process.
+        offset = (polls + 1) * PERTURB_STEP if runner.perturb_time else 0.0
+        self.watch: Watch | None = None
+        if detect or offset:
+            self.watch = Watch(
+                self.loop.is_program_frame, offset, detect=detect, sources=runner.sources()
+            )
 
     @property
     def state(self) -> bytes:
@@ -217,6 +260,47 @@ class Run:
         self.by_identity[identity] = call
         self.open_calls += 1
         return future
+
+    def track_call(self, call: DurableCall) -> None:
+        """Keep a durable call made by the function until it runs (see `unawaited`)."""
+        made = self._made
+        made.append(call)
+        if len(made) >= self._prune_at:
+            made[:] = [c for c in made if not c.started]
+            self._prune_at = max(64, 2 * len(made))
+
+    def unawaited(self) -> list[DurableCall]:
+        """The durable calls the function made and never ran (never awaited)."""
+        self._made[:] = [c for c in self._made if not c.started]
+        return list(self._made)
+
+    def patched(self, change: str, *, deprecated: str | None = None) -> bool:
+        """Answer ``dispatch_aio.patched(change)`` for this run; see its docstring.
+
+        ``deprecated`` is the call site of ``deprecate_patch(change)``, which needs
+        the new branch.
+        """
+        taken = self.patches.get(change)
+        if taken is None:
+            if change in self.recorded_patches:
+                taken = True
+            elif self.replaying:
+                # Replaying a journal that passed this point without the patch.
+                taken = False
+                self.old_branches.append(change)
+            else:
+                taken = True
+                self.new_patches.append(change)
+            self.patches[change] = taken
+        if deprecated is not None and not taken:
+            self._diverge(
+                f"the journal was recorded before patch {change!r} and took its old branch, "
+                f"which the code removed (deprecate_patch({change!r}) at "
+                f"{_short_site(deprecated)}); restore the "
+                f"`if patched({change!r}):` test until no such run remains "
+                "(dispatch-aio check lists them)"
+            )
+        return taken
 
     def _diverge(self, report: str) -> None:
         if self.divergence is None:
@@ -359,7 +443,13 @@ class Run:
         # sys.exit() in a function: the task that raised it holds it as its
         # exception, and the function fails with it; the endpoint goes on.
         with contextlib.suppress(SystemExit):
-            self.loop.step()
+            if self.watch is None:
+                self.loop.step()
+            else:
+                # Code replayed ran live once, watched then (see Watch.detect).
+                self.watch.detect = not self.replaying and self.runner.nondeterminism != "off"
+                with self.watch:
+                    self.loop.step()
 
     def _io_holds_back(self) -> bool:
         """Whether to wait for I/O before going on (live: suspending; replay: the next epoch).
@@ -512,6 +602,7 @@ class Run:
         self.outstanding += len(new_calls)
         added = journal_pb2.Journal(
             polls=self.polls,
+            patches=self.new_patches,
             epochs=self.new_epochs,
             calls=[
                 journal_pb2.CallRecord(
@@ -533,7 +624,9 @@ class Run:
             added.seed = self.seed
             added.start_time = self.start_time
             added.monotonic_offset = self.monotonic_offset
+            added.app_version = self.app_version
         segment = added.SerializeToString()
+        self.new_patches = []
         self.segments.append(segment)
         self.tag = os.urandom(8)
         self.new_epochs = []
@@ -591,6 +684,8 @@ class Run:
                 status=_wire(Status.OK), exit=exit_pb2.Exit(tail_call=tail)
             )
         if exc is None:
+            exc = self._unawaited_error()
+        if exc is None:
             value = root.result()
             try:
                 status = classifier.status_for_output(value)
@@ -606,6 +701,37 @@ class Run:
                     status=_wire(status), exit=exit_pb2.Exit(result=result)
                 )
         return error_response(exc, classifier.status_for_error(exc))
+
+    def warn_unawaited(self) -> None:
+        """Name the durable calls made and not awaited when the function suspends.
+
+        Awaiting one later is valid, so this only warns; the return fails (see `exit`).
+        """
+        if self.replaying:
+            return
+        for call in self.unawaited():
+            if id(call) in self._warned_unawaited:
+                continue
+            self._warned_unawaited.add(id(call))
+            logger.warning(
+                "function %r suspends with a durable call to %r made at %s and not awaited "
+                "(it is made only once awaited); did you mean `await %s(...)`?",
+                self.function,
+                call.function,
+                call.site or "?",
+                call.function.rpartition(".")[2],
+            )
+
+    def _unawaited_error(self) -> RuntimeError | None:
+        pending = self.unawaited()
+        if not pending:
+            return None
+        where = ", ".join(f"{c.function!r} at {c.site or '?'}" for c in pending)
+        return RuntimeError(
+            f"function {self.function!r} returned with durable calls it never awaited: "
+            f"{where}; a durable call is made only when awaited (write `await "
+            f"{pending[0].function.rpartition('.')[2]}(...)`, or gather the calls)"
+        )
 
     def warn_left_running(self) -> None:
         """Name the tasks the function started and left running when it returned.
@@ -665,6 +791,19 @@ class Runner:
         parked_limit: Most runs let go of before their end (evicted, replaced,
             diverged) kept suspended so that their cleanup code never runs; past
             it the oldest are discarded, running their ``finally:`` blocks.
+        on_divergence: What a divergence from the journal does to its call (see
+            `DivergencePolicy`): ``"restart"`` from its input, or ``"fail"``.
+        divergence_policy: The policy of one function by name, or None to use
+            ``on_divergence``.
+        nondeterminism: What reading the wall clock, the global ``random``,
+            ``uuid.uuid4``, ``os.urandom`` or ``secrets`` directly inside a durable
+            function does (see `Detection`); it counts only for functions that
+            suspend, since a run that ends in its first round never replays.
+        perturb_time: Shift the time read through the ``time`` module while a run
+            steps, by an offset that grows with the round, so that a branch on it flips
+            on replay (for tests on a virtual clock; see ``_detect``).
+        version: The application's version, recorded in the journals of the runs it
+            starts and named in divergence reports.
     """
 
     def __init__(
@@ -677,7 +816,25 @@ class Runner:
         live_timer_threshold: float = 1.0,
         clock: Clock | None = None,
         parked_limit: int = 1024,
+        on_divergence: DivergencePolicy = "restart",
+        divergence_policy: Callable[[str], DivergencePolicy | None] | None = None,
+        nondeterminism: Detection = "off",
+        perturb_time: bool = False,
+        version: str = "",
     ) -> None:
+        if on_divergence not in ("restart", "fail"):
+            raise ValueError(f"on_divergence must be 'restart' or 'fail', not {on_divergence!r}")
+        if nondeterminism not in ("off", "warn", "fail"):
+            raise ValueError(
+                f"nondeterminism must be 'off', 'warn' or 'fail', not {nondeterminism!r}"
+            )
+        self.on_divergence = on_divergence
+        self.divergence_policy = divergence_policy
+        self.nondeterminism = nondeterminism
+        self.perturb_time = perturb_time
+        self.version = version
+        self._warned_reads: set[tuple[str, str]] = set()
+        self._sources: Sources | None = None
         self.lookup = lookup
         self.parked_limit = parked_limit
         self._parked: collections.deque[Run] = collections.deque()
@@ -690,6 +847,32 @@ class Runner:
         self._cache: collections.OrderedDict[bytes, Run] = collections.OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+
+    def sources(self) -> Sources:
+        """The functions the nondeterminism detection watches (looked up once)."""
+        if self._sources is None:
+            self._sources = Sources()
+        return self._sources
+
+    def policy(self, function: str) -> DivergencePolicy:
+        """The divergence policy of a function."""
+        chosen = self.divergence_policy(function) if self.divergence_policy else None
+        return chosen or self.on_divergence
+
+    def _diverged(self, function: str, dispatch_id: str, report: str) -> function_pb2.RunResponse:
+        """Log a divergence and answer it as the function's policy says."""
+        policy = self.policy(function)
+        what = "restarts from its input" if policy == "restart" else "fails"
+        logger.warning(
+            "call %s of %r diverged from its journal and %s (on_divergence=%r): %s",
+            dispatch_id or "?",
+            function,
+            what,
+            policy,
+            report,
+        )
+        status = Status.INCOMPATIBLE_STATE if policy == "restart" else Status.PERMANENT_ERROR
+        return error_response(NondeterminismError(report), status)
 
     async def run(
         self, request: function_pb2.RunRequest, *, journal_delta: bool = False
@@ -727,13 +910,13 @@ class Runner:
                 logger.warning("cannot resume %s, it restarts: %s", request.function, exc)
                 return _failure(Status.INCOMPATIBLE_STATE, "IncompatibleStateError", str(exc))
             except NondeterminismError as exc:
-                logger.warning("cannot resume %s, it restarts: %s", request.function, exc)
-                return error_response(exc, Status.INCOMPATIBLE_STATE)
+                return self._diverged(request.function, request.dispatch_id, str(exc))
         else:
             try:
                 run = self._first(request, fn)
             except DecodeError as exc:
                 return error_response(exc, Status.INVALID_ARGUMENT)
+        run.dispatch_id = request.dispatch_id
         try:
             return await self._continue(run, delta)
         except BaseException:
@@ -769,21 +952,25 @@ class Runner:
 
     async def _continue(self, run: Run, delta: bool) -> function_pb2.RunResponse:
         outcome = await run.drive()
-        if outcome == "suspend":
+        refusal = self._nondeterministic(run, outcome)
+        if outcome == "suspend" and refusal is None:
+            run.warn_unawaited()
             response = run.suspend(delta=delta)
             await self._keep(run)
             return response
-        if outcome == "diverged":
-            await self._let_go(run)  # not its end: it restarts from its input
+        if outcome in ("diverged", "suspend"):
+            await self._let_go(run)  # not its end: it restarts from its input, or fails
         else:
             if outcome == "exit":
                 run.warn_left_running()
             await run.finish()
+        if refusal is not None:
+            return refusal
         if outcome == "exit":
             return run.exit()
         if outcome == "diverged":
             assert run.divergence is not None
-            return error_response(NondeterminismError(run.divergence), Status.INCOMPATIBLE_STATE)
+            return self._diverged(run.function, run.dispatch_id, run.divergence)
         if outcome == "forever":
             return _failure(
                 Status.PERMANENT_ERROR,
@@ -801,6 +988,30 @@ class Runner:
             "which is not durable: set timers from a task)",
         )
 
+    def _nondeterministic(self, run: Run, outcome: str) -> function_pb2.RunResponse | None:
+        """Report direct reads of the clock or randomness; the failure to answer, if any.
+
+        They count once the function suspends (now or before): a run that ends in its
+        first round never replays.
+        """
+        watch = run.watch
+        if watch is None or not watch.reads or self.nondeterminism == "off":
+            return None
+        if outcome not in ("exit", "suspend") or (outcome == "exit" and not run.polls):
+            return None
+        report = (
+            f"function {run.function!r} reads values that differ on replay directly, so it "
+            "may take another branch when it replays: "
+            + "; ".join(read.describe() for read in watch.reads)
+        )
+        if self.nondeterminism == "fail":
+            return error_response(NondeterminismError(report), Status.PERMANENT_ERROR)
+        fresh = [r for r in watch.reads if (run.function, r.site) not in self._warned_reads]
+        if fresh:
+            self._warned_reads.update((run.function, r.site) for r in fresh)
+            logger.warning("%s", report)
+        return None
+
     async def _replay(
         self, journal: journal_pb2.Journal, state: bytes, fn: Callable[..., Awaitable[Any]]
     ) -> Run:
@@ -817,8 +1028,11 @@ class Runner:
             journal.seed,
             journal.start_time,
             journal.monotonic_offset,
+            journal.polls,
         )
         run.replaying = run.loop.replaying = True
+        run.recorded_patches = frozenset(journal.patches)
+        run.app_version = journal.app_version
         for index, record in enumerate(journal.calls):
             call = _Call(
                 index=index,
@@ -853,7 +1067,13 @@ class Runner:
         except _Diverged:
             await self._let_go(run)
             assert run.divergence is not None
-            raise NondeterminismError(run.divergence) from None
+            report = run.divergence
+            if run.app_version != self.version:
+                report += (
+                    f" (the journal was recorded by version {run.app_version or '(unset)'} "
+                    f"of the application; this is version {self.version or '(unset)'})"
+                )
+            raise NondeterminismError(report) from None
         except BaseException:
             await self._let_go(run)
             raise
@@ -882,28 +1102,30 @@ class Runner:
             )
             raise _Diverged(run.divergence)
 
-    async def check_journal(self, state: bytes) -> tuple[str, str | None]:
+    async def check_journal(self, state: bytes) -> JournalCheck:
         """Replay a serialized journal against the current code without running further.
 
         Returns:
-            The journal's function, and a report of why it would not replay
-            (a divergence, an unusable state) or None when it replays.
+            The journal's function, why it would not replay (a divergence, an
+            unusable state) or None when it replays, and the patches whose old
+            branch its replay takes (it still needs them).
         """
         result = poll_pb2.PollResult(typed_coroutine_state=pack_state(state))
         try:
-            function = journal_pb2.Journal.FromString(state).function
+            header = journal_pb2.Journal.FromString(state)
+            function, version = header.function, header.app_version
         except Exception:
-            function = ""
+            function, version = "", ""
         fn = self.lookup(function)
         if fn is None:
-            return function, f"function {function!r} does not exist (any more)"
+            return JournalCheck(function, f"function {function!r} does not exist (any more)")
         try:
             journal, state = decode_state(result, function)
             run = await self._replay(journal, state, fn)
         except (IncompatibleState, NondeterminismError) as exc:
-            return function, str(exc)
+            return JournalCheck(function, str(exc), app_version=version)
         await self._let_go(run)
-        return function, None
+        return JournalCheck(function, None, tuple(run.old_branches), version)
 
     # -- live cache -----------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from dispatch_aio.proto.sdk.v1 import error_pb2 as dispatch__aio_dot_proto_dot_s
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispatch_aio/proto/v1/journal.proto\x12\x0f\x64ispatch_aio.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\x1a%dispatch_aio/proto/sdk/v1/error.proto\x1a\x19google/protobuf/any.proto\"\x80\x02\n\x07Journal\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12#\n\x05input\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x0e\n\x06run_id\x18\x04 \x01(\x0c\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nstart_time\x18\x06 \x01(\x01\x12\r\n\x05polls\x18\x07 \x01(\r\x12&\n\x06\x65pochs\x18\x08 \x03(\x0b\x32\x16.dispatch_aio.v1.Epoch\x12*\n\x05\x63\x61lls\x18\t \x03(\x0b\x32\x1b.dispatch_aio.v1.CallRecord\x12\x18\n\x10monotonic_offset\x18\n \x01(\x01\"v\n\nCallRecord\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x14\n\x0cinput_digest\x18\x03 \x01(\x0c\x12\x11\n\tcall_site\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x0c\n\x04poll\x18\x06 \x01(\r\"r\n\x05\x45poch\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x11\n\tduring_io\x18\x02 \x01(\x08\x12&\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x16.dispatch_aio.v1.Event\x12\x14\n\x07io_done\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\n\n\x08_io_done\"\x81\x01\n\x05\x45vent\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1b.dispatch.sdk.v1.CallResultH\x00\x12\x0f\n\x05timer\x18\x02 \x01(\tH\x00\x12\x30\n\npoll_error\x18\x03 \x01(\x0b\x32\x1a.dispatch_aio.v1.PollErrorH\x00\x42\x06\n\x04kind\"@\n\tPollError\x12\x0c\n\x04poll\x18\x01 \x01(\r\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.dispatch.sdk.v1.Error\"a\n\x0cJournalDelta\x12\x0e\n\x06run_id\x18\x01 \x01(\x0c\x12\x14\n\x0cpolls_before\x18\x02 \x01(\r\x12\r\n\x05polls\x18\x03 \x01(\r\x12\x0f\n\x07segment\x18\x04 \x01(\x0c\x12\x0b\n\x03tag\x18\x05 \x01(\x0c\"8\n\nJournalRef\x12\x0e\n\x06run_id\x18\x01 \x01(\x0c\x12\r\n\x05polls\x18\x02 \x01(\r\x12\x0b\n\x03tag\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispatch_aio/proto/v1/journal.proto\x12\x0f\x64ispatch_aio.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\x1a%dispatch_aio/proto/sdk/v1/error.proto\x1a\x19google/protobuf/any.proto\"\xa6\x02\n\x07Journal\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12#\n\x05input\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x0e\n\x06run_id\x18\x04 \x01(\x0c\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nstart_time\x18\x06 \x01(\x01\x12\r\n\x05polls\x18\x07 \x01(\r\x12&\n\x06\x65pochs\x18\x08 \x03(\x0b\x32\x16.dispatch_aio.v1.Epoch\x12*\n\x05\x63\x61lls\x18\t \x03(\x0b\x32\x1b.dispatch_aio.v1.CallRecord\x12\x18\n\x10monotonic_offset\x18\n \x01(\x01\x12\x0f\n\x07patches\x18\x0b \x03(\t\x12\x13\n\x0b\x61pp_version\x18\x0c \x01(\t\"v\n\nCallRecord\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x14\n\x0cinput_digest\x18\x03 \x01(\x0c\x12\x11\n\tcall_site\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x0c\n\x04poll\x18\x06 \x01(\r\"r\n\x05\x45poch\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x11\n\tduring_io\x18\x02 \x01(\x08\x12&\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x16.dispatch_aio.v1.Event\x12\x14\n\x07io_done\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\n\n\x08_io_done\"\x81\x01\n\x05\x45vent\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1b.dispatch.sdk.v1.CallResultH\x00\x12\x0f\n\x05timer\x18\x02 \x01(\tH\x00\x12\x30\n\npoll_error\x18\x03 \x01(\x0b\x32\x1a.dispatch_aio.v1.PollErrorH\x00\x42\x06\n\x04kind\"@\n\tPollError\x12\x0c\n\x04poll\x18\x01 \x01(\r\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.dispatch.sdk.v1.Error\"a\n\x0cJournalDelta\x12\x0e\n\x06run_id\x18\x01 \x01(\x0c\x12\x14\n\x0cpolls_before\x18\x02 \x01(\r\x12\r\n\x05polls\x18\x03 \x01(\r\x12\x0f\n\x07segment\x18\x04 \x01(\x0c\x12\x0b\n\x03tag\x18\x05 \x01(\x0c\"8\n\nJournalRef\x12\x0e\n\x06run_id\x18\x01 \x01(\x0c\x12\r\n\x05polls\x18\x02 \x01(\r\x12\x0b\n\x03tag\x18\x03 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.v1.journ
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOURNAL']._serialized_start=161
-  _globals['_JOURNAL']._serialized_end=417
-  _globals['_CALLRECORD']._serialized_start=419
-  _globals['_CALLRECORD']._serialized_end=537
-  _globals['_EPOCH']._serialized_start=539
-  _globals['_EPOCH']._serialized_end=653
-  _globals['_EVENT']._serialized_start=656
-  _globals['_EVENT']._serialized_end=785
-  _globals['_POLLERROR']._serialized_start=787
-  _globals['_POLLERROR']._serialized_end=851
-  _globals['_JOURNALDELTA']._serialized_start=853
-  _globals['_JOURNALDELTA']._serialized_end=950
-  _globals['_JOURNALREF']._serialized_start=952
-  _globals['_JOURNALREF']._serialized_end=1008
+  _globals['_JOURNAL']._serialized_end=455
+  _globals['_CALLRECORD']._serialized_start=457
+  _globals['_CALLRECORD']._serialized_end=575
+  _globals['_EPOCH']._serialized_start=577
+  _globals['_EPOCH']._serialized_end=691
+  _globals['_EVENT']._serialized_start=694
+  _globals['_EVENT']._serialized_end=823
+  _globals['_POLLERROR']._serialized_start=825
+  _globals['_POLLERROR']._serialized_end=889
+  _globals['_JOURNALDELTA']._serialized_start=891
+  _globals['_JOURNALDELTA']._serialized_end=988
+  _globals['_JOURNALREF']._serialized_start=990
+  _globals['_JOURNALREF']._serialized_end=1046
 # @@protoc_insertion_point(module_scope)

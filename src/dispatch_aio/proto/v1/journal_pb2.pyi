@@ -43,6 +43,8 @@ class Journal(_message.Message):
     EPOCHS_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
     MONOTONIC_OFFSET_FIELD_NUMBER: _builtins.int
+    PATCHES_FIELD_NUMBER: _builtins.int
+    APP_VERSION_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Format version; a decoder refuses versions it does not know."""
     function: _builtins.str
@@ -61,6 +63,10 @@ class Journal(_message.Message):
     default loop. 0 in journals written before it existed (loop.time() was unix
     time then).
     """
+    app_version: _builtins.str
+    """Version of the application that started the run (Runner's `version`); empty when
+    unset. Shown by `dispatch-aio check` and in divergence reports.
+    """
     @_builtins.property
     def input(self) -> _any_pb2.Any:
         """The original input of the run (a resume request does not carry it)."""
@@ -72,6 +78,14 @@ class Journal(_message.Message):
     @_builtins.property
     def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallRecord]:
         """Durable calls, in creation order; calls[i] has correlation id i + 1."""
+
+    @_builtins.property
+    def patches(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Patches (dispatch_aio.patched) whose new branch the run took, in the order it first
+        asked about them. A replay answers patched() with true for these; for any other
+        patch asked while replaying, false (the run passed that point before the patch).
+        Empty in journals written before patches existed.
+        """
 
     def __init__(
         self,
@@ -86,10 +100,12 @@ class Journal(_message.Message):
         epochs: _abc.Iterable[Global___Epoch] | None = ...,
         calls: _abc.Iterable[Global___CallRecord] | None = ...,
         monotonic_offset: _builtins.float = ...,
+        patches: _abc.Iterable[_builtins.str] | None = ...,
+        app_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "epochs", b"epochs", "function", b"function", "input", b"input", "monotonic_offset", b"monotonic_offset", "polls", b"polls", "run_id", b"run_id", "seed", b"seed", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_version", b"app_version", "calls", b"calls", "epochs", b"epochs", "function", b"function", "input", b"input", "monotonic_offset", b"monotonic_offset", "patches", b"patches", "polls", b"polls", "run_id", b"run_id", "seed", b"seed", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
