@@ -133,7 +133,9 @@ async def test_a_call_with_its_tree_error_and_traceback(
     assert children[3]["output"] == repr(SCRIPT)
 
     explode = children[2]["id"]
-    detail = (await get_json(http, url + explode))["call"]
+    answer = await get_json(http, url + explode)
+    assert answer["tree"]["id"] == root  # the whole tree, for context
+    detail = answer["call"]
     assert detail["parent"] == root
     assert detail["status"] == "invalid_argument"
     assert detail["input"] == "('child')"

@@ -12,8 +12,8 @@ whose fragment never reaches the server; the script keeps the key in the tab's
   seconds of creation), ``top`` (1: top-level calls only), ``limit`` and ``before`` (the
   ``next`` of the previous page).
 - ``GET /ui/api/calls/{id}``: one call in full (input, output, error and traceback, the
-  steps of its journal when the scheduler keeps it) and the tree of calls below it, with
-  the times of each for a timeline.
+  steps of its journal when the scheduler keeps it) and the tree of calls it belongs to,
+  from its root, with the times of each for a timeline.
 
 Values are previewed here, without unpickling (see `_preview`): the pages show text, and
 the scheduler never runs code of the application.
@@ -223,16 +223,20 @@ class _UiApi:
         rec = await self._store.get_call(dispatch_id)
         if rec is None:
             return _error(404, f"no call with dispatch id {dispatch_id!r}")
+        # The whole tree the call belongs to, so that the page shows it in context.
         children: dict[str, list[CallRecord]] = {}
+        root = rec
         for _, member in await self._store.list_calls(CallQuery(root_id=rec.root_id)):
             if member.parent_id:
                 children.setdefault(member.parent_id, []).append(member)
+            elif member.id == rec.root_id:
+                root = member
         detail = self._summary(rec, len(children.get(rec.id, [])))
         detail.update(self._payloads(rec, _LONG, traceback=True))
         detail["journal"] = await self._journal(rec)
         body = {
             "call": detail,
-            "tree": self._tree(rec, children),
+            "tree": self._tree(root, children),
             "now": time.time(),
         }
         return web.json_response(body, headers=_HEADERS)

@@ -265,7 +265,7 @@
       bar.style.left = ((100 * (node.created - start)) / span).toFixed(2) + "%";
       bar.style.width = ((100 * (stop - node.created)) / span).toFixed(2) + "%";
       const name = el("span", { className: "label", title: node.function }, "\u00a0".repeat(depth * 2) + node.function);
-      const row = el("div", { className: "row", dataset: { id: node.id } }, name, el("div", { className: "track" }, bar), el("span", { className: "took" }, duration(stop - node.created)));
+      const row = el("div", { className: "row" + (node.id === state.selected ? " selected" : ""), dataset: { id: node.id } }, name, el("div", { className: "track" }, bar), el("span", { className: "took" }, duration(stop - node.created)));
       row.addEventListener("click", () => select(node.id));
       return row;
     });
@@ -281,7 +281,7 @@
       body.replaceChildren();
       return;
     }
-    $("d-journal").hidden = false;
+    $("d-journal").hidden = journal.steps.length === 0;
     $("d-journal-info").textContent = journal.polls + " poll" + (journal.polls === 1 ? "" : "s") + " so far" + (journal.app_version ? ", app version " + journal.app_version : "");
     const rows = journal.steps.map((step) => el("tr", {}, el("td", {}, step.epoch), el("td", {}, step.what), el("td", { className: "id" }, step.where || "")));
     if (journal.hidden) rows.push(el("tr", {}, el("td", { colSpan: 3, className: "muted" }, "... " + journal.hidden + " more steps")));
