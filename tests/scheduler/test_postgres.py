@@ -165,3 +165,37 @@ async def test_calls_move_again_once_the_database_is_back(
     await asyncio.sleep(1.0)  # several stalled attempts and re-armed timers
     await admin.execute(f'ALTER DATABASE "{database_name(pg_url)}" ALLOW_CONNECTIONS true')
     assert await finished(s, ids, 10) == [f"{i}!" for i in range(CALLS)]
+
+
+async def test_a_commit_cut_off_is_read_back_before_its_writers_are_answered(
+    pg_url: str, admin: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        # A deferred trigger makes each COMMIT take a while: the session ends meanwhile.
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(SLOW_COMMITS)
+        finally:
+            await conn.close()
+        writing = asyncio.ensure_future(store.write([InsertCall(record("a"))]))
+        await asyncio.sleep(0.3)
+        assert await terminate_sessions(admin, pg_url) >= 1
+        with pytest.raises(StoreError, match="lost the connection"):
+            await writing
+        assert "while committing" in caplog.text
+        assert "was not committed" in caplog.text
+        assert await store.get_call("a") is None
+        await store.write([InsertCall(record("b"))])
+        assert await store.get_call("b") is not None
+    finally:
+        await store.close()
+
+
+SLOW_COMMITS = """
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON dispatch_calls
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+"""
