@@ -165,6 +165,8 @@ class SchedulerSettings:
     """Keep calls in memory only (nothing is written to the data folder)."""
     database: str = ""
     """A PostgreSQL URL to keep the calls in; empty: SQLite in the data folder."""
+    replicas: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Endpoints served by several app processes, and the URLs of their replicas."""
     endpoint_url: str = ""
     """Endpoint of calls that name none."""
     max_attempts: int = RetryPolicy().max_attempts
@@ -257,6 +259,7 @@ class LocalScheduler:
                 default_endpoint=settings.endpoint_url,
                 retry=RetryPolicy(max_attempts=settings.max_attempts),
                 request_timeout=settings.run_timeout,
+                replicas=dict(settings.replicas),
             )
         except ValueError as exc:
             raise CliError(str(exc), code=2) from None

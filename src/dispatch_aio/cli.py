@@ -180,6 +180,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_SERVER_PORT,
         help=f"port of the scheduler API (default: {DEFAULT_SERVER_PORT}; 0: a free one)",
     )
+    server.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="ENDPOINT=URL,URL...",
+        help="an endpoint served by several app processes: the URL calls name, and the URLs "
+        "of its replicas; a call's resumes go to the replica that ran it (repeatable)",
+    )
 
     api = argparse.ArgumentParser(add_help=False, parents=[data])
     api.add_argument("--api-url", metavar="URL", help="the scheduler API (DISPATCH_API_URL)")
@@ -339,6 +347,7 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
     if args.database is not None and not database.strip():
         raise CliError("--database is empty: give postgresql://USER@HOST/DB", code=2)
     return SchedulerSettings(
+        replicas=_replicas(getattr(args, "replica", [])),
         host=args.host,
         port=args.port,
         api_key=args.api_key.strip() if args.api_key else None,
@@ -348,6 +357,21 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
         run_timeout=args.run_timeout,
         max_attempts=args.max_attempts,
     )
+
+
+def _replicas(options: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    replicas = []
+    for option in options:
+        endpoint, _, urls = option.partition("=")
+        listed = tuple(u.strip().rstrip("/") for u in urls.split(",") if u.strip())
+        if not endpoint.strip() or not listed:
+            raise CliError(
+                f"invalid --replica {option!r}: give ENDPOINT=URL,URL..., e.g. "
+                "http://app:8000=http://10.0.0.1:8000,http://10.0.0.2:8000",
+                code=2,
+            )
+        replicas.append((endpoint.strip().rstrip("/"), listed))
+    return tuple(replicas)
 
 
 def _data_dir(value: str) -> str:
