@@ -289,6 +289,8 @@ class _UiApi:
             "expires": rec.expires_at,
             "due": rec.due_at,
             "last_error": rec.last_error,
+            # Runs that diverged from their journal, in stores that count them.
+            "divergences": getattr(rec, "divergences", 0),
         }
 
     def _payloads(self, rec: CallRecord, limit: int, *, traceback: bool) -> dict[str, Any]:

@@ -210,6 +210,7 @@
     if (call.version) facts.push(["Version", call.version]);
     if (call.state !== "done") facts.push(["Expires in", duration(call.expires - now())]);
     if (call.failures) facts.push(["Failures in a row", call.failures]);
+    if (call.divergences) facts.push(["Diverged from journal", call.divergences + " time" + (call.divergences === 1 ? "" : "s")]);
     if (call.last_error) facts.push(["Last attempt", call.last_error]);
     $("d-facts").replaceChildren(...facts.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
     $("d-input").textContent = call.input === null ? "(none)" : call.input;
