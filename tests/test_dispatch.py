@@ -520,8 +520,11 @@ async def test_serve_runs_until_cancelled_then_releases_resources(
 
 async def test_address_in_use_names_the_variable() -> None:
     async with await make_dispatch().start() as server:
-        with pytest.raises(OSError, match=r"DISPATCH_ENDPOINT_ADDR"):
+        with pytest.raises(OSError, match=r"DISPATCH_ENDPOINT_ADDR") as info:
             await make_dispatch(endpoint_addr=f"127.0.0.1:{server.port}").start()
+    message = str(info.value)
+    assert message.count("Errno") == 1 and "the address is in use" in message, message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 _RUN_SCRIPT = """

@@ -6,6 +6,7 @@ __all__ = ["Batch", "Dispatch"]
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import sys
@@ -421,9 +422,7 @@ class Dispatch:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise OSError(
-                exc.errno, f"cannot serve on {host}:{port} (DISPATCH_ENDPOINT_ADDR): {exc}"
-            ) from exc
+            raise OSError(exc.errno, _bind_failure(host, port, exc)) from None
         except BaseException:
             await runner.cleanup()
             raise
@@ -536,6 +535,18 @@ class Dispatch:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        why = "the address is in use (is the app already running?)"
+    else:
+        why = exc.strerror or str(exc)
+    return (
+        f"cannot serve the endpoint on {where} (DISPATCH_ENDPOINT_ADDR): {why}; stop what "
+        "uses it, or set DISPATCH_ENDPOINT_ADDR to another address (port 0 picks a free one)"
+    )
 
 
 def _announce(line: str) -> None:
