@@ -139,6 +139,7 @@ async def test_the_api_serves_other_programs_and_the_inspection_commands(
         assert server.api_url is not None
         connection = json.loads((tmp_path / "data" / "scheduler.json").read_text())
         assert connection["api_url"] == server.api_url
+        assert server.ui_url == f"{server.api_url}/ui/#key={connection['api_key']}"
         assert (tmp_path / "data" / "scheduler.json").stat().st_mode & 0o777 == 0o600
         # Another program submits with the published key, for this app's endpoint.
         async with Client(

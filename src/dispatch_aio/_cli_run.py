@@ -40,6 +40,7 @@ from ._cli_scheduler import (
     parse_addr,
 )
 from ._progress import CallTracker, Progress
+from .scheduler._ui import ui_address
 
 _OUR_NAME = "dispatch"
 _MAX_NAME = 16
@@ -234,6 +235,7 @@ async def run_app(options: RunOptions, console: Console) -> int:
             # The engine's own set: no query of the calls at each refresh.
             progress = Progress(console, tracker, prefix=ours, running=local.running)
             console.line(f"{ours}scheduler API on {local.api_url}, calls kept in {local.database}")
+            console.line(f"{ours}web UI on {ui_address(local.api_url, local.api_key)}")
             api_port = int(local.api_url.rpartition(":")[2])
             if (warning := exposure_warning(settings.host, api_port)) is not None:
                 console.line(

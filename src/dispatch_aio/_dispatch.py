@@ -443,7 +443,7 @@ class Dispatch:
         )
         await embedded.start()
         self._embedded = embedded
-        api = f", API on {embedded.api_url}" if embedded.api_url else ""
+        api = f", web UI on {embedded.ui_url}" if embedded.ui_url else ""
         unfinished = embedded.scheduler.unfinished
         resumed = f"; {unfinished} unfinished calls picked up" if unfinished else ""
         _announce(

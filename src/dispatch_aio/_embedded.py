@@ -34,6 +34,7 @@ from .errors import ConfigurationError
 from .proto.sdk.v1 import call_pb2
 from .scheduler import Scheduler, SQLiteStore, StoreError
 from .scheduler._scheduler import FinishedCall
+from .scheduler._ui import ui_address
 
 logger = logging.getLogger("dispatch_aio")
 
@@ -53,6 +54,7 @@ class EmbeddedScheduler:
         self.endpoint_url = endpoint_url
         self.database = ""
         self.api_url: str | None = None
+        self.ui_url: str | None = None
         self._scheduler: Scheduler | None = None
         self._connection: Path | None = None
 
@@ -106,6 +108,7 @@ class EmbeddedScheduler:
                     f"{exc.strerror or exc}; choose another address, or off",
                 ) from None
             self._connection = publish_connection(data_dir, self.api_url, api_key)
+            self.ui_url = ui_address(self.api_url, api_key)
             if not _is_loopback_host(host):
                 logger.warning(
                     "the scheduler API listens on %s, beyond this machine, over plain HTTP: "
@@ -143,7 +146,7 @@ class EmbeddedScheduler:
                 self._connection.unlink()
             self._connection = None
         scheduler, self._scheduler = self._scheduler, None
-        self.api_url = None
+        self.api_url = self.ui_url = None
         if scheduler is not None:
             await scheduler.close()
 

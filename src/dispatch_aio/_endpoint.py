@@ -489,6 +489,11 @@ class EndpointServer:
         return None if self._scheduler is None else self._scheduler.api_url
 
     @property
+    def ui_url(self) -> str | None:
+        """The embedded scheduler's web UI, signed in with its API key, if any."""
+        return None if self._scheduler is None else self._scheduler.ui_url
+
+    @property
     def database(self) -> str | None:
         """The embedded scheduler's database file, if any."""
         return None if self._scheduler is None else self._scheduler.database
@@ -524,4 +529,5 @@ class EndpointServer:
 class _EmbeddedInfo(Protocol):
     endpoint_url: str
     api_url: str | None
+    ui_url: str | None
     database: str

@@ -75,6 +75,7 @@ from ._cli_scheduler import (
 )
 from ._progress import CallTracker, Progress
 from .proto.v1 import inspect_pb2
+from .scheduler._ui import ui_address
 
 PROG = "dispatch-aio"
 _DEFAULTS = SchedulerSettings()
@@ -432,6 +433,7 @@ async def _server_command(args: argparse.Namespace, console: Console) -> int:
                 f"{PROG} {__version__} (local scheduler)",
                 "",
                 f"API:       {local.api_url}",
+                f"Web UI:    {ui_address(local.api_url, local.api_key)}",
                 f"Database:  {local.database}",
                 f"Endpoint:  {endpoint_url} (for calls that name none)",
                 "",

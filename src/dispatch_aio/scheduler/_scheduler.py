@@ -26,7 +26,7 @@ from ._engine import DEFAULT_EXPIRATION, Engine, EngineSettings, RetryPolicy
 from ._invoker import Invoker, LocalHandler
 from ._sqlite import SQLiteStore
 from ._store import Phase, SetMeta, Store
-from ._ui import add_ui_routes
+from ._ui import add_ui_routes, ui_address
 from ._validate import endpoint_problem
 
 __all__ = ["FinishedCall", "Scheduler"]
@@ -260,6 +260,11 @@ class Scheduler:
     def url(self) -> str | None:
         """The base URL `serve` bound, or None."""
         return self._url
+
+    @property
+    def ui_url(self) -> str | None:
+        """The address of the web UI, signed in with the API key, once `serve` runs."""
+        return ui_address(self._url, self._api_key) if self._url else None
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:
