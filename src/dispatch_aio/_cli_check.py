@@ -133,8 +133,27 @@ async def run_check(target: Dispatch, journals: list[JournalSource]) -> list[Jou
 
 
 def describe(reports: list[JournalReport]) -> Iterable[str]:
-    """Lines that report the outcome, one per journal."""
+    """Lines that report the outcome, one per journal, then one per patch still needed.
+
+    A journal whose replay takes the old branch of a `dispatch_aio.patched` change
+    still needs that branch: the line per patch says how many do. When none does,
+    ``deprecate_patch`` may replace the test (for the journals stored here).
+    """
+    needed: dict[str, int] = {}
     for report in reports:
         verdict = "ok      " if report.ok else "DIVERGES"
-        line = f"{verdict} {report.name} ({report.function or '?'})"
+        version = f", version {report.app_version}" if report.app_version else ""
+        line = f"{verdict} {report.name} ({report.function or '?'}{version})"
+        if report.old_patches:
+            line += f": takes the old branch of {', '.join(map(repr, report.old_patches))}"
+        for patch in report.old_patches:
+            needed[patch] = needed.get(patch, 0) + 1
         yield line if report.ok else f"{line}: {report.problem}"
+    for patch, count in sorted(needed.items()):
+        journals = "journal still takes" if count == 1 else "journals still take"
+        yield (
+            f"patch {patch!r}: {count} stored {journals} its old branch; keep "
+            f"`if patched({patch!r}):` and the old branch until they end"
+        )
+    if reports and not needed:
+        yield "no stored journal takes the old branch of a patch"

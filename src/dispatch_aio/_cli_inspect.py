@@ -257,7 +257,7 @@ def render_calls(calls: Iterable[inspect_pb2.CallInfo], console: Console) -> lis
             (
                 info.dispatch_id,
                 shorten(info.function, 40),
-                _state_name(info),
+                _state_name(info) + _diverged(info),
                 str(_attempts(info)),
                 str(info.child_count),
                 _when(info, now),
@@ -270,9 +270,17 @@ def render_calls(calls: Iterable[inspect_pb2.CallInfo], console: Console) -> lis
     for row, call in zip(rows, states, strict=True):
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
         if call is not None:  # colour after padding: escape codes have no width
-            cells[2] = _state(call, console) + " " * (widths[2] - len(row[2]))
+            painted = _state(call, console)
+            if call.divergences:
+                painted += console.paint(_diverged(call), Style.YELLOW)
+            cells[2] = painted + " " * (widths[2] - len(row[2]))
         lines.append("  ".join(cells).rstrip())
     return lines
+
+
+def _diverged(info: inspect_pb2.CallInfo) -> str:
+    """A mark beside the state of a call whose runs diverged from their journal."""
+    return f" (diverged {info.divergences}x)" if info.divergences else ""
 
 
 def call_to_json(info: inspect_pb2.CallInfo) -> str:
@@ -318,6 +326,10 @@ def _node(
     parts = [plural(_attempts(info), "attempt")]
     if info.polls:
         parts.append(plural(info.polls, "poll"))
+    if info.divergences:
+        parts.append(console.paint(plural(info.divergences, "divergence"), Style.YELLOW))
+    if info.version:
+        parts.append(f"version {info.version}")
     parts.append(timing)
     name = console.paint(info.function, Style.BOLD)
     lines.append(

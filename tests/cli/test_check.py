@@ -183,3 +183,25 @@ def test_check_replays_inputs_holding_classes_of_the_main_script(tmp_path: pathl
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(files)} of {len(files)} journals replay; 0 diverge" in done.stdout
+
+
+def test_check_names_the_journals_that_need_an_old_branch(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = asyncio.run(_record(_write_app(tmp_path, "1"), tmp_path))
+    patch = "7 if __import__('dispatch_aio').patched('seven') else 1"
+    assert cli.main(["check", _write_app(tmp_path, patch), *files]) == 0
+    out = capsys.readouterr().out
+    assert out.count("takes the old branch of 'seven'") == 3
+    assert "patch 'seven': 3 stored journals still take its old branch" in out
+
+    removed = "[__import__('dispatch_aio').deprecate_patch('seven'), 7][1]"
+    assert cli.main(["check", _write_app(tmp_path, removed), *files]) == 1
+    out = capsys.readouterr().out
+    assert "0 of 3 journals replay; 3 diverge" in out
+    assert "recorded before patch 'seven'" in out
+
+    # Journals recorded with the patch need no old branch.
+    new_files = asyncio.run(_record(_write_app(tmp_path, patch), tmp_path))
+    assert cli.main(["check", _write_app(tmp_path, removed), *new_files]) == 0
+    assert "no stored journal takes the old branch of a patch" in capsys.readouterr().out

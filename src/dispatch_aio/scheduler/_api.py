@@ -328,6 +328,8 @@ class _Service:
             queued_results=view[1] if view is not None else 0,
             correlation_id=rec.correlation_id,
             child_count=child_count,
+            divergences=rec.divergences,
+            version=rec.version,
         )
         info.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
         info.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))

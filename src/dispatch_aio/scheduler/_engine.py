@@ -52,7 +52,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2
@@ -102,6 +102,10 @@ _DELTA_URL = _TYPE_PREFIX + journal_pb2.JournalDelta.DESCRIPTOR.full_name
 _REF_URL = _TYPE_PREFIX + journal_pb2.JournalRef.DESCRIPTOR.full_name
 JOURNAL_NEEDED = "dispatch_aio.JournalNeeded"
 """Error type by which an endpoint asks for the whole journal (see journal.proto)."""
+NONDETERMINISM = "NondeterminismError"
+"""Error type by which an endpoint of this SDK reports that a run diverged from its
+journal: with INCOMPATIBLE_STATE the call restarts from its input, with a permanent
+status it ends (the function's divergence policy)."""
 _TIMER_SLACK = 0.001  # fire timers a little late rather than early
 
 
@@ -173,6 +177,13 @@ class EngineSettings:
     """Announce the journal extension to endpoints (used only with a store that keeps
     journal segments): endpoints of this SDK then send what is new in the journal, not
     all of it, at each round trip."""
+    version_endpoints: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Endpoint of each application version (``Call.version``). A call that asks for a
+    listed version runs at its endpoint, whatever endpoint it names; other calls run
+    at their own. The calls a function makes, and its tail calls, keep its version
+    unless they ask for another, so a call tree started on one version finishes there:
+    an operator who deploys a changed application at a new address while the old one
+    finishes its runs lists both versions here."""
 
 
 class _Live:
@@ -446,7 +457,7 @@ class Engine:
                 request, delivered = self._request(live)
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
                 outcome = await self._invoker.run(
-                    rec.endpoint, request, timeout, journal_delta=self._delta
+                    self._endpoint(rec), request, timeout, journal_delta=self._delta
                 )
                 if rec.state_kind is StateKind.SEGMENTS and _journal_needed(outcome):
                     # The endpoint does not hold the run live (it restarted, another
@@ -456,7 +467,7 @@ class Engine:
                     state.type_url, state.value = _JOURNAL_URL, b"".join(segments)
                     timeout = min(self._settings.request_timeout, rec.expires_at - self._clock())
                     outcome = await self._invoker.run(
-                        rec.endpoint, request, timeout, journal_delta=self._delta
+                        self._endpoint(rec), request, timeout, journal_delta=self._delta
                     )
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
@@ -477,6 +488,12 @@ class Engine:
             live.running = False
             self._running.discard(live.rec.id)
         self._arm(live)
+
+    def _endpoint(self, rec: CallRecord) -> str:
+        """Where to run a call: its version's endpoint, if listed, else its own."""
+        if rec.version:
+            return self._settings.version_endpoints.get(rec.version, rec.endpoint)
+        return rec.endpoint
 
     def _request(
         self, live: _Live
@@ -544,6 +561,9 @@ class Engine:
         status = outcome.status
         failure = _describe(outcome)
         retry = self._settings.retry
+        diverged = _diverged(outcome)
+        if diverged is not None:
+            self._report_divergence(rec, status, diverged)
         if status.temporary:
             if now >= rec.expires_at:
                 await self._expire(live, delivered, failure)
@@ -556,11 +576,20 @@ class Engine:
                 if retry.max_attempts and failures >= retry.max_attempts:
                     failure = f"gave up after {failures} failed attempts; the last one: {failure}"
                     # The function's own answer, so the caller gets the exception it raised.
-                    await self._finish(live, status, _exit_result(outcome), failure, delivered)
+                    await self._finish(
+                        live,
+                        status,
+                        _exit_result(outcome),
+                        failure,
+                        delivered,
+                        diverged=diverged is not None,
+                    )
                     return True
             due = now + retry.backoff(failures + live.unreachable, self._rng)
             if status is Status.INCOMPATIBLE_STATE:
-                await self._restart(live, delivered, failures, due, failure, now)
+                await self._restart(
+                    live, delivered, failures, due, failure, now, diverged=diverged is not None
+                )
                 return True
             logger.debug("call %s: attempt failed (%s), retrying", rec.id, failure)
             new = dataclasses.replace(
@@ -575,8 +604,25 @@ class Engine:
             await self._store.write([UpdateCall(new)])
             live.rec = new
             return False
-        await self._finish(live, status, _exit_result(outcome), failure, delivered)
+        await self._finish(
+            live, status, _exit_result(outcome), failure, delivered, diverged=diverged is not None
+        )
         return True
+
+    def _report_divergence(self, rec: CallRecord, status: Status, report: str) -> None:
+        what = (
+            "restarts from its input"
+            if status is Status.INCOMPATIBLE_STATE
+            else f"ends with {status.name}"
+        )
+        logger.warning(
+            "call %s (%s) diverged from its journal (divergence %d; the call %s): %s",
+            rec.id,
+            rec.function,
+            rec.divergences + 1,
+            what,
+            report,
+        )
 
     async def _poll(
         self,
@@ -660,6 +706,7 @@ class Engine:
             _fresh_run(rec),
             endpoint=tail.endpoint or rec.endpoint,
             function=tail.function,
+            version=tail.version or rec.version,
             input=tail.input.SerializeToString() if tail.HasField("input") else b"",
             due_at=None,
             attempts=rec.attempts + 1,
@@ -679,11 +726,15 @@ class Engine:
         due: float,
         failure: str,
         now: float,
+        *,
+        diverged: bool = False,
     ) -> None:
         rec = live.rec
-        logger.info("call %s: incompatible state, restarting from its input", rec.id)
+        if not diverged:  # a divergence was reported with its report
+            logger.info("call %s: incompatible state, restarting from its input", rec.id)
         new = dataclasses.replace(
             _fresh_run(rec),
+            divergences=rec.divergences + int(diverged),
             due_at=due,
             attempts=rec.attempts + 1,
             failures=failures,
@@ -731,6 +782,7 @@ class Engine:
         delivered: list[tuple[int, call_pb2.CallResult]],
         *,
         attempted: bool = True,
+        diverged: bool = False,
     ) -> None:
         rec = live.rec
         now = self._clock()
@@ -754,6 +806,7 @@ class Engine:
             state=b"",
             poll_error=b"",
             attempts=rec.attempts + int(attempted),
+            divergences=rec.divergences + int(diverged),
             status=int(status),
             last_error=failure,
             result=data,
@@ -824,7 +877,7 @@ class Engine:
             endpoint=endpoint,
             function=call.function,
             input=call.input.SerializeToString() if call.HasField("input") else b"",
-            version=call.version,
+            version=call.version or (parent.version if parent is not None else ""),
             created_at=now,
             expires_at=expires_at,
             phase=Phase.PENDING,
@@ -908,6 +961,14 @@ def _journal_needed(outcome: Outcome) -> bool:
         and result is not None
         and result.error.type == JOURNAL_NEEDED
     )
+
+
+def _diverged(outcome: Outcome) -> str | None:
+    """The divergence report an endpoint answered with, if it did."""
+    result = _exit_result(outcome)
+    if result is None or result.error.type != NONDETERMINISM:
+        return None
+    return result.error.message.partition("\nRaised in the remote function:")[0]
 
 
 def _exit_result(outcome: Outcome) -> call_pb2.CallResult | None:

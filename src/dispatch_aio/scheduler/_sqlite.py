@@ -68,7 +68,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the schema this module writes (PRAGMA user_version)."""
 
 _SCHEMA_V1 = """
@@ -144,6 +144,11 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+# Version 3: how many runs of each call diverged from their journal, for `calls`/`show`.
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE calls ADD COLUMN divergences INTEGER NOT NULL DEFAULT 0")
+
+
 _COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
 _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
 _FILE_MODE = 0o600
@@ -153,6 +158,7 @@ _INLINE_MAX = 0.002  # seconds: a slower last commit sends writes to the writer 
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_0_to_1,
     _migrate_1_to_2,
+    _migrate_2_to_3,
 )
 
 # Column order of `calls` after `seq`, shared by inserts, updates and reads.
@@ -160,12 +166,13 @@ _COLUMNS = (
     "id, root_id, parent_id, correlation_id, parent_generation, endpoint, function, input, "
     "version, created_at, expires_at, phase, updated_at, generation, due_at, state_kind, "
     "state, min_results, max_results, poll_error, attempts, failures, polls, status, "
-    "last_error, result, finished_at"
+    "last_error, result, finished_at, divergences"
 )
 _MUTABLE = (
     "endpoint",
     "function",
     "input",
+    "version",
     "phase",
     "updated_at",
     "generation",
@@ -182,10 +189,11 @@ _MUTABLE = (
     "last_error",
     "result",
     "finished_at",
+    "divergences",
 )
 # Where each mutable column sits among all columns (and so in _insert_params).
 _MUTABLE_AT = tuple([c.strip() for c in _COLUMNS.split(",")].index(c) for c in _MUTABLE)
-_INSERT_CALL = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * 27)})"
+_INSERT_CALL = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * 28)})"
 _UPDATE_CALL = f"UPDATE calls SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?"
 _ADD_RESULT = "INSERT INTO results (seq, poller_id, generation, result) VALUES (?, ?, ?, ?)"
 _REMOVE_RESULT = "DELETE FROM results WHERE seq = ?"
@@ -237,6 +245,7 @@ def _insert_params(r: CallRecord) -> tuple[Any, ...]:
         r.last_error,
         r.result,
         r.finished_at,
+        r.divergences,
     )
 
 
@@ -274,6 +283,7 @@ def _record(row: Sequence[Any]) -> tuple[int, CallRecord]:
         last_error=row[25],
         result=row[26],
         finished_at=row[27],
+        divergences=row[28],
     )
 
 

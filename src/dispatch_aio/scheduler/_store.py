@@ -137,6 +137,9 @@ class CallRecord:
     result: bytes = b""
     """Serialized CallResult when DONE."""
     finished_at: float | None = None
+    divergences: int = 0
+    """Runs of the call that diverged from their journal (answered with a
+    ``NondeterminismError``): restarted from the input, or the call's end."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,8 @@ class CallInfo(_message.Message):
     QUEUED_RESULTS_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     CHILD_COUNT_FIELD_NUMBER: _builtins.int
+    DIVERGENCES_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     dispatch_id: _builtins.str
     parent_dispatch_id: _builtins.str
     """Empty for a top-level call."""
@@ -107,6 +109,13 @@ class CallInfo(_message.Message):
     """The correlation id the parent gave this call."""
     child_count: _builtins.int
     """Number of direct child calls."""
+    divergences: _builtins.int
+    """Runs of this call that diverged from their journal (the code changed, or
+    depends on something that is not replayed): each was restarted from its
+    input, or failed the call, as the function's divergence policy says.
+    """
+    version: _builtins.str
+    """The application version the call asked for (Call.version); empty when none."""
     @_builtins.property
     def creation_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -149,10 +158,12 @@ class CallInfo(_message.Message):
         queued_results: _builtins.int = ...,
         correlation_id: _builtins.int = ...,
         child_count: _builtins.int = ...,
+        divergences: _builtins.int = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "divergences", b"divergences", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
