@@ -25,7 +25,6 @@ import contextlib
 import errno
 import ipaddress
 import re
-import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +217,9 @@ class LocalScheduler:
         self.settings = settings
         self.tracker = tracker
         # Hex: safe in shells and never read as an option (a key may start with "-" otherwise).
-        self.api_key = settings.api_key or secrets.token_hex(20)
+        # Without --api-key: the one kept in the database, made on first use (random for
+        # each run with --in-memory); known once started.
+        self.api_key = settings.api_key or ""
         self.api_url = ""
         self._scheduler: Scheduler | None = None
         self._connection: Path | None = None
@@ -255,7 +256,7 @@ class LocalScheduler:
         try:
             scheduler = Scheduler(
                 store,
-                api_key=self.api_key,
+                api_key=settings.api_key,
                 default_endpoint=settings.endpoint_url,
                 retry=RetryPolicy(max_attempts=settings.max_attempts),
                 request_timeout=settings.run_timeout,
@@ -273,6 +274,7 @@ class LocalScheduler:
                 "PATH, or use --in-memory"
             ) from None
         self._scheduler = scheduler
+        self.api_key = scheduler.api_key
         try:
             url = await scheduler.serve(settings.host, settings.port)
         except OSError as exc:

@@ -24,7 +24,6 @@ __all__ = ["EmbeddedScheduler"]
 
 import contextlib
 import logging
-import secrets
 from pathlib import Path
 
 from ._config import API_KEY, DATA_DIR, SCHEDULER_ADDR, Config
@@ -70,7 +69,7 @@ class EmbeddedScheduler:
         """
         data_dir = self._config.data_dir()
         addr = self._config.scheduler_addr()
-        api_key = self._config.optional_api_key() or secrets.token_hex(20)
+        api_key = self._config.optional_api_key()  # None: the one kept in the database
         try:
             path = prepare_data_dir(data_dir)
         except OSError as exc:
@@ -107,8 +106,9 @@ class EmbeddedScheduler:
                     f"cannot serve the scheduler API on {host}:{port} ({SCHEDULER_ADDR}): "
                     f"{exc.strerror or exc}; choose another address, or off",
                 ) from None
-            self._connection = publish_connection(data_dir, self.api_url, api_key)
-            self.ui_url = ui_address(self.api_url, api_key)
+            key = scheduler.api_key
+            self._connection = publish_connection(data_dir, self.api_url, key)
+            self.ui_url = ui_address(self.api_url, key)
             if not _is_loopback_host(host):
                 logger.warning(
                     "the scheduler API listens on %s, beyond this machine, over plain HTTP: "

@@ -129,7 +129,10 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address the scheduler API binds (default: 127.0.0.1)"
     )
     sched.add_argument(
-        "--api-key", metavar="KEY", help="API key clients must send (default: a random one)"
+        "--api-key",
+        metavar="KEY",
+        help="API key clients must send (default: one made once and kept in the database; "
+        "random for each run with --in-memory)",
     )
     sched.add_argument(
         "--run-timeout",

@@ -67,16 +67,19 @@ def test_run_prefixes_output_shows_finished_calls_and_exits_with_the_app_status(
     assert not (tmp_path / "data" / "scheduler.json").exists()  # removed at exit
 
 
-def test_run_gives_a_random_api_key_unless_one_is_given(procs: Starter, tmp_path: Path) -> None:
+def test_run_keeps_its_api_key_with_its_data_unless_one_is_given(
+    procs: Starter, tmp_path: Path
+) -> None:
     app = write_app(tmp_path, EXAMPLE_APP)
     keys = []
-    for options in ([], [], ["--api-key", "my-key", "--in-memory"]):
+    for options in ([], [], ["--in-memory"], ["--api-key", "my-key", "--in-memory"]):
         proc = procs([*run_args(tmp_path, *options), "--", PYTHON, str(app)], cwd=tmp_path)
         assert proc.wait(60) == 0, proc.dump()
         keys.append(proc.wait_for("api key:").rpartition(" ")[2])
-    assert keys[0] != keys[1]
+    assert keys[0] == keys[1]  # kept in the database, made on first use
     assert len(keys[0]) >= 24
-    assert keys[2] == "my-key"
+    assert keys[2] != keys[0] and len(keys[2]) >= 24  # nothing kept: a new one
+    assert keys[3] == "my-key"
 
 
 def test_in_memory_keeps_nothing_on_disk(procs: Starter, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,6 +33,7 @@ from ._validate import endpoint_problem
 __all__ = ["FinishedCall", "Scheduler"]
 
 _SIGNING_KEY = "signing_key"
+_API_KEY = "api_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,9 @@ class Scheduler:
     Args:
         store: A SQLite database path (created if missing), ``":memory:"`` for a
             database that lives as long as the scheduler, or a `Store`.
-        api_key: The key API clients must send as ``Authorization: Bearer <key>``.
+        api_key: The key API clients must send as ``Authorization: Bearer <key>``. None
+            uses the key stored in the database, generated and stored on first use, so
+            that clients keep working across restarts.
         signing_key: The Ed25519 key that signs Run requests (a key object, PEM or
             base64). By default the key stored in the database is used, and one is
             generated and stored on first use.
@@ -94,7 +98,7 @@ class Scheduler:
         self,
         store: str | Store = ":memory:",
         *,
-        api_key: str,
+        api_key: str | None,
         signing_key: Ed25519PrivateKey | str | bytes | None = None,
         default_endpoint: str = "",
         default_expiration: float = DEFAULT_EXPIRATION,
@@ -106,7 +110,7 @@ class Scheduler:
         local: Mapping[str, LocalHandler] | None = None,
         replicas: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        if not api_key:
+        if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty: API clients authenticate with it")
         if default_endpoint and (problem := endpoint_problem(default_endpoint)):
             raise ValueError(f"default_endpoint {default_endpoint!r} {problem}")
@@ -117,7 +121,8 @@ class Scheduler:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._store = SQLiteStore(store) if isinstance(store, str) else store
-        self._api_key = api_key
+        self._api_key_arg = api_key
+        self._api_key = api_key or ""
         self._key_arg = signing_key
         self._settings = EngineSettings(
             default_expiration=default_expiration,
@@ -164,6 +169,7 @@ class Scheduler:
             if key is None:
                 key = await self._stored_key()
             self._key = key
+            self._api_key = self._api_key_arg or await self._stored_api_key()
             self._invoker = Invoker(
                 key,
                 max_concurrency=self._max_concurrency,
@@ -186,6 +192,22 @@ class Scheduler:
         key = Ed25519PrivateKey.generate()
         await self._store.write([SetMeta(_SIGNING_KEY, private_key_to_pem(key).encode("ascii"))])
         return key
+
+    async def _stored_api_key(self) -> str:
+        stored = await self._store.get_meta(_API_KEY)
+        if stored is not None:
+            return stored.decode("ascii")
+        # Hex: safe in shells and never read as an option.
+        key = secrets.token_hex(20)
+        await self._store.write([SetMeta(_API_KEY, key.encode("ascii"))])
+        return key
+
+    @property
+    def api_key(self) -> str:
+        """The key API clients send (known once started)."""
+        if not self._api_key:
+            raise RuntimeError("the scheduler is not started: the API key is not loaded")
+        return self._api_key
 
     async def close(self) -> None:
         """Stop serving and running calls; unfinished calls stay in the store."""
