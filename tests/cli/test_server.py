@@ -222,4 +222,3 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in out
     assert main(["calls", "--state", "sleeping"]) == 2
     assert "invalid choice: 'sleeping'" in capsys.readouterr().err
-
