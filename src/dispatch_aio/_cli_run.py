@@ -14,6 +14,7 @@ __all__ = ["RunOptions", "program_name", "run_app"]
 
 import asyncio
 import codecs
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -47,6 +48,8 @@ _MAX_NAME = 16
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 # A signal repeated within this many seconds is the same request, not a second one.
 _REPEAT_WINDOW = 0.1
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+_KEPT_ERRORS = 20  # last error lines of the app, read for a hint when it fails
 _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 2.0  # seconds to read what the application wrote before it exited
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -165,9 +168,14 @@ class _Signals:
 
 
 async def _pump(
-    stream: asyncio.StreamReader | None, console: Console, prefix: str, *, err: bool
+    stream: asyncio.StreamReader | None,
+    console: Console,
+    prefix: str,
+    *,
+    err: bool,
+    keep: collections.deque[str] | None = None,
 ) -> None:
-    """Copy a stream line by line, each line with `prefix`."""
+    """Copy a stream line by line, each line with `prefix` (the last ones into `keep`)."""
     if stream is None:
         return
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -177,12 +185,32 @@ async def _pump(
         *lines, pending = pending.split("\n")
         for line in lines:
             console.line(prefix + line.removesuffix("\r"), err=err)
+            if keep is not None:
+                keep.append(line)
         if len(pending) > _CHUNK:  # a very long line: show it in pieces
             console.line(prefix + pending, err=err)
             pending = ""
     pending += decoder.decode(b"", final=True)
     if pending:
         console.line(prefix + pending, err=err)
+
+
+def _failure_hint(command: list[str], last_errors: collections.deque[str]) -> str | None:
+    """Say what to do about a failure whose cause the app's last error lines show."""
+    missing = [m[1] for line in last_errors if (m := _MISSING_MODULE.search(line))]
+    if not missing:
+        return None
+    program = shutil.which(command[0]) or command[0]
+    ours = os.path.abspath(sys.executable)
+    if missing[-1] != "dispatch_aio" and (
+        not _PYTHON.fullmatch(os.path.basename(program)) or os.path.abspath(program) == ours
+    ):
+        return None  # a module the app lacks, in the right Python: its own business
+    return (
+        f"{command[0]!r} cannot import {missing[-1]!r}: is it the Python dispatch-aio is "
+        f"installed in? Run the app with that one: dispatch-aio run -- "
+        f"{shlex.quote(sys.executable)} {shlex.join(command[1:])}"
+    )
 
 
 def _exit_status(returncode: int) -> int:
@@ -255,10 +283,14 @@ async def run_app(options: RunOptions, console: Console) -> int:
                 DISPATCH_VERIFICATION_KEY=local.verification_key,
             )
             env.setdefault("PYTHONUNBUFFERED", "1")
+            last_errors: collections.deque[str] = collections.deque(maxlen=_KEPT_ERRORS)
             returncode = await _supervise(
-                command, env, console, signals, progress, app_out, app_err
+                command, env, console, signals, progress, app_out, app_err, last_errors
             )
             console.line(f"{ours}{shlex.join(command)} {_describe_exit(returncode)}")
+            if returncode and (hint := _failure_hint(command, last_errors)):
+                hint_line = console.paint(f"hint: {hint}", Style.YELLOW, err=True)
+                console.line(ours + hint_line, err=True)
             console.line(ours + _closing(progress, local))
         return _exit_status(returncode)
     finally:
@@ -273,6 +305,7 @@ async def _supervise(
     progress: Progress,
     app_out: str,
     app_err: str,
+    last_errors: collections.deque[str],
 ) -> int:
     try:
         process = await asyncio.create_subprocess_exec(
@@ -290,7 +323,7 @@ async def _supervise(
     signals.pid = process.pid
     pumps = [
         asyncio.create_task(_pump(process.stdout, console, app_out, err=False)),
-        asyncio.create_task(_pump(process.stderr, console, app_err, err=True)),
+        asyncio.create_task(_pump(process.stderr, console, app_err, err=True, keep=last_errors)),
     ]
     status = asyncio.create_task(progress.run())
     try:

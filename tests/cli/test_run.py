@@ -7,6 +7,7 @@ import pty
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -347,3 +348,17 @@ def test_python_dash_m_and_the_console_script_run_the_command(procs: Starter) ->
     proc = procs([str(script), "--version"])
     assert proc.wait() == 0
     assert proc.stdout.startswith("dispatch-aio ")
+
+
+def test_an_app_run_with_another_python_gets_a_hint(procs: Starter, tmp_path: Path) -> None:
+    other = str(Path(sys.base_prefix) / "bin" / "python3")
+    probe = subprocess.run([other, "-c", "import dispatch_aio"], capture_output=True, timeout=60)
+    if probe.returncode == 0:
+        pytest.skip(f"{other} has dispatch_aio installed: no Python without it here")
+    app = write_app(tmp_path, EXAMPLE_APP)
+    proc = procs([*run_args(tmp_path, "--in-memory"), "--", other, str(app)], cwd=tmp_path)
+    assert proc.wait(60) == 1, proc.dump()
+    assert "ModuleNotFoundError" in proc.stderr
+    assert f"hint: {other!r} cannot import" in proc.stderr
+    assert "is it the Python dispatch-aio is installed in?" in proc.stderr
+    assert f"dispatch-aio run -- {sys.executable} {app}" in proc.stderr
