@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -199,3 +200,23 @@ $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON dispatch_calls
 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
 """
+
+
+async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:  # back to version 1, as an older release left it
+        await conn.execute("ALTER TABLE dispatch_calls DROP COLUMN divergences")
+        await conn.execute("UPDATE dispatch_schema SET version = 1")
+    finally:
+        await conn.close()
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        await store.write([InsertCall(dataclasses.replace(record("x"), divergences=3))])
+        found = await store.get_call("x")
+        assert found is not None and found.divergences == 3
+    finally:
+        await store.close()

@@ -71,7 +71,9 @@ async def test_records_round_trip(store: Store) -> None:
     )
     await store.write([InsertCall(full)])
     assert await store.get_call("a") == full
-    done = dataclasses.replace(full, phase=Phase.DONE, result=b"res", finished_at=9.0, status=1)
+    done = dataclasses.replace(
+        full, phase=Phase.DONE, result=b"res", finished_at=9.0, status=1, divergences=2
+    )
     await store.write([UpdateCall(done)])
     assert await store.get_call("a") == done
     assert await store.get_call("missing") is None

@@ -65,7 +65,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -137,7 +137,9 @@ CREATE TABLE dispatch_commits (
 INSERT INTO dispatch_commits (token) VALUES (0);
 """
 
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+# Version 2: how many times each call's run diverged from its journal.
+_SCHEMA_V2 = "ALTER TABLE dispatch_calls ADD COLUMN divergences bigint NOT NULL DEFAULT 0"
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 _COLUMNS = (
     "id",
@@ -167,6 +169,7 @@ _COLUMNS = (
     "last_error",
     "result",
     "finished_at",
+    "divergences",
 )
 _MUTABLE = (
     "endpoint",
@@ -188,6 +191,7 @@ _MUTABLE = (
     "last_error",
     "result",
     "finished_at",
+    "divergences",
 )
 _MUTABLE_AT = tuple(_COLUMNS.index(c) for c in _MUTABLE)
 _INSERT_CALL = (
@@ -300,6 +304,7 @@ def _insert_params(r: CallRecord) -> tuple[Any, ...]:
         _text(r.last_error),
         r.result,
         r.finished_at,
+        r.divergences,
     )
 
 
@@ -337,6 +342,7 @@ def _record(row: Sequence[Any]) -> tuple[int, CallRecord]:
         last_error=row[25],
         result=row[26],
         finished_at=row[27],
+        divergences=row[28],
     )
 
 
