@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 
 from ._codec import encode_input
-from .durable import TailCall, durable_call, in_durable_function
+from .durable import DivergencePolicy, TailCall, durable_call, in_durable_function
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatch
@@ -52,6 +52,12 @@ class Function(Generic[P, R]):
 
     Functions are created by ``@dispatch.function``, which ties them to their
     `Dispatch` object (its API client and endpoint).
+
+    ``on_divergence`` chooses what happens to a call of this function whose replay
+    diverges from its journal (its code changed under it, or it depends on something
+    that is not replayed): ``"restart"`` runs the call again from its input (its
+    side effects run again), ``"fail"`` ends it with `errors.NondeterminismError`.
+    None (the default) leaves the choice to the application.
     """
 
     def __init__(
@@ -60,7 +66,12 @@ class Function(Generic[P, R]):
         name: str | None = None,
         *,
         owner: Dispatch | None = None,
+        on_divergence: DivergencePolicy | None = None,
     ) -> None:
+        if on_divergence not in (None, "restart", "fail"):
+            raise ValueError(
+                f"on_divergence must be 'restart', 'fail' or None, not {on_divergence!r}"
+            )
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(
                 f"{getattr(fn, '__qualname__', fn)!r} is not an async function: durable "
@@ -69,6 +80,7 @@ class Function(Generic[P, R]):
         self._fn = fn
         self._name = check_function_name(name if name is not None else fn.__qualname__)
         self._owner = owner
+        self._on_divergence: DivergencePolicy | None = on_divergence
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -76,6 +88,11 @@ class Function(Generic[P, R]):
     def name(self) -> str:
         """The name the function is registered and called under."""
         return self._name
+
+    @property
+    def on_divergence(self) -> DivergencePolicy | None:
+        """The function's divergence policy; None leaves it to the application."""
+        return self._on_divergence
 
     @property
     def fn(self) -> Callable[P, Coroutine[Any, Any, R]]:

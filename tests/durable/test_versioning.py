@@ -203,3 +203,18 @@ async def test_patched_outside_a_durable_function_is_the_new_branch() -> None:
     assert patched("anything")
     deprecate_patch("anything")
     assert await _v2(3) == "new 3"
+
+
+async def test_a_function_carries_its_divergence_policy() -> None:
+    strict = Function(_v3, name="workflow", on_divergence="fail")
+    assert strict.on_divergence == "fail" and after.on_divergence is None
+    with pytest.raises(ValueError, match="on_divergence"):
+        Function(_v3, name="workflow", on_divergence="later")  # type: ignore[arg-type]
+    functions = {f.name: f for f in (strict, old_step, new_step, after)}
+    poll = await _first_poll(_runner(_v1))
+    runner = Runner(
+        lambda name: f.fn if (f := functions.get(name)) else None,
+        divergence_policy=lambda name: f.on_divergence if (f := functions.get(name)) else None,
+    )
+    response = await runner.run(_resume(poll, {1: "old 1"}))
+    assert response.status == Status.PERMANENT_ERROR
