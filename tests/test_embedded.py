@@ -204,3 +204,48 @@ async def test_an_aiohttp_app_starts_the_scheduler_with_cleanup_ctx(tmp_path: Pa
         assert await dispatch.client.result(await square.dispatch(9), timeout=30) == 81
     with pytest.raises(ConfigurationError):  # stopped with the application
         await square.dispatch(1)
+
+
+async def test_the_apps_divergence_policy_and_version(tmp_path: Path) -> None:
+    from dispatch_aio._cli_inspect import InspectClient
+    from dispatch_aio.errors import NondeterminismError
+
+    # No live cache: every resume replays, and this function takes another branch then.
+    dispatch = Dispatch(
+        env={}, data_dir=str(tmp_path), cache_size=0, on_divergence="fail", version="2.0"
+    )
+    runs = {"strict": 0, "lenient": 0}
+
+    @dispatch.function(name="one")
+    async def one() -> int:
+        return 1
+
+    @dispatch.function(name="two")
+    async def two() -> int:
+        return 2
+
+    async def drifting(name: str) -> int:
+        runs[name] += 1
+        first = await (one() if runs[name] == 1 else two())
+        return first + await one()
+
+    @dispatch.function(name="strict")
+    async def strict() -> int:
+        return await drifting("strict")
+
+    @dispatch.function(name="lenient", on_divergence="restart")
+    async def lenient() -> int:
+        return await drifting("lenient")
+
+    async with await dispatch.start() as server:
+        strict_id = await strict.dispatch()
+        with pytest.raises(NondeterminismError):
+            await dispatch.client.result(strict_id, timeout=30)
+        # Its own policy: restarted from its input, it then runs on one branch to the end.
+        assert await dispatch.client.result(await lenient.dispatch(), timeout=30) == 3
+        assert server.api_url is not None
+        key = json.loads((tmp_path / "scheduler.json").read_text())["api_key"]
+        async with InspectClient(server.api_url, key) as inspect:
+            info = (await inspect.get_call(strict_id)).call
+    assert info.version == "2.0"  # the app's version, given to the calls it submits
+    assert runs["lenient"] >= 3  # first run, the diverging replay, the restart

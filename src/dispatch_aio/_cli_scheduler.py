@@ -166,6 +166,8 @@ class SchedulerSettings:
     """A PostgreSQL URL to keep the calls in; empty: SQLite in the data folder."""
     replicas: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Endpoints served by several app processes, and the URLs of their replicas."""
+    version_endpoints: tuple[tuple[str, str], ...] = ()
+    """Application versions kept running at their own endpoint."""
     endpoint_url: str = ""
     """Endpoint of calls that name none."""
     max_attempts: int = RetryPolicy().max_attempts
@@ -261,6 +263,7 @@ class LocalScheduler:
                 retry=RetryPolicy(max_attempts=settings.max_attempts),
                 request_timeout=settings.run_timeout,
                 replicas=dict(settings.replicas),
+                version_endpoints=dict(settings.version_endpoints),
             )
         except ValueError as exc:
             raise CliError(str(exc), code=2) from None

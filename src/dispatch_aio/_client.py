@@ -97,13 +97,13 @@ class Call:
         encoded = encode_input(tuple(self.args), self.kwargs, function=self.function)
         object.__setattr__(self, "_input", encoded)
 
-    def _to_proto(self, default_endpoint: str) -> call_pb2.Call:
-        """Return the protobuf form, with `default_endpoint` when no endpoint was given."""
+    def _to_proto(self, default_endpoint: str, default_version: str = "") -> call_pb2.Call:
+        """Return the protobuf form, with the defaults for what the call does not give."""
         call = call_pb2.Call(
             function=self.function,
             input=self._input,
             endpoint=self.endpoint if self.endpoint is not None else default_endpoint,
-            version=self.version,
+            version=self.version or default_version,
         )
         if self.expiration is not None:
             call.expiration.FromTimedelta(self.expiration)
@@ -170,6 +170,7 @@ class Client:
         timeout: float,
         retries: int = DEFAULT_RETRIES,
         embedded: Callable[[], EmbeddedAPI | None] | None = None,
+        version: str = "",
     ) -> Client:
         """Build a client that reads the configuration of a `Dispatch` object.
 
@@ -179,6 +180,7 @@ class Client:
         client = cls.__new__(cls)
         client._setup(config, timeout=timeout, retries=retries, session=None)
         client._embedded = embedded
+        client._version = version
         return client
 
     def _setup(
@@ -200,6 +202,7 @@ class Client:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._embedded: Callable[[], EmbeddedAPI | None] | None = None
+        self._version = ""  # the application's, for calls that name none
 
     def __repr__(self) -> str:
         return f"<Client {self._config!r}>"
@@ -239,13 +242,15 @@ class Client:
             return []
         local = self._local()
         if local is not None:
-            local_calls = [call._to_proto(local.endpoint_url) for call in calls]
+            local_calls = [call._to_proto(local.endpoint_url, self._version) for call in calls]
             ids: list[str] = await _on_host(_submit_local(local, local_calls))
             return ids
         endpoint = ""
         if any(call.endpoint is None for call in calls):
             endpoint = self._config.endpoint_url()
-        request = dispatch_pb2.DispatchRequest(calls=[call._to_proto(endpoint) for call in calls])
+        request = dispatch_pb2.DispatchRequest(
+            calls=[call._to_proto(endpoint, self._version) for call in calls]
+        )
         api_key = self._config.api_key()
         url = self._config.api_url() + DISPATCH_PATH
         send = self._send(url, api_key, request.SerializeToString(), len(calls))

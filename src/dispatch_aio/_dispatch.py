@@ -36,7 +36,7 @@ from ._serving import (
 )
 from ._status import Classifier, Status
 from .asgi import ASGIEndpoint
-from .durable import Runner
+from .durable import Detection, DivergencePolicy, Runner
 from .http import Response, response_status
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,17 @@ class Dispatch:
         shutdown_timeout: Seconds in-flight runs get to finish when serving stops.
         idle_timeout: Seconds a connection to the endpoint may stay open without a
             complete request (half-sent headers included) before it is closed.
+        on_divergence: What a run that diverges from its journal (code changed without
+            `dispatch_aio.patched`, or a nondeterministic branch) does to its call:
+            ``"restart"`` (the default) runs the call again from its input, its leaf
+            side effects included; ``"fail"`` ends it with
+            `dispatch_aio.errors.NondeterminismError`. Functions may choose their own.
+        nondeterminism: What reading the clock or randomness directly inside a durable
+            function does: ``"off"`` (the default), ``"warn"`` (logged once per place,
+            with the line and the replacement to use) or ``"fail"``.
+        version: This application's version: recorded in the journals it writes (and
+            named in divergence reports), and given to the calls it submits
+            (``Call.version``), which a scheduler may route by.
         max_connections: Connections the endpoint keeps open at most; past it, the
             oldest connection without a request in progress is closed. Default: a
             quarter of the open-file limit (raised to its maximum at start), at most
@@ -131,6 +142,9 @@ class Dispatch:
         shutdown_timeout: float = 30.0,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int | None = None,
+        on_divergence: DivergencePolicy = "restart",
+        nondeterminism: Detection = "off",
+        version: str = "",
     ) -> None:
         self._config = Config(
             api_key=api_key,
@@ -149,6 +163,10 @@ class Dispatch:
             "cache_size": cache_size,
             "cache_idle_timeout": cache_idle_timeout,
             "live_timer_threshold": live_timer_threshold,
+            "on_divergence": on_divergence,
+            "nondeterminism": nondeterminism,
+            "version": version,
+            "divergence_policy": self._divergence_policy,
         }
         self._runner: Runner | None = None
         self._shutdown_timeout = shutdown_timeout
@@ -161,7 +179,7 @@ class Dispatch:
         self._max_connections = max_connections
         self._embedded: EmbeddedScheduler | None = None
         self._client = Client._with_config(
-            self._config, timeout=api_timeout, embedded=lambda: self._embedded
+            self._config, timeout=api_timeout, embedded=lambda: self._embedded, version=version
         )
         self._endpoint = Endpoint(
             self._config,
@@ -183,11 +201,21 @@ class Dispatch:
 
     @overload
     def function(
-        self, fn: None = None, /, *, name: str | None = None
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        on_divergence: DivergencePolicy | None = None,
     ) -> Callable[[_AsyncFn[P, R]], Function[P, R]]: ...
 
     def function(
-        self, fn: _AsyncFn[..., Any] | None = None, /, *, name: str | None = None
+        self,
+        fn: _AsyncFn[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        on_divergence: DivergencePolicy | None = None,
     ) -> Function[Any, Any] | Callable[[_AsyncFn[..., Any]], Function[Any, Any]]:
         """Register an ``async def`` function as a durable function.
 
@@ -198,6 +226,8 @@ class Dispatch:
         Args:
             fn: The coroutine function.
             name: The name it is called under; default ``fn.__qualname__``.
+            on_divergence: This function's divergence policy (``"restart"`` or
+                ``"fail"``); default: the `Dispatch` object's.
 
         Returns:
             The `Function`, or a decorator that registers one.
@@ -210,7 +240,7 @@ class Dispatch:
         if fn is None:
 
             def register(fn: _AsyncFn[..., Any]) -> Function[Any, Any]:
-                return self._register(fn, name)
+                return self._register(fn, name, on_divergence)
 
             return register
         if isinstance(fn, str):
@@ -218,12 +248,14 @@ class Dispatch:
                 f"@dispatch.function({fn!r}): pass the name as a keyword, "
                 f"@dispatch.function(name={fn!r})"
             )
-        return self._register(fn, name)
+        return self._register(fn, name, None)
 
-    def _register(self, fn: _AsyncFn[P, R], name: str | None) -> Function[P, R]:
+    def _register(
+        self, fn: _AsyncFn[P, R], name: str | None, on_divergence: DivergencePolicy | None
+    ) -> Function[P, R]:
         if isinstance(fn, Function):
             raise TypeError(f"{fn!r} is already a registered function")
-        function = Function(fn, name, owner=self)
+        function = Function(fn, name, owner=self, on_divergence=on_divergence)
         existing = self._functions.get(function.name)
         if existing is not None:
             where = f"{existing.fn.__module__}.{existing.fn.__qualname__}"
@@ -509,6 +541,10 @@ class Dispatch:
         if self._runner is None:
             self._runner = Runner(self._lookup, classifier=self._classifier, **self._runner_options)
         return self._runner
+
+    def _divergence_policy(self, name: str) -> DivergencePolicy | None:
+        function = self._functions.get(name)
+        return None if function is None else function.on_divergence
 
     def _lookup(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]] | None:
         function = self._functions.get(name)

@@ -192,6 +192,14 @@ def _parser() -> argparse.ArgumentParser:
         help="an endpoint served by several app processes: the URL calls name, and the URLs "
         "of its replicas; a call's resumes go to the replica that ran it (repeatable)",
     )
+    server.add_argument(
+        "--version-endpoint",
+        action="append",
+        default=[],
+        metavar="VERSION=URL",
+        help="run the calls of an application version (Call.version) at this endpoint, e.g. "
+        "the old release kept running until its calls finish (repeatable)",
+    )
 
     api = argparse.ArgumentParser(add_help=False, parents=[data])
     api.add_argument("--api-url", metavar="URL", help="the scheduler API (DISPATCH_API_URL)")
@@ -352,6 +360,7 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
         raise CliError("--database is empty: give postgresql://USER@HOST/DB", code=2)
     return SchedulerSettings(
         replicas=_replicas(getattr(args, "replica", [])),
+        version_endpoints=_version_endpoints(getattr(args, "version_endpoint", [])),
         host=args.host,
         port=args.port,
         api_key=args.api_key.strip() if args.api_key else None,
@@ -376,6 +385,20 @@ def _replicas(options: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
             )
         replicas.append((endpoint.strip().rstrip("/"), listed))
     return tuple(replicas)
+
+
+def _version_endpoints(options: list[str]) -> tuple[tuple[str, str], ...]:
+    found = []
+    for option in options:
+        version, _, url = option.partition("=")
+        if not version.strip() or not url.strip():
+            raise CliError(
+                f"invalid --version-endpoint {option!r}: give VERSION=URL, e.g. "
+                "1.4=http://127.0.0.1:8001",
+                code=2,
+            )
+        found.append((version.strip(), url.strip().rstrip("/")))
+    return tuple(found)
 
 
 def _data_dir(value: str) -> str:

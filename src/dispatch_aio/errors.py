@@ -174,7 +174,11 @@ class NondeterminismError(IncompatibleStateError):
     The function did something different from what it did when the journal was recorded
     (another call, in another order, or with other arguments), usually because the code
     changed or depends on something that is not replayed (wall-clock time, randomness,
-    I/O). The call fails with INCOMPATIBLE_STATE and is restarted from its input.
+    I/O). What follows is the divergence policy's choice (``on_divergence`` of
+    `dispatch_aio.Dispatch` or of the function): ``"restart"`` (the default) answers
+    INCOMPATIBLE_STATE and the call is restarted from its input; ``"fail"`` ends the call
+    with this error (PERMANENT_ERROR). Reading the clock or randomness directly is also
+    reported with this error when detection is on (``nondeterminism=``).
 
     Args:
         message: What diverged, in one line.

@@ -92,3 +92,10 @@ def test_a_malformed_replica_option_is_a_usage_error(procs: Starter, tmp_path: P
     proc = procs([*CLI, "server", "--replica", "http://app:8000", "--data-dir", str(tmp_path)])
     assert proc.wait(30) == 2, proc.dump()
     assert "invalid --replica 'http://app:8000': give ENDPOINT=URL,URL..." in proc.stderr
+
+
+def test_a_malformed_version_endpoint_is_a_usage_error(procs: Starter, tmp_path: Path) -> None:
+    args = [*CLI, "server", "--version-endpoint", "1.4", "--data-dir", str(tmp_path)]
+    proc = procs(args)
+    assert proc.wait(30) == 2, proc.dump()
+    assert "invalid --version-endpoint '1.4': give VERSION=URL" in proc.stderr

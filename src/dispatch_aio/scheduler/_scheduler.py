@@ -85,6 +85,10 @@ class Scheduler:
         rng: Source of the backoff jitter (seed it for reproducible delays).
         local: Endpoints served by this process, by URL: their Run requests are handed
             to the handler in memory instead of sent over HTTP (see `LocalHandler`).
+        version_endpoints: Application versions kept running at their own endpoint:
+            a call whose ``Call.version`` is listed (calls made by a function inherit its
+            version) is run at that URL instead of its own endpoint, so that old runs
+            finish on old code while new calls go to the new.
         replicas: Endpoints served by several processes, each at its own URL: the
             endpoint URL calls name, and the URLs of its replicas. A call's attempts go
             to one replica while it answers, so that its resumes find the run live
@@ -109,6 +113,7 @@ class Scheduler:
         rng: random.Random | None = None,
         local: Mapping[str, LocalHandler] | None = None,
         replicas: Mapping[str, Sequence[str]] | None = None,
+        version_endpoints: Mapping[str, str] | None = None,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty: API clients authenticate with it")
@@ -130,6 +135,7 @@ class Scheduler:
             request_timeout=request_timeout,
             retry=retry or RetryPolicy(),
             default_endpoint=default_endpoint,
+            version_endpoints=dict(version_endpoints or {}),
         )
         self._max_concurrency = max_concurrency
         self._rng = rng
@@ -137,6 +143,9 @@ class Scheduler:
             if problem := endpoint_problem(url):
                 raise ValueError(f"local endpoint {url!r} {problem}")
         self._local = dict(local or {})
+        for version, url in (version_endpoints or {}).items():
+            if problem := endpoint_problem(url):
+                raise ValueError(f"the endpoint {url!r} of version {version!r} {problem}")
         for endpoint, urls in (replicas or {}).items():
             for url in (endpoint, *urls):
                 if problem := endpoint_problem(url):
