@@ -41,6 +41,7 @@ from ._datadir import (
 )
 from ._progress import CallTracker, TrackingStore
 from .scheduler import PostgresStore, RetryPolicy, Scheduler, SQLiteStore, Store, StoreError
+from .scheduler._engine import DEFAULT_IDEMPOTENCY_RETENTION
 from .scheduler._postgres import mask_url
 
 _ADDR = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<host>[^:\[\]]+):(?P<port>[0-9]+)")
@@ -175,6 +176,8 @@ class SchedulerSettings:
     final (0: retried until the call expires); see `RetryPolicy.max_attempts`."""
     run_timeout: float = 300.0
     """Seconds one Run request may take."""
+    idempotency_retention: float = DEFAULT_IDEMPOTENCY_RETENTION
+    """Seconds a submission's idempotency key is remembered."""
 
 
 def check_data_dir(path: str, option: str = "--data-dir") -> str:
@@ -262,6 +265,7 @@ class LocalScheduler:
                 default_endpoint=settings.endpoint_url,
                 retry=RetryPolicy(max_attempts=settings.max_attempts),
                 request_timeout=settings.run_timeout,
+                idempotency_retention=settings.idempotency_retention,
                 replicas=dict(settings.replicas),
                 version_endpoints=dict(settings.version_endpoints),
             )

@@ -172,6 +172,10 @@ class TrackingStore(Store):
         """Count children in the inner store."""
         return await self._inner.count_children(dispatch_ids)
 
+    async def find_idempotency_keys(self, keys: Sequence[str], now: float) -> dict[str, str]:
+        """Look idempotency keys up in the inner store."""
+        return await self._inner.find_idempotency_keys(keys, now)
+
     async def get_meta(self, key: str) -> bytes | None:
         """Read a scheduler-wide value from the inner store."""
         return await self._inner.get_meta(key)

@@ -142,6 +142,14 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds one Run request to the application may take (default: 300)",
     )
     sched.add_argument(
+        "--idempotency-retention",
+        type=float,
+        default=_DEFAULTS.idempotency_retention,
+        metavar="SECONDS",
+        help="seconds a submission's idempotency key is remembered: a submission with the "
+        "same key within that time returns the first one's dispatch id (default: 86400)",
+    )
+    sched.add_argument(
         "--max-attempts",
         type=int,
         default=_DEFAULTS.max_attempts,
@@ -346,6 +354,12 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
         raise CliError("--api-key is empty: give a key, or leave the option out", code=2)
     if not args.run_timeout > 0:
         raise CliError(f"invalid --run-timeout {args.run_timeout:g}: it must be positive", 2)
+    if not args.idempotency_retention > 0:
+        raise CliError(
+            f"invalid --idempotency-retention {args.idempotency_retention:g}: it must be "
+            "positive (seconds)",
+            code=2,
+        )
     if args.max_attempts < 0:
         raise CliError(f"invalid --max-attempts {args.max_attempts}: use 0 or more", code=2)
     if args.database is not None and args.in_memory:
@@ -368,6 +382,7 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
         in_memory=args.in_memory,
         database=(database or "").strip(),
         run_timeout=args.run_timeout,
+        idempotency_retention=args.idempotency_retention,
         max_attempts=args.max_attempts,
     )
 

@@ -26,7 +26,10 @@ def test_unusable_data_dirs_are_usage_errors(
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", [["--run-timeout", "0"], ["--max-attempts", "-1"]])
+@pytest.mark.parametrize(
+    "option",
+    [["--run-timeout", "0"], ["--max-attempts", "-1"], ["--idempotency-retention", "0"]],
+)
 def test_bad_numbers_are_usage_errors(
     option: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,6 +16,8 @@ from dispatch_aio.scheduler._store import (
     CallRecord,
     InsertCall,
     Phase,
+    PruneIdempotencyKeys,
+    PutIdempotencyKey,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
@@ -201,3 +203,20 @@ async def test_writing_to_a_closed_store_fails(new_store: Callable[[], Store]) -
     await store.close()
     with pytest.raises(StoreError, match="not open"):
         await store.write([InsertCall(record("a"))])
+
+
+async def test_idempotency_keys_expire_and_are_pruned(store: Store) -> None:
+    await store.write([InsertCall(record("a")), PutIdempotencyKey("k1", "a", expires_at=50.0)])
+    await store.write([PutIdempotencyKey("k2", "b", expires_at=10.0)])
+    assert await store.find_idempotency_keys(["k1", "k2", "k3"], now=5.0) == {
+        "k1": "a",
+        "k2": "b",
+    }
+    # Expired keys are not found, even before they are pruned.
+    assert await store.find_idempotency_keys(["k1", "k2"], now=20.0) == {"k1": "a"}
+    assert await store.find_idempotency_keys([], now=0.0) == {}
+    await store.write([PruneIdempotencyKeys(before=20.0)])
+    assert await store.find_idempotency_keys(["k2"], now=0.0) == {}
+    # An expired key may be given to a new call.
+    await store.write([PutIdempotencyKey("k1", "c", expires_at=90.0)])
+    assert await store.find_idempotency_keys(["k1"], now=60.0) == {"k1": "c"}

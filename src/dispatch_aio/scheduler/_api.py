@@ -7,7 +7,12 @@ request's encoding. Failures are Connect errors: a JSON body ``{"code", "message
 with the matching HTTP status.
 
 - ``/dispatch.sdk.v1.DispatchService/Dispatch``: submit calls atomically; the ids come
-  back in request order once every call is committed.
+  back in request order once every call is committed. The ``Call`` message has no field
+  for an idempotency key, so keys travel in ``DispatchRequest.idempotency_keys`` (field
+  1000, an extension of this project that other schedulers skip as unknown): one per
+  call in request order, ``""`` for a call without a key. A call whose key was submitted
+  within the retention period is not created again; its id in the answer is the first
+  submission's.
 - ``/dispatch.sdk.v1.DispatchService/Wait``: the RPC of dispatch-py's test server; the
   body is a dispatch id as UTF-8 text, the answer the call's final ``CallResult``
   (binary) once it is done.
@@ -210,7 +215,7 @@ class _Service:
                 f"{MAX_CALLS_PER_REQUEST} per request; submit them in several requests",
             )
         try:
-            ids = await self._engine.submit(req.calls)
+            ids = await self._engine.submit(req.calls, req.idempotency_keys)
         except InvalidCallError as exc:
             raise _ConnectError(400, "invalid_argument", str(exc)) from exc
         return _reply(dispatch_pb2.DispatchResponse(dispatch_ids=ids), as_json)

@@ -70,6 +70,8 @@ from ._store import (
     InsertCall,
     Op,
     Phase,
+    PruneIdempotencyKeys,
+    PutIdempotencyKey,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
@@ -82,6 +84,8 @@ from ._validate import call_problem
 
 __all__ = [
     "DEFAULT_EXPIRATION",
+    "DEFAULT_IDEMPOTENCY_RETENTION",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
     "Engine",
     "EngineClosedError",
     "EngineSettings",
@@ -95,7 +99,13 @@ DEFAULT_EXPIRATION = 7 * 24 * 3600.0
 """Seconds a call may take when it does not set an expiration: 7 days, long enough for
 durable sleeps of hours or days."""
 
+DEFAULT_IDEMPOTENCY_RETENTION = 24 * 3600.0
+"""Seconds an idempotency key is remembered after its submission: 24 hours."""
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+"""Longest idempotency key accepted, in characters."""
+
 _MAX_RESULTS = 1000
+_PRUNE_EVERY = 60.0  # seconds between two prunings of expired idempotency keys
 _TYPE_PREFIX = "type.googleapis.com/"
 _JOURNAL_URL = _TYPE_PREFIX + journal_pb2.Journal.DESCRIPTOR.full_name
 _DELTA_URL = _TYPE_PREFIX + journal_pb2.JournalDelta.DESCRIPTOR.full_name
@@ -184,6 +194,9 @@ class EngineSettings:
     unless they ask for another, so a call tree started on one version finishes there:
     an operator who deploys a changed application at a new address while the old one
     finishes its runs lists both versions here."""
+    idempotency_retention: float = DEFAULT_IDEMPOTENCY_RETENTION
+    """Seconds a submission's idempotency key is remembered: a submission with the same
+    key within that time returns the first one's dispatch id and creates nothing."""
 
 
 class _Live:
@@ -274,6 +287,10 @@ class Engine:
         self._ids = _Ids()
         self._seq = 1
         self._closed = True
+        # Idempotency keys of submissions being committed: a second submission with one
+        # of them waits for the first rather than look it up before it is stored.
+        self._keys_in_flight: dict[str, asyncio.Future[None]] = {}
+        self._pruned_at = 0.0
 
     @property
     def settings(self) -> EngineSettings:
@@ -319,14 +336,22 @@ class Engine:
 
     # Submissions and waiting.
 
-    async def submit(self, calls: Sequence[call_pb2.Call]) -> list[str]:
+    async def submit(
+        self, calls: Sequence[call_pb2.Call], idempotency_keys: Sequence[str] = ()
+    ) -> list[str]:
         """Persist top-level calls atomically and start them.
+
+        Args:
+            calls: The calls.
+            idempotency_keys: Empty, or one key per call ("" for a call without one).
+                A call whose key was submitted within the retention period is not
+                created again: its dispatch id is the first submission's.
 
         Returns:
             The dispatch ids, in the order of `calls`.
 
         Raises:
-            InvalidCallError: A call is invalid; nothing was submitted.
+            InvalidCallError: A call or key is invalid; nothing was submitted.
             EngineClosedError: The engine is not running.
             StoreError: The calls could not be persisted; nothing was submitted.
         """
@@ -338,20 +363,60 @@ class Engine:
             for i, call in enumerate(calls)
             if (problem := call_problem(call, f"calls[{i}]", default_endpoint=default))
         ]
+        keyed = _keyed(calls, idempotency_keys, problems)
         if problems:
             more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
             raise InvalidCallError("; ".join(problems[:3]) + more)
+        if not keyed:
+            return await self._create(calls, {})
+        while busy := [self._keys_in_flight[k] for k in keyed if k in self._keys_in_flight]:
+            await asyncio.wait(busy)
+        done = asyncio.get_running_loop().create_future()
+        for key in keyed:
+            self._keys_in_flight[key] = done
+        try:
+            known = await self._store.find_idempotency_keys(list(keyed), self._clock())
+            return await self._create(calls, {i: k for k, i in keyed.items()}, known)
+        finally:
+            for key in keyed:
+                del self._keys_in_flight[key]
+            done.set_result(None)
+
+    async def _create(
+        self,
+        calls: Sequence[call_pb2.Call],
+        keys: Mapping[int, str],
+        known: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """Create the calls whose key (by index in `keys`) is not `known`; return all ids."""
+        default = self._settings.default_endpoint
+        known = known or {}
         now = self._clock()
-        records = []
-        for call in calls:
+        ids: list[str] = []
+        records: list[CallRecord] = []
+        ops: list[Op] = []
+        for i, call in enumerate(calls):
+            key = keys.get(i, "")
+            if key in known:
+                ids.append(known[key])
+                continue
             dispatch_id = self._ids.next()
-            records.append(
-                self._record(call, dispatch_id, dispatch_id, "", call.endpoint or default, now)
-            )
-        await self._store.write([InsertCall(r) for r in records])
+            ids.append(dispatch_id)
+            rec = self._record(call, dispatch_id, dispatch_id, "", call.endpoint or default, now)
+            records.append(rec)
+            ops.append(InsertCall(rec))
+            if key:
+                expires = now + self._settings.idempotency_retention
+                ops.append(PutIdempotencyKey(key, dispatch_id, expires))
+        if not ops:
+            return ids
+        if keys and now - self._pruned_at >= _PRUNE_EVERY:
+            self._pruned_at = now
+            ops.append(PruneIdempotencyKeys(now))
+        await self._store.write(ops)
         for rec in records:
             self._adopt(rec)
-        return [r.id for r in records]
+        return ids
 
     async def wait(self, dispatch_id: str, max_seconds: float | None = None) -> CallRecord | None:
         """Wait until a call is done.
@@ -883,6 +948,37 @@ class Engine:
             phase=Phase.PENDING,
             updated_at=now,
         )
+
+
+def _keyed(
+    calls: Sequence[call_pb2.Call], keys: Sequence[str], problems: list[str]
+) -> dict[str, int]:
+    """Return the index of the call of each idempotency key; add what is wrong to `problems`."""
+    if not keys:
+        return {}
+    if len(keys) != len(calls):
+        problems.append(
+            f"{len(keys)} idempotency keys for {len(calls)} calls: give one per call, "
+            "an empty one for a call without a key"
+        )
+        return {}
+    keyed: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if not key:
+            continue
+        if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable():
+            problems.append(
+                f"calls[{i}]: invalid idempotency key {key[:40]!r}: use at most "
+                f"{MAX_IDEMPOTENCY_KEY_LENGTH} printable characters"
+            )
+        elif key in keyed:
+            problems.append(
+                f"calls[{keyed[key]}] and calls[{i}] have the same idempotency key {key!r}: "
+                "give each call of a request its own key"
+            )
+        else:
+            keyed[key] = i
+    return keyed
 
 
 def _fresh_run(rec: CallRecord) -> CallRecord:

@@ -49,6 +49,8 @@ from ._store import (
     InsertCall,
     Op,
     Phase,
+    PruneIdempotencyKeys,
+    PutIdempotencyKey,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
@@ -65,7 +67,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -139,7 +141,16 @@ INSERT INTO dispatch_commits (token) VALUES (0);
 
 # Version 2: how many times each call's run diverged from its journal.
 _SCHEMA_V2 = "ALTER TABLE dispatch_calls ADD COLUMN divergences bigint NOT NULL DEFAULT 0"
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+# Version 3: idempotency keys of submissions, kept for a retention period.
+_SCHEMA_V3 = """
+CREATE TABLE dispatch_idempotency_keys (
+    key text PRIMARY KEY,
+    dispatch_id text NOT NULL,
+    expires_at double precision NOT NULL
+);
+CREATE INDEX dispatch_idempotency_keys_expiry ON dispatch_idempotency_keys (expires_at);
+"""
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 _COLUMNS = (
     "id",
@@ -213,6 +224,12 @@ _SET_META = (
 )
 _APPEND_SEGMENT = "INSERT INTO dispatch_segments (call_id, polls, data) VALUES ($1, $2, $3)"
 _REMOVE_SEGMENTS = "DELETE FROM dispatch_segments WHERE call_id = $1"
+_PUT_KEY = (
+    "INSERT INTO dispatch_idempotency_keys (key, dispatch_id, expires_at) VALUES ($1, $2, $3) "
+    "ON CONFLICT (key) DO UPDATE SET dispatch_id = excluded.dispatch_id, "
+    "expires_at = excluded.expires_at"
+)
+_PRUNE_KEYS = "DELETE FROM dispatch_idempotency_keys WHERE expires_at < $1"
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
 _SELECT_CALLS = f"SELECT seq, {', '.join(_COLUMNS)} FROM dispatch_calls"
 _MARK_COMMIT = "UPDATE dispatch_commits SET token = $1"
@@ -364,6 +381,10 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_APPEND_SEGMENT, (call_id, polls, data))]
         case RemoveSegments(call_id):
             return [(_REMOVE_SEGMENTS, (call_id,))]
+        case PutIdempotencyKey(key, dispatch_id, expires_at):
+            return [(_PUT_KEY, (key, dispatch_id, expires_at))]
+        case PruneIdempotencyKeys(before):
+            return [(_PRUNE_KEYS, (before,))]
 
 
 async def _execute(conn: Any, statements: list[_Statement]) -> None:
@@ -562,6 +583,18 @@ class PostgresStore(Store):
         """Return a value stored with `SetMeta`, or None."""
         rows = await self._fetch("SELECT value FROM dispatch_meta WHERE key = $1", key)
         return bytes(rows[0][0]) if rows else None
+
+    async def find_idempotency_keys(self, keys: Sequence[str], now: float) -> dict[str, str]:
+        """Return the dispatch id of each of `keys` stored and not expired at `now`."""
+        if not keys:
+            return {}
+        rows = await self._fetch(
+            "SELECT key, dispatch_id FROM dispatch_idempotency_keys "
+            "WHERE key = ANY($1::text[]) AND expires_at >= $2",
+            list(keys),
+            now,
+        )
+        return {row[0]: row[1] for row in rows}
 
     @property
     def keeps_segments(self) -> bool:

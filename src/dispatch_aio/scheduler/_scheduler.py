@@ -23,7 +23,13 @@ from .._serving import (
 from .._signature import load_private_key, private_key_to_pem, public_key_to_base64
 from ..proto.sdk.v1 import call_pb2
 from ._api import create_app
-from ._engine import DEFAULT_EXPIRATION, Engine, EngineSettings, RetryPolicy
+from ._engine import (
+    DEFAULT_EXPIRATION,
+    DEFAULT_IDEMPOTENCY_RETENTION,
+    Engine,
+    EngineSettings,
+    RetryPolicy,
+)
 from ._invoker import Invoker, LocalHandler
 from ._sqlite import SQLiteStore
 from ._store import Phase, SetMeta, Store
@@ -93,6 +99,10 @@ class Scheduler:
             endpoint URL calls name, and the URLs of its replicas. A call's attempts go
             to one replica while it answers, so that its resumes find the run live
             there; another takes over when it is down or overloaded.
+        idempotency_retention: Seconds a submission's idempotency key is remembered
+            (24 hours by default): within that time, a submission with the same key
+            returns the first one's dispatch id and creates nothing, also after a
+            restart.
 
     Raises:
         ValueError: An argument is invalid (the message says which).
@@ -114,6 +124,7 @@ class Scheduler:
         local: Mapping[str, LocalHandler] | None = None,
         replicas: Mapping[str, Sequence[str]] | None = None,
         version_endpoints: Mapping[str, str] | None = None,
+        idempotency_retention: float = DEFAULT_IDEMPOTENCY_RETENTION,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty: API clients authenticate with it")
@@ -123,6 +134,8 @@ class Scheduler:
             raise ValueError(f"default_expiration must be positive, got {default_expiration}")
         if request_timeout <= 0:
             raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+        if idempotency_retention <= 0:
+            raise ValueError(f"idempotency_retention must be positive, got {idempotency_retention}")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._store = SQLiteStore(store) if isinstance(store, str) else store
@@ -136,6 +149,7 @@ class Scheduler:
             retry=retry or RetryPolicy(),
             default_endpoint=default_endpoint,
             version_endpoints=dict(version_endpoints or {}),
+            idempotency_retention=idempotency_retention,
         )
         self._max_concurrency = max_concurrency
         self._rng = rng
@@ -318,11 +332,16 @@ class Scheduler:
         """Return the dispatch ids of the calls with a Run request in flight."""
         return self._require().running()
 
-    async def dispatch(self, calls: Sequence[call_pb2.Call]) -> list[str]:
+    async def dispatch(
+        self, calls: Sequence[call_pb2.Call], *, idempotency_keys: Sequence[str] = ()
+    ) -> list[str]:
         """Submit calls in process, as the Dispatch RPC does.
 
         Args:
             calls: The calls; each needs an endpoint unless `default_endpoint` is set.
+            idempotency_keys: Empty, or one key per call ("" for none): a call whose
+                key was submitted within the retention period is not created again, and
+                its id is the first submission's.
 
         Returns:
             The dispatch ids, in order, once every call is persisted.
@@ -331,7 +350,7 @@ class Scheduler:
             ValueError: A call is invalid; none was submitted.
             StoreError: The calls could not be persisted; none was submitted.
         """
-        return await self._require().submit(calls)
+        return await self._require().submit(calls, idempotency_keys)
 
     async def wait(self, dispatch_id: str) -> call_pb2.CallResult:
         """Wait for a call to finish and return its result (wrap in `asyncio.timeout`).

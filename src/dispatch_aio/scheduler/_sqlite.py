@@ -50,6 +50,8 @@ from ._store import (
     InsertCall,
     Op,
     Phase,
+    PruneIdempotencyKeys,
+    PutIdempotencyKey,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
@@ -68,7 +70,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the schema this module writes (PRAGMA user_version)."""
 
 _SCHEMA_V1 = """
@@ -149,6 +151,15 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE calls ADD COLUMN divergences INTEGER NOT NULL DEFAULT 0")
 
 
+# Version 4: idempotency keys of submissions, kept for a retention period.
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, dispatch_id TEXT NOT NULL, "
+        "expires_at REAL NOT NULL)"
+    )
+    conn.execute("CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at)")
+
+
 _COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
 _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
 _FILE_MODE = 0o600
@@ -159,6 +170,7 @@ _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_0_to_1,
     _migrate_1_to_2,
     _migrate_2_to_3,
+    _migrate_3_to_4,
 )
 
 # Column order of `calls` after `seq`, shared by inserts, updates and reads.
@@ -202,6 +214,8 @@ _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _SELECT_CALLS = f"SELECT seq, {_COLUMNS} FROM calls"
 _APPEND_SEGMENT = "INSERT INTO segments (call_id, polls, data) VALUES (?, ?, ?)"
 _REMOVE_SEGMENTS = "DELETE FROM segments WHERE call_id = ?"
+_PUT_KEY = "INSERT OR REPLACE INTO idempotency_keys (key, dispatch_id, expires_at) VALUES (?, ?, ?)"
+_PRUNE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at < ?"
 _SELECT_SEGMENTS = "SELECT data FROM segments WHERE call_id = ? ORDER BY polls"
 
 _Statement = tuple[str, tuple[Any, ...]]
@@ -305,6 +319,10 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_APPEND_SEGMENT, (call_id, polls, data))]
         case RemoveSegments(call_id):
             return [(_REMOVE_SEGMENTS, (call_id,))]
+        case PutIdempotencyKey(key, dispatch_id, expires_at):
+            return [(_PUT_KEY, (key, dispatch_id, expires_at))]
+        case PruneIdempotencyKeys(before):
+            return [(_PRUNE_KEYS, (before,))]
 
 
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
@@ -456,6 +474,17 @@ class SQLiteStore(Store):
         """Return a value stored with `SetMeta`, or None."""
         rows = await self._run(self._query, "SELECT value FROM meta WHERE key = ?", (key,))
         return bytes(rows[0][0]) if rows else None
+
+    async def find_idempotency_keys(self, keys: Sequence[str], now: float) -> dict[str, str]:
+        """Return the dispatch id of each of `keys` stored and not expired at `now`."""
+        if not keys:
+            return {}
+        sql = (
+            "SELECT key, dispatch_id FROM idempotency_keys "
+            f"WHERE key IN ({', '.join('?' * len(keys))}) AND expires_at >= ?"
+        )
+        rows = await self._run(self._query, sql, (*keys, now))
+        return {key: dispatch_id for key, dispatch_id in rows}
 
     @property
     def keeps_segments(self) -> bool:

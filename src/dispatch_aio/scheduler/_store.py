@@ -32,6 +32,8 @@ __all__ = [
     "InsertCall",
     "Op",
     "Phase",
+    "PruneIdempotencyKeys",
+    "PutIdempotencyKey",
     "QueuedResult",
     "RemovePollerResults",
     "RemoveResults",
@@ -247,6 +249,26 @@ class SetMeta:
     value: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class PutIdempotencyKey:
+    """Remember that a submission with idempotency key `key` created call `dispatch_id`.
+
+    A key already stored (an expired one: the engine never reuses a live key) is replaced.
+    """
+
+    key: str
+    dispatch_id: str
+    expires_at: float
+    """Unix seconds after which the key is forgotten."""
+
+
+@dataclass(frozen=True, slots=True)
+class PruneIdempotencyKeys:
+    """Forget the idempotency keys that expired before `before` (Unix seconds)."""
+
+    before: float
+
+
 Op = (
     InsertCall
     | UpdateCall
@@ -256,6 +278,8 @@ Op = (
     | SetMeta
     | AppendSegment
     | RemoveSegments
+    | PutIdempotencyKey
+    | PruneIdempotencyKeys
 )
 
 
@@ -305,6 +329,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_meta(self, key: str) -> bytes | None:
         """Return a scheduler-wide value set with `SetMeta`, or None."""
+
+    async def find_idempotency_keys(self, keys: Sequence[str], now: float) -> dict[str, str]:
+        """Return the dispatch id of each of `keys` stored and not expired at `now`.
+
+        Raises:
+            StoreError: The store cannot read them, or keeps none.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no idempotency keys")
 
     @property
     def keeps_segments(self) -> bool:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispatch_aio.proto.sdk.v1 import call_pb2 as dispatch__aio_dot_proto_dot_sdk_dot_v1_dot_call__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(dispatch_aio/proto/sdk/v1/dispatch.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\"7\n\x0f\x44ispatchRequest\x12$\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x15.dispatch.sdk.v1.Call\"(\n\x10\x44ispatchResponse\x12\x14\n\x0c\x64ispatch_ids\x18\x01 \x03(\t2b\n\x0f\x44ispatchService\x12O\n\x08\x44ispatch\x12 .dispatch.sdk.v1.DispatchRequest\x1a!.dispatch.sdk.v1.DispatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(dispatch_aio/proto/sdk/v1/dispatch.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\"R\n\x0f\x44ispatchRequest\x12$\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x15.dispatch.sdk.v1.Call\x12\x19\n\x10idempotency_keys\x18\xe8\x07 \x03(\t\"(\n\x10\x44ispatchResponse\x12\x14\n\x0c\x64ispatch_ids\x18\x01 \x03(\t2b\n\x0f\x44ispatchService\x12O\n\x08\x44ispatch\x12 .dispatch.sdk.v1.DispatchRequest\x1a!.dispatch.sdk.v1.DispatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.sdk.v1.d
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DISPATCHREQUEST']._serialized_start=99
-  _globals['_DISPATCHREQUEST']._serialized_end=154
-  _globals['_DISPATCHRESPONSE']._serialized_start=156
-  _globals['_DISPATCHRESPONSE']._serialized_end=196
-  _globals['_DISPATCHSERVICE']._serialized_start=198
-  _globals['_DISPATCHSERVICE']._serialized_end=296
+  _globals['_DISPATCHREQUEST']._serialized_end=181
+  _globals['_DISPATCHRESPONSE']._serialized_start=183
+  _globals['_DISPATCHRESPONSE']._serialized_end=223
+  _globals['_DISPATCHSERVICE']._serialized_start=225
+  _globals['_DISPATCHSERVICE']._serialized_end=323
 # @@protoc_insertion_point(module_scope)

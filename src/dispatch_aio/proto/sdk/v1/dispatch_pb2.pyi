@@ -24,16 +24,28 @@ class DispatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CALLS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def calls(self) -> _containers.RepeatedCompositeFieldContainer[_call_pb2.Call]: ...
+    @_builtins.property
+    def idempotency_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extension of dispatch_aio (not in the upstream schema): the idempotency key of each
+        call, in request order, "" for a call without one; empty when no call has a key.
+        A call whose key was submitted within the scheduler's retention period is not
+        created again: its id in the response is the first submission's. Other schedulers
+        skip the field as unknown. The field number is far from upstream's to stay clear
+        of fields it may add.
+        """
+
     def __init__(
         self,
         *,
         calls: _abc.Iterable[_call_pb2.Call] | None = ...,
+        idempotency_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "idempotency_keys", b"idempotency_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
