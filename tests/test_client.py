@@ -167,7 +167,7 @@ async def test_non_json_error_bodies(api: FakeAPI) -> None:
             await client.dispatch([Call("f")])
 
 
-async def test_timeout_is_not_retried(api: FakeAPI) -> None:
+async def test_a_timeout_is_retried_with_the_same_keys(api: FakeAPI) -> None:
     release = asyncio.Event()
 
     async def stall(request: web.Request) -> web.Response:
@@ -175,15 +175,19 @@ async def test_timeout_is_not_retried(api: FakeAPI) -> None:
         return web.Response(status=500)
 
     api.respond = stall
-    async with make_client(api, timeout=0.2) as client:
+    async with make_client(api, timeout=0.2, retries=1) as client:
         with pytest.raises(
-            errors.DispatchTimeoutError, match=r"within 0\.2 s.*may or may not"
+            errors.DispatchTimeoutError, match=r"within 0\.2 s \(after 2 attempts\)"
         ) as caught:
-            await client.dispatch([Call("f")])
+            await client.dispatch([Call("f"), Call("g", idempotency_key="mine")])
     assert Classifier().status_for_error(caught.value) is Status.TIMEOUT
     release.set()
     await asyncio.sleep(0.1)
-    assert len(api.received) == 1  # sent once: it may have created the call
+    # Sent twice with the same keys: a scheduler creates the calls once.
+    first, second = (list(r.request.idempotency_keys) for r in api.received)
+    assert first == second
+    assert first[1] == "mine"
+    assert len(first[0]) >= 16
 
 
 class _Watch(logging.Handler):

@@ -4,6 +4,17 @@ The RPC is Connect unary with binary protobuf: ``POST {api_url}/dispatch.sdk.v1.
 DispatchService/Dispatch``, ``Content-Type: application/proto``, ``Connect-Protocol-Version:
 1`` and ``Authorization: Bearer <api key>``. Errors come back as Connect JSON bodies
 (``{"code", "message"}``) and are raised as `dispatch_aio.errors.ClientError`.
+
+Idempotency: every call submitted carries an idempotency key, the caller's
+(`Call.idempotency_key`) or a random one made for that submission. The protocol's
+``Call`` has no field for it, so the keys travel in ``DispatchRequest.idempotency_keys``
+(field 1000, an extension of this project's copy of the schema: one key per call, in
+request order), which other schedulers skip as an unknown field. dispatch_aio's scheduler
+remembers each key for a retention period (24 hours by default) and answers a second
+submission of it with the first one's dispatch id, creating nothing. That makes a
+submission safe to send again, so the client retries it after any transport failure
+(connection refused or reset, timeout) with the same keys, and keeps connections alive
+between requests.
 """
 
 from __future__ import annotations
@@ -18,11 +29,13 @@ __all__ = [
 ]
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping
+import secrets
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Protocol, Self
 
@@ -46,12 +59,13 @@ WAIT_CALL_PATH = "/dispatch_aio.v1.InspectService/WaitCall"
 DEFAULT_TIMEOUT = 5.0
 """Seconds a Dispatch request may take, connection included."""
 DEFAULT_RETRIES = 2
-"""Extra attempts after a connection that could not be established."""
+"""Extra attempts after a transport failure (connection refused or reset, timeout)."""
 
 _ENDPOINT_SCHEMES = ("http://", "https://", "bridge://", "arn:aws:lambda")
 _RETRY_DELAY = 0.1  # first backoff, doubled at each attempt, with jitter
 _WAIT_CHUNK = 30.0  # longest single wait request of Client.result()
 _MAX_ERROR_TEXT = 500
+_MAX_KEY = 256  # longest idempotency key the scheduler accepts
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,7 +80,8 @@ class Call:
 
     Raises:
         ValueError: The function name does not match the protocol's pattern, the
-            endpoint is not an http, https or bridge URL, or the expiration is negative.
+            endpoint is not an http, https or bridge URL, the expiration is negative, or
+            the idempotency key is empty, too long or not printable.
         TypeError: An argument cannot be encoded.
     """
 
@@ -83,6 +98,11 @@ class Call:
     """How long the call may take before it fails; None lets the scheduler decide."""
     version: str = ""
     """Application version to run, for schedulers that support it."""
+    idempotency_key: str | None = None
+    """Key of this submission: dispatch_aio's scheduler creates the call once for all the
+    submissions with one key within its retention period (24 hours by default), and
+    answers each with the same dispatch id. None gives the call a random key for each
+    `Client.dispatch`, which makes its retries safe but not a second submission."""
     _input: any_pb2.Any = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +114,12 @@ class Call:
             )
         if self.expiration is not None and self.expiration < timedelta(0):
             raise ValueError(f"the expiration of a call to {self.function!r} must not be negative")
+        key = self.idempotency_key
+        if key is not None and not (0 < len(key) <= _MAX_KEY and key.isprintable()):
+            raise ValueError(
+                f"invalid idempotency key {key[:40]!r} for a call to {self.function!r}: use "
+                f"1 to {_MAX_KEY} printable characters, or None for a random one"
+            )
         encoded = encode_input(tuple(self.args), self.kwargs, function=self.function)
         object.__setattr__(self, "_input", encoded)
 
@@ -119,7 +145,7 @@ class Client:
     when a call is submitted (so a missing API key is an error only then).
 
     The client owns an `aiohttp.ClientSession`, created inside the running event loop at
-    the first request, which opens a new connection for each request; close it with
+    the first request, which keeps connections alive between requests; close it with
     ``await client.aclose()`` or ``async with client:`` (a `Dispatch` object closes its
     client when it is closed). Used from another event loop after the first one ended
     (``asyncio.run()`` twice, one event loop per test), it starts a new session.
@@ -127,11 +153,12 @@ class Client:
     The client of a `Dispatch` object that runs its own scheduler (no
     ``DISPATCH_API_URL``) submits to that scheduler in memory, once it is started.
 
-    Retries: a ``Dispatch`` request has no idempotency key, so sending it again after it
-    may have reached the API could create the calls twice. The client therefore retries
-    only when the connection could not be established (connection refused, unreachable
-    host, DNS failure), when the request provably never left; a timeout, a reset
-    connection or an error answer is raised at once.
+    Retries: every call of a ``Dispatch`` request carries an idempotency key (its own,
+    else a random one), so the client sends the request again, with the same keys, after
+    any transport failure: connection refused or reset, unreachable host, DNS failure or
+    no answer within the timeout. dispatch_aio's scheduler creates each call once; other
+    schedulers ignore the keys, and a retry after a request that reached them may create
+    calls twice. An error answer of the API is raised at once.
 
     Args:
         api_key: The API key; default ``DISPATCH_API_KEY``.
@@ -139,8 +166,8 @@ class Client:
             ``https://api.dispatch.run``.
         endpoint_url: The endpoint given to calls that do not name one; default
             ``DISPATCH_ENDPOINT_URL``.
-        timeout: Seconds a request may take in total (5 by default).
-        retries: Extra attempts after a failed connection (2 by default).
+        timeout: Seconds one attempt of a request may take (5 by default).
+        retries: Extra attempts after a transport failure (2 by default).
         session: A session to use instead of the client's own; the client does not
             close it.
         env: The environment to read instead of `os.environ`.
@@ -201,6 +228,7 @@ class Client:
         self._external = session
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._closer: AsyncGenerator[None, None] | None = None
         self._embedded: Callable[[], EmbeddedAPI | None] | None = None
         self._version = ""  # the application's, for calls that name none
 
@@ -216,9 +244,10 @@ class Client:
     async def dispatch(self, calls: Iterable[Call]) -> list[str]:
         """Submit calls atomically (all are recorded or none); return their dispatch ids.
 
-        Calls without an endpoint get the client's endpoint URL. Inside a durable
-        function the request runs on the host event loop and is not journaled: it is sent
-        again when the function replays.
+        Calls without an endpoint get the client's endpoint URL, and calls without an
+        idempotency key a random one, kept across the retries of this submission. Inside
+        a durable function the request runs on the host event loop and is not journaled:
+        it is sent again when the function replays.
 
         Args:
             calls: The calls to submit.
@@ -229,9 +258,10 @@ class Client:
         Raises:
             dispatch_aio.errors.ConfigurationError: The API key, API URL or endpoint URL
                 is missing or invalid.
-            dispatch_aio.errors.ClientError: The API answered with an error.
-            dispatch_aio.errors.DispatchTimeoutError: No answer within the timeout; the
-                calls may or may not have been created.
+            dispatch_aio.errors.ClientError: The API answered with an error (for example
+                ``invalid_argument`` for two calls with one idempotency key).
+            dispatch_aio.errors.DispatchTimeoutError: No answer within the timeout, at
+                any attempt.
             dispatch_aio.errors.TCPError: The API could not be reached (also `DNSError`,
                 `TLSError`, `HTTPError` for those failures).
             dispatch_aio.errors.InvalidResponseError: The answer is not a valid
@@ -240,16 +270,18 @@ class Client:
         calls = list(calls)
         if not calls:
             return []
+        keys = [call.idempotency_key or _random_key() for call in calls]
         local = self._local()
         if local is not None:
             local_calls = [call._to_proto(local.endpoint_url, self._version) for call in calls]
-            ids: list[str] = await _on_host(_submit_local(local, local_calls))
+            ids: list[str] = await _on_host(_submit_local(local, local_calls, keys))
             return ids
         endpoint = ""
         if any(call.endpoint is None for call in calls):
             endpoint = self._config.endpoint_url()
         request = dispatch_pb2.DispatchRequest(
-            calls=[call._to_proto(endpoint, self._version) for call in calls]
+            calls=[call._to_proto(endpoint, self._version) for call in calls],
+            idempotency_keys=keys,
         )
         api_key = self._config.api_key()
         url = self._config.api_url() + DISPATCH_PATH
@@ -260,7 +292,7 @@ class Client:
         return await send
 
     async def _send(self, url: str, api_key: str, body: bytes, count: int) -> list[str]:
-        payload = await self._post(url, api_key, body, self._timeout)
+        payload = await self._post(url, api_key, body, self._timeout, idempotent=True)
         try:
             response = dispatch_pb2.DispatchResponse.FromString(payload)
         except DecodeError as exc:
@@ -350,8 +382,20 @@ class Client:
                     f"call {dispatch_id} ({call.function}) still runs after {timeout:g} s"
                 )
 
-    async def _post(self, url: str, api_key: str, body: bytes, timeout_seconds: float) -> bytes:
-        """POST a Connect unary binary request; return the body of its 200 answer."""
+    async def _post(
+        self,
+        url: str,
+        api_key: str,
+        body: bytes,
+        timeout_seconds: float,
+        *,
+        idempotent: bool = False,
+    ) -> bytes:
+        """POST a Connect unary binary request; return the body of its 200 answer.
+
+        A request that could not connect is sent again; an `idempotent` one also after
+        any other transport failure (reset connection, timeout).
+        """
         session = self._get_session()
         headers = {
             "Content-Type": "application/proto",
@@ -368,36 +412,26 @@ class Client:
                     payload = await resp.read()
                     status = resp.status
                 break
-            except aiohttp.ClientConnectorError as exc:
-                # The connection was never established, so nothing was sent: safe to retry.
-                # A TLS failure will not go away by itself.
-                if attempt >= self._retries or isinstance(exc, aiohttp.ClientSSLError):
-                    raise _transport_error(url, exc, attempts=attempt + 1) from exc
+            except aiohttp.ClientSSLError as exc:  # will not go away by itself
+                raise _transport_error(url, exc, attempts=attempt + 1) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Not connected: nothing was sent. Otherwise the request may have arrived,
+                # and only its idempotency keys make sending it again safe.
+                never_sent = isinstance(exc, aiohttp.ClientConnectorError)
+                if attempt >= self._retries or not (never_sent or idempotent):
+                    raise _failure(url, exc, timeout_seconds, attempt + 1) from exc
                 attempt += 1
                 delay = _RETRY_DELAY * 2 ** (attempt - 1) * random.uniform(0.8, 1.2)
                 logger.info(
-                    "cannot connect to the Dispatch API at %s (%s); retrying in %.2f s "
+                    "request to the Dispatch API at %s failed (%s); retrying in %.2f s "
                     "(attempt %d of %d)",
                     url,
-                    exc,
+                    _describe(exc),
                     delay,
                     attempt + 1,
                     self._retries + 1,
                 )
                 await asyncio.sleep(delay)
-            except aiohttp.ConnectionTimeoutError as exc:
-                raise errors.DispatchTimeoutError(
-                    f"cannot connect to the Dispatch API at {url} within {timeout_seconds:g} s; "
-                    "the calls were not created; check DISPATCH_API_URL"
-                ) from exc
-            except TimeoutError as exc:
-                raise errors.DispatchTimeoutError(
-                    f"the Dispatch API at {url} did not answer within {timeout_seconds:g} s; "
-                    "the calls may or may not have been created (the request is not retried "
-                    "because that could create them twice)"
-                ) from exc
-            except aiohttp.ClientError as exc:
-                raise _transport_error(url, exc, attempts=attempt + 1) from exc
         if status != 200:
             raise _client_error(url, status, payload)
         return payload
@@ -417,22 +451,72 @@ class Client:
             self._session.detach()
             self._session = None
         if self._session is None:
-            # A fresh connection per request: submissions are infrequent, a request never
-            # goes out on a stale pooled connection (where a failure would leave it unknown
-            # whether it arrived), and nothing stays open when a loop ends unclosed.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            # Pooled keep-alive connections: a request that fails on a stale one is sent
+            # again, which its idempotency keys make safe.
+            self._session = aiohttp.ClientSession()
             self._session_loop = loop
+            self._closer = _close_at_loop_end(self._session)
         return self._session
 
     async def aclose(self) -> None:
         """Close the client's session (not a session passed in); the client stays usable."""
         session, self._session = self._session, None
+        closer, self._closer = self._closer, None
         if session is None:
             return
         if self._session_loop is asyncio.get_running_loop():
+            if closer is not None:
+                await closer.aclose()  # closes the session
             await session.close()
         else:
             session.detach()
+
+
+def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    """Return a started async generator that closes `session` when it is closed.
+
+    The running loop tracks the generator, and ``asyncio.run()`` closes every generator
+    it tracks before it ends: a client left open closes its kept-alive connections
+    there, while the loop still runs, instead of leaking them.
+    """
+
+    async def close_at_end() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await session.close()
+
+    closer = close_at_end()
+    # Run it to its yield now (it does not suspend before), without awaiting.
+    with contextlib.suppress(StopIteration):
+        closer.asend(None).send(None)
+    return closer
+
+
+def _random_key() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _failure(
+    url: str, exc: aiohttp.ClientError | TimeoutError, timeout_seconds: float, attempts: int
+) -> errors.DispatchError:
+    """The error to raise for the last failed attempt of a request."""
+    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return errors.DispatchTimeoutError(
+            f"cannot connect to the Dispatch API at {url} within {timeout_seconds:g} s"
+            f"{tries}; nothing was sent; check DISPATCH_API_URL"
+        )
+    if isinstance(exc, TimeoutError):
+        return errors.DispatchTimeoutError(
+            f"the Dispatch API at {url} did not answer within {timeout_seconds:g} s{tries}; "
+            "check that the API (or the local scheduler) is running and not overloaded"
+        )
+    return _transport_error(url, exc, attempts=attempts)
 
 
 def _transport_error(url: str, exc: aiohttp.ClientError, *, attempts: int) -> errors.DispatchError:
@@ -519,8 +603,8 @@ class EmbeddedAPI(Protocol):
     endpoint_url: str
     """The endpoint URL of calls that name none."""
 
-    async def submit(self, calls: list[call_pb2.Call]) -> list[str]:
-        """Submit calls atomically; raise `ValueError` for an invalid one."""
+    async def submit(self, calls: list[call_pb2.Call], idempotency_keys: list[str]) -> list[str]:
+        """Submit calls atomically, one idempotency key per call; `ValueError` if invalid."""
         ...
 
     async def wait(self, dispatch_id: str, max_seconds: float | None) -> _FinishedCall | None:
@@ -535,9 +619,11 @@ async def _on_host(work: Any) -> Any:
     return await work
 
 
-async def _submit_local(local: EmbeddedAPI, calls: list[call_pb2.Call]) -> list[str]:
+async def _submit_local(
+    local: EmbeddedAPI, calls: list[call_pb2.Call], keys: list[str]
+) -> list[str]:
     try:
-        return await local.submit(calls)
+        return await local.submit(calls, keys)
     except ValueError as exc:  # the scheduler's InvalidCallError
         raise errors.ClientError(str(exc), http_status=400, code="invalid_argument") from None
     except (RuntimeError, StoreError) as exc:  # closing, or the database failed

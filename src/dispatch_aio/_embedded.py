@@ -131,9 +131,9 @@ class EmbeddedScheduler:
         """Whether the scheduler runs."""
         return self._scheduler is not None
 
-    async def submit(self, calls: list[call_pb2.Call]) -> list[str]:
-        """Submit calls, as the Dispatch RPC does (`Scheduler.dispatch`)."""
-        return await self.scheduler.dispatch(calls)
+    async def submit(self, calls: list[call_pb2.Call], idempotency_keys: list[str]) -> list[str]:
+        """Submit calls with their idempotency keys, as the Dispatch RPC does."""
+        return await self.scheduler.dispatch(calls, idempotency_keys=idempotency_keys)
 
     async def wait(self, dispatch_id: str, max_seconds: float | None) -> FinishedCall | None:
         """Wait for a call to finish (`Scheduler.wait_done`)."""

@@ -14,7 +14,7 @@ from .durable import DivergencePolicy, TailCall, durable_call, in_durable_functi
 if TYPE_CHECKING:
     from ._dispatch import Dispatch
 
-__all__ = ["FUNCTION_NAME", "Function", "check_function_name"]
+__all__ = ["FUNCTION_NAME", "DispatchOptions", "Function", "check_function_name"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -130,6 +130,30 @@ class Function(Generic[P, R]):
             dispatch_aio.errors.DispatchError: The API could not be reached
                 (`TCPError`, `DNSError`, `DispatchTimeoutError` ...).
         """
+        return await self._submit(args, kwargs, idempotency_key=None)
+
+    def with_options(self, *, idempotency_key: str | None = None) -> DispatchOptions[P, R]:
+        """Return this function with submission options, for ``.dispatch(...)``.
+
+        ::
+
+            charge_once = charge.with_options(idempotency_key=f"charge-{order_id}")
+            dispatch_id = await charge_once.dispatch(order_id)
+
+        Args:
+            idempotency_key: Key of the submission: dispatch_aio's scheduler creates the
+                call once for every submission with this key within its retention period
+                (24 hours by default), and answers each with the first one's dispatch id.
+                None gives each submission a random key (its retries stay safe).
+
+        Raises:
+            ValueError: The key is empty, longer than 256 characters or not printable.
+        """
+        return DispatchOptions(self, idempotency_key=idempotency_key)
+
+    async def _submit(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, idempotency_key: str | None
+    ) -> str:
         owner = self._owner
         if owner is None:
             raise RuntimeError(
@@ -138,7 +162,8 @@ class Function(Generic[P, R]):
             )
         from ._client import Call  # imported here: _client imports this module
 
-        (dispatch_id,) = await owner.client.dispatch([Call(self._name, args, kwargs)])
+        call = Call(self._name, args, kwargs, idempotency_key=idempotency_key)
+        (dispatch_id,) = await owner.client.dispatch([call])
         return dispatch_id
 
     def tail_call(self, *args: P.args, **kwargs: P.kwargs) -> NoReturn:
@@ -163,3 +188,35 @@ class Function(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Function {self._name}>"
+
+
+class DispatchOptions(Generic[P, R]):
+    """A `Function` with submission options, made by `Function.with_options`."""
+
+    def __init__(self, function: Function[P, R], *, idempotency_key: str | None) -> None:
+        if idempotency_key is not None:
+            from ._client import Call  # imported here: _client imports this module
+
+            Call(function.name, idempotency_key=idempotency_key)  # checks the key now
+        self._function = function
+        self._idempotency_key = idempotency_key
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The key of the submissions; None: a random one for each."""
+        return self._idempotency_key
+
+    async def dispatch(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Submit a call with these options, as `Function.dispatch` does.
+
+        Returns:
+            The dispatch id of the call: the first submission's when one with the same
+            idempotency key was made within the scheduler's retention period.
+
+        Raises:
+            dispatch_aio.errors.DispatchError: As `Function.dispatch`.
+        """
+        return await self._function._submit(args, kwargs, idempotency_key=self._idempotency_key)
+
+    def __repr__(self) -> str:
+        return f"<DispatchOptions {self._function.name} idempotency_key={self._idempotency_key!r}>"
