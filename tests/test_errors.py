@@ -35,6 +35,7 @@ INSTANCES: list[errors.DispatchError] = [
     errors.InvalidResponseError("bad output"),
     errors.IncompatibleStateError("state version 9"),
     errors.NondeterminismError("call 3 differs", report="expected f(1)\ngot f(2)"),
+    errors.CancelledCallError("call 1 (f) was cancelled"),
     errors.DNSError("no such host"),
     errors.TCPError("refused"),
     errors.TLSError("bad certificate"),

@@ -34,11 +34,12 @@ from ._cli_format import (
     shorten,
 )
 from ._status import Status
-from .proto.v1 import inspect_pb2
+from .proto.v1 import control_pb2, inspect_pb2
 
 _M = TypeVar("_M", bound=Message)
 
 _PREFIX = "/dispatch_aio.v1.InspectService/"
+_CONTROL_PREFIX = "/dispatch_aio.v1.ControlService/"
 
 STATES: Mapping[str, inspect_pb2.CallState.ValueType] = MappingProxyType(
     {
@@ -133,10 +134,29 @@ class InspectClient:
         response = await self._call("WaitCall", request, inspect_pb2.WaitCallResponse(), extra)
         return response.call
 
-    async def _call(self, method: str, request: Message, response: _M, total: float = 0) -> _M:
+    async def cancel_call(self, dispatch_id: str) -> control_pb2.CancelCallResponse:
+        """Cancel a call and the unfinished calls below it (ControlService.CancelCall).
+
+        Raises:
+            CallNotFoundError: No such call.
+        """
+        request = control_pb2.CancelCallRequest(dispatch_id=dispatch_id)
+        return await self._call(
+            "CancelCall", request, control_pb2.CancelCallResponse(), prefix=_CONTROL_PREFIX
+        )
+
+    async def _call(
+        self,
+        method: str,
+        request: Message,
+        response: _M,
+        total: float = 0,
+        *,
+        prefix: str = _PREFIX,
+    ) -> _M:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        url = self._url + _PREFIX + method
+        url = self._url + prefix + method
         headers = {
             "Content-Type": "application/proto",
             "Authorization": f"Bearer {self._key}",
@@ -222,6 +242,8 @@ def _when(info: inspect_pb2.CallInfo, now: float) -> str:
 
 
 def _state_name(info: inspect_pb2.CallInfo) -> str:
+    if info.cancelled:
+        return "cancelled"
     if info.state != inspect_pb2.CALL_STATE_DONE:
         return _STATE_NAMES.get(info.state, "unknown")
     return "ok" if info.status == _OK else _status_name(info.status)
@@ -229,6 +251,8 @@ def _state_name(info: inspect_pb2.CallInfo) -> str:
 
 def _state(info: inspect_pb2.CallInfo, console: Console) -> str:
     name = _state_name(info)
+    if info.cancelled:
+        return console.paint(name, Style.YELLOW)
     if info.state != inspect_pb2.CALL_STATE_DONE:
         return console.paint(name, _STATE_STYLES.get(info.state, Style.PLAIN))
     return console.paint(name, Style.GREEN if info.status == _OK else Style.RED)

@@ -49,13 +49,14 @@ from ._config import Config
 from ._function import check_function_name
 from .durable import in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
-from .proto.v1 import inspect_pb2
+from .proto.v1 import control_pb2, inspect_pb2
 from .scheduler._store import StoreError
 
 logger = logging.getLogger(__name__)
 
 DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
 WAIT_CALL_PATH = "/dispatch_aio.v1.InspectService/WaitCall"
+CANCEL_CALL_PATH = "/dispatch_aio.v1.ControlService/CancelCall"
 DEFAULT_TIMEOUT = 5.0
 """Seconds a Dispatch request may take, connection included."""
 DEFAULT_RETRIES = 2
@@ -335,6 +336,49 @@ class Client:
             return await run_on_host(wait)
         return await wait
 
+    async def cancel(self, dispatch_id: str) -> bool:
+        """Cancel a call and every unfinished call below it.
+
+        Cancelled calls make no further attempts; `result` raises
+        `dispatch_aio.errors.CancelledCallError` for them, and a function that awaits
+        one receives that error. This uses the control service of dispatch_aio's local
+        scheduler; other schedulers may not offer it.
+
+        Args:
+            dispatch_id: The id returned when the call was submitted.
+
+        Returns:
+            True if the call was cancelled, False if it had finished already (nothing
+            changed).
+
+        Raises:
+            dispatch_aio.errors.ClientError: The scheduler answered with an error, such
+                as ``not_found`` for an unknown dispatch id.
+            dispatch_aio.errors.DispatchError: The scheduler could not be reached.
+        """
+        local = self._local()
+        if local is not None:
+            cancelled: bool = await _on_host(_cancel_local(local, dispatch_id))
+            return cancelled
+        cancel = self._cancel(dispatch_id)
+        if in_durable_function():
+            return await run_on_host(cancel)
+        return await cancel
+
+    async def _cancel(self, dispatch_id: str) -> bool:
+        api_key = self._config.api_key()
+        url = self._config.api_url() + CANCEL_CALL_PATH
+        body = control_pb2.CancelCallRequest(dispatch_id=dispatch_id).SerializeToString()
+        # Cancelling twice is harmless: safe to retry like a keyed submission.
+        payload = await self._post(url, api_key, body, self._timeout, idempotent=True)
+        try:
+            return control_pb2.CancelCallResponse.FromString(payload).cancelled
+        except DecodeError as exc:
+            raise errors.InvalidResponseError(
+                f"the scheduler at {url} answered with a body that is not a "
+                f"CancelCallResponse ({exc})"
+            ) from None
+
     def _local(self) -> EmbeddedAPI | None:
         """The embedded scheduler to use, or None to use the API over HTTP."""
         if self._embedded is None or not self._config.embedded():
@@ -611,6 +655,10 @@ class EmbeddedAPI(Protocol):
         """Wait for a call to finish; None if it still runs; `LookupError` if unknown."""
         ...
 
+    async def cancel(self, dispatch_id: str) -> int | None:
+        """Cancel a call tree; None if finished already; `LookupError` if unknown."""
+        ...
+
 
 async def _on_host(work: Any) -> Any:
     # The scheduler belongs to the host loop, not to a function's durable loop.
@@ -640,3 +688,12 @@ async def _wait_local(local: EmbeddedAPI, dispatch_id: str, timeout: float | Non
             f"call {dispatch_id} still runs after {timeout:g} s"  # only with a timeout
         )
     return _finished(done.dispatch_id, done.function, done.status, done.result)
+
+
+async def _cancel_local(local: EmbeddedAPI, dispatch_id: str) -> bool:
+    try:
+        return await local.cancel(dispatch_id) is not None
+    except LookupError as exc:
+        raise errors.ClientError(str(exc), http_status=404, code="not_found") from None
+    except (RuntimeError, StoreError) as exc:  # closing, or the database failed
+        raise errors.ClientError(str(exc), http_status=503, code="unavailable") from None

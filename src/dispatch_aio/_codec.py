@@ -848,6 +848,7 @@ _STATUS_ERRORS: Mapping[str, type[errors.DispatchError]] = MappingProxyType(
             errors.NotFoundError,
         )
     }
+    | {errors.CancelledCallError.error_type: errors.CancelledCallError}
 )
 
 

@@ -139,6 +139,10 @@ class EmbeddedScheduler:
         """Wait for a call to finish (`Scheduler.wait_done`)."""
         return await self.scheduler.wait_done(dispatch_id, max_seconds)
 
+    async def cancel(self, dispatch_id: str) -> int | None:
+        """Cancel a call tree (`Scheduler.cancel`)."""
+        return await self.scheduler.cancel(dispatch_id)
+
     async def close(self) -> None:
         """Stop the scheduler; unfinished calls stay in the database."""
         if self._connection is not None:

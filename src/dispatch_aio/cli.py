@@ -245,6 +245,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--depth", type=int, default=0, help="levels of calls below (0: all)")
     show.add_argument("--all", action="store_true", help="show every child (default: 20 each)")
 
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[api],
+        help="cancel a call and the calls below it",
+        description="Cancel a call and every unfinished call below it: they make no further "
+        "attempts and end as cancelled. A call that has finished already is left as it is.",
+    )
+    cancel.add_argument("dispatch_id", metavar="ID", help="the call's dispatch id")
+
     check = commands.add_parser(
         "check",
         parents=[data],
@@ -289,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_calls_command(args, console))
             case "show":
                 return asyncio.run(_show_command(args, console))
+            case "cancel":
+                return asyncio.run(_cancel_command(args, console))
             case "check":
                 return asyncio.run(_check_command(args, console))
             case "version":
@@ -568,6 +579,27 @@ async def _calls_command(args: argparse.Namespace, console: Console) -> int:
         console.line(line)
     if total > len(found):
         console.line(f"(the last {len(found)} of {total} calls; --limit 0 shows all)", err=True)
+    return 0
+
+
+async def _cancel_command(args: argparse.Namespace, console: Console) -> int:
+    url, key = _api(args)
+    try:
+        async with InspectClient(url, key) as client:
+            reply = await client.cancel_call(args.dispatch_id)
+    except CallNotFoundError:
+        raise CliError(
+            f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
+            f"`{PROG} calls` lists them"
+        ) from None
+    except InspectError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        console.line(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
+    elif reply.cancelled:
+        console.line(f"cancelled {args.dispatch_id} ({plural(reply.stopped, 'call')} stopped)")
+    else:
+        console.line(f"{args.dispatch_id} had finished already: nothing to cancel")
     return 0
 
 

@@ -16,6 +16,7 @@ The hierarchy::
     ├── InvalidResponseError (ValueError)          INVALID_RESPONSE
     ├── IncompatibleStateError                     INCOMPATIBLE_STATE   restarted
     │   └── NondeterminismError                    INCOMPATIBLE_STATE   restarted
+    ├── CancelledCallError                         PERMANENT_ERROR      (a cancelled call)
     ├── DNSError (ConnectionError)                 DNS_ERROR            retried
     ├── TCPError (ConnectionError)                 TCP_ERROR            retried
     ├── TLSError (ConnectionError)                 TLS_ERROR            retried
@@ -34,6 +35,7 @@ its constructor's signature.
 """
 
 __all__ = [
+    "CancelledCallError",
     "ClientError",
     "ConfigurationError",
     "DNSError",
@@ -166,6 +168,19 @@ class IncompatibleStateError(DispatchError):
     """
 
     status = _Status.INCOMPATIBLE_STATE
+
+
+class CancelledCallError(DispatchError):
+    """The call was cancelled (``await client.cancel(dispatch_id)``, ``dispatch-aio cancel``).
+
+    `Client.result` raises it for a cancelled call, and a durable function that awaits a
+    call cancelled on its own (not with the function's tree) receives it. A cancelled call
+    makes no further attempts, and neither does any unfinished call below it.
+    """
+
+    status = _Status.PERMANENT_ERROR
+    error_type: _ClassVar[str] = "dispatch_aio.CancelledCallError"
+    """The ``Error.type`` a scheduler writes in the result of a cancelled call."""
 
 
 class NondeterminismError(IncompatibleStateError):

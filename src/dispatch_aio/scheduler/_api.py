@@ -17,6 +17,7 @@ with the matching HTTP status.
   body is a dispatch id as UTF-8 text, the answer the call's final ``CallResult``
   (binary) once it is done.
 - ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall}``: see inspect.proto.
+- ``/dispatch_aio.v1.ControlService/CancelCall``: see control.proto.
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ from google.protobuf import (
 )
 from google.protobuf.message import DecodeError, Message
 
+from .._status import Status
+from ..errors import CancelledCallError
 from ..proto.sdk.python.v1 import pickled_pb2
-from ..proto.sdk.v1 import dispatch_pb2
-from ..proto.v1 import inspect_pb2
+from ..proto.sdk.v1 import call_pb2, dispatch_pb2
+from ..proto.v1 import control_pb2, inspect_pb2
 from ._engine import Engine, EngineClosedError, InvalidCallError
 from ._store import CallQuery, CallRecord, Phase, Store, StoreError
 
 __all__ = [
+    "CANCEL_PATH",
     "DISPATCH_PATH",
     "INSPECT_PREFIX",
     "MAX_CALLS_PER_REQUEST",
@@ -60,6 +64,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
 WAIT_PATH = "/dispatch.sdk.v1.DispatchService/Wait"
 INSPECT_PREFIX = "/dispatch_aio.v1.InspectService/"
+CANCEL_PATH = "/dispatch_aio.v1.ControlService/CancelCall"
 
 _PROTO = "application/proto"
 _JSON = "application/json"
@@ -131,7 +136,7 @@ async def _connect_errors(request: web.Request, handler: _Handler) -> web.Stream
                 404,
                 "unimplemented",
                 f"no RPC at {request.path}; this scheduler serves {DISPATCH_PATH}, "
-                f"{WAIT_PATH} and {INSPECT_PREFIX}*",
+                f"{WAIT_PATH}, {CANCEL_PATH} and {INSPECT_PREFIX}*",
             )
         if exc.status == 405:
             return _error_response(405, "unimplemented", "RPCs are called with POST")
@@ -232,6 +237,17 @@ class _Service:
         if rec is None:
             raise _not_found(dispatch_id)
         return web.Response(body=rec.result, content_type=_PROTO)
+
+    # ControlService
+
+    async def cancel_call(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, control_pb2.CancelCallRequest())
+        try:
+            stopped = await self._engine.cancel(req.dispatch_id)
+        except LookupError:
+            raise _not_found(req.dispatch_id) from None
+        reply = control_pb2.CancelCallResponse(cancelled=stopped is not None, stopped=stopped or 0)
+        return _reply(reply, as_json)
 
     # InspectService
 
@@ -335,6 +351,7 @@ class _Service:
             child_count=child_count,
             divergences=rec.divergences,
             version=rec.version,
+            cancelled=_cancelled(rec),
         )
         info.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
         info.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
@@ -347,6 +364,16 @@ class _Service:
             if rec.phase is Phase.DONE:
                 info.result.MergeFromString(rec.result)
         return info
+
+
+def _cancelled(rec: CallRecord) -> bool:
+    if rec.phase is not Phase.DONE or rec.status != Status.PERMANENT_ERROR:
+        return False
+    try:
+        result = call_pb2.CallResult.FromString(rec.result)
+    except DecodeError:
+        return False
+    return result.error.type == CancelledCallError.error_type
 
 
 def _not_found(dispatch_id: str) -> _ConnectError:
@@ -406,6 +433,7 @@ def create_app(engine: Engine, store: Store, *, api_key: str) -> web.Application
             web.post(INSPECT_PREFIX + "ListCalls", service.list_calls),
             web.post(INSPECT_PREFIX + "GetCall", service.get_call),
             web.post(INSPECT_PREFIX + "WaitCall", service.wait_call),
+            web.post(CANCEL_PATH, service.cancel_call),
         ]
     )
     return app

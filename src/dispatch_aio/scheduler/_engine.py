@@ -59,6 +59,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from .._status import Status
+from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
 from ._invoker import Invoker, Outcome
@@ -203,11 +204,14 @@ class _Live:
     """In-memory companion of an unfinished call."""
 
     __slots__ = (
+        "cancelling",
         "queue",
         "rec",
+        "requesting",
         "running",
         "stall_until",
         "stalls",
+        "task",
         "timer",
         "timer_at",
         "unreachable",
@@ -219,6 +223,9 @@ class _Live:
         # Committed results of children, oldest first: (seq, result).
         self.queue: collections.deque[tuple[int, call_pb2.CallResult]] = collections.deque()
         self.running = False
+        self.task: asyncio.Task[None] | None = None  # the attempt in flight
+        self.requesting = False  # the attempt waits for the function's answer
+        self.cancelling = False  # being cancelled: no further attempt starts
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.waiters: list[asyncio.Future[CallRecord]] = []
@@ -443,6 +450,81 @@ class Engine:
             if waiter in live.waiters:
                 live.waiters.remove(waiter)
 
+    async def cancel(self, dispatch_id: str) -> int | None:
+        """Cancel a call and every unfinished call below it.
+
+        Each ends DONE with STATUS_PERMANENT_ERROR and an error of type
+        `errors.CancelledCallError.error_type`, which its parent receives like any
+        result (a parent being cancelled with it receives nothing). A Run request in
+        flight is abandoned; one whose answer is being recorded is let finish first.
+
+        Returns:
+            The number of calls stopped, or None if the call had finished already.
+
+        Raises:
+            LookupError: No call has this id.
+            EngineClosedError: The engine is not running.
+            StoreError: The cancellation could not be persisted (some calls of the tree
+                may be cancelled; cancelling again finishes the job).
+        """
+        if self._closed:
+            raise EngineClosedError("the scheduler is not running")
+        if dispatch_id not in self._live:
+            if await self._store.get_call(dispatch_id) is None:
+                raise LookupError(f"no call with dispatch id {dispatch_id!r}")
+            return None
+        while True:
+            tree = self._subtree(dispatch_id)
+            for live in tree:
+                live.cancelling = True
+                if live.timer is not None:
+                    live.timer.cancel()
+                    live.timer = None
+            busy = [live.task for live in tree if live.task is not None]
+            if not busy:
+                break
+            for live in tree:
+                if live.task is not None and live.requesting:
+                    live.task.cancel()
+            # An attempt recording its answer may add children: they are cancelled next.
+            await asyncio.wait(busy)
+        if not tree:
+            return None  # it finished while its last attempt was let finish
+        stopped = 0
+        for live in tree:  # parents first: a cancelled parent takes no results
+            if self._live.get(live.rec.id) is not live:
+                continue
+            rec = live.rec
+            message = f"call {rec.id} ({rec.function}) was cancelled"
+            if rec.id != dispatch_id:
+                message += f" with the call {dispatch_id} above it"
+            error = error_pb2.Error(type=CancelledCallError.error_type, message=message)
+            await self._finish(
+                live,
+                Status.PERMANENT_ERROR,
+                call_pb2.CallResult(error=error),
+                message,
+                [],
+                attempted=False,
+            )
+            stopped += 1
+        return stopped
+
+    def _subtree(self, dispatch_id: str) -> list[_Live]:
+        """Return the unfinished call and its unfinished descendants, parents first."""
+        children: dict[str, list[_Live]] = {}
+        for live in self._live.values():
+            if live.rec.parent_id:
+                children.setdefault(live.rec.parent_id, []).append(live)
+        root = self._live.get(dispatch_id)
+        found = [root] if root is not None else []
+        ids = [dispatch_id]
+        while ids:
+            below = [child for i in ids for child in children.get(i, [])]
+            found.extend(below)
+            ids = [child.rec.id for child in below]
+        return found
+
     def live_view(self, dispatch_id: str) -> tuple[bool, int] | None:
         """Return (running, queued results) of an unfinished call, or None."""
         live = self._live.get(dispatch_id)
@@ -469,7 +551,7 @@ class Engine:
     def _arm(self, live: _Live) -> None:
         """Start the call's next attempt now, or set a timer for it."""
         rec = live.rec
-        if self._closed or live.running or rec.phase is Phase.DONE:
+        if self._closed or live.running or live.cancelling or rec.phase is Phase.DONE:
             return
         now = self._clock()
         when: float | None
@@ -507,6 +589,7 @@ class Engine:
         live.running = True
         self._running.add(live.rec.id)
         task = asyncio.get_running_loop().create_task(self._attempt(live))
+        live.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -521,6 +604,7 @@ class Engine:
             else:
                 request, delivered = self._request(live)
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
+                live.requesting = True  # until the answer: `cancel` may stop the request
                 outcome = await self._invoker.run(
                     self._endpoint(rec), request, timeout, journal_delta=self._delta
                 )
@@ -534,6 +618,7 @@ class Engine:
                     outcome = await self._invoker.run(
                         self._endpoint(rec), request, timeout, journal_delta=self._delta
                     )
+                live.requesting = False
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
                 WRITE_ALONE.set(len(self._tasks) == 1)
@@ -551,6 +636,8 @@ class Engine:
             live.queue.extendleft(reversed(delivered))
         finally:
             live.running = False
+            live.requesting = False
+            live.task = None
             self._running.discard(live.rec.id)
         self._arm(live)
 

@@ -352,6 +352,24 @@ class Scheduler:
         """
         return await self._require().submit(calls, idempotency_keys)
 
+    async def cancel(self, dispatch_id: str) -> int | None:
+        """Cancel a call and every unfinished call below it.
+
+        Cancelled calls make no further attempts (a Run request in flight is abandoned)
+        and end with an error of type ``dispatch_aio.CancelledCallError``.
+
+        Args:
+            dispatch_id: The call.
+
+        Returns:
+            The number of calls stopped, or None if the call had finished already.
+
+        Raises:
+            LookupError: No call has this id.
+            StoreError: The cancellation could not be persisted.
+        """
+        return await self._require().cancel(dispatch_id)
+
     async def wait(self, dispatch_id: str) -> call_pb2.CallResult:
         """Wait for a call to finish and return its result (wrap in `asyncio.timeout`).
 

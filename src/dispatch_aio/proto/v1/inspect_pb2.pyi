@@ -85,6 +85,7 @@ class CallInfo(_message.Message):
     CHILD_COUNT_FIELD_NUMBER: _builtins.int
     DIVERGENCES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
     dispatch_id: _builtins.str
     parent_dispatch_id: _builtins.str
     """Empty for a top-level call."""
@@ -116,6 +117,10 @@ class CallInfo(_message.Message):
     """
     version: _builtins.str
     """The application version the call asked for (Call.version); empty when none."""
+    cancelled: _builtins.bool
+    """The call was cancelled (ControlService.CancelCall), itself or with a call
+    above it; its status is then STATUS_PERMANENT_ERROR.
+    """
     @_builtins.property
     def creation_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -160,10 +165,11 @@ class CallInfo(_message.Message):
         child_count: _builtins.int = ...,
         divergences: _builtins.int = ...,
         version: _builtins.str = ...,
+        cancelled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "divergences", b"divergences", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancelled", b"cancelled", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "divergences", b"divergences", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
