@@ -168,3 +168,13 @@ async def test_a_suspended_call_shows_its_journal(
     done = (await get_json(http, url))["call"]
     assert done["output"] == "'w'"
     assert done["journal"] is None
+
+
+async def test_a_cancelled_call_is_marked(workload: Workload, http: aiohttp.ClientSession) -> None:
+    waiting = await workload.submit("waits", "w")
+    url = f"{workload.api_url}/ui/api/calls/{waiting}"
+    assert (await get_json(http, url))["call"]["cancelled"] is False
+    assert await workload.scheduler.cancel(waiting) == 1
+    call = (await get_json(http, url))["call"]
+    assert (call["state"], call["status"], call["cancelled"]) == ("done", "permanent_error", True)
+    assert f"call {waiting} (waits) was cancelled" in call["last_error"]

@@ -42,12 +42,10 @@ from google.protobuf import (
 )
 from google.protobuf.message import DecodeError, Message
 
-from .._status import Status
-from ..errors import CancelledCallError
 from ..proto.sdk.python.v1 import pickled_pb2
-from ..proto.sdk.v1 import call_pb2, dispatch_pb2
+from ..proto.sdk.v1 import dispatch_pb2
 from ..proto.v1 import control_pb2, inspect_pb2
-from ._engine import Engine, EngineClosedError, InvalidCallError
+from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
 from ._store import CallQuery, CallRecord, Phase, Store, StoreError
 
 __all__ = [
@@ -351,7 +349,7 @@ class _Service:
             child_count=child_count,
             divergences=rec.divergences,
             version=rec.version,
-            cancelled=_cancelled(rec),
+            cancelled=is_cancelled(rec),
         )
         info.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
         info.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
@@ -364,16 +362,6 @@ class _Service:
             if rec.phase is Phase.DONE:
                 info.result.MergeFromString(rec.result)
         return info
-
-
-def _cancelled(rec: CallRecord) -> bool:
-    if rec.phase is not Phase.DONE or rec.status != Status.PERMANENT_ERROR:
-        return False
-    try:
-        result = call_pb2.CallResult.FromString(rec.result)
-    except DecodeError:
-        return False
-    return result.error.type == CancelledCallError.error_type
 
 
 def _not_found(dispatch_id: str) -> _ConnectError:

@@ -92,6 +92,7 @@ __all__ = [
     "EngineSettings",
     "InvalidCallError",
     "RetryPolicy",
+    "is_cancelled",
 ]
 
 logger = logging.getLogger("dispatch_aio.scheduler")
@@ -1035,6 +1036,17 @@ class Engine:
             phase=Phase.PENDING,
             updated_at=now,
         )
+
+
+def is_cancelled(rec: CallRecord) -> bool:
+    """Whether a call ended by being cancelled (`Engine.cancel`)."""
+    if rec.phase is not Phase.DONE or rec.status != Status.PERMANENT_ERROR:
+        return False
+    try:
+        result = call_pb2.CallResult.FromString(rec.result)
+    except DecodeError:
+        return False
+    return result.error.type == CancelledCallError.error_type
 
 
 def _keyed(

@@ -41,7 +41,7 @@ from google.protobuf.message import DecodeError
 from .._status import Status
 from ..proto.sdk.v1 import call_pb2, error_pb2
 from ..proto.v1 import journal_pb2
-from ._engine import Engine
+from ._engine import Engine, is_cancelled
 from ._preview import preview_input, preview_pickle, preview_value
 from ._store import CallQuery, CallRecord, Phase, StateKind, Store, StoreError
 
@@ -279,6 +279,7 @@ class _UiApi:
             "version": rec.version,
             "state": self._state(rec),
             "status": _status_name(rec.status),
+            "cancelled": is_cancelled(rec),
             "attempts": rec.attempts,
             "polls": rec.polls,
             "failures": rec.failures,
