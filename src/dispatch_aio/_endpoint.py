@@ -72,7 +72,7 @@ from ._signature import (
     verify_request,
 )
 from .durable import Runner
-from .durable._journal import JOURNAL_HEADER
+from .durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from .errors import ConfigurationError
 from .proto.sdk.v1 import function_pb2
 
@@ -334,21 +334,27 @@ class Endpoint:
             run_request.WhichOneof("directive") or "no directive",
         )
         delta = request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta"
-        response = await self._runner().run(run_request, journal_delta=delta)
+        if request.headers.get(CANCEL_HEADER, "").strip() == "1":
+            response = await self._runner().run(run_request, journal_delta=delta, cancel=True)
+        else:
+            response = await self._runner().run(run_request, journal_delta=delta)
         return Reply(200, response.SerializeToString(), _PROTO)
 
     async def run_in_process(
-        self, request: function_pb2.RunRequest, journal_delta: bool
+        self, request: function_pb2.RunRequest, journal_delta: bool, cancel: bool = False
     ) -> function_pb2.RunResponse:
         """Run a request handed over in memory by a scheduler in this process.
 
         Nothing is checked but the function's name: the request never left the process.
+        The flags are those the headers carry over HTTP (see `Runner.run`).
 
         Raises:
             LookupError: The function is not registered (the message says so).
         """
         if request.function not in self._functions:
             raise LookupError(self._not_found(request.function))
+        if cancel:
+            return await self._runner().run(request, journal_delta=journal_delta, cancel=True)
         return await self._runner().run(request, journal_delta=journal_delta)
 
     def _check_headers(self, request: Incoming) -> Reply | None:

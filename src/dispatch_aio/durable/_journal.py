@@ -11,6 +11,10 @@ a Poll carries only the new segment, as a ``JournalDelta``; the scheduler
 keeps the segments and resumes with a ``JournalRef``, which the live cache
 continues. When the cache no longer holds the run, the answer is the
 ``JOURNAL_NEEDED`` signal and the scheduler sends the whole journal again.
+
+Such a scheduler marks the resume of a call being cancelled with the
+``Dispatch-Aio-Cancel: 1`` header: the runner then raises ``CancelledError``
+at the function's pending await and answers with how it ended.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..proto.sdk.v1 import poll_pb2
 from ..proto.v1 import journal_pb2
 
 __all__ = [
+    "CANCEL_HEADER",
     "JOURNAL_DELTA_TYPE_URL",
     "JOURNAL_HEADER",
     "JOURNAL_NEEDED",
@@ -43,6 +48,8 @@ JOURNAL_DELTA_TYPE_URL = "type.googleapis.com/" + journal_pb2.JournalDelta.DESCR
 JOURNAL_REF_TYPE_URL = "type.googleapis.com/" + journal_pb2.JournalRef.DESCRIPTOR.full_name
 JOURNAL_HEADER = "Dispatch-Aio-Journal"
 """HTTP header by which a scheduler announces the journal extension (value ``delta``)."""
+CANCEL_HEADER = "Dispatch-Aio-Cancel"
+"""HTTP header (value ``1``) by which a scheduler resumes a call it cancels."""
 JOURNAL_NEEDED = "dispatch_aio.JournalNeeded"
 """Error type of the answer to a JournalRef the live cache cannot continue."""
 

@@ -875,7 +875,11 @@ class Runner:
         return error_response(NondeterminismError(report), status)
 
     async def run(
-        self, request: function_pb2.RunRequest, *, journal_delta: bool = False
+        self,
+        request: function_pb2.RunRequest,
+        *,
+        journal_delta: bool = False,
+        cancel: bool = False,
     ) -> function_pb2.RunResponse:
         """Run one request; never raises for anything the request or the function does.
 
@@ -884,16 +888,20 @@ class Runner:
             journal_delta: The scheduler announced the journal extension: a Poll
                 may carry only the journal's new segment (when the live cache is on,
                 since a resume must find the run there to use it).
+            cancel: The scheduler cancels the call: a resume raises ``CancelledError``
+                at the function's pending await and runs it to its end (see `_cancel`).
         """
         try:
-            return await self._run(request, journal_delta and self.cache_size > 0)
+            return await self._run(request, journal_delta and self.cache_size > 0, cancel)
         except (KeyboardInterrupt, asyncio.CancelledError):
             raise
         except BaseException as exc:
             logger.exception("internal error while running %r", request.function)
             return error_response(exc, Status.TEMPORARY_ERROR)
 
-    async def _run(self, request: function_pb2.RunRequest, delta: bool) -> function_pb2.RunResponse:
+    async def _run(
+        self, request: function_pb2.RunRequest, delta: bool, cancel: bool = False
+    ) -> function_pb2.RunResponse:
         fn = self.lookup(request.function)
         if fn is None:
             return _failure(
@@ -918,6 +926,8 @@ class Runner:
                 return error_response(exc, Status.INVALID_ARGUMENT)
         run.dispatch_id = request.dispatch_id
         try:
+            if cancel and directive == "poll_result":
+                return await self._cancel(run)
             return await self._continue(run, delta)
         except BaseException:
             await self._let_go(run)
@@ -986,6 +996,27 @@ class Runner:
             "no durable call, timer or I/O is pending (it may await a future or event "
             "that no task resolves, or a timer set by loop.call_later() from a callback, "
             "which is not durable: set timers from a task)",
+        )
+
+    async def _cancel(self, run: Run) -> function_pb2.RunResponse:
+        """Raise ``CancelledError`` at the function's pending await; answer with its end.
+
+        The call ends with this resume whatever the function does, so the run ends
+        here too: if it suspends again (it caught the cancellation and awaits more),
+        its tasks are cancelled as at any end, and the Poll is never sent.
+        """
+        assert run.root is not None
+        run.root.cancel()
+        outcome = await run.drive()
+        if outcome == "exit":
+            run.warn_left_running()
+        await run.finish()
+        if outcome == "exit":
+            return run.exit()
+        return _failure(
+            Status.PERMANENT_ERROR,
+            "CancelledError",
+            f"function {run.function!r} was cancelled and did not end ({outcome})",
         )
 
     def _nondeterministic(self, run: Run, outcome: str) -> function_pb2.RunResponse | None:

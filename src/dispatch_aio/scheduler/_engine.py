@@ -38,6 +38,11 @@ attempt sends one RunRequest; its outcome moves the call:
   answers that it does not hold the run live (``dispatch_aio.JournalNeeded``), the same
   resume goes again at once with the whole journal, read back from the segments. Any
   other state is stored and echoed whole, as the protocol says.
+- cancelled (`Engine.cancel`), the call and its unfinished descendants are DONE with a
+  ``dispatch_aio.CancelledCallError``. A suspended call whose state is a journal of
+  this SDK is first resumed once with the ``Dispatch-Aio-Cancel`` header, within a
+  grace period: its endpoint raises ``CancelledError`` at the pending await, and the
+  answer, whatever it is, is dropped.
 - past its expiration the call is DONE with STATUS_TIMEOUT. Calls without an
   expiration get `DEFAULT_EXPIRATION`; a child never outlives its parent's expiration.
 """
@@ -199,6 +204,11 @@ class EngineSettings:
     idempotency_retention: float = DEFAULT_IDEMPOTENCY_RETENTION
     """Seconds a submission's idempotency key is remembered: a submission with the same
     key within that time returns the first one's dispatch id and creates nothing."""
+    cancel_grace: float = 10.0
+    """Seconds a suspended call being cancelled is given to run its cleanup: it is
+    resumed once with ``CancelledError`` raised at its pending await (endpoints of this
+    SDK; others ignore the mark) and ends cancelled when that resume answers or this
+    time is up. 0 ends it at once."""
 
 
 class _Live:
@@ -458,6 +468,9 @@ class Engine:
         `errors.CancelledCallError.error_type`, which its parent receives like any
         result (a parent being cancelled with it receives nothing). A Run request in
         flight is abandoned; one whose answer is being recorded is let finish first.
+        The call itself, if suspended with a journal of this SDK, is first resumed once
+        with the cancellation mark, so that its ``finally:`` blocks run, and ends when
+        that resume answers or `EngineSettings.cancel_grace` is up.
 
         Returns:
             The number of calls stopped, or None if the call had finished already.
@@ -474,6 +487,26 @@ class Engine:
             if await self._store.get_call(dispatch_id) is None:
                 raise LookupError(f"no call with dispatch id {dispatch_id!r}")
             return None
+        target = self._live[dispatch_id]
+        if (
+            self._settings.cancel_grace > 0
+            and target.task is None
+            and not target.cancelling
+            and target.rec.phase is Phase.SUSPENDED
+            and _journaled(target.rec)
+        ):
+            # Let it run its `finally:` blocks first; waited for below like an attempt
+            # whose answer is being recorded, so the tree ends once it has answered.
+            target.cancelling = True
+            if target.timer is not None:
+                target.timer.cancel()
+                target.timer = None
+            target.running = True
+            self._running.add(target.rec.id)
+            task = asyncio.get_running_loop().create_task(self._cancel_resume(target))
+            target.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         while True:
             tree = self._subtree(dispatch_id)
             for live in tree:
@@ -510,6 +543,47 @@ class Engine:
             )
             stopped += 1
         return stopped
+
+    async def _cancel_resume(self, live: _Live) -> None:
+        """Resume a suspended call being cancelled, marked so, within the grace period.
+
+        Its answer is not recorded: the call ends cancelled whatever it answers (the
+        calls of a Poll are never made, a result or error is dropped).
+        """
+        rec = live.rec
+        try:
+            request, delivered = self._request(live)
+            # Results stay queued: they are dropped with the call, not consumed.
+            live.queue.extendleft(reversed(delivered))
+            del request.poll_result.results[:]
+            deadline = min(self._clock() + self._settings.cancel_grace, rec.expires_at)
+            grace = deadline - self._clock()
+            async with asyncio.timeout(max(grace, 0.0)):
+                outcome = await self._invoker.run(
+                    self._endpoint(rec), request, grace, journal_delta=self._delta, cancel=True
+                )
+                if rec.state_kind is StateKind.SEGMENTS and _journal_needed(outcome):
+                    segments = await self._store.read_segments(rec.id)
+                    state = request.poll_result.typed_coroutine_state
+                    state.type_url, state.value = _JOURNAL_URL, b"".join(segments)
+                    left = deadline - self._clock()
+                    outcome = await self._invoker.run(
+                        self._endpoint(rec), request, left, journal_delta=self._delta, cancel=True
+                    )
+            logger.debug("call %s: cancelled, its resume answered %s", rec.id, _describe(outcome))
+        except TimeoutError:
+            logger.info(
+                "call %s (%s): cancelled, and no answer within the grace period of %.3g s",
+                rec.id,
+                rec.function,
+                self._settings.cancel_grace,
+            )
+        except Exception:
+            logger.exception("call %s: the resume that cancels it failed", rec.id)
+        finally:
+            live.running = False
+            live.task = None
+            self._running.discard(rec.id)
 
     def _subtree(self, dispatch_id: str) -> list[_Live]:
         """Return the unfinished call and its unfinished descendants, parents first."""
@@ -1146,6 +1220,24 @@ def _kept_state(rec: CallRecord, poll: poll_pb2.Poll) -> tuple[StateKind, bytes,
     ref = journal_pb2.JournalRef(run_id=delta.run_id, polls=delta.polls, tag=delta.tag)
     kept = any_pb2.Any(type_url=_REF_URL, value=ref.SerializeToString())
     return StateKind.SEGMENTS, kept.SerializeToString(), ops
+
+
+def _journaled(rec: CallRecord) -> bool:
+    """Whether a suspended call's state is a journal of this SDK.
+
+    Only endpoints of this SDK take the cancellation mark: others would resume the call
+    as if nothing happened.
+    """
+    if rec.state_kind is StateKind.SEGMENTS:
+        return True
+    if rec.state_kind is not StateKind.TYPED:
+        return False
+    state = any_pb2.Any()
+    try:
+        state.MergeFromString(rec.state)
+    except DecodeError:
+        return False
+    return state.type_url == _JOURNAL_URL
 
 
 def _journal_needed(outcome: Outcome) -> bool:

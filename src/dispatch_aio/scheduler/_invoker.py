@@ -22,6 +22,9 @@ Endpoints served by the scheduler's own process (the scheduler embedded in an
 application) are given as `LocalHandler`s: their Run requests are handed over in
 memory, with no HTTP, signature or size limit, but with the same window, time limit and
 outcomes as over HTTP.
+
+A resume that cancels a call (see `Invoker.run`) carries the ``Dispatch-Aio-Cancel``
+header (a flag for local handlers), which endpoints of other SDKs ignore.
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ from .._signature import RequestSigner
 from .._status import Status, status_for_http
 from ..proto.sdk.v1 import function_pb2
 
-__all__ = ["JOURNAL_HEADER", "RUN_PATH", "Invoker", "LocalHandler", "Outcome", "run_url"]
+__all__ = [
+    "CANCEL_HEADER",
+    "JOURNAL_HEADER",
+    "RUN_PATH",
+    "Invoker",
+    "LocalHandler",
+    "Outcome",
+    "run_url",
+]
 
 logger = logging.getLogger("dispatch_aio.scheduler")
 
@@ -55,12 +66,16 @@ _HEADERS = MappingProxyType({"Content-Type": _PROTO})
 JOURNAL_HEADER = "Dispatch-Aio-Journal"
 """Announces the journal extension to endpoints of this SDK (see journal.proto)."""
 _DELTA_HEADERS = MappingProxyType({JOURNAL_HEADER: "delta"})
+CANCEL_HEADER = "Dispatch-Aio-Cancel"
+"""Marks the resume of a call being cancelled to endpoints of this SDK."""
+_CANCEL_HEADERS = MappingProxyType({CANCEL_HEADER: "1"})
 _OVERLOAD_HTTP = frozenset({429, 503})
 _UNREACHABLE = frozenset({Status.TCP_ERROR, Status.DNS_ERROR, Status.TLS_ERROR, Status.TIMEOUT})
 _BODY_EXCERPT = 300
 
-LocalHandler = Callable[[function_pb2.RunRequest, bool], Awaitable[function_pb2.RunResponse]]
-"""Runs a request in this process; the flag announces the journal extension. It raises
+LocalHandler = Callable[[function_pb2.RunRequest, bool, bool], Awaitable[function_pb2.RunResponse]]
+"""Runs a request in this process; the flags announce the journal extension and mark the
+resume of a call being cancelled (as the headers do over HTTP). It raises
 `LookupError` (with the message to report) for a function it does not serve."""
 
 
@@ -219,6 +234,7 @@ class Invoker:
         time_limit: float,
         *,
         journal_delta: bool = False,
+        cancel: bool = False,
     ) -> Outcome:
         """Make one Run attempt.
 
@@ -228,6 +244,9 @@ class Invoker:
             time_limit: Seconds the whole attempt may take, queueing for a slot excluded.
             journal_delta: Announce the journal extension (endpoints of other SDKs
                 ignore the header).
+            cancel: Mark the resume of a call being cancelled: an endpoint of this SDK
+                raises ``CancelledError`` at the function's pending await (endpoints
+                of other SDKs ignore the header and resume it as usual).
 
         Returns:
             The outcome; network and HTTP failures are outcomes too, never exceptions.
@@ -236,10 +255,10 @@ class Invoker:
             raise RuntimeError("the invoker is not open")
         replicas = self._replicas.get(endpoint)
         if replicas is None:
-            return await self._attempt(endpoint, request, time_limit, journal_delta)
+            return await self._attempt(endpoint, request, time_limit, journal_delta, cancel)
         ranking = self._ranking(replicas, request.dispatch_id)
         for i, replica in enumerate(ranking):
-            outcome = await self._attempt(replica, request, time_limit, journal_delta)
+            outcome = await self._attempt(replica, request, time_limit, journal_delta, cancel)
             if outcome.unsent or _is_overload(outcome):
                 self._passed_over[replica] = time.monotonic() + self._replica_backoff
             if not outcome.unsent or i == len(ranking) - 1:
@@ -264,6 +283,7 @@ class Invoker:
         request: function_pb2.RunRequest,
         time_limit: float,
         journal_delta: bool,
+        cancel: bool,
     ) -> Outcome:
         session = self._session
         assert session is not None  # checked by `run`
@@ -276,10 +296,10 @@ class Invoker:
         outcome = Outcome(Status.UNSPECIFIED, error="the attempt was interrupted")
         try:
             if local is not None:
-                outcome = await self._hand_over(local, request, time_limit, journal_delta)
+                outcome = await self._hand_over(local, request, time_limit, journal_delta, cancel)
             else:
                 outcome = await self._send(
-                    session, run_url(endpoint), body, time_limit, journal_delta
+                    session, run_url(endpoint), body, time_limit, journal_delta, cancel
                 )
         finally:
             window.release(
@@ -319,10 +339,11 @@ class Invoker:
         request: function_pb2.RunRequest,
         time_limit: float,
         journal_delta: bool,
+        cancel: bool,
     ) -> Outcome:
         # A task of its own: past the time limit the run goes on, unobserved, as it would
         # behind an HTTP request that timed out; cancelling it could tear a live run.
-        task = asyncio.ensure_future(handler(request, journal_delta))
+        task = asyncio.ensure_future(handler(request, journal_delta, cancel))
         self._local_tasks.add(task)
         task.add_done_callback(self._local_done)
         done, _ = await asyncio.wait((task,), timeout=max(time_limit, 0.001))
@@ -348,6 +369,7 @@ class Invoker:
         body: bytes,
         time_limit: float,
         journal_delta: bool,
+        cancel: bool,
     ) -> Outcome:
         # Signed after the slot is acquired, so that `created` is the sending time.
         signer = self._signers.get(url)
@@ -356,6 +378,8 @@ class Invoker:
         headers = {**_HEADERS, **signer.sign(body)}
         if journal_delta:
             headers.update(_DELTA_HEADERS)
+        if cancel:
+            headers.update(_CANCEL_HEADERS)
         try:
             async with session.post(
                 url,

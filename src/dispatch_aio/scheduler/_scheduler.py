@@ -103,6 +103,11 @@ class Scheduler:
             (24 hours by default): within that time, a submission with the same key
             returns the first one's dispatch id and creates nothing, also after a
             restart.
+        cancel_grace: Seconds a suspended call being cancelled is given to run its
+            ``finally:`` blocks and ``except CancelledError:`` handlers (10 by default):
+            an endpoint of this SDK resumes it with ``CancelledError`` raised at its
+            pending await, and it ends cancelled when that resume answers or this time
+            is up. 0 ends it at once, as calls of other SDKs always do.
 
     Raises:
         ValueError: An argument is invalid (the message says which).
@@ -125,6 +130,7 @@ class Scheduler:
         replicas: Mapping[str, Sequence[str]] | None = None,
         version_endpoints: Mapping[str, str] | None = None,
         idempotency_retention: float = DEFAULT_IDEMPOTENCY_RETENTION,
+        cancel_grace: float = 10.0,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty: API clients authenticate with it")
@@ -136,6 +142,8 @@ class Scheduler:
             raise ValueError(f"request_timeout must be positive, got {request_timeout}")
         if idempotency_retention <= 0:
             raise ValueError(f"idempotency_retention must be positive, got {idempotency_retention}")
+        if cancel_grace < 0:
+            raise ValueError(f"cancel_grace must not be negative, got {cancel_grace}")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._store = SQLiteStore(store) if isinstance(store, str) else store
@@ -150,6 +158,7 @@ class Scheduler:
             default_endpoint=default_endpoint,
             version_endpoints=dict(version_endpoints or {}),
             idempotency_retention=idempotency_retention,
+            cancel_grace=cancel_grace,
         )
         self._max_concurrency = max_concurrency
         self._rng = rng
@@ -356,7 +365,9 @@ class Scheduler:
         """Cancel a call and every unfinished call below it.
 
         Cancelled calls make no further attempts (a Run request in flight is abandoned)
-        and end with an error of type ``dispatch_aio.CancelledCallError``.
+        and end with an error of type ``dispatch_aio.CancelledCallError``. The call
+        itself, if suspended in an endpoint of this SDK, first gets ``CancelledError``
+        raised at its pending await, to clean up within ``cancel_grace`` seconds.
 
         Args:
             dispatch_id: The call.
