@@ -271,12 +271,15 @@ class Client:
         calls = list(calls)
         if not calls:
             return []
-        keys = [call.idempotency_key or _random_key() for call in calls]
         local = self._local()
         if local is not None:
+            # Handed over in memory, a submission is never sent twice: only the caller's
+            # own keys are worth the scheduler's lookup and row.
             local_calls = [call._to_proto(local.endpoint_url, self._version) for call in calls]
-            ids: list[str] = await _on_host(_submit_local(local, local_calls, keys))
+            own_keys = [call.idempotency_key or "" for call in calls]
+            ids: list[str] = await _on_host(_submit_local(local, local_calls, own_keys))
             return ids
+        keys = [call.idempotency_key or _random_key() for call in calls]
         endpoint = ""
         if any(call.endpoint is None for call in calls):
             endpoint = self._config.endpoint_url()
