@@ -334,7 +334,7 @@ VALID = run_request("add", 1, 2)
 
 
 @settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

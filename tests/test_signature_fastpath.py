@@ -166,7 +166,7 @@ def mutated(draw: st.DrawFn, texts: st.SearchStrategy[str]) -> str:
 header_texts = mutated(st.one_of(inner_list_headers(), byte_sequence_headers()))
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(text=header_texts)
 def test_fast_parse_equals_general_parse(text: str) -> None:
     fast = _fast_dictionary(text)
@@ -256,7 +256,7 @@ def requests(draw: st.DrawFn) -> tuple[dict[str, str], bytes, float]:
     return signed, body, now
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(request=requests())
 def test_verify_outcome_equals_general_path(request: tuple[dict[str, str], bytes, float]) -> None:
     headers, body, now = request
@@ -550,7 +550,7 @@ def fast_shaped_requests(
     return method, url, result_headers, body, now
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(request=fast_shaped_requests())
 def test_fast_verify_outcome_equals_general_path(
     request: tuple[str, str, Mapping[str, str], bytes, float],
