@@ -492,7 +492,7 @@ class Workload:
     size: int
     unit: str
     rate: bool  # the figure is size per second (else milliseconds per item)
-    target: float | None  # issue #13's goal for the persistent ratio to dispatch-py
+    target: float | None  # the goal for the persistent ratio to dispatch-py
     run: Callable[[App, InspectClient, int], Awaitable[Outcome]]
 
     def figure(self, seconds: float) -> float:
@@ -705,7 +705,7 @@ def header(repeat: int, data_root: str | None, python: Path) -> list[str]:
         "request signed and verified; in-memory: the same with --in-memory; embedded: the "
         "application alone, its scheduler in process on SQLite (one process).",
         "Ratios are ours over dispatch-py as speed-ups: above 1.00x we are faster. "
-        "target: issue #13's goal for the persistent ratio.",
+        "target: the goal for the persistent ratio.",
         "",
     ]
 
