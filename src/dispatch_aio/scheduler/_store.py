@@ -54,6 +54,9 @@ WRITE_ALONE = contextvars.ContextVar("dispatch_aio_scheduler_write_alone", defau
 class StoreError(Exception):
     """The store could not read or write (disk full, locked or corrupt database ...)."""
 
+    # Shown in tracebacks: the public name, not this private module's.
+    __module__ = "dispatch_aio.scheduler"
+
 
 class Phase(enum.IntEnum):
     """Where a call is, as stored. Values match `dispatch_aio.v1.CallState`.
