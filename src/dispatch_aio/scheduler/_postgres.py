@@ -41,6 +41,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ._rows import (
+    CALL_COLUMNS,
+    MUTABLE_AT,
+    MUTABLE_COLUMNS,
+    call_from_row,
+    call_params,
+)
 from ._store import (
     AddResult,
     AppendSegment,
@@ -48,7 +55,6 @@ from ._store import (
     CallRecord,
     InsertCall,
     Op,
-    Phase,
     PruneIdempotencyKeys,
     PutIdempotencyKey,
     QueuedResult,
@@ -57,7 +63,6 @@ from ._store import (
     RemoveSegments,
     SetMeta,
     Snapshot,
-    StateKind,
     Store,
     StoreError,
     UpdateCall,
@@ -152,66 +157,14 @@ CREATE INDEX dispatch_idempotency_keys_expiry ON dispatch_idempotency_keys (expi
 """
 _MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
-_COLUMNS = (
-    "id",
-    "root_id",
-    "parent_id",
-    "correlation_id",
-    "parent_generation",
-    "endpoint",
-    "function",
-    "input",
-    "version",
-    "created_at",
-    "expires_at",
-    "phase",
-    "updated_at",
-    "generation",
-    "due_at",
-    "state_kind",
-    "state",
-    "min_results",
-    "max_results",
-    "poll_error",
-    "attempts",
-    "failures",
-    "polls",
-    "status",
-    "last_error",
-    "result",
-    "finished_at",
-    "divergences",
-)
-_MUTABLE = (
-    "endpoint",
-    "function",
-    "input",
-    "phase",
-    "updated_at",
-    "generation",
-    "due_at",
-    "state_kind",
-    "state",
-    "min_results",
-    "max_results",
-    "poll_error",
-    "attempts",
-    "failures",
-    "polls",
-    "status",
-    "last_error",
-    "result",
-    "finished_at",
-    "divergences",
-)
-_MUTABLE_AT = tuple(_COLUMNS.index(c) for c in _MUTABLE)
 _INSERT_CALL = (
-    f"INSERT INTO dispatch_calls ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_COLUMNS) + 1))})"
+    f"INSERT INTO dispatch_calls ({', '.join(CALL_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(CALL_COLUMNS) + 1))})"
 )
 _UPDATE_CALL = (
-    f"UPDATE dispatch_calls SET {', '.join(f'{c} = ${i}' for i, c in enumerate(_MUTABLE, 1))} "
-    f"WHERE id = ${len(_MUTABLE) + 1}"
+    f"UPDATE dispatch_calls SET "
+    f"{', '.join(f'{c} = ${i}' for i, c in enumerate(MUTABLE_COLUMNS, 1))} "
+    f"WHERE id = ${len(MUTABLE_COLUMNS) + 1}"
 )
 _ADD_RESULT = (
     "INSERT INTO dispatch_results (seq, poller_id, generation, result) VALUES ($1, $2, $3, $4)"
@@ -231,7 +184,7 @@ _PUT_KEY = (
 )
 _PRUNE_KEYS = "DELETE FROM dispatch_idempotency_keys WHERE expires_at < $1"
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
-_SELECT_CALLS = f"SELECT seq, {', '.join(_COLUMNS)} FROM dispatch_calls"
+_SELECT_CALLS = f"SELECT seq, {', '.join(CALL_COLUMNS)} FROM dispatch_calls"
 _MARK_COMMIT = "UPDATE dispatch_commits SET token = $1"
 _READ_MARK = "SELECT token FROM dispatch_commits"
 _LOCK_HOLDER = (
@@ -271,15 +224,6 @@ def _import_asyncpg() -> Any:
     return asyncpg
 
 
-def _signed(value: int) -> int:
-    """Map a uint64 to the bigint PostgreSQL stores (and back with `_unsigned`)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _unsigned(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
-
-
 def _text(value: str) -> str:
     # PostgreSQL text holds neither NUL nor unpaired surrogates; free-form strings (an
     # error message, a version) must never make a write fail for good.
@@ -292,81 +236,15 @@ def _text(value: str) -> str:
     return value
 
 
-def _insert_params(r: CallRecord) -> tuple[Any, ...]:
-    return (
-        r.id,
-        r.root_id,
-        r.parent_id,
-        _signed(r.correlation_id),
-        r.parent_generation,
-        _text(r.endpoint),
-        _text(r.function),
-        r.input,
-        _text(r.version),
-        r.created_at,
-        r.expires_at,
-        int(r.phase),
-        r.updated_at,
-        r.generation,
-        r.due_at,
-        int(r.state_kind),
-        r.state,
-        r.min_results,
-        r.max_results,
-        r.poll_error,
-        r.attempts,
-        r.failures,
-        r.polls,
-        r.status,
-        _text(r.last_error),
-        r.result,
-        r.finished_at,
-        r.divergences,
-    )
-
-
 def _update_params(r: CallRecord) -> tuple[Any, ...]:
-    values = _insert_params(r)
-    return (*(values[i] for i in _MUTABLE_AT), r.id)
-
-
-def _record(row: Sequence[Any]) -> tuple[int, CallRecord]:
-    return row[0], CallRecord(
-        id=row[1],
-        root_id=row[2],
-        parent_id=row[3],
-        correlation_id=_unsigned(row[4]),
-        parent_generation=row[5],
-        endpoint=row[6],
-        function=row[7],
-        input=row[8],
-        version=row[9],
-        created_at=row[10],
-        expires_at=row[11],
-        phase=Phase(row[12]),
-        updated_at=row[13],
-        generation=row[14],
-        due_at=row[15],
-        state_kind=StateKind(row[16]),
-        state=row[17],
-        min_results=row[18],
-        max_results=row[19],
-        poll_error=row[20],
-        attempts=row[21],
-        failures=row[22],
-        polls=row[23],
-        status=row[24],
-        last_error=row[25],
-        result=row[26],
-        finished_at=row[27],
-        divergences=row[28],
-    )
+    values = call_params(r, _text)
+    return (*(values[i] for i in MUTABLE_AT), r.id)
 
 
 def _statements(op: Op) -> list[_Statement]:
     match op:
         case InsertCall(record):
-            return [(_INSERT_CALL, _insert_params(record))]
+            return [(_INSERT_CALL, call_params(record, _text))]
         case UpdateCall(record):
             return [(_UPDATE_CALL, _update_params(record))]
         case AddResult(q):
@@ -534,7 +412,7 @@ class PostgresStore(Store):
                     "SELECT seq, poller_id, generation, result FROM dispatch_results ORDER BY seq"
                 )
             return Snapshot(
-                calls=[_record(row)[1] for row in calls],
+                calls=[call_from_row(row)[1] for row in calls],
                 results=[QueuedResult(r[0], r[1], r[2], r[3]) for r in results],
                 next_seq=(results[-1][0] if results else 0) + 1,
             )
@@ -544,7 +422,7 @@ class PostgresStore(Store):
     async def get_call(self, dispatch_id: str) -> CallRecord | None:
         """Return a call by dispatch id, or None."""
         rows = await self._fetch(f"{_SELECT_CALLS} WHERE id = $1", dispatch_id)
-        return _record(rows[0])[1] if rows else None
+        return call_from_row(rows[0])[1] if rows else None
 
     async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
         """Return the calls matching `query` in creation order."""
@@ -566,7 +444,7 @@ class PostgresStore(Store):
         sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY seq"
         if query.limit is not None:
             sql += f" LIMIT {param(query.limit)}"
-        return [_record(row) for row in await self._fetch(sql, *params)]
+        return [call_from_row(row) for row in await self._fetch(sql, *params)]
 
     async def count_children(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
         """Return how many direct children each of `dispatch_ids` has."""

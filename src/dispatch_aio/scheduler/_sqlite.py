@@ -41,6 +41,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ._rows import (
+    CALL_COLUMNS,
+    MUTABLE_AT,
+    MUTABLE_COLUMNS,
+    call_from_row,
+    call_params,
+)
 from ._store import (
     WRITE_ALONE,
     AddResult,
@@ -49,7 +56,6 @@ from ._store import (
     CallRecord,
     InsertCall,
     Op,
-    Phase,
     PruneIdempotencyKeys,
     PutIdempotencyKey,
     QueuedResult,
@@ -58,7 +64,6 @@ from ._store import (
     RemoveSegments,
     SetMeta,
     Snapshot,
-    StateKind,
     Store,
     StoreError,
     UpdateCall,
@@ -173,40 +178,9 @@ _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_3_to_4,
 )
 
-# Column order of `calls` after `seq`, shared by inserts, updates and reads.
-_COLUMNS = (
-    "id, root_id, parent_id, correlation_id, parent_generation, endpoint, function, input, "
-    "version, created_at, expires_at, phase, updated_at, generation, due_at, state_kind, "
-    "state, min_results, max_results, poll_error, attempts, failures, polls, status, "
-    "last_error, result, finished_at, divergences"
-)
-_MUTABLE = (
-    "endpoint",
-    "function",
-    "input",
-    "version",
-    "phase",
-    "updated_at",
-    "generation",
-    "due_at",
-    "state_kind",
-    "state",
-    "min_results",
-    "max_results",
-    "poll_error",
-    "attempts",
-    "failures",
-    "polls",
-    "status",
-    "last_error",
-    "result",
-    "finished_at",
-    "divergences",
-)
-# Where each mutable column sits among all columns (and so in _insert_params).
-_MUTABLE_AT = tuple([c.strip() for c in _COLUMNS.split(",")].index(c) for c in _MUTABLE)
-_INSERT_CALL = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * 28)})"
-_UPDATE_CALL = f"UPDATE calls SET {', '.join(f'{c} = ?' for c in _MUTABLE)} WHERE id = ?"
+_COLUMNS = ", ".join(CALL_COLUMNS)
+_INSERT_CALL = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * len(CALL_COLUMNS))})"
+_UPDATE_CALL = f"UPDATE calls SET {', '.join(f'{c} = ?' for c in MUTABLE_COLUMNS)} WHERE id = ?"
 _ADD_RESULT = "INSERT INTO results (seq, poller_id, generation, result) VALUES (?, ?, ?, ?)"
 _REMOVE_RESULT = "DELETE FROM results WHERE seq = ?"
 _REMOVE_POLLER_RESULTS = "DELETE FROM results WHERE poller_id = ?"
@@ -221,90 +195,15 @@ _SELECT_SEGMENTS = "SELECT data FROM segments WHERE call_id = ? ORDER BY polls"
 _Statement = tuple[str, tuple[Any, ...]]
 
 
-def _signed(value: int) -> int:
-    """Map a uint64 to the int64 SQLite stores (and back with `_unsigned`)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _unsigned(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
-
-
-def _insert_params(r: CallRecord) -> tuple[Any, ...]:
-    return (
-        r.id,
-        r.root_id,
-        r.parent_id,
-        _signed(r.correlation_id),
-        r.parent_generation,
-        r.endpoint,
-        r.function,
-        r.input,
-        r.version,
-        r.created_at,
-        r.expires_at,
-        int(r.phase),
-        r.updated_at,
-        r.generation,
-        r.due_at,
-        int(r.state_kind),
-        r.state,
-        r.min_results,
-        r.max_results,
-        r.poll_error,
-        r.attempts,
-        r.failures,
-        r.polls,
-        r.status,
-        r.last_error,
-        r.result,
-        r.finished_at,
-        r.divergences,
-    )
-
-
 def _update_params(r: CallRecord) -> tuple[Any, ...]:
-    values = _insert_params(r)
-    return (*(values[i] for i in _MUTABLE_AT), r.id)
-
-
-def _record(row: Sequence[Any]) -> tuple[int, CallRecord]:
-    return row[0], CallRecord(
-        id=row[1],
-        root_id=row[2],
-        parent_id=row[3],
-        correlation_id=_unsigned(row[4]),
-        parent_generation=row[5],
-        endpoint=row[6],
-        function=row[7],
-        input=row[8],
-        version=row[9],
-        created_at=row[10],
-        expires_at=row[11],
-        phase=Phase(row[12]),
-        updated_at=row[13],
-        generation=row[14],
-        due_at=row[15],
-        state_kind=StateKind(row[16]),
-        state=row[17],
-        min_results=row[18],
-        max_results=row[19],
-        poll_error=row[20],
-        attempts=row[21],
-        failures=row[22],
-        polls=row[23],
-        status=row[24],
-        last_error=row[25],
-        result=row[26],
-        finished_at=row[27],
-        divergences=row[28],
-    )
+    values = call_params(r)
+    return (*(values[i] for i in MUTABLE_AT), r.id)
 
 
 def _statements(op: Op) -> list[_Statement]:
     match op:
         case InsertCall(record):
-            return [(_INSERT_CALL, _insert_params(record))]
+            return [(_INSERT_CALL, call_params(record))]
         case UpdateCall(record):
             return [(_UPDATE_CALL, _update_params(record))]
         case AddResult(q):
@@ -434,7 +333,7 @@ class SQLiteStore(Store):
     async def get_call(self, dispatch_id: str) -> CallRecord | None:
         """Return a call by dispatch id, or None."""
         rows = await self._run(self._query, f"{_SELECT_CALLS} WHERE id = ?", (dispatch_id,))
-        return _record(rows[0])[1] if rows else None
+        return call_from_row(rows[0])[1] if rows else None
 
     async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
         """Return the calls matching `query` in creation order."""
@@ -457,7 +356,7 @@ class SQLiteStore(Store):
             sql += " LIMIT ?"
             params.append(query.limit)
         rows = await self._run(self._query, sql, tuple(params))
-        return [_record(row) for row in rows]
+        return [call_from_row(row) for row in rows]
 
     async def count_children(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
         """Return how many direct children each of `dispatch_ids` has."""
@@ -733,7 +632,7 @@ class SQLiteStore(Store):
         conn = self._require()
         try:
             calls = [
-                _record(row)[1]
+                call_from_row(row)[1]
                 for row in conn.execute(f"{_SELECT_CALLS} WHERE phase != 4 ORDER BY seq")
             ]
             results = [
