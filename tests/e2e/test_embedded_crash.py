@@ -112,3 +112,81 @@ def test_a_killed_script_finishes_its_calls_when_run_again(procs: Starter, tmp_p
     assert _leaves(log) == {(root, i) for root in range(3) for i in range(12)}
     assert "Traceback" not in third.stderr, third.dump()
     assert "3 unfinished calls picked up" in third.stderr, third.dump()
+
+
+CANCEL_APP = textwrap.dedent(
+    """
+    import asyncio
+    import os
+    import sys
+
+    from dispatch_aio import Dispatch
+    from dispatch_aio.errors import CancelledCallError
+
+    dispatch = Dispatch()
+    LOG = os.environ["LEAF_LOG"]
+
+
+    def note(line: str) -> None:
+        with open(LOG, "a") as log:
+            log.write(f"{line} {os.getpid()}\\n")
+
+
+    @dispatch.function
+    async def waits() -> None:
+        note("started")
+        try:
+            await asyncio.sleep(3600)  # a durable timer: the call suspends
+        except asyncio.CancelledError:
+            note("cancelled")
+            raise
+        finally:
+            note("finally")
+
+
+    async def main() -> None:
+        async with await dispatch.start():
+            if sys.argv[1] == "submit":
+                print("submitted", await waits.dispatch(), flush=True)
+                await asyncio.Event().wait()
+            assert await dispatch.client.cancel(sys.argv[2])
+            try:
+                await dispatch.client.result(sys.argv[2], timeout=30)
+            except CancelledCallError:
+                print("ended cancelled", flush=True)
+
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+    """
+)
+
+
+def test_a_call_cancelled_by_a_new_process_cleans_up_there(procs: Starter, tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(CANCEL_APP)
+    log = tmp_path / "events.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+    env["LEAF_LOG"] = str(log)
+
+    first = procs([PYTHON, str(script), "submit"], cwd=tmp_path, env=env)
+    dispatch_id = first.wait_for("^submitted ", timeout=30).split()[1]
+    end = time.monotonic() + 30
+    while "started" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < end, first.dump()
+        time.sleep(0.02)
+    time.sleep(1.5)  # past the live-timer threshold: the call is suspended, in the store
+    os.kill(first.pid, signal.SIGKILL)
+    first.popen.wait(10)
+
+    second = procs([PYTHON, str(script), "cancel", dispatch_id], cwd=tmp_path, env=env)
+    assert second.wait(60) == 0, second.dump()
+    assert "ended cancelled" in second.stdout, second.dump()
+    events = [line.split() for line in log.read_text().splitlines()]
+    # The new interpreter replayed the call and ran its handler and finally, once each.
+    assert [(e, int(pid) == second.pid) for e, pid in events] == [
+        ("started", False),
+        ("started", True),  # the replay runs the body up to the pending await again
+        ("cancelled", True),
+        ("finally", True),
+    ], events
