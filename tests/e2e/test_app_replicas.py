@@ -83,6 +83,7 @@ async def test_resumes_follow_their_replica_and_survive_its_loss(
     results = [output(await stack.wait(dispatch_id, max_wait=60)) for dispatch_id in ids]
     assert results == tags
     moved = {t for t, _ in before[0]} - {t for t, i in before[0] if i == 2}
+    assert moved, "the killed replica held no unfinished call: the kill showed nothing"
     survivor = ran(apps[1].out)
     for tag in moved:  # replayed on the other replica, from its first step
         assert (tag, 0) in survivor and (tag, 2) in survivor, (tag, survivor)
