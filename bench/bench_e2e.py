@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dispatch_aio import Dispatch, Function, Status
-from dispatch_aio._cli_inspect import InspectClient
 from dispatch_aio._codec import decode_value
+from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dispatch_aio import Dispatch
-from dispatch_aio._cli_inspect import InspectClient
 from dispatch_aio._datadir import read_connection
+from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.errors import CancelledCallError, ClientError
 from dispatch_aio.proto.v1 import inspect_pb2
 

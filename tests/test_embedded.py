@@ -207,7 +207,7 @@ async def test_an_aiohttp_app_starts_the_scheduler_with_cleanup_ctx(tmp_path: Pa
 
 
 async def test_the_apps_divergence_policy_and_version(tmp_path: Path) -> None:
-    from dispatch_aio._cli_inspect import InspectClient
+    from dispatch_aio.cli._inspect import InspectClient
     from dispatch_aio.errors import NondeterminismError
 
     # No live cache: every resume replays, and this function takes another branch then.

@@ -50,7 +50,7 @@ from ._function import check_function_name
 from .durable import in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import control_pb2, inspect_pb2
-from .scheduler._store import StoreError
+from .scheduler.store import StoreError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from dispatch_aio import Dispatch, cli
-from dispatch_aio._cli_inspect import InspectClient
+from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1.inspect_pb2 import CALL_STATE_SUSPENDED
 from dispatch_aio.scheduler import Scheduler
 from dispatch_aio.testing import Environment
@@ -42,7 +42,7 @@ def _write_app(folder: pathlib.Path, first: str) -> str:
 
 
 def _load(spec: str) -> Dispatch:
-    from dispatch_aio._cli_check import load_target
+    from dispatch_aio.cli._check import load_target
 
     mains = {name: sys.modules.get(name) for name in ("__main__", "__mp_main__")}
     try:

@@ -12,17 +12,17 @@ import pytest
 from e2e.harness import PYTHON
 from google.protobuf import any_pb2, struct_pb2
 
-from dispatch_aio._cli_console import Console, Style
-from dispatch_aio._cli_format import (
+from dispatch_aio._codec import encode_error, encode_input, encode_value
+from dispatch_aio._status import Status
+from dispatch_aio.cli._console import Console, Style
+from dispatch_aio.cli._format import (
     describe_error,
     describe_input,
     describe_result,
     describe_value,
     format_duration,
 )
-from dispatch_aio._cli_run import program_name
-from dispatch_aio._codec import encode_error, encode_input, encode_value
-from dispatch_aio._status import Status
+from dispatch_aio.cli._run import program_name
 from dispatch_aio.proto.sdk.python.v1 import pickled_pb2
 from dispatch_aio.proto.sdk.v1 import call_pb2
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dispatch_aio import Call, Client
-from dispatch_aio._cli_inspect import InspectClient
+from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
 from .harness import (

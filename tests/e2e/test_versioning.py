@@ -90,7 +90,7 @@ async def _submit(server: Server, endpoint: str, calls: list[tuple[str, int]]) -
 
 
 async def _calls(server: Server) -> dict[str, inspect_pb2.CallInfo]:
-    from dispatch_aio._cli_inspect import InspectClient
+    from dispatch_aio.cli._inspect import InspectClient
 
     async with InspectClient(server.api_url, server.api_key) as inspect:
         found = await inspect.iter_calls(inspect_pb2.ListCallsRequest(top_level_only=True))

@@ -17,7 +17,7 @@ from dispatch_aio import Dispatch, errors
 from dispatch_aio._status import status_for_http
 from dispatch_aio.proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, status_pb2
 from dispatch_aio.scheduler import DEFAULT_EXPIRATION, RetryPolicy, Scheduler, SQLiteStore
-from dispatch_aio.scheduler._store import (
+from dispatch_aio.scheduler.store import (
     WRITE_ALONE,
     CallQuery,
     CallRecord,

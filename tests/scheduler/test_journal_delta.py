@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dispatch_aio import Dispatch, Status
-from dispatch_aio._cli_check import _from_database
+from dispatch_aio.cli._check import _from_database
 from dispatch_aio.durable import Runner
 from dispatch_aio.durable._journal import (
     JOURNAL_DELTA_TYPE_URL,
@@ -34,8 +34,8 @@ from dispatch_aio.scheduler import Scheduler
 from dispatch_aio.scheduler._engine import JOURNAL_NEEDED as ENGINE_JOURNAL_NEEDED
 from dispatch_aio.scheduler._engine import _kept_state
 from dispatch_aio.scheduler._invoker import JOURNAL_HEADER as INVOKER_HEADER
-from dispatch_aio.scheduler._sqlite import _SCHEMA_V1, SCHEMA_VERSION, SQLiteStore
-from dispatch_aio.scheduler._store import CallRecord, Phase, StateKind
+from dispatch_aio.scheduler.store import CallRecord, Phase, StateKind
+from dispatch_aio.scheduler.store._sqlite import _SCHEMA_V1, SCHEMA_VERSION, SQLiteStore
 from dispatch_aio.testing import check_journals
 
 from .scripted import API_KEY, FAST_RETRY

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from dispatch_aio.scheduler import PostgresStore, Scheduler, StoreError
-from dispatch_aio.scheduler._postgres import SCHEMA_VERSION, mask_url
-from dispatch_aio.scheduler._store import InsertCall
+from dispatch_aio.scheduler.store import InsertCall
+from dispatch_aio.scheduler.store._postgres import SCHEMA_VERSION, mask_url
 
 from .scripted import ScriptedEndpoint
 from .test_store_contract import record

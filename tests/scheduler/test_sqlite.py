@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch_aio.scheduler import SQLiteStore, StoreError, _sqlite
-from dispatch_aio.scheduler._sqlite import SCHEMA_VERSION
-from dispatch_aio.scheduler._store import WRITE_ALONE, CallQuery, InsertCall
+from dispatch_aio.scheduler import SQLiteStore, StoreError
+from dispatch_aio.scheduler.store import WRITE_ALONE, CallQuery, InsertCall, _sqlite
+from dispatch_aio.scheduler.store._sqlite import SCHEMA_VERSION
 
 from .test_store_contract import record
 

@@ -6,8 +6,8 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
-from dispatch_aio.scheduler._sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
-from dispatch_aio.scheduler._store import CallRecord, InsertCall, Phase, UpdateCall
+from dispatch_aio.scheduler.store import CallRecord, InsertCall, Phase, UpdateCall
+from dispatch_aio.scheduler.store._sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 
 async def test_a_version_2_database_gains_the_divergence_count(tmp_path: Path) -> None:

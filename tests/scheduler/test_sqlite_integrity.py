@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dispatch_aio.scheduler import SQLiteStore, StoreError
-from dispatch_aio.scheduler._store import InsertCall, SetMeta
+from dispatch_aio.scheduler.store import InsertCall, SetMeta
 
 from .test_sqlite import record
 

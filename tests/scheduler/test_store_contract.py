@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from dispatch_aio.scheduler import PostgresStore, SQLiteStore, Store, StoreError
-from dispatch_aio.scheduler._store import (
+from dispatch_aio.scheduler.store import (
     AddResult,
     AppendSegment,
     CallQuery,

@@ -14,7 +14,7 @@ import pytest
 
 from dispatch_aio.proto.sdk.v1 import function_pb2
 from dispatch_aio.scheduler import Scheduler, SQLiteStore, StoreError
-from dispatch_aio.scheduler._store import Op
+from dispatch_aio.scheduler.store import Op
 
 from .scripted import ScriptedEndpoint, call, ok, unpack_text
 

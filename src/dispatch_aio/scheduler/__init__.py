@@ -15,10 +15,8 @@ expiration.
 """
 
 from ._engine import DEFAULT_EXPIRATION, RetryPolicy
-from ._postgres import PostgresStore
 from ._scheduler import Scheduler
-from ._sqlite import SQLiteStore
-from ._store import Store, StoreError
+from .store import PostgresStore, SQLiteStore, Store, StoreError
 
 __all__ = [
     "DEFAULT_EXPIRATION",

@@ -46,7 +46,7 @@ from ..proto.sdk.python.v1 import pickled_pb2
 from ..proto.sdk.v1 import dispatch_pb2
 from ..proto.v1 import control_pb2, inspect_pb2
 from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
-from ._store import CallQuery, CallRecord, Phase, Store, StoreError
+from .store import CallQuery, CallRecord, Phase, Store, StoreError
 
 __all__ = [
     "CANCEL_PATH",

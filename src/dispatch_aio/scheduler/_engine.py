@@ -68,7 +68,8 @@ from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
 from ._invoker import Invoker, Outcome
-from ._store import (
+from ._validate import call_problem
+from .store import (
     WRITE_ALONE,
     AddResult,
     AppendSegment,
@@ -86,7 +87,6 @@ from ._store import (
     Store,
     UpdateCall,
 )
-from ._validate import call_problem
 
 __all__ = [
     "DEFAULT_EXPIRATION",

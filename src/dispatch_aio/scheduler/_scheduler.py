@@ -31,10 +31,9 @@ from ._engine import (
     RetryPolicy,
 )
 from ._invoker import Invoker, LocalHandler
-from ._sqlite import SQLiteStore
-from ._store import Phase, SetMeta, Store
 from ._ui import add_ui_routes, ui_address
 from ._validate import endpoint_problem
+from .store import Phase, SetMeta, SQLiteStore, Store
 
 __all__ = ["FinishedCall", "Scheduler"]
 

@@ -43,7 +43,7 @@ from ..proto.sdk.v1 import call_pb2, error_pb2
 from ..proto.v1 import journal_pb2
 from ._engine import Engine, is_cancelled
 from ._preview import preview_input, preview_pickle, preview_value
-from ._store import CallQuery, CallRecord, Phase, StateKind, Store, StoreError
+from .store import CallQuery, CallRecord, Phase, StateKind, Store, StoreError
 
 UI_PATH = "/ui/"
 """Where the UI is served, below the API's base URL."""

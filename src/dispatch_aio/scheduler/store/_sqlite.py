@@ -41,14 +41,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ._rows import (
-    CALL_COLUMNS,
-    MUTABLE_AT,
-    MUTABLE_COLUMNS,
-    call_from_row,
-    call_params,
-)
-from ._store import (
+from ._interface import (
     WRITE_ALONE,
     AddResult,
     AppendSegment,
@@ -67,6 +60,13 @@ from ._store import (
     Store,
     StoreError,
     UpdateCall,
+)
+from ._rows import (
+    CALL_COLUMNS,
+    MUTABLE_AT,
+    MUTABLE_COLUMNS,
+    call_from_row,
+    call_params,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Self
 
-from ._datadir import (
+from .._datadir import (
     CONNECTION_FILE,
     DB_FILE,
     DEFAULT_DATA_DIR,
@@ -39,10 +39,10 @@ from ._datadir import (
     publish_connection,
     read_connection,
 )
+from ..scheduler import PostgresStore, RetryPolicy, Scheduler, SQLiteStore, Store, StoreError
+from ..scheduler._engine import DEFAULT_IDEMPOTENCY_RETENTION
+from ..scheduler.store._postgres import mask_url
 from ._progress import CallTracker, TrackingStore
-from .scheduler import PostgresStore, RetryPolicy, Scheduler, SQLiteStore, Store, StoreError
-from .scheduler._engine import DEFAULT_IDEMPOTENCY_RETENTION
-from .scheduler._postgres import mask_url
 
 _ADDR = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<host>[^:\[\]]+):(?P<port>[0-9]+)")
 _WILDCARDS = MappingProxyType({"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"})

@@ -19,7 +19,7 @@ __all__ = [
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._store import CallRecord, Phase, StateKind
+from ._interface import CallRecord, Phase, StateKind
 
 CALL_COLUMNS = (
     "id",

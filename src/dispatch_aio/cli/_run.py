@@ -29,8 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._cli_console import Console, Style
-from ._cli_scheduler import (
+from ..scheduler._ui import ui_address
+from ._console import Console, Style
+from ._progress import CallTracker, Progress
+from ._scheduler import (
     CliError,
     LocalScheduler,
     SchedulerSettings,
@@ -40,8 +42,6 @@ from ._cli_scheduler import (
     format_addr,
     parse_addr,
 )
-from ._progress import CallTracker, Progress
-from .scheduler._ui import ui_address
 
 _OUR_NAME = "dispatch"
 _MAX_NAME = 16

@@ -41,14 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ._rows import (
-    CALL_COLUMNS,
-    MUTABLE_AT,
-    MUTABLE_COLUMNS,
-    call_from_row,
-    call_params,
-)
-from ._store import (
+from ._interface import (
     AddResult,
     AppendSegment,
     CallQuery,
@@ -66,6 +59,13 @@ from ._store import (
     Store,
     StoreError,
     UpdateCall,
+)
+from ._rows import (
+    CALL_COLUMNS,
+    MUTABLE_AT,
+    MUTABLE_COLUMNS,
+    call_from_row,
+    call_params,
 )
 
 logger = logging.getLogger("dispatch_aio.scheduler")

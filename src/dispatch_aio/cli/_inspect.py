@@ -24,17 +24,17 @@ import aiohttp
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
-from . import __version__
-from ._cli_console import Console, Style
-from ._cli_format import (
+from .. import __version__
+from .._status import Status
+from ..proto.v1 import control_pb2, inspect_pb2
+from ._console import Console, Style
+from ._format import (
     describe_input,
     describe_result,
     format_duration,
     plural,
     shorten,
 )
-from ._status import Status
-from .proto.v1 import control_pb2, inspect_pb2
 
 _M = TypeVar("_M", bound=Message)
 

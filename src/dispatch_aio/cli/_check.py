@@ -21,11 +21,11 @@ from collections.abc import Iterable
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
-from ._cli_scheduler import CliError
-from ._dispatch import Dispatch
-from ._replay_worker import load_main
-from .durable import JOURNAL_TYPE_URL
-from .testing import JournalReport, check_journals
+from .._dispatch import Dispatch
+from .._replay_worker import load_main
+from ..durable import JOURNAL_TYPE_URL
+from ..testing import JournalReport, check_journals
+from ._scheduler import CliError
 
 JournalSource = tuple[str, bytes]
 

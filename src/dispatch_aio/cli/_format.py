@@ -29,10 +29,10 @@ from typing import Any
 from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import DecodeError as ProtoDecodeError
 
-from . import _codec
-from ._status import Status
-from .proto.sdk.python.v1 import pickled_pb2
-from .proto.sdk.v1 import call_pb2, error_pb2
+from .. import _codec
+from .._status import Status
+from ..proto.sdk.python.v1 import pickled_pb2
+from ..proto.sdk.v1 import call_pb2, error_pb2
 
 _PICKLED = "dispatch.sdk.python.v1.Pickled"
 _BYTES = "google.protobuf.BytesValue"

@@ -46,10 +46,12 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from . import __version__
-from ._cli_console import Console, ConsoleLogHandler, Style
-from ._cli_format import plural
-from ._cli_inspect import (
+from .. import __version__
+from ..proto.v1 import inspect_pb2
+from ..scheduler._ui import ui_address
+from ._console import Console, ConsoleLogHandler, Style
+from ._format import plural
+from ._inspect import (
     STATES,
     STATUSES,
     CallNotFoundError,
@@ -59,8 +61,9 @@ from ._cli_inspect import (
     render_calls,
     render_tree,
 )
-from ._cli_run import RunOptions, run_app
-from ._cli_scheduler import (
+from ._progress import CallTracker, Progress
+from ._run import RunOptions, run_app
+from ._scheduler import (
     DB_FILE,
     DEFAULT_DATA_DIR,
     CliError,
@@ -73,9 +76,6 @@ from ._cli_scheduler import (
     parse_addr,
     read_connection,
 )
-from ._progress import CallTracker, Progress
-from .proto.v1 import inspect_pb2
-from .scheduler._ui import ui_address
 
 PROG = "dispatch-aio"
 _DEFAULTS = SchedulerSettings()
@@ -317,24 +317,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _check_command(args: argparse.Namespace, console: Console) -> int:
-    from . import _cli_check
+    from . import _check
 
     mains = {name: sys.modules.get(name) for name in ("__main__", "__mp_main__")}
     try:
-        target = _cli_check.load_target(args.app)
+        target = _check.load_target(args.app)
         database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
-        journals = _cli_check.read_journals(args.files, database)
+        journals = _check.read_journals(args.files, database)
         if not journals:
             console.line("no journals to check")
             return 0
-        reports = await _cli_check.run_check(target, journals)
+        reports = await _check.run_check(target, journals)
     finally:  # the command may run inside another program (tests call main())
         for name, module in mains.items():
             if module is None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
-    for line in _cli_check.describe(reports):
+    for line in _check.describe(reports):
         console.line(line)
     bad = sum(not r.ok for r in reports)
     console.line(f"{len(reports) - bad} of {len(reports)} journals replay; {bad} diverge")

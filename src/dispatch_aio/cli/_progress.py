@@ -25,12 +25,10 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 
-from ._cli_console import Console, Style
-from ._cli_format import describe_input, describe_result, format_duration, plural
-from ._status import Status
-from .proto.sdk.v1 import call_pb2
-from .scheduler import Store
-from .scheduler._store import (
+from .._status import Status
+from ..proto.sdk.v1 import call_pb2
+from ..scheduler import Store
+from ..scheduler.store import (
     CallQuery,
     CallRecord,
     InsertCall,
@@ -39,6 +37,8 @@ from .scheduler._store import (
     Snapshot,
     UpdateCall,
 )
+from ._console import Console, Style
+from ._format import describe_input, describe_result, format_duration, plural
 
 logger = logging.getLogger(__name__)
 
