@@ -27,6 +27,7 @@ NOT_IN_NEW_PROCESSES: dict[str, str] = {
     "test_io.py::test_host_loop_error_names_what_was_awaited": "closures",
     "test_io.py::test_an_open_connection_does_not_hold_back_calls": "closures",
     "test_io_surface.py::test_sendfile": "closures",
+    "test_io_threads.py::test_a_thread_started_as_another_ends_is_waited_for": "closures",
     # Many requests; the idiom runs in new processes in workflows.mixed (wait,
     # as_completed, gather, tasks, timeout) and in test_idioms.
     "test_basics.py::test_sequential": "costly",

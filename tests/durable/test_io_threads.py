@@ -54,3 +54,27 @@ async def test_a_thread_that_ends_without_answering_is_a_deadlock(make_env: EnvF
     assert info.status is not None and info.status.name == "PERMANENT_ERROR"
     assert "nothing will complete" in str(info.error)
     assert time.monotonic() - started >= 0.3  # not before the thread ended
+
+
+async def test_a_thread_started_as_another_ends_is_waited_for(make_env: EnvFactory) -> None:
+    # The outside thread is reached through the closure: threads cannot be arguments.
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+
+    async def _swap() -> int:
+        release.set()
+        other.join()  # a thread that is not the function's ends in this step...
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+
+        def work() -> None:  # ...as the function starts its own
+            time.sleep(0.8)  # longer than the loop lingers
+            loop.call_soon_threadsafe(future.set_result, 7)
+
+        threading.Thread(target=work).start()
+        return await future
+
+    swap = Function(_swap, name="swap")
+    env = make_env(swap, virtual_time=False)
+    assert await env.call(swap) == 7

@@ -436,15 +436,18 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._step_frame = None
             sys.set_asyncgen_hooks(*hooks)
             asyncio.events._set_running_loop(host)
-        if threading.active_count() != len(threads):
-            self._adopt_threads(threads)
+        # Compared as lists, not counts: a thread that ended during the step would
+        # hide one the function started.
+        after = threading.enumerate()
+        if after != threads:
+            self._adopt_threads(threads, after)
 
-    def _adopt_threads(self, before: list[threading.Thread]) -> None:
+    def _adopt_threads(self, before: list[threading.Thread], after: list[threading.Thread]) -> None:
         # Threads the function started may hand values back with
         # call_soon_threadsafe(): while one runs, the run waits for it as for I/O.
         known = set(before)
         known.update(self._executor_threads)
-        self._threads.update(t for t in threading.enumerate() if t not in known)
+        self._threads.update(t for t in after if t not in known)
 
     @property
     def threads_alive(self) -> int:
