@@ -1,4 +1,4 @@
-"""The PostgreSQL store: schema versions, one scheduler per database, lost connections."""
+"""The PostgreSQL store: schema versions, lost connections, replicas sharing a database."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from dispatch_aio.scheduler import PostgresStore, Scheduler, StoreError
 from dispatch_aio.scheduler.store import InsertCall
-from dispatch_aio.scheduler.store._postgres import SCHEMA_VERSION, mask_url
+from dispatch_aio.scheduler.store._postgres import _MIGRATIONS, SCHEMA_VERSION, mask_url
 
 from .scripted import ScriptedEndpoint
 from .test_store_contract import record
@@ -125,7 +125,7 @@ def test_the_scheduler_imports_without_asyncpg() -> None:
     )
 
 
-async def test_the_store_connects_again_and_takes_the_lock_again(
+async def test_the_store_connects_again_after_its_session_ended(
     pg_url: str, admin: asyncpg.Connection
 ) -> None:
     store = PostgresStore(pg_url)
@@ -141,13 +141,15 @@ async def test_the_store_connects_again_and_takes_the_lock_again(
             assert await store.get_call("b") is None
         await store.write([InsertCall(record("c"))])
         assert await store.get_call("c") is not None
-        with pytest.raises(StoreError, match="another scheduler is running on the database"):
-            await PostgresStore(pg_url).open()
+        other = PostgresStore(pg_url)  # another replica opens the same database
+        await other.open()
+        try:
+            await other.write([InsertCall(record("d"))])
+            assert await store.get_call("d") is not None
+        finally:
+            await other.close()
     finally:
         await store.close()
-    other = PostgresStore(pg_url)  # closing released the lock
-    await other.open()
-    await other.close()
 
 
 async def test_calls_move_again_once_the_database_is_back(
@@ -202,17 +204,20 @@ DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
 """
 
 
-async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
-    store = PostgresStore(pg_url)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(pg_url)
-    try:  # back to version 1, as an older release left it
-        await conn.execute("ALTER TABLE dispatch_calls DROP COLUMN divergences")
-        await conn.execute("DROP TABLE dispatch_idempotency_keys")
-        await conn.execute("UPDATE dispatch_schema SET version = 1")
+async def database_at(url: str, version: int) -> None:
+    """Give an empty database the schema of `version`, as an older release left it."""
+    conn = await asyncpg.connect(url)
+    try:
+        for step in _MIGRATIONS[:version]:
+            await conn.execute(step)
+        await conn.execute("CREATE TABLE dispatch_schema (version integer)")
+        await conn.execute("INSERT INTO dispatch_schema (version) VALUES ($1)", version)
     finally:
         await conn.close()
+
+
+async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
+    await database_at(pg_url, 1)
     store = PostgresStore(pg_url)
     await store.open()
     try:

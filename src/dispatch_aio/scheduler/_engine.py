@@ -68,12 +68,14 @@ from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
 from ._invoker import Invoker, Outcome
+from ._partitions import Moved, Partitions, announce
 from ._validate import call_problem
 from .store import (
     WRITE_ALONE,
     AddResult,
     AppendSegment,
     CallRecord,
+    FencedError,
     InsertCall,
     Op,
     Phase,
@@ -209,6 +211,10 @@ class EngineSettings:
     resumed once with ``CancelledError`` raised at its pending await (endpoints of this
     SDK; others ignore the mark) and ends cancelled when that resume answers or this
     time is up. 0 ends it at once."""
+    lease_timeout: float = 9.0
+    """With a store that several replicas share (PostgreSQL): seconds after which the
+    partitions of a replica that stopped renewing its leases (every third of this) go
+    to the others."""
 
 
 class _Live:
@@ -309,6 +315,8 @@ class Engine:
         # of them waits for the first rather than look it up before it is stored.
         self._keys_in_flight: dict[str, asyncio.Future[None]] = {}
         self._pruned_at = 0.0
+        # With replicas sharing the store: the partitions this one drives.
+        self._parts: Partitions | None = None
 
     @property
     def settings(self) -> EngineSettings:
@@ -316,7 +324,22 @@ class Engine:
         return self._settings
 
     async def start(self) -> None:
-        """Load every unfinished call from the store and carry on with it."""
+        """Load every unfinished call from the store and carry on with it.
+
+        With a store that several replicas share, take a share of the partitions
+        instead, and the unfinished calls of those.
+        """
+        coordination = self._store.coordination()
+        if coordination is not None:
+            self._parts = Partitions(self, coordination, self._settings.lease_timeout)
+            self._closed = False
+            try:
+                await self._parts.start()
+            except BaseException:
+                self._closed = True
+                self._parts = None
+                raise
+            return
         snapshot = await self._store.load()
         self._seq = snapshot.next_seq
         self._closed = False
@@ -351,6 +374,9 @@ class Engine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._parts is not None:
+            parts, self._parts = self._parts, None
+            await parts.stop()
 
     # Submissions and waiting.
 
@@ -431,9 +457,16 @@ class Engine:
         if keys and now - self._pruned_at >= _PRUNE_EVERY:
             self._pruned_at = now
             ops.append(PruneIdempotencyKeys(now))
+        if self._parts is None:
+            await self._store.write(ops)
+            for rec in records:
+                self._adopt(rec)
+            return ids
+        ops.extend(announce(records))
         await self._store.write(ops)
         for rec in records:
-            self._adopt(rec)
+            if self._parts.holds(rec.root_id):
+                self._adopt(rec)
         return ids
 
     async def wait(self, dispatch_id: str, max_seconds: float | None = None) -> CallRecord | None:
@@ -449,14 +482,22 @@ class Engine:
         """
         live = self._live.get(dispatch_id)
         if live is None:
+            if self._parts is not None:
+                return await self._parts.wait(dispatch_id, max_seconds)
             return await self._store.get_call(dispatch_id)
         waiter: asyncio.Future[CallRecord] = asyncio.get_running_loop().create_future()
         live.waiters.append(waiter)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
             async with asyncio.timeout(max_seconds):
                 return await waiter
         except TimeoutError:
             return live.rec
+        except Moved:  # its partition went to another replica: wait for it there
+            assert self._parts is not None
+            left = None if max_seconds is None else max_seconds - (loop.time() - began)
+            return await self._parts.wait(dispatch_id, left)
         finally:
             if waiter in live.waiters:
                 live.waiters.remove(waiter)
@@ -484,6 +525,8 @@ class Engine:
         if self._closed:
             raise EngineClosedError("the scheduler is not running")
         if dispatch_id not in self._live:
+            if self._parts is not None:
+                return await self._parts.cancel(dispatch_id)
             if await self._store.get_call(dispatch_id) is None:
                 raise LookupError(f"no call with dispatch id {dispatch_id!r}")
             return None
@@ -623,11 +666,20 @@ class Engine:
         self._live[rec.id] = live
         self._arm(live)
 
+    def _new_live(self, rec: CallRecord) -> _Live:
+        return _Live(rec)
+
+    def _fence(self, rec: CallRecord) -> list[Op]:
+        """The fence of a write driving `rec` when replicas share the store, else none."""
+        return [] if self._parts is None else self._parts.fence(rec.root_id)
+
     def _arm(self, live: _Live) -> None:
         """Start the call's next attempt now, or set a timer for it."""
         rec = live.rec
         if self._closed or live.running or live.cancelling or rec.phase is Phase.DONE:
             return
+        if self._parts is not None and self._parts.draining and not self._parts.holds(rec.root_id):
+            return  # its partition is being let go
         now = self._clock()
         when: float | None
         if rec.phase is Phase.PENDING:
@@ -704,6 +756,10 @@ class Engine:
             live.stall_until = 0.0
         except asyncio.CancelledError:
             raise
+        except FencedError:
+            if self._parts is None:
+                raise
+            self._parts.fenced(live)  # drops the call: `_arm` leaves it alone
         except Exception:
             live.stalls += 1
             live.stall_until = self._clock() + self._settings.retry.backoff(live.stalls, self._rng)
@@ -828,7 +884,7 @@ class Engine:
                 last_error=failure,
                 updated_at=now,
             )
-            await self._store.write([UpdateCall(new)])
+            await self._store.write([*self._fence(rec), UpdateCall(new)])
             live.rec = new
             return False
         await self._finish(
@@ -903,7 +959,8 @@ class Engine:
             last_error=problem or "",
             updated_at=now,
         )
-        ops: list[Op] = [InsertCall(c) for c in children]
+        ops: list[Op] = self._fence(rec)
+        ops.extend(InsertCall(c) for c in children)
         ops.extend(journal_ops)
         ops.append(UpdateCall(new))
         if delivered:
@@ -974,7 +1031,7 @@ class Engine:
     async def _replace_run(
         self, live: _Live, new: CallRecord, delivered: list[tuple[int, call_pb2.CallResult]]
     ) -> None:
-        ops: list[Op] = [UpdateCall(new)]
+        ops: list[Op] = [*self._fence(new), UpdateCall(new)]
         if live.queue or delivered:
             ops.append(RemovePollerResults(new.id))
         if live.rec.state_kind is StateKind.SEGMENTS:
@@ -1040,7 +1097,7 @@ class Engine:
             updated_at=now,
             finished_at=now,
         )
-        ops: list[Op] = [UpdateCall(new)]
+        ops: list[Op] = [*self._fence(rec), UpdateCall(new)]
         if live.queue or delivered:
             ops.append(RemovePollerResults(rec.id))
         if rec.state_kind is StateKind.SEGMENTS:
@@ -1050,6 +1107,8 @@ class Engine:
         if parent is not None and parent.rec.generation == rec.parent_generation:
             seq = self._seq
             self._seq += 1
+            if self._parts is not None:
+                seq = self._parts.seq(seq, rec.root_id)
             ops.append(AddResult(QueuedResult(seq, parent.rec.id, rec.parent_generation, data)))
         await self._store.write(ops)
         live.rec = new

@@ -22,13 +22,20 @@ import contextvars
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._coordination import Coordination
 
 __all__ = [
     "WRITE_ALONE",
     "AddResult",
+    "Announce",
     "AppendSegment",
     "CallQuery",
     "CallRecord",
+    "Fence",
+    "FencedError",
     "InsertCall",
     "Op",
     "Phase",
@@ -55,6 +62,16 @@ class StoreError(Exception):
     """The store could not read or write (disk full, locked or corrupt database ...)."""
 
     # Shown in tracebacks: the public name, not this private module's.
+    __module__ = "dispatch_aio.scheduler"
+
+
+class FencedError(StoreError):
+    """The write's partition is held by another scheduler replica: nothing was written.
+
+    The replica that got it lost its lease on the partition (see `Fence`) and must stop
+    driving the partition's calls.
+    """
+
     __module__ = "dispatch_aio.scheduler"
 
 
@@ -272,6 +289,31 @@ class PruneIdempotencyKeys:
     before: float
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Apply the write only if `replica` still holds `partition`'s lease at `epoch`.
+
+    Checked in the write's own transaction: when another replica took the partition
+    over, the write fails with `FencedError` and none of its operations is applied. A
+    store that serves a single scheduler ignores it.
+    """
+
+    partition: int
+    replica: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Once the write commits, tell the replica holding `partition` of new calls in it.
+
+    A store that serves a single scheduler ignores it.
+    """
+
+    partition: int
+    dispatch_ids: tuple[str, ...]
+
+
 Op = (
     InsertCall
     | UpdateCall
@@ -283,6 +325,8 @@ Op = (
     | RemoveSegments
     | PutIdempotencyKey
     | PruneIdempotencyKeys
+    | Fence
+    | Announce
 )
 
 
@@ -348,6 +392,14 @@ class Store(abc.ABC):
         The engine uses the journal extension only with a store that does.
         """
         return False
+
+    def coordination(self) -> Coordination | None:
+        """Return how scheduler replicas share this store, or None if one runs alone.
+
+        A store that several schedulers may use at once (PostgreSQL) returns the
+        leases, loads by partition and wake-ups they coordinate through.
+        """
+        return None
 
     async def read_segments(self, dispatch_id: str) -> list[bytes]:
         """Return a call's journal segments in order (empty if it has none).

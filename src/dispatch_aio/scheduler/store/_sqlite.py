@@ -44,9 +44,11 @@ from typing import Any, TypeVar
 from ._interface import (
     WRITE_ALONE,
     AddResult,
+    Announce,
     AppendSegment,
     CallQuery,
     CallRecord,
+    Fence,
     InsertCall,
     Op,
     PruneIdempotencyKeys,
@@ -222,6 +224,8 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_PUT_KEY, (key, dispatch_id, expires_at))]
         case PruneIdempotencyKeys(before):
             return [(_PRUNE_KEYS, (before,))]
+        case Fence() | Announce():
+            return []  # one scheduler drives the file: nothing to fence nor to wake
 
 
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
