@@ -37,6 +37,7 @@ from ..scheduler.store import (
     Snapshot,
     UpdateCall,
 )
+from ..scheduler.store._coordination import Coordination
 from ._console import Console, Style
 from ._format import describe_input, describe_result, format_duration, plural
 
@@ -188,6 +189,10 @@ class TrackingStore(Store):
     async def read_segments(self, dispatch_id: str) -> list[bytes]:
         """Read a call's journal segments from the inner store."""
         return await self._inner.read_segments(dispatch_id)
+
+    def coordination(self) -> Coordination | None:
+        """The inner store's coordination of replicas."""
+        return self._inner.coordination()
 
 
 def finished_line(rec: CallRecord, console: Console) -> str:
