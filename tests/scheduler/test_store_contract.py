@@ -160,6 +160,10 @@ async def test_meta_values(store: Store) -> None:
     await store.write([SetMeta("k", b"v1")])
     await store.write([SetMeta("k", b"v2")])
     assert await store.get_meta("k") == b"v2"
+    # keep: the first value stored stays (replicas starting together each make a key).
+    await store.write([SetMeta("k", b"v3", keep=True), SetMeta("n", b"new", keep=True)])
+    assert await store.get_meta("k") == b"v2"
+    assert await store.get_meta("n") == b"new"
 
 
 async def test_journal_segments(store: Store) -> None:

@@ -229,8 +229,11 @@ class Scheduler:
         if pem is not None:
             return load_private_key(pem.decode("ascii"))
         key = Ed25519PrivateKey.generate()
-        await self._store.write([SetMeta(_SIGNING_KEY, private_key_to_pem(key).encode("ascii"))])
-        return key
+        pem = private_key_to_pem(key).encode("ascii")
+        await self._store.write([SetMeta(_SIGNING_KEY, pem, keep=True)])
+        # Another scheduler on the same database may have stored its key first.
+        stored = await self._store.get_meta(_SIGNING_KEY)
+        return load_private_key((stored or pem).decode("ascii"))
 
     async def _stored_api_key(self) -> str:
         stored = await self._store.get_meta(_API_KEY)
@@ -238,8 +241,9 @@ class Scheduler:
             return stored.decode("ascii")
         # Hex: safe in shells and never read as an option.
         key = secrets.token_hex(20)
-        await self._store.write([SetMeta(_API_KEY, key.encode("ascii"))])
-        return key
+        await self._store.write([SetMeta(_API_KEY, key.encode("ascii"), keep=True)])
+        stored = await self._store.get_meta(_API_KEY)
+        return (stored or key.encode("ascii")).decode("ascii")
 
     @property
     def api_key(self) -> str:

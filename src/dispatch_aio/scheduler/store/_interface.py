@@ -267,6 +267,9 @@ class SetMeta:
 
     key: str
     value: bytes
+    keep: bool = False
+    """Keep the value already stored, if any (schedulers starting together on one
+    database each make a key: the first one stored wins)."""
 
 
 @dataclass(frozen=True, slots=True)

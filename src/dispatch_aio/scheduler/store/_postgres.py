@@ -232,6 +232,7 @@ _SET_META = (
     "INSERT INTO dispatch_meta (key, value) VALUES ($1, $2) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 )
+_KEEP_META = "INSERT INTO dispatch_meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING"
 _APPEND_SEGMENT = "INSERT INTO dispatch_segments (call_id, polls, data) VALUES ($1, $2, $3)"
 _REMOVE_SEGMENTS = "DELETE FROM dispatch_segments WHERE call_id = $1"
 _PUT_KEY = (
@@ -311,8 +312,8 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_REMOVE_RESULTS, (list(seqs),))] if seqs else []
         case RemovePollerResults(poller_id):
             return [(_REMOVE_POLLER_RESULTS, (poller_id,))]
-        case SetMeta(key, value):
-            return [(_SET_META, (key, value))]
+        case SetMeta(key, value, keep):
+            return [(_KEEP_META if keep else _SET_META, (key, value))]
         case AppendSegment(call_id, polls, data):
             return [(_APPEND_SEGMENT, (call_id, polls, data))]
         case RemoveSegments(call_id):
