@@ -242,3 +242,20 @@ async def test_a_frozen_replica_is_fenced_off_and_its_calls_go_on_elsewhere(
     await eventually(lambda: not {partition_of(i) for i in ids} & set(parts.owned), 3)
     assert not one._engine._live  # its fenced calls were dropped
     assert all(1 <= runs[i] <= 2 for i in ids)
+
+
+async def test_a_call_announced_back_before_its_submission_returns_runs_once(
+    pg_url: str, make_scheduler: MakeScheduler, endpoint: ScriptedEndpoint
+) -> None:
+    # A replica hears its own announcements too; one may arrive, and the call be loaded,
+    # before the submission's write returns: the call is driven once all the same.
+    endpoint.on("echo", lambda req: ok(unpack_text(req.input)))
+    s = await make_scheduler(PostgresStore(pg_url), lease_timeout=0.9)
+    submissions = [s.dispatch([call("echo", str(i), endpoint=endpoint.url)]) for i in range(100)]
+    ids = [i for found in await asyncio.gather(*submissions) for i in found]
+    async with asyncio.timeout(10):
+        for i in ids:
+            await s.wait(i)
+    await asyncio.sleep(0.2)  # a second run would show by now
+    assert [len(endpoint.for_id(i)) for i in ids] == [1] * len(ids)
+    assert s.unfinished == 0

@@ -465,7 +465,8 @@ class Engine:
         ops.extend(announce(records))
         await self._store.write(ops)
         for rec in records:
-            if self._parts.holds(rec.root_id):
+            # The announcement may have come back first, and the call be adopted already.
+            if self._parts.adoptable(rec.id) and self._parts.holds(rec.root_id):
                 self._adopt(rec)
         return ids
 
@@ -1114,6 +1115,8 @@ class Engine:
         live.rec = new
         live.queue.clear()
         del self._live[rec.id]
+        if self._parts is not None:
+            self._parts.ended(rec.id)
         if live.timer is not None:
             live.timer.cancel()
             live.timer = None

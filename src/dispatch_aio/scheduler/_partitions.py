@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dispatch_aio.scheduler")
 
+_ENDED_KEPT = 65536  # calls remembered as finished here (see `Partitions.adoptable`)
+
 
 class Moved(Exception):
     """The call's partition went to another replica while a caller waited for it here."""
@@ -67,6 +69,9 @@ class Partitions:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewed_at = 0.0  # event-loop time of the last renewal that succeeded
         self._failing = False
+        # Calls finished here lately: a load or announcement read before they finished
+        # must not bring them back (insertion-ordered, the oldest forgotten first).
+        self._ended: dict[str, None] = {}
 
     @property
     def replica(self) -> str:
@@ -133,6 +138,16 @@ class Partitions:
         )
         self.drop([partition])
         self._wake.set()
+
+    def adoptable(self, dispatch_id: str) -> bool:
+        """Whether a call read from the store may be taken in: not live, not just ended."""
+        return dispatch_id not in self._engine._live and dispatch_id not in self._ended
+
+    def ended(self, dispatch_id: str) -> None:
+        """Remember that a call finished here (see `adoptable`)."""
+        self._ended[dispatch_id] = None
+        if len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
 
     def seq(self, counter: int, root_id: str) -> int:
         """Return the seq of a result from the engine's counter: its partition modulo 64."""
@@ -278,7 +293,7 @@ class Partitions:
         engine._seq = max(engine._seq, snapshot.next_seq // PARTITIONS + 1)
         fresh: dict[str, _Live] = {}
         for rec in snapshot.calls:
-            if rec.id not in engine._live and partition_of(rec.root_id) in self.owned:
+            if self.adoptable(rec.id) and partition_of(rec.root_id) in self.owned:
                 fresh[rec.id] = engine._new_live(rec)
         stale: dict[str, list[int]] = {}
         for queued in snapshot.results:
@@ -378,7 +393,7 @@ class Partitions:
     def _announced(self, partition: int, ids: list[str]) -> None:
         if partition not in self.owned or partition in self.draining:
             return
-        missing = [i for i in ids if i not in self._engine._live]
+        missing = [i for i in ids if self.adoptable(i)]
         if missing:
             self._spawn(self._adopt(missing))
 
@@ -392,7 +407,7 @@ class Partitions:
             return
         for rec in records:
             unfinished = rec.phase is not Phase.DONE
-            if unfinished and rec.id not in engine._live and self.holds(rec.root_id):
+            if unfinished and self.adoptable(rec.id) and self.holds(rec.root_id):
                 engine._adopt(rec)
 
     def _cancel_asked(self, dispatch_id: str) -> None:
@@ -419,7 +434,7 @@ class Partitions:
             engine = self._engine
             snapshot = await self._coord.load(list(held))
             for rec in snapshot.calls:
-                if rec.id not in engine._live and self.holds(rec.root_id):
+                if self.adoptable(rec.id) and self.holds(rec.root_id):
                     engine._adopt(rec)
         except StoreError as exc:
             logger.warning("could not reload the partitions held: %s", exc)
