@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -11,7 +12,16 @@ import pytest
 
 from dispatch_aio.proto.sdk.v1 import function_pb2
 from dispatch_aio.scheduler import PostgresStore, Scheduler
-from dispatch_aio.scheduler.store import Fence, FencedError, InsertCall, Phase, UpdateCall
+from dispatch_aio.scheduler.store import (
+    CallQuery,
+    Fence,
+    FencedError,
+    InsertCall,
+    KeyTakenError,
+    Phase,
+    PutIdempotencyKey,
+    UpdateCall,
+)
 from dispatch_aio.scheduler.store._coordination import (
     PARTITIONS,
     Coordination,
@@ -259,3 +269,36 @@ async def test_a_call_announced_back_before_its_submission_returns_runs_once(
     await asyncio.sleep(0.2)  # a second run would show by now
     assert [len(endpoint.for_id(i)) for i in ids] == [1] * len(ids)
     assert s.unfinished == 0
+
+
+async def test_one_key_submitted_to_both_replicas_at_once_makes_one_call(
+    pg_url: str, make_scheduler: MakeScheduler, endpoint: ScriptedEndpoint
+) -> None:
+    endpoint.on("echo", lambda req: ok(unpack_text(req.input)))
+    one = await make_scheduler(PostgresStore(pg_url, replica="one"), lease_timeout=0.9)
+    two = await make_scheduler(PostgresStore(pg_url, replica="two"), lease_timeout=0.9)
+    for n in range(20):
+        submitted = [
+            s.dispatch([call("echo", str(n), endpoint=endpoint.url)], idempotency_keys=[f"k{n}"])
+            for s in (one, two)
+        ]
+        first, second = await asyncio.gather(*submitted)
+        assert first == second, n
+    store = one._store
+    assert len(await store.list_calls(CallQuery())) == 20
+
+
+async def test_a_live_key_of_another_call_is_not_replaced(
+    stores: list[tuple[PostgresStore, Coordination]],
+) -> None:
+    (a, _), (b, _) = stores
+    far = time.time() + 3600
+    await a.write([PutIdempotencyKey("k", "a1", far)])
+    with pytest.raises(KeyTakenError, match="idempotency key k is held by another call"):
+        await b.write([InsertCall(record("b1")), PutIdempotencyKey("k", "b1", far)])
+    assert await b.get_call("b1") is None
+    assert await b.find_idempotency_keys(["k"], time.time()) == {"k": "a1"}
+    await b.write([PutIdempotencyKey("k", "a1", far + 1)])  # its own call's key: kept
+    await a.write([PutIdempotencyKey("old", "a2", 10.0)])
+    await b.write([PutIdempotencyKey("old", "b2", far)])  # an expired key is replaced
+    assert await b.find_idempotency_keys(["old"], time.time()) == {"old": "b2"}

@@ -77,6 +77,7 @@ from .store import (
     CallRecord,
     FencedError,
     InsertCall,
+    KeyTakenError,
     Op,
     Phase,
     PruneIdempotencyKeys,
@@ -419,8 +420,16 @@ class Engine:
         for key in keyed:
             self._keys_in_flight[key] = done
         try:
-            known = await self._store.find_idempotency_keys(list(keyed), self._clock())
-            return await self._create(calls, {i: k for k, i in keyed.items()}, known)
+            for attempt in range(3):
+                known = await self._store.find_idempotency_keys(list(keyed), self._clock())
+                try:
+                    return await self._create(calls, {i: k for k, i in keyed.items()}, known)
+                except KeyTakenError:
+                    # Another replica stored one of the keys meanwhile: its call is the
+                    # answer, found at the next look.
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
         finally:
             for key in keyed:
                 del self._keys_in_flight[key]

@@ -37,6 +37,7 @@ __all__ = [
     "Fence",
     "FencedError",
     "InsertCall",
+    "KeyTakenError",
     "Op",
     "Phase",
     "PruneIdempotencyKeys",
@@ -70,6 +71,16 @@ class FencedError(StoreError):
 
     The replica that got it lost its lease on the partition (see `Fence`) and must stop
     driving the partition's calls.
+    """
+
+    __module__ = "dispatch_aio.scheduler"
+
+
+class KeyTakenError(StoreError):
+    """A `PutIdempotencyKey` met the live key of another call: nothing was written.
+
+    Another scheduler sharing the store took the key at the same time; the submission
+    is answered with that call instead.
     """
 
     __module__ = "dispatch_aio.scheduler"
@@ -277,6 +288,8 @@ class PutIdempotencyKey:
     """Remember that a submission with idempotency key `key` created call `dispatch_id`.
 
     A key already stored (an expired one: the engine never reuses a live key) is replaced.
+    A store that several schedulers share fails the write with `KeyTakenError` when the
+    key is live for another call (another scheduler stored it meanwhile).
     """
 
     key: str

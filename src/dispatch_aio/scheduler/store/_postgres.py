@@ -60,6 +60,7 @@ from ._interface import (
     Fence,
     FencedError,
     InsertCall,
+    KeyTakenError,
     Op,
     Phase,
     PruneIdempotencyKeys,
@@ -98,6 +99,7 @@ _READERS = 4  # connections of the read pool
 _CONNECT_TIMEOUT = 10.0
 _COMMAND_TIMEOUT = 60.0  # a statement taking longer: the connection is deemed lost
 _FENCED = "DA001"  # SQLSTATE raised by dispatch_fence
+_KEY_TAKEN = "DA002"  # SQLSTATE raised by dispatch_put_key
 _NOTIFY_CHUNK = 7000  # bytes of ids per notification (PostgreSQL takes up to 8000)
 _RESOLVE_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnections
 
@@ -211,6 +213,19 @@ BEGIN
             USING ERRCODE = 'DA001';
     END IF;
 END $$;
+CREATE FUNCTION dispatch_put_key(k text, d text, e double precision) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Replicas may store one key at once: the live key of another call stays.
+    INSERT INTO dispatch_idempotency_keys (key, dispatch_id, expires_at) VALUES (k, d, e)
+    ON CONFLICT (key) DO UPDATE SET dispatch_id = excluded.dispatch_id,
+        expires_at = excluded.expires_at
+    WHERE dispatch_idempotency_keys.dispatch_id = excluded.dispatch_id
+        OR dispatch_idempotency_keys.expires_at < extract(epoch FROM clock_timestamp());
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'idempotency key % is held by another call', k USING ERRCODE = 'DA002';
+    END IF;
+END $$;
 """
 _MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
@@ -235,11 +250,7 @@ _SET_META = (
 _KEEP_META = "INSERT INTO dispatch_meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING"
 _APPEND_SEGMENT = "INSERT INTO dispatch_segments (call_id, polls, data) VALUES ($1, $2, $3)"
 _REMOVE_SEGMENTS = "DELETE FROM dispatch_segments WHERE call_id = $1"
-_PUT_KEY = (
-    "INSERT INTO dispatch_idempotency_keys (key, dispatch_id, expires_at) VALUES ($1, $2, $3) "
-    "ON CONFLICT (key) DO UPDATE SET dispatch_id = excluded.dispatch_id, "
-    "expires_at = excluded.expires_at"
-)
+_PUT_KEY = "SELECT dispatch_put_key($1, $2, $3)"
 _PRUNE_KEYS = "DELETE FROM dispatch_idempotency_keys WHERE expires_at < $1"
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
 _SELECT_CALLS = f"SELECT seq, {', '.join(CALL_COLUMNS)} FROM dispatch_calls"
@@ -404,8 +415,11 @@ class _InDoubt(Exception):
 
 
 def _write_error(exc: BaseException) -> StoreError:
-    if getattr(exc, "sqlstate", None) == _FENCED:
+    state = getattr(exc, "sqlstate", None)
+    if state == _FENCED:
         return FencedError(f"the database write was fenced off: {exc}")
+    if state == _KEY_TAKEN:
+        return KeyTakenError(f"the database write was refused: {exc}")
     return StoreError(f"the database write failed: {exc}")
 
 
