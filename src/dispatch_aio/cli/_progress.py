@@ -31,13 +31,13 @@ from ..scheduler import Store
 from ..scheduler.store import (
     CallQuery,
     CallRecord,
+    Coordination,
     InsertCall,
     Op,
     Phase,
     Snapshot,
     UpdateCall,
 )
-from ..scheduler.store._coordination import Coordination
 from ._console import Console, Style
 from ._format import describe_input, describe_result, format_duration, plural
 

@@ -1,6 +1,6 @@
 """The engine's share of the work when several scheduler replicas use one store.
 
-`Partitions` keeps the leases of the replica (see `store._coordination`): it renews them
+`Partitions` keeps the leases of the replica (see `store.Coordination`): it renews them
 every third of the lease timeout, takes free or expired partitions up to its fair share,
 lets go of partitions above it (after the attempts in flight there finish), and tells
 the engine what to drive: on gaining a partition the engine loads its unfinished calls,
@@ -21,17 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 from ..proto.sdk.v1 import call_pb2
 from .store import (
+    PARTITIONS,
     Announce,
     CallQuery,
     CallRecord,
+    Coordination,
     Fence,
     FencedError,
+    Handlers,
     Op,
     Phase,
     RemoveResults,
     StoreError,
+    partition_of,
 )
-from .store._coordination import PARTITIONS, Coordination, Handlers, partition_of
 
 if TYPE_CHECKING:
     from ._engine import Engine, _Live

@@ -73,8 +73,6 @@ class FencedError(StoreError):
     driving the partition's calls.
     """
 
-    __module__ = "dispatch_aio.scheduler"
-
 
 class KeyTakenError(StoreError):
     """A `PutIdempotencyKey` met the live key of another call: nothing was written.
@@ -82,8 +80,6 @@ class KeyTakenError(StoreError):
     Another scheduler sharing the store took the key at the same time; the submission
     is answered with that call instead.
     """
-
-    __module__ = "dispatch_aio.scheduler"
 
 
 class Phase(enum.IntEnum):
