@@ -678,7 +678,7 @@ class PostgresStore(Store):
     # The writing connection.
 
     async def _connect_writer(self) -> Any:
-        """Connect, take the lock and bring the schema up to date; return the connection.
+        """Connect and bring the schema up to date; return the connection.
 
         Raises:
             StoreError: The connection failed or the database cannot be used.
