@@ -13,8 +13,9 @@ import asyncpg
 import pytest
 
 from dispatch_aio.scheduler import PostgresStore, Scheduler, StoreError
-from dispatch_aio.scheduler.store import InsertCall
+from dispatch_aio.scheduler.store import InsertCall, Phase, partition_of
 from dispatch_aio.scheduler.store._postgres import _MIGRATIONS, SCHEMA_VERSION, mask_url
+from dispatch_aio.scheduler.store._rows import CALL_COLUMNS, call_params
 
 from .scripted import ScriptedEndpoint
 from .test_store_contract import record
@@ -224,5 +225,36 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
         await store.write([InsertCall(dataclasses.replace(record("x"), divergences=3))])
         found = await store.get_call("x")
         assert found is not None and found.divergences == 3
+    finally:
+        await store.close()
+
+
+async def test_a_version_3_database_is_migrated_with_its_queued_results(pg_url: str) -> None:
+    await database_at(pg_url, 3)
+    store = PostgresStore(pg_url)
+    conn = await asyncpg.connect(pg_url)
+    try:  # a poller with two results queued, as a scheduler of version 3 left them
+        columns = ", ".join(CALL_COLUMNS)
+        marks = ", ".join(f"${i}" for i in range(1, len(CALL_COLUMNS) + 1))
+        params = call_params(record("poller", phase=Phase.SUSPENDED), lambda text: text)
+        await conn.execute(f"INSERT INTO dispatch_calls ({columns}) VALUES ({marks})", *params)
+        await conn.executemany(
+            "INSERT INTO dispatch_results (seq, poller_id, generation, result) "
+            "VALUES ($1, 'poller', 0, $2)",
+            [(7, b"first"), (9, b"second")],
+        )
+    finally:
+        await conn.close()
+    await store.open()
+    try:
+        partition = partition_of("poller")
+        snapshot = await store.coordination().load([partition])
+        assert [c.id for c in snapshot.calls] == ["poller"]
+        # Renumbered so that seq modulo 64 is the partition, in the same order.
+        assert [(r.seq, r.result) for r in snapshot.results] == [
+            (7 * 64 + partition, b"first"),
+            (9 * 64 + partition, b"second"),
+        ]
+        assert snapshot.next_seq == 9 * 64 + partition + 1
     finally:
         await store.close()

@@ -11,9 +11,13 @@ import pytest
 from dispatch_aio.scheduler import PostgresStore, SQLiteStore, Store, StoreError
 from dispatch_aio.scheduler.store import (
     AddResult,
+    Announce,
     AppendSegment,
     CallQuery,
     CallRecord,
+    Fence,
+    FencedError,
+    Handlers,
     InsertCall,
     Phase,
     PruneIdempotencyKeys,
@@ -107,6 +111,37 @@ async def test_load_returns_unfinished_calls_and_their_queues(store: Store) -> N
     snapshot = await store.load()
     assert snapshot.results == []
     assert snapshot.next_seq == 1
+
+
+async def test_fences_and_announcements(store: Store) -> None:
+    coordination = store.coordination()
+    ops = [Fence(0, "r", 1), Announce(0, ("a",)), InsertCall(record("a"))]
+    if coordination is None:  # one scheduler per store: nothing to fence, nobody to wake
+        await store.write(ops)
+        assert await store.get_call("a") is not None
+        return
+    with pytest.raises(FencedError):  # no lease held
+        await store.write(ops)
+    assert await store.get_call("a") is None
+    heard: list[tuple[int, list[str]]] = []
+    woken = asyncio.Event()
+
+    def calls(partition: int, ids: list[str]) -> None:
+        heard.append((partition, ids))
+        woken.set()
+
+    ignore = lambda *args: None  # noqa: E731
+    await coordination.start(Handlers(calls, ignore, ignore, ignore, ignore), 30.0)
+    try:
+        leases = await coordination.renew()
+        epoch = leases.held[0]
+        await store.write([Fence(0, coordination.replica, epoch), *ops[1:]])
+        assert await store.get_call("a") is not None
+        async with asyncio.timeout(5):
+            await woken.wait()
+        assert heard == [(0, ["a"])]
+    finally:
+        await coordination.stop()
 
 
 async def test_list_calls_filters_and_pages(store: Store) -> None:
