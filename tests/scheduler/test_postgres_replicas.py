@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -302,3 +303,31 @@ async def test_a_live_key_of_another_call_is_not_replaced(
     await a.write([PutIdempotencyKey("old", "a2", 10.0)])
     await b.write([PutIdempotencyKey("old", "b2", far)])  # an expired key is replaced
     assert await b.find_idempotency_keys(["old"], time.time()) == {"old": "b2"}
+
+
+async def test_a_replica_cut_off_from_the_database_stops_before_its_leases_expire(
+    pg_url: str, make_scheduler: MakeScheduler, endpoint: ScriptedEndpoint
+) -> None:
+    endpoint.on("echo", lambda req: ok(unpack_text(req.input) + "!"))
+    s = await make_scheduler(PostgresStore(pg_url), lease_timeout=2.0)
+    parts = s._engine._parts  # type: ignore[union-attr]
+    assert parts is not None and len(parts.owned) == PARTITIONS
+    name = urlsplit(pg_url).path.lstrip("/")
+    admin = await asyncpg.connect(urlunsplit(urlsplit(pg_url)._replace(path="/postgres")))
+    try:
+        # Its lease connection is cut, and no new connection is let in.
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        control = parts._coord._conn  # type: ignore[attr-defined]
+        await admin.execute("SELECT pg_terminate_backend($1, 5000)", control.get_server_pid())
+        cut = asyncio.get_running_loop().time()
+        await eventually(lambda: not parts.owned, 3)
+        # It let go before another replica could take them (2 s after the last renewal).
+        assert asyncio.get_running_loop().time() - cut < 2.0
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await eventually(lambda: len(parts.owned) == PARTITIONS, 5)  # and took them back
+        (dispatch_id,) = await s.dispatch([call("echo", "back", endpoint=endpoint.url)])
+        async with asyncio.timeout(5):
+            assert unpack_text((await s.wait(dispatch_id)).output) == "back!"
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
