@@ -45,6 +45,13 @@ attempt sends one RunRequest; its outcome moves the call:
   answer, whatever it is, is dropped.
 - past its expiration the call is DONE with STATUS_TIMEOUT. Calls without an
   expiration get `DEFAULT_EXPIRATION`; a child never outlives its parent's expiration.
+
+With a store that several scheduler replicas share (`Store.coordination`), the engine
+drives only the call trees of the partitions its replica holds a lease on (`_partitions`
+keeps them): every write that drives a call carries the lease's fence, new calls are
+announced to the replica holding their partition, and waits and cancellations of calls
+driven elsewhere go through the store's wake-ups. Alone on its store, it drives every
+call, as above.
 """
 
 from __future__ import annotations
