@@ -55,7 +55,7 @@ APP = textwrap.dedent(
     async def step(i: int, k: int) -> int:
         run = uuid.uuid4().hex[:12]
         log.write(f"begin {i}.{k} {run} {time.monotonic():.6f} {os.getpid()}\\n")
-        await asyncio.sleep(0.01)  # waited out in the run: a step takes a while
+        await asyncio.sleep(0.05)  # waited out in the run: a step takes a while
         log.write(f"end {i}.{k} {run} {time.monotonic():.6f} {os.getpid()}\\n")
         return i * 10 + k
 
@@ -83,6 +83,7 @@ class Cluster:
         self.url = pg_url
         self.log = tmp_path / "steps.log"
         self.log.touch()
+        self.cut_short = 0
         self.app_ports = [free_port(), free_port()]
         urls = ",".join(f"http://127.0.0.1:{port}" for port in self.app_ports)
         self.servers: list[Server] = []
@@ -143,6 +144,19 @@ class Cluster:
         )
         return accepted
 
+    async def running_step(self, pid: int) -> None:
+        """Wait until process `pid` runs a step (begun, not ended)."""
+        async with asyncio.timeout(10):
+            for _ in itertools.count():
+                open_runs: set[str] = set()
+                for line in self.log.read_text().splitlines():
+                    what, _key, run, _at, by = line.split()
+                    if by == str(pid):
+                        (open_runs.add if what == "begin" else open_runs.discard)(run)
+                if open_runs:
+                    return
+                await asyncio.sleep(0.005)
+
     async def unfinished(self, owner_pid: int | None = None) -> int:
         conn = await self.db()
         try:
@@ -193,6 +207,7 @@ class Cluster:
             runs[key].setdefault(run, []).append(float(at))
         assert set(runs) == {f"{i}.{k}" for i in range(JOBS) for k in range(STEPS)}
         again = 0
+        self.cut_short = sum(len(times) == 1 for found in runs.values() for times in found.values())
         for key, found in runs.items():
             # A run cut short by a kill ends, at the latest, at the kill.
             spans = sorted(
@@ -201,7 +216,7 @@ class Cluster:
             again += len(spans) - 1
             for (_, end), (begin, _) in itertools.pairwise(spans):
                 assert begin >= end, f"step {key} ran twice at once: {spans}"
-        print(f"{again} steps ran again after the kill")
+        print(f"{again} steps ran again after the kill, {self.cut_short} runs cut short")
 
 
 async def test_a_scheduler_replica_killed_mid_run_loses_no_job(
@@ -218,6 +233,7 @@ async def test_a_scheduler_replica_killed_mid_run_loses_no_job(
     victim.proc.kill()  # SIGKILL: its leases expire, the other replica takes them
     killed_at = time.monotonic()
     await cluster.check(accepted, survivor, killed_at)
+    assert cluster.cut_short == 0  # the apps ran on: every run of a step ended
     print(f"scheduler replica kill: {time.perf_counter() - started:.1f} s")
     survivor.proc.send(signal.SIGINT)
     assert survivor.proc.wait(10) == 0
@@ -233,7 +249,9 @@ async def test_an_app_replica_killed_mid_run_loses_no_job(
     await asyncio.sleep(random.uniform(0.1, 0.8))
     assert await cluster.unfinished() > 0
     victim = random.choice(cluster.apps)
+    await cluster.running_step(victim.popen.pid)  # killed in the middle of a step
     victim.kill()
     killed_at = time.monotonic()
     await cluster.check(accepted, cluster.servers[0], killed_at)
+    assert cluster.cut_short > 0
     print(f"app replica kill: {time.perf_counter() - started:.1f} s")
