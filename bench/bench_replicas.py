@@ -188,15 +188,17 @@ def run_once(system: str, workload: Workload, data_root: str | None, admin: str,
         running.stop()
 
 
-def table(figures: dict[tuple[str, str], list[float]], chosen: list[Workload]) -> list[str]:
+def table(
+    figures: dict[tuple[str, str], list[float]], chosen: list[Workload], others: list[str]
+) -> list[str]:
     lines = [
-        f"{'workload':<28} {'unit':<11} {'sqlite':>9}  {'pg1':>9} {'ratio':>6}  "
-        f"{'pg2':>9} {'ratio':>6}"
+        f"{'workload':<28} {'unit':<11} {'sqlite':>9}"
+        + "".join(f"  {name:>9} {'ratio':>6}" for name in others)
     ]
     for w in chosen:
         base = statistics.median(figures[w.key, "sqlite"])
         row = f"{w.label:<28} {w.unit:<11} {w.number(base):>9}"
-        for system in ("pg1", "pg2"):
+        for system in others:
             fig = statistics.median(figures[w.key, system])
             row += f"  {w.number(fig):>9} {w.speedup(fig, base):>5.2f}x"
         lines.append(row)
@@ -208,15 +210,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload and system")
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help="comma-separated keys")
     parser.add_argument("--data-root", help="folder of the databases (default: the temp dir)")
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help="comma-separated, sqlite first (the baseline)"
+    )
     args = parser.parse_args()
     known = workloads(10_000)
     chosen = [known[k] for k in args.workloads.split(",")]
+    systems = args.systems.split(",")
+    if systems[0] != "sqlite" or not set(systems) <= set(SYSTEMS):
+        parser.error(f"--systems: sqlite first, then any of {', '.join(SYSTEMS[1:])}")
     figures: dict[tuple[str, str], list[float]] = {}
     with postgres(args.data_root) as admin:
         run = 0
         for rnd in range(args.repeat):
             for w in chosen:
-                order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]  # rotates: load hits all alike
+                k = rnd % len(systems)
+                order = systems[k:] + systems[:k]  # rotates: the load hits all alike
                 for system in order:
                     run += 1
                     seconds = run_once(system, w, args.data_root, admin, run)
@@ -234,7 +243,7 @@ def main() -> None:
         "database, calls submitted to the first. Ratios: speed against sqlite (above 1: faster).",
         "",
     ]
-    print("\n".join([*head, *table(figures, chosen)]))
+    print("\n".join([*head, *table(figures, chosen, systems[1:])]))
 
 
 if __name__ == "__main__":
