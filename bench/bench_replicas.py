@@ -8,6 +8,8 @@ each run on fresh processes and a fresh database:
   application (bench_e2e.py's, served with ``dispatch.run()``): bench_e2e's
   ``persistent``.
 - pg1: one ``dispatch-aio server --database postgresql://...`` and the application.
+- pg1-base: pg1 with dispatch_aio from the sources in ``$BENCH_REPLICAS_BASE_SRC``
+  (another version, such as main's, to measure what a change costs; not run by default).
 - pg2: two such servers on the same database (each holds half of the partitions)
   and the application; calls are submitted to the first server, and results asked of
   it, so that the trees the second one drives are announced to it and their results
@@ -45,7 +47,8 @@ from bench_e2e import Proc, Workload, build_app, fsync_ms, loadavg, workloads
 
 from dispatch_aio.cli._inspect import InspectClient
 
-SYSTEMS = ("sqlite", "pg1", "pg2")
+SYSTEMS = ("sqlite", "pg1", "pg2", "pg1-base")
+BASE_ENV = "BENCH_REPLICAS_BASE_SRC"  # pg1-base: pg1 with dispatch_aio from this folder
 DEFAULT_WORKLOADS = "w1,w2,w3one,w3batch"
 E2E = str(Path(bench_e2e.__file__).resolve())
 
@@ -124,6 +127,8 @@ def start(system: str, data_root: str | None, admin_url: str, run: int) -> Syste
     folder = tempfile.mkdtemp(prefix="bench-replicas-", dir=data_root)
     port = bench_e2e.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+    if system == "pg1-base":  # another version of dispatch_aio, to compare with
+        env["PYTHONPATH"] = os.environ[BASE_ENV]
     base = [sys.executable, "-m", "dispatch_aio", "server", "--port", "0"]
     base += ["--endpoint", f"127.0.0.1:{port}"]
     database = None
@@ -131,7 +136,7 @@ def start(system: str, data_root: str | None, admin_url: str, run: int) -> Syste
         database = asyncio.run(new_database(admin_url, f"bench_{system}_{run}"))
     servers: list[Proc] = []
     try:
-        for n in range(1 if system in ("sqlite", "pg1") else 2):
+        for n in range(2 if system == "pg2" else 1):
             args = [*base, "--data-dir", str(Path(folder) / f"data{n}")]
             if database is not None:
                 args += ["--database", database]
@@ -211,7 +216,9 @@ def main() -> None:
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help="comma-separated keys")
     parser.add_argument("--data-root", help="folder of the databases (default: the temp dir)")
     parser.add_argument(
-        "--systems", default=",".join(SYSTEMS), help="comma-separated, sqlite first (the baseline)"
+        "--systems",
+        default="sqlite,pg1,pg2",
+        help=f"comma-separated, sqlite first (the baseline), of {', '.join(SYSTEMS)}",
     )
     args = parser.parse_args()
     known = workloads(10_000)
