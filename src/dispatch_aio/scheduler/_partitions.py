@@ -106,10 +106,12 @@ class Partitions:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._keeper = None
         self.owned.clear()
+        from ._engine import EngineClosedError  # the engine module imports this one
+
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():
-                    future.set_result(None)
+                    future.set_exception(EngineClosedError("the scheduler is shutting down"))
         await self._coord.stop()
 
     # Hooks of the engine.
