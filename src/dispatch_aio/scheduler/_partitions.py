@@ -112,6 +112,7 @@ class Partitions:
             for future in futures:
                 if not future.done():
                     future.set_exception(EngineClosedError("the scheduler is shutting down"))
+                    future.exception()  # not logged if its waiter returned meanwhile
         await self._coord.stop()
 
     # Hooks of the engine.
