@@ -1,7 +1,7 @@
 """PostgreSQL implementation of the scheduler's `Store`, on asyncpg.
 
 Several schedulers (replicas) may drive one database at once: call trees are spread
-over partitions, each held by one replica through a lease row (see `_coordination` and
+over partitions, each held by one replica through a lease row (see `Coordination` and
 `PostgresCoordination`), and every write that drives a call checks, in its own
 transaction, that its replica still holds the call's partition (`Fence`): a replica
 that lost a lease cannot commit anything for that partition. Each store writes through
@@ -16,8 +16,8 @@ use a small pool of other connections and see every committed write.
 
 A connection lost while its COMMIT was on the way leaves the outcome unknown. Each
 transaction therefore records a random token in the database, in a row of its own
-replica (``dispatch_commit_marks``); the store connects
-again, reads the token back, and only then answers the writers of that transaction:
+replica (``dispatch_commit_marks``); the store connects again, reads the token back,
+and only then answers the writers of that transaction:
 success if the token is there, `StoreError` if not. Answering either way without
 knowing would let the scheduler run a call again whose outcome was committed, or act
 on one that was not.
