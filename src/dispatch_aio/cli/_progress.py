@@ -222,6 +222,10 @@ class _TrackingCoordination(Coordination):
         """Renew through the inner coordination."""
         return await self._inner.renew()
 
+    async def claim(self, partitions: Sequence[int]) -> dict[int, int]:
+        """Claim through the inner coordination."""
+        return await self._inner.claim(partitions)
+
     async def release(self, partitions: Sequence[int]) -> None:
         """Release through the inner coordination."""
         await self._inner.release(partitions)

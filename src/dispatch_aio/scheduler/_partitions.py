@@ -289,6 +289,9 @@ class Partitions:
     async def _gain(self, gained: dict[int, int]) -> None:
         """Take partitions: load their unfinished calls and carry on with them."""
         engine = self._engine
+        # A new epoch first: a write of ours still in flight from an earlier hold of the
+        # partition (dropped when renewals failed) ends before the load, or is fenced.
+        gained = await self._coord.claim(list(gained))
         self.owned.update(gained)
         try:
             snapshot = await self._coord.load(list(gained))

@@ -95,6 +95,17 @@ class Coordination(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def claim(self, partitions: Sequence[int]) -> dict[int, int]:
+        """Start driving partitions held: give each a new epoch; return those still held.
+
+        The new epoch is given once the writes fenced with the old one have ended, so
+        that a load made afterwards sees all of them, and none of them commits later.
+
+        Raises:
+            StoreError: The store cannot be reached.
+        """
+
+    @abc.abstractmethod
     async def release(self, partitions: Sequence[int]) -> None:
         """Let leases go, for other replicas to take at once."""
 

@@ -58,6 +58,12 @@ _TAKE = (
     "ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED) free "
     "WHERE l.partition = free.partition RETURNING l.partition, l.epoch"
 )
+_CLAIM = (
+    "UPDATE dispatch_leases l SET epoch = l.epoch + 1 "
+    "FROM (SELECT partition FROM dispatch_leases WHERE owner = $1 "
+    "AND partition = ANY($2::integer[]) FOR UPDATE) mine "
+    "WHERE l.partition = mine.partition RETURNING l.partition, l.epoch"
+)
 _RELEASE = (
     "UPDATE dispatch_leases SET owner = '', expires_at = '-infinity' "
     "WHERE owner = $1 AND partition = ANY($2::integer[])"
@@ -136,6 +142,17 @@ class PostgresCoordination(Coordination):
                 return Leases({row[0]: row[1] for row in rows}, share, live)
 
             return await self._run(renew())
+
+    async def claim(self, partitions: Sequence[int]) -> dict[int, int]:
+        """Give held partitions a new epoch, after the writes fenced with the old one."""
+        async with self._lock:
+            conn = await self._control()
+
+            async def claim() -> dict[int, int]:
+                rows = await conn.fetch(_CLAIM, self.replica, list(partitions))
+                return {row[0]: row[1] for row in rows}
+
+            return await self._run(claim())
 
     async def release(self, partitions: Sequence[int]) -> None:
         """Let leases go and tell the other replicas."""
