@@ -479,9 +479,14 @@ class Engine:
                 self._adopt(rec)
             return ids
         ops.extend(announce(records))
-        await self._store.write(ops)
+        submitting = self._parts.submitting
+        submitting.update(rec.id for rec in records)  # their announcements: nothing to load
+        try:
+            await self._store.write(ops)
+        finally:
+            submitting.difference_update(rec.id for rec in records)
         for rec in records:
-            # The announcement may have come back first, and the call be adopted already.
+            # Adopted already if it was loaded with its partition meanwhile.
             if self._parts.adoptable(rec.id) and self._parts.holds(rec.root_id):
                 self._adopt(rec)
         return ids

@@ -75,6 +75,8 @@ class Partitions:
         # Calls finished here lately: a load or announcement read before they finished
         # must not bring them back (insertion-ordered, the oldest forgotten first).
         self._ended: dict[str, None] = {}
+        self.submitting: set[str] = set()
+        """Calls being submitted here: taken in once their write returns."""
 
     @property
     def replica(self) -> str:
@@ -402,7 +404,7 @@ class Partitions:
     def _announced(self, partition: int, ids: list[str]) -> None:
         if partition not in self.owned or partition in self.draining:
             return
-        missing = [i for i in ids if self.adoptable(i)]
+        missing = [i for i in ids if i not in self.submitting and self.adoptable(i)]
         if missing:
             self._spawn(self._adopt(missing))
 
