@@ -144,6 +144,23 @@ class Cluster:
         )
         return accepted
 
+    async def held_by(self, pid: int, count: int) -> None:
+        """Wait until the scheduler of process `pid` holds `count` partitions."""
+        conn = await self.db()
+        try:
+            async with asyncio.timeout(4 * LEASE):
+                for _ in itertools.count():
+                    held = await conn.fetchval(
+                        "SELECT count(*) FROM dispatch_leases "
+                        "WHERE owner LIKE $1 AND expires_at > now()",
+                        f"%-{pid}-%",
+                    )
+                    if held == count:
+                        return
+                    await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+
     async def running_step(self, pid: int) -> None:
         """Wait until process `pid` runs a step (begun, not ended)."""
         async with asyncio.timeout(10):
@@ -232,9 +249,15 @@ async def test_a_scheduler_replica_killed_mid_run_loses_no_job(
     assert await cluster.unfinished(victim.proc.popen.pid) > 0  # it drove calls
     victim.proc.kill()  # SIGKILL: its leases expire, the other replica takes them
     killed_at = time.monotonic()
+    await cluster.held_by(survivor.proc.popen.pid, 64)
+    took = time.monotonic() - killed_at
+    # Within the lease timeout (from its last renewal, up to a third of it before the
+    # kill), and a moment for a loaded machine.
+    assert took < LEASE + 1.5, took
     await cluster.check(accepted, survivor, killed_at)
     assert cluster.cut_short == 0  # the apps ran on: every run of a step ended
-    print(f"scheduler replica kill: {time.perf_counter() - started:.1f} s")
+    print(f"scheduler replica kill: partitions taken over in {took:.2f} s, ", end="")
+    print(f"{time.perf_counter() - started:.1f} s in all")
     survivor.proc.send(signal.SIGINT)
     assert survivor.proc.wait(10) == 0
 

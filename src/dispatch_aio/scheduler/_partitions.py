@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dispatch_aio.scheduler")
 
 _ENDED_KEPT = 65536  # calls remembered as finished here (see `Partitions.adoptable`)
+_TAKE_SLACK = 0.05  # seconds after another replica's lease expires to renew ours
 
 
 class Moved(Exception):
@@ -71,6 +72,7 @@ class Partitions:
         self._keeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewed_at = 0.0  # event-loop time of the last renewal that succeeded
+        self._next_expiry: float | None = None  # event-loop time another's lease expires
         self._failing = False
         # Calls finished here lately: a load or announcement read before they finished
         # must not bring them back (insertion-ordered, the oldest forgotten first).
@@ -231,6 +233,8 @@ class Partitions:
             wait = self._interval
             if self.owned:  # wake up in time to stop before the leases may expire
                 wait = max(min(wait, self._renewed_at + self._valid() - loop.time()), 0.0)
+            if self._next_expiry is not None:  # and to take a dead replica's at once
+                wait = max(min(wait, self._next_expiry + _TAKE_SLACK - loop.time()), 0.0)
             try:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
@@ -270,6 +274,8 @@ class Partitions:
             self._failing = False
             logger.warning("leases renewed again")
         self._renewed_at = started
+        expiry = leases.next_expiry
+        self._next_expiry = None if expiry is None else started + expiry
         held = leases.held
         lost = [p for p, epoch in self.owned.items() if held.get(p) != epoch]
         if lost:

@@ -48,6 +48,9 @@ class Leases:
     """Partitions a replica may hold while the live replicas share them evenly."""
     replicas: int
     """Live replicas, this one included."""
+    next_expiry: float | None = None
+    """Seconds until the first lease held by another replica expires (None: none is
+    held): if that replica stopped renewing, its partitions may be taken then."""
 
 
 @dataclass(frozen=True, slots=True)

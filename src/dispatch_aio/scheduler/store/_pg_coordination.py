@@ -51,6 +51,10 @@ _RENEW = (
     "WHERE owner = $1 RETURNING partition, epoch"
 )
 _LIVE = "SELECT count(*) FROM dispatch_replicas WHERE expires_at > now()"
+_NEXT_EXPIRY = (
+    "SELECT extract(epoch FROM min(expires_at) - now()) FROM dispatch_leases "
+    "WHERE owner <> $1 AND owner <> '' AND expires_at > now()"
+)
 _TAKE = (
     "UPDATE dispatch_leases l SET owner = $1, epoch = l.epoch + 1, "
     "expires_at = now() + make_interval(secs => $2) "
@@ -139,7 +143,13 @@ class PostgresCoordination(Coordination):
                     share = -(-PARTITIONS // live)
                     if len(rows) < share:
                         rows += await conn.fetch(_TAKE, me, lease, share - len(rows))
-                return Leases({row[0]: row[1] for row in rows}, share, live)
+                    expiry = await conn.fetchval(_NEXT_EXPIRY, me)
+                return Leases(
+                    {row[0]: row[1] for row in rows},
+                    share,
+                    live,
+                    None if expiry is None else float(expiry),
+                )
 
             return await self._run(renew())
 
