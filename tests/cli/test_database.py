@@ -48,10 +48,13 @@ async def test_server_on_postgresql_from_the_environment(
     # The connection file is still published, for `calls` and `show`.
     assert (tmp_path / "scheduler.json").exists()
     assert not (tmp_path / "scheduler.db").exists()
-    # A second scheduler on the same database is refused, whatever its folder.
+    # A second scheduler on the same database runs as a replica of the first: same
+    # API key and signing key, kept in the database.
     second = procs([*CLI, "server", "--port", "0", "--data-dir", str(tmp_path / "other")], env=env)
-    assert second.wait(20) == 1
-    assert "another scheduler is running on the database postgresql://" in second.stderr
+    second.wait_for(re.escape(READY_LINE))
+    for name in ("DISPATCH_API_KEY", "DISPATCH_VERIFICATION_KEY"):
+        (line,) = [line for line in first.out if line.startswith(f"export {name}=")]
+        assert line in second.out
     # --in-memory wins over the variable.
     memory = procs([*CLI, "server", "--port", "0", "--in-memory"], env=env)
     memory.wait_for(re.escape(READY_LINE))

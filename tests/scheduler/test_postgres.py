@@ -1,4 +1,4 @@
-"""The PostgreSQL store: schema versions, one scheduler per database, lost connections."""
+"""The PostgreSQL store: schema versions, lost connections, replicas sharing a database."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import asyncpg
 import pytest
 
 from dispatch_aio.scheduler import PostgresStore, Scheduler, StoreError
-from dispatch_aio.scheduler.store import InsertCall
-from dispatch_aio.scheduler.store._postgres import SCHEMA_VERSION, mask_url
+from dispatch_aio.scheduler.store import InsertCall, Phase, partition_of
+from dispatch_aio.scheduler.store._postgres import _MIGRATIONS, SCHEMA_VERSION, mask_url
+from dispatch_aio.scheduler.store._rows import CALL_COLUMNS, call_params
 
 from .scripted import ScriptedEndpoint
 from .test_store_contract import record
@@ -125,7 +126,7 @@ def test_the_scheduler_imports_without_asyncpg() -> None:
     )
 
 
-async def test_the_store_connects_again_and_takes_the_lock_again(
+async def test_the_store_connects_again_after_its_session_ended(
     pg_url: str, admin: asyncpg.Connection
 ) -> None:
     store = PostgresStore(pg_url)
@@ -141,13 +142,15 @@ async def test_the_store_connects_again_and_takes_the_lock_again(
             assert await store.get_call("b") is None
         await store.write([InsertCall(record("c"))])
         assert await store.get_call("c") is not None
-        with pytest.raises(StoreError, match="another scheduler is running on the database"):
-            await PostgresStore(pg_url).open()
+        other = PostgresStore(pg_url)  # another replica opens the same database
+        await other.open()
+        try:
+            await other.write([InsertCall(record("d"))])
+            assert await store.get_call("d") is not None
+        finally:
+            await other.close()
     finally:
         await store.close()
-    other = PostgresStore(pg_url)  # closing released the lock
-    await other.open()
-    await other.close()
 
 
 async def test_calls_move_again_once_the_database_is_back(
@@ -202,22 +205,56 @@ DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
 """
 
 
-async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
-    store = PostgresStore(pg_url)
-    await store.open()
-    await store.close()
-    conn = await asyncpg.connect(pg_url)
-    try:  # back to version 1, as an older release left it
-        await conn.execute("ALTER TABLE dispatch_calls DROP COLUMN divergences")
-        await conn.execute("DROP TABLE dispatch_idempotency_keys")
-        await conn.execute("UPDATE dispatch_schema SET version = 1")
+async def database_at(url: str, version: int) -> None:
+    """Give an empty database the schema of `version`, as an older release left it."""
+    conn = await asyncpg.connect(url)
+    try:
+        for step in _MIGRATIONS[:version]:
+            await conn.execute(step)
+        await conn.execute("CREATE TABLE dispatch_schema (version integer)")
+        await conn.execute("INSERT INTO dispatch_schema (version) VALUES ($1)", version)
     finally:
         await conn.close()
+
+
+async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
+    await database_at(pg_url, 1)
     store = PostgresStore(pg_url)
     await store.open()
     try:
         await store.write([InsertCall(dataclasses.replace(record("x"), divergences=3))])
         found = await store.get_call("x")
         assert found is not None and found.divergences == 3
+    finally:
+        await store.close()
+
+
+async def test_a_version_3_database_is_migrated_with_its_queued_results(pg_url: str) -> None:
+    await database_at(pg_url, 3)
+    store = PostgresStore(pg_url)
+    conn = await asyncpg.connect(pg_url)
+    try:  # a poller with two results queued, as a scheduler of version 3 left them
+        columns = ", ".join(CALL_COLUMNS)
+        marks = ", ".join(f"${i}" for i in range(1, len(CALL_COLUMNS) + 1))
+        params = call_params(record("poller", phase=Phase.SUSPENDED), lambda text: text)
+        await conn.execute(f"INSERT INTO dispatch_calls ({columns}) VALUES ({marks})", *params)
+        await conn.executemany(
+            "INSERT INTO dispatch_results (seq, poller_id, generation, result) "
+            "VALUES ($1, 'poller', 0, $2)",
+            [(7, b"first"), (9, b"second")],
+        )
+    finally:
+        await conn.close()
+    await store.open()
+    try:
+        partition = partition_of("poller")
+        snapshot = await store.coordination().load([partition])
+        assert [c.id for c in snapshot.calls] == ["poller"]
+        # Renumbered so that seq modulo 64 is the partition, in the same order.
+        assert [(r.seq, r.result) for r in snapshot.results] == [
+            (7 * 64 + partition, b"first"),
+            (9 * 64 + partition, b"second"),
+        ]
+        assert snapshot.next_seq == 9 * 64 + partition + 1
     finally:
         await store.close()

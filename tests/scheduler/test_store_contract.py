@@ -11,9 +11,13 @@ import pytest
 from dispatch_aio.scheduler import PostgresStore, SQLiteStore, Store, StoreError
 from dispatch_aio.scheduler.store import (
     AddResult,
+    Announce,
     AppendSegment,
     CallQuery,
     CallRecord,
+    Fence,
+    FencedError,
+    Handlers,
     InsertCall,
     Phase,
     PruneIdempotencyKeys,
@@ -109,6 +113,37 @@ async def test_load_returns_unfinished_calls_and_their_queues(store: Store) -> N
     assert snapshot.next_seq == 1
 
 
+async def test_fences_and_announcements(store: Store) -> None:
+    coordination = store.coordination()
+    ops = [Fence(0, "r", 1), Announce(0, ("a",)), InsertCall(record("a"))]
+    if coordination is None:  # one scheduler per store: nothing to fence, nobody to wake
+        await store.write(ops)
+        assert await store.get_call("a") is not None
+        return
+    with pytest.raises(FencedError):  # no lease held
+        await store.write(ops)
+    assert await store.get_call("a") is None
+    heard: list[tuple[int, list[str]]] = []
+    woken = asyncio.Event()
+
+    def calls(partition: int, ids: list[str]) -> None:
+        heard.append((partition, ids))
+        woken.set()
+
+    ignore = lambda *args: None  # noqa: E731
+    await coordination.start(Handlers(calls, ignore, ignore, ignore, ignore), 30.0)
+    try:
+        leases = await coordination.renew()
+        epoch = leases.held[0]
+        await store.write([Fence(0, coordination.replica, epoch), *ops[1:]])
+        assert await store.get_call("a") is not None
+        async with asyncio.timeout(5):
+            await woken.wait()
+        assert heard == [(0, ["a"])]
+    finally:
+        await coordination.stop()
+
+
 async def test_list_calls_filters_and_pages(store: Store) -> None:
     await store.write(
         [
@@ -160,6 +195,10 @@ async def test_meta_values(store: Store) -> None:
     await store.write([SetMeta("k", b"v1")])
     await store.write([SetMeta("k", b"v2")])
     assert await store.get_meta("k") == b"v2"
+    # keep: the first value stored stays (replicas starting together each make a key).
+    await store.write([SetMeta("k", b"v3", keep=True), SetMeta("n", b"new", keep=True)])
+    assert await store.get_meta("k") == b"v2"
+    assert await store.get_meta("n") == b"new"
 
 
 async def test_journal_segments(store: Store) -> None:
@@ -191,12 +230,20 @@ async def test_data_survives_reopening(new_store: Callable[[], Store]) -> None:
         await second.close()
 
 
-async def test_a_second_scheduler_cannot_open_the_same_database(
+async def test_a_second_scheduler_shares_the_database_only_if_the_store_coordinates(
     store: Store, new_store: Callable[[], Store]
 ) -> None:
     other = new_store()
-    with pytest.raises(StoreError, match=r"in use by another process|another scheduler is running"):
+    if store.coordination() is None:  # SQLite: one scheduler per file
+        with pytest.raises(StoreError, match=r"in use by another process"):
+            await other.open()
+    else:  # PostgreSQL: replicas share it, each driving the partitions it holds
         await other.open()
+        try:
+            await other.write([InsertCall(record("b"))])
+        finally:
+            await other.close()
+        assert await store.get_call("b") is not None
     # The first one is unaffected.
     await store.write([InsertCall(record("a"))])
 

@@ -150,6 +150,15 @@ def _parser() -> argparse.ArgumentParser:
         "same key within that time returns the first one's dispatch id (default: 86400)",
     )
     sched.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=_DEFAULTS.lease_timeout,
+        metavar="SECONDS",
+        help="with --database, where several schedulers may run: seconds after which the "
+        "calls of a scheduler that stopped renewing its leases (every third of this) go "
+        "to the others (default: 9)",
+    )
+    sched.add_argument(
         "--max-attempts",
         type=int,
         default=_DEFAULTS.max_attempts,
@@ -371,6 +380,11 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
             "positive (seconds)",
             code=2,
         )
+    if not args.lease_timeout >= 0.3:
+        raise CliError(
+            f"invalid --lease-timeout {args.lease_timeout:g}: give at least 0.3 (seconds)",
+            code=2,
+        )
     if args.max_attempts < 0:
         raise CliError(f"invalid --max-attempts {args.max_attempts}: use 0 or more", code=2)
     if args.database is not None and args.in_memory:
@@ -394,6 +408,7 @@ def _settings(args: argparse.Namespace) -> SchedulerSettings:
         database=(database or "").strip(),
         run_timeout=args.run_timeout,
         idempotency_retention=args.idempotency_retention,
+        lease_timeout=args.lease_timeout,
         max_attempts=args.max_attempts,
     )
 

@@ -31,7 +31,10 @@ from ..scheduler import Store
 from ..scheduler.store import (
     CallQuery,
     CallRecord,
+    Coordination,
+    Handlers,
     InsertCall,
+    Leases,
     Op,
     Phase,
     Snapshot,
@@ -188,6 +191,62 @@ class TrackingStore(Store):
     async def read_segments(self, dispatch_id: str) -> list[bytes]:
         """Read a call's journal segments from the inner store."""
         return await self._inner.read_segments(dispatch_id)
+
+    def coordination(self) -> Coordination | None:
+        """The inner store's coordination of replicas; its loads are reported too."""
+        inner = self._inner.coordination()
+        return None if inner is None else _TrackingCoordination(inner, self._tracker)
+
+
+class _TrackingCoordination(Coordination):
+    """A `Coordination` that reports the calls a replica loads to a `CallTracker`."""
+
+    def __init__(self, inner: Coordination, tracker: CallTracker) -> None:
+        self._inner = inner
+        self._tracker = tracker
+
+    @property
+    def replica(self) -> str:
+        """The inner coordination's replica name."""
+        return self._inner.replica
+
+    async def start(self, handlers: Handlers, lease_timeout: float) -> None:
+        """Start the inner coordination."""
+        await self._inner.start(handlers, lease_timeout)
+
+    async def stop(self) -> None:
+        """Stop the inner coordination."""
+        await self._inner.stop()
+
+    async def renew(self) -> Leases:
+        """Renew through the inner coordination."""
+        return await self._inner.renew()
+
+    async def claim(self, partitions: Sequence[int]) -> dict[int, int]:
+        """Claim through the inner coordination."""
+        return await self._inner.claim(partitions)
+
+    async def release(self, partitions: Sequence[int]) -> None:
+        """Release through the inner coordination."""
+        await self._inner.release(partitions)
+
+    async def load(self, partitions: Sequence[int]) -> Snapshot:
+        """Load through the inner coordination and report the unfinished calls."""
+        snapshot = await self._inner.load(partitions)
+        self._tracker.loaded(snapshot)
+        return snapshot
+
+    async def get_calls(self, dispatch_ids: Sequence[str]) -> list[CallRecord]:
+        """Read calls through the inner coordination."""
+        return await self._inner.get_calls(dispatch_ids)
+
+    async def request_cancel(self, dispatch_id: str) -> None:
+        """Ask for a cancellation through the inner coordination."""
+        await self._inner.request_cancel(dispatch_id)
+
+    async def replicas(self) -> dict[str, int]:
+        """List the live replicas through the inner coordination."""
+        return await self._inner.replicas()
 
 
 def finished_line(rec: CallRecord, console: Console) -> str:

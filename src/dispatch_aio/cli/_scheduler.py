@@ -178,6 +178,9 @@ class SchedulerSettings:
     """Seconds one Run request may take."""
     idempotency_retention: float = DEFAULT_IDEMPOTENCY_RETENTION
     """Seconds a submission's idempotency key is remembered."""
+    lease_timeout: float = 9.0
+    """With PostgreSQL: seconds after which a replica that stopped renewing its leases
+    loses its partitions to the others."""
 
 
 def check_data_dir(path: str, option: str = "--data-dir") -> str:
@@ -266,6 +269,7 @@ class LocalScheduler:
                 retry=RetryPolicy(max_attempts=settings.max_attempts),
                 request_timeout=settings.run_timeout,
                 idempotency_retention=settings.idempotency_retention,
+                lease_timeout=settings.lease_timeout,
                 replicas=dict(settings.replicas),
                 version_endpoints=dict(settings.version_endpoints),
             )

@@ -45,6 +45,13 @@ attempt sends one RunRequest; its outcome moves the call:
   answer, whatever it is, is dropped.
 - past its expiration the call is DONE with STATUS_TIMEOUT. Calls without an
   expiration get `DEFAULT_EXPIRATION`; a child never outlives its parent's expiration.
+
+With a store that several scheduler replicas share (`Store.coordination`), the engine
+drives only the call trees of the partitions its replica holds a lease on (`_partitions`
+keeps them): every write that drives a call carries the lease's fence, new calls are
+announced to the replica holding their partition, and waits and cancellations of calls
+driven elsewhere go through the store's wake-ups. Alone on its store, it drives every
+call, as above.
 """
 
 from __future__ import annotations
@@ -68,13 +75,16 @@ from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
 from ._invoker import Invoker, Outcome
+from ._partitions import Moved, Partitions, announce
 from ._validate import call_problem
 from .store import (
     WRITE_ALONE,
     AddResult,
     AppendSegment,
     CallRecord,
+    FencedError,
     InsertCall,
+    KeyTakenError,
     Op,
     Phase,
     PruneIdempotencyKeys,
@@ -209,6 +219,10 @@ class EngineSettings:
     resumed once with ``CancelledError`` raised at its pending await (endpoints of this
     SDK; others ignore the mark) and ends cancelled when that resume answers or this
     time is up. 0 ends it at once."""
+    lease_timeout: float = 9.0
+    """With a store that several replicas share (PostgreSQL): seconds after which the
+    partitions of a replica that stopped renewing its leases (every third of this) go
+    to the others."""
 
 
 class _Live:
@@ -309,6 +323,8 @@ class Engine:
         # of them waits for the first rather than look it up before it is stored.
         self._keys_in_flight: dict[str, asyncio.Future[None]] = {}
         self._pruned_at = 0.0
+        # With replicas sharing the store: the partitions this one drives.
+        self._parts: Partitions | None = None
 
     @property
     def settings(self) -> EngineSettings:
@@ -316,7 +332,22 @@ class Engine:
         return self._settings
 
     async def start(self) -> None:
-        """Load every unfinished call from the store and carry on with it."""
+        """Load every unfinished call from the store and carry on with it.
+
+        With a store that several replicas share, take a share of the partitions
+        instead, and the unfinished calls of those.
+        """
+        coordination = self._store.coordination()
+        if coordination is not None:
+            self._parts = Partitions(self, coordination, self._settings.lease_timeout)
+            self._closed = False
+            try:
+                await self._parts.start()
+            except BaseException:
+                self._closed = True
+                self._parts = None
+                raise
+            return
         snapshot = await self._store.load()
         self._seq = snapshot.next_seq
         self._closed = False
@@ -351,6 +382,9 @@ class Engine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._parts is not None:
+            parts, self._parts = self._parts, None
+            await parts.stop()
 
     # Submissions and waiting.
 
@@ -393,8 +427,16 @@ class Engine:
         for key in keyed:
             self._keys_in_flight[key] = done
         try:
-            known = await self._store.find_idempotency_keys(list(keyed), self._clock())
-            return await self._create(calls, {i: k for k, i in keyed.items()}, known)
+            for attempt in range(3):
+                known = await self._store.find_idempotency_keys(list(keyed), self._clock())
+                try:
+                    return await self._create(calls, {i: k for k, i in keyed.items()}, known)
+                except KeyTakenError:
+                    # Another replica stored one of the keys meanwhile: its call is the
+                    # answer, found at the next look.
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
         finally:
             for key in keyed:
                 del self._keys_in_flight[key]
@@ -431,9 +473,22 @@ class Engine:
         if keys and now - self._pruned_at >= _PRUNE_EVERY:
             self._pruned_at = now
             ops.append(PruneIdempotencyKeys(now))
-        await self._store.write(ops)
+        if self._parts is None:
+            await self._store.write(ops)
+            for rec in records:
+                self._adopt(rec)
+            return ids
+        ops.extend(announce(records))
+        submitting = self._parts.submitting
+        submitting.update(rec.id for rec in records)  # their announcements: nothing to load
+        try:
+            await self._store.write(ops)
+        finally:
+            submitting.difference_update(rec.id for rec in records)
         for rec in records:
-            self._adopt(rec)
+            # Adopted already if it was loaded with its partition meanwhile.
+            if self._parts.adoptable(rec.id) and self._parts.holds(rec.root_id):
+                self._adopt(rec)
         return ids
 
     async def wait(self, dispatch_id: str, max_seconds: float | None = None) -> CallRecord | None:
@@ -449,14 +504,22 @@ class Engine:
         """
         live = self._live.get(dispatch_id)
         if live is None:
+            if self._parts is not None:
+                return await self._parts.wait(dispatch_id, max_seconds)
             return await self._store.get_call(dispatch_id)
         waiter: asyncio.Future[CallRecord] = asyncio.get_running_loop().create_future()
         live.waiters.append(waiter)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
             async with asyncio.timeout(max_seconds):
                 return await waiter
         except TimeoutError:
             return live.rec
+        except Moved:  # its partition went to another replica: wait for it there
+            assert self._parts is not None
+            left = None if max_seconds is None else max_seconds - (loop.time() - began)
+            return await self._parts.wait(dispatch_id, left)
         finally:
             if waiter in live.waiters:
                 live.waiters.remove(waiter)
@@ -484,6 +547,8 @@ class Engine:
         if self._closed:
             raise EngineClosedError("the scheduler is not running")
         if dispatch_id not in self._live:
+            if self._parts is not None:
+                return await self._parts.cancel(dispatch_id)
             if await self._store.get_call(dispatch_id) is None:
                 raise LookupError(f"no call with dispatch id {dispatch_id!r}")
             return None
@@ -623,11 +688,20 @@ class Engine:
         self._live[rec.id] = live
         self._arm(live)
 
+    def _new_live(self, rec: CallRecord) -> _Live:
+        return _Live(rec)
+
+    def _fence(self, rec: CallRecord) -> list[Op]:
+        """The fence of a write driving `rec` when replicas share the store, else none."""
+        return [] if self._parts is None else self._parts.fence(rec.root_id)
+
     def _arm(self, live: _Live) -> None:
         """Start the call's next attempt now, or set a timer for it."""
         rec = live.rec
         if self._closed or live.running or live.cancelling or rec.phase is Phase.DONE:
             return
+        if self._parts is not None and self._parts.draining and not self._parts.holds(rec.root_id):
+            return  # its partition is being let go
         now = self._clock()
         when: float | None
         if rec.phase is Phase.PENDING:
@@ -704,6 +778,10 @@ class Engine:
             live.stall_until = 0.0
         except asyncio.CancelledError:
             raise
+        except FencedError:
+            if self._parts is None:
+                raise
+            self._parts.fenced(live)  # drops the call: `_arm` leaves it alone
         except Exception:
             live.stalls += 1
             live.stall_until = self._clock() + self._settings.retry.backoff(live.stalls, self._rng)
@@ -828,7 +906,7 @@ class Engine:
                 last_error=failure,
                 updated_at=now,
             )
-            await self._store.write([UpdateCall(new)])
+            await self._store.write([*self._fence(rec), UpdateCall(new)])
             live.rec = new
             return False
         await self._finish(
@@ -903,7 +981,8 @@ class Engine:
             last_error=problem or "",
             updated_at=now,
         )
-        ops: list[Op] = [InsertCall(c) for c in children]
+        ops: list[Op] = self._fence(rec)
+        ops.extend(InsertCall(c) for c in children)
         ops.extend(journal_ops)
         ops.append(UpdateCall(new))
         if delivered:
@@ -974,7 +1053,7 @@ class Engine:
     async def _replace_run(
         self, live: _Live, new: CallRecord, delivered: list[tuple[int, call_pb2.CallResult]]
     ) -> None:
-        ops: list[Op] = [UpdateCall(new)]
+        ops: list[Op] = [*self._fence(new), UpdateCall(new)]
         if live.queue or delivered:
             ops.append(RemovePollerResults(new.id))
         if live.rec.state_kind is StateKind.SEGMENTS:
@@ -1040,7 +1119,7 @@ class Engine:
             updated_at=now,
             finished_at=now,
         )
-        ops: list[Op] = [UpdateCall(new)]
+        ops: list[Op] = [*self._fence(rec), UpdateCall(new)]
         if live.queue or delivered:
             ops.append(RemovePollerResults(rec.id))
         if rec.state_kind is StateKind.SEGMENTS:
@@ -1050,11 +1129,15 @@ class Engine:
         if parent is not None and parent.rec.generation == rec.parent_generation:
             seq = self._seq
             self._seq += 1
+            if self._parts is not None:
+                seq = self._parts.seq(seq, rec.root_id)
             ops.append(AddResult(QueuedResult(seq, parent.rec.id, rec.parent_generation, data)))
         await self._store.write(ops)
         live.rec = new
         live.queue.clear()
         del self._live[rec.id]
+        if self._parts is not None:
+            self._parts.ended(rec.id)
         if live.timer is not None:
             live.timer.cancel()
             live.timer = None

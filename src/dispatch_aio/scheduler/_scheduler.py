@@ -107,6 +107,10 @@ class Scheduler:
             an endpoint of this SDK resumes it with ``CancelledError`` raised at its
             pending await, and it ends cancelled when that resume answers or this time
             is up. 0 ends it at once, as calls of other SDKs always do.
+        lease_timeout: With a store that several schedulers share (`PostgresStore`):
+            seconds after which the partitions of calls a scheduler drives go to the
+            others if it stops renewing its leases (every third of this; 9 by default).
+            A replica that dies has its calls carried on by the others within that time.
 
     Raises:
         ValueError: An argument is invalid (the message says which).
@@ -130,6 +134,7 @@ class Scheduler:
         version_endpoints: Mapping[str, str] | None = None,
         idempotency_retention: float = DEFAULT_IDEMPOTENCY_RETENTION,
         cancel_grace: float = 10.0,
+        lease_timeout: float = 9.0,
     ) -> None:
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty: API clients authenticate with it")
@@ -141,6 +146,8 @@ class Scheduler:
             raise ValueError(f"request_timeout must be positive, got {request_timeout}")
         if idempotency_retention <= 0:
             raise ValueError(f"idempotency_retention must be positive, got {idempotency_retention}")
+        if not lease_timeout >= 0.3:
+            raise ValueError(f"lease_timeout must be at least 0.3 s, got {lease_timeout}")
         if cancel_grace < 0:
             raise ValueError(f"cancel_grace must not be negative, got {cancel_grace}")
         if max_concurrency < 1:
@@ -158,6 +165,7 @@ class Scheduler:
             version_endpoints=dict(version_endpoints or {}),
             idempotency_retention=idempotency_retention,
             cancel_grace=cancel_grace,
+            lease_timeout=lease_timeout,
         )
         self._max_concurrency = max_concurrency
         self._rng = rng
@@ -221,8 +229,11 @@ class Scheduler:
         if pem is not None:
             return load_private_key(pem.decode("ascii"))
         key = Ed25519PrivateKey.generate()
-        await self._store.write([SetMeta(_SIGNING_KEY, private_key_to_pem(key).encode("ascii"))])
-        return key
+        pem = private_key_to_pem(key).encode("ascii")
+        await self._store.write([SetMeta(_SIGNING_KEY, pem, keep=True)])
+        # Another scheduler on the same database may have stored its key first.
+        stored = await self._store.get_meta(_SIGNING_KEY)
+        return load_private_key((stored or pem).decode("ascii"))
 
     async def _stored_api_key(self) -> str:
         stored = await self._store.get_meta(_API_KEY)
@@ -230,8 +241,9 @@ class Scheduler:
             return stored.decode("ascii")
         # Hex: safe in shells and never read as an option.
         key = secrets.token_hex(20)
-        await self._store.write([SetMeta(_API_KEY, key.encode("ascii"))])
-        return key
+        await self._store.write([SetMeta(_API_KEY, key.encode("ascii"), keep=True)])
+        stored = await self._store.get_meta(_API_KEY)
+        return (stored or key.encode("ascii")).decode("ascii")
 
     @property
     def api_key(self) -> str:

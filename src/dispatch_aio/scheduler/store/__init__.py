@@ -5,13 +5,18 @@
 calls to rows the same way (`_rows`) and pass the same contract tests.
 """
 
+from ._coordination import PARTITIONS, Coordination, Handlers, Leases, partition_of
 from ._interface import (
     WRITE_ALONE,
     AddResult,
+    Announce,
     AppendSegment,
     CallQuery,
     CallRecord,
+    Fence,
+    FencedError,
     InsertCall,
+    KeyTakenError,
     Op,
     Phase,
     PruneIdempotencyKeys,
@@ -31,12 +36,20 @@ from ._postgres import PostgresStore
 from ._sqlite import SQLiteStore
 
 __all__ = [
+    "PARTITIONS",
     "WRITE_ALONE",
     "AddResult",
+    "Announce",
     "AppendSegment",
     "CallQuery",
     "CallRecord",
+    "Coordination",
+    "Fence",
+    "FencedError",
+    "Handlers",
     "InsertCall",
+    "KeyTakenError",
+    "Leases",
     "Op",
     "Phase",
     "PostgresStore",
@@ -53,4 +66,5 @@ __all__ = [
     "Store",
     "StoreError",
     "UpdateCall",
+    "partition_of",
 ]

@@ -22,14 +22,22 @@ import contextvars
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._coordination import Coordination
 
 __all__ = [
     "WRITE_ALONE",
     "AddResult",
+    "Announce",
     "AppendSegment",
     "CallQuery",
     "CallRecord",
+    "Fence",
+    "FencedError",
     "InsertCall",
+    "KeyTakenError",
     "Op",
     "Phase",
     "PruneIdempotencyKeys",
@@ -56,6 +64,22 @@ class StoreError(Exception):
 
     # Shown in tracebacks: the public name, not this private module's.
     __module__ = "dispatch_aio.scheduler"
+
+
+class FencedError(StoreError):
+    """The write's partition is held by another scheduler replica: nothing was written.
+
+    The replica that got it lost its lease on the partition (see `Fence`) and must stop
+    driving the partition's calls.
+    """
+
+
+class KeyTakenError(StoreError):
+    """A `PutIdempotencyKey` met the live key of another call: nothing was written.
+
+    Another scheduler sharing the store took the key at the same time; the submission
+    is answered with that call instead.
+    """
 
 
 class Phase(enum.IntEnum):
@@ -250,6 +274,9 @@ class SetMeta:
 
     key: str
     value: bytes
+    keep: bool = False
+    """Keep the value already stored, if any (schedulers starting together on one
+    database each make a key: the first one stored wins)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +284,8 @@ class PutIdempotencyKey:
     """Remember that a submission with idempotency key `key` created call `dispatch_id`.
 
     A key already stored (an expired one: the engine never reuses a live key) is replaced.
+    A store that several schedulers share fails the write with `KeyTakenError` when the
+    key is live for another call (another scheduler stored it meanwhile).
     """
 
     key: str
@@ -272,6 +301,31 @@ class PruneIdempotencyKeys:
     before: float
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Apply the write only if `replica` still holds `partition`'s lease at `epoch`.
+
+    Checked in the write's own transaction: when another replica took the partition
+    over, the write fails with `FencedError` and none of its operations is applied. A
+    store that serves a single scheduler ignores it.
+    """
+
+    partition: int
+    replica: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Once the write commits, tell the replica holding `partition` of new calls in it.
+
+    A store that serves a single scheduler ignores it.
+    """
+
+    partition: int
+    dispatch_ids: tuple[str, ...]
+
+
 Op = (
     InsertCall
     | UpdateCall
@@ -283,6 +337,8 @@ Op = (
     | RemoveSegments
     | PutIdempotencyKey
     | PruneIdempotencyKeys
+    | Fence
+    | Announce
 )
 
 
@@ -348,6 +404,14 @@ class Store(abc.ABC):
         The engine uses the journal extension only with a store that does.
         """
         return False
+
+    def coordination(self) -> Coordination | None:
+        """Return how scheduler replicas share this store, or None if one runs alone.
+
+        A store that several schedulers may use at once (PostgreSQL) returns the
+        leases, loads by partition and wake-ups they coordinate through.
+        """
+        return None
 
     async def read_segments(self, dispatch_id: str) -> list[bytes]:
         """Return a call's journal segments in order (empty if it has none).

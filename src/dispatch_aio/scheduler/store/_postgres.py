@@ -1,11 +1,12 @@
 """PostgreSQL implementation of the scheduler's `Store`, on asyncpg.
 
-One scheduler drives a database at a time: the store takes a session-level advisory
-lock (``pg_try_advisory_lock``) on the connection it writes with, and a second
-scheduler on the same database is refused. Every write goes through that connection,
-so a write can only commit while its session holds the lock. When the connection is
-lost, writes fail with `StoreError` (the engine retries the calls they were for), and
-the next write connects again and takes the lock again.
+Several schedulers (replicas) may drive one database at once: call trees are spread
+over partitions, each held by one replica through a lease row (see `Coordination` and
+`PostgresCoordination`), and every write that drives a call checks, in its own
+transaction, that its replica still holds the call's partition (`Fence`): a replica
+that lost a lease cannot commit anything for that partition. Each store writes through
+one connection of its own; when it is lost, writes fail with `StoreError` (the engine
+retries the calls they were for), and the next write connects again.
 
 Writes of concurrent operations are grouped as in the SQLite store: while a
 transaction commits, new writes queue up and the next transaction takes all of them;
@@ -14,11 +15,16 @@ only the failing writes fail. Reads (start-up recovery, inspection, journal segm
 use a small pool of other connections and see every committed write.
 
 A connection lost while its COMMIT was on the way leaves the outcome unknown. Each
-transaction therefore records a random token in the database; the store connects
-again, reads the token back, and only then answers the writers of that transaction:
+transaction therefore records a random token in the database, in a row of its own
+replica (``dispatch_commit_marks``); the store connects again, reads the token back,
+and only then answers the writers of that transaction:
 success if the token is there, `StoreError` if not. Answering either way without
 knowing would let the scheduler run a call again whose outcome was committed, or act
 on one that was not.
+
+A transaction that finishes calls notifies ``dispatch_done`` with their ids, and one
+that creates calls for another replica notifies ``dispatch_calls`` (`Announce`):
+PostgreSQL delivers notifications only when, and if, the transaction commits.
 
 Commits are durable when the server acknowledges them (``synchronous_commit`` is
 turned on for the session if the server has it off). The schema version is kept in
@@ -34,20 +40,29 @@ from __future__ import annotations
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "mask_url"]
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ._coordination import Coordination
 from ._interface import (
     AddResult,
+    Announce,
     AppendSegment,
     CallQuery,
     CallRecord,
+    Fence,
+    FencedError,
     InsertCall,
+    KeyTakenError,
     Op,
+    Phase,
     PruneIdempotencyKeys,
     PutIdempotencyKey,
     QueuedResult,
@@ -72,18 +87,20 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
 
-# The advisory lock of the scheduler driving a database: the bytes "dispatch".
-_LOCK_KEY = int.from_bytes(b"dispatch", "big")
+# The advisory lock that serializes migrations of replicas starting together.
+_MIGRATION_LOCK = int.from_bytes(b"dispatch", "big")
 _APPLICATION_NAME = "dispatch-aio scheduler"
 _READERS = 4  # connections of the read pool
 _CONNECT_TIMEOUT = 10.0
 _COMMAND_TIMEOUT = 60.0  # a statement taking longer: the connection is deemed lost
-_LOCK_GRACE = 1.0  # seconds a held lock may take to be released before refusing
+_FENCED = "DA001"  # SQLSTATE raised by dispatch_fence
+_KEY_TAKEN = "DA002"  # SQLSTATE raised by dispatch_put_key
+_NOTIFY_CHUNK = 7000  # bytes of ids per notification (PostgreSQL takes up to 8000)
 _RESOLVE_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnections
 
 _SCHEMA_V1 = """
@@ -155,7 +172,62 @@ CREATE TABLE dispatch_idempotency_keys (
 );
 CREATE INDEX dispatch_idempotency_keys_expiry ON dispatch_idempotency_keys (expires_at);
 """
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# Version 4: several replicas on one database. Calls carry the partition of their tree
+# (computed from the root id as `partition_of` does); leases on the partitions; live
+# replicas; a commit mark per replica; the fence every driving write calls. Queued
+# results are renumbered so that a result's seq modulo 64 is its partition: each
+# replica numbers the results of the partitions it holds without meeting another's.
+_SCHEMA_V4 = """
+ALTER TABLE dispatch_calls ADD COLUMN partition integer NOT NULL
+    GENERATED ALWAYS AS ((('x' || substr(md5(root_id), 1, 8))::bit(32)::integer) & 63) STORED;
+CREATE INDEX dispatch_calls_partition ON dispatch_calls (partition, seq) WHERE phase <> 4;
+CREATE TABLE dispatch_leases (
+    partition integer PRIMARY KEY,
+    owner text NOT NULL DEFAULT '',
+    epoch bigint NOT NULL DEFAULT 0,
+    expires_at timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO dispatch_leases (partition) SELECT generate_series(0, 63);
+CREATE TABLE dispatch_replicas (
+    owner text PRIMARY KEY,
+    started_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE TABLE dispatch_commit_marks (
+    owner text PRIMARY KEY,
+    token bigint NOT NULL
+);
+DROP TABLE dispatch_commits;
+UPDATE dispatch_results r SET seq = -(r.seq * 64 + c.partition) - 1
+    FROM dispatch_calls c WHERE c.id = r.poller_id;
+DELETE FROM dispatch_results WHERE seq >= 0;
+UPDATE dispatch_results SET seq = -seq - 1;
+CREATE FUNCTION dispatch_fence(p integer, o text, e bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Taking a lease over locks its row FOR UPDATE: not before this transaction ends.
+    PERFORM 1 FROM dispatch_leases
+        WHERE partition = p AND owner = o AND epoch = e FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'replica % no longer holds partition % (epoch %)', o, p, e
+            USING ERRCODE = 'DA001';
+    END IF;
+END $$;
+CREATE FUNCTION dispatch_put_key(k text, d text, e double precision) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Replicas may store one key at once: the live key of another call stays.
+    INSERT INTO dispatch_idempotency_keys (key, dispatch_id, expires_at) VALUES (k, d, e)
+    ON CONFLICT (key) DO UPDATE SET dispatch_id = excluded.dispatch_id,
+        expires_at = excluded.expires_at
+    WHERE dispatch_idempotency_keys.dispatch_id = excluded.dispatch_id
+        OR dispatch_idempotency_keys.expires_at < extract(epoch FROM clock_timestamp());
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'idempotency key % is held by another call', k USING ERRCODE = 'DA002';
+    END IF;
+END $$;
+"""
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 _INSERT_CALL = (
     f"INSERT INTO dispatch_calls ({', '.join(CALL_COLUMNS)}) "
@@ -175,24 +247,21 @@ _SET_META = (
     "INSERT INTO dispatch_meta (key, value) VALUES ($1, $2) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 )
+_KEEP_META = "INSERT INTO dispatch_meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING"
 _APPEND_SEGMENT = "INSERT INTO dispatch_segments (call_id, polls, data) VALUES ($1, $2, $3)"
 _REMOVE_SEGMENTS = "DELETE FROM dispatch_segments WHERE call_id = $1"
-_PUT_KEY = (
-    "INSERT INTO dispatch_idempotency_keys (key, dispatch_id, expires_at) VALUES ($1, $2, $3) "
-    "ON CONFLICT (key) DO UPDATE SET dispatch_id = excluded.dispatch_id, "
-    "expires_at = excluded.expires_at"
-)
+_PUT_KEY = "SELECT dispatch_put_key($1, $2, $3)"
 _PRUNE_KEYS = "DELETE FROM dispatch_idempotency_keys WHERE expires_at < $1"
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
 _SELECT_CALLS = f"SELECT seq, {', '.join(CALL_COLUMNS)} FROM dispatch_calls"
-_MARK_COMMIT = "UPDATE dispatch_commits SET token = $1"
-_READ_MARK = "SELECT token FROM dispatch_commits"
-_LOCK_HOLDER = (
-    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-    "AND classid = $1 AND objid = $2 AND objsubid = 1 AND database = "
-    "(SELECT oid FROM pg_database WHERE datname = current_database())"
-)
-_BACKEND_START = "SELECT backend_start FROM pg_stat_activity WHERE pid = $1"
+_MARK_COMMIT = "UPDATE dispatch_commit_marks SET token = $1 WHERE owner = $2"
+_READ_MARK = "SELECT token FROM dispatch_commit_marks WHERE owner = $1"
+_ADD_MARK = "INSERT INTO dispatch_commit_marks (owner, token) VALUES ($1, 0) ON CONFLICT DO NOTHING"
+_FENCE = "SELECT dispatch_fence($1, $2, $3)"
+_NOTIFY = "SELECT pg_notify($1, $2)"
+# Markers, not SQL: gathered into notifications sent at the end of the transaction.
+_DONE = "-- done"
+_ANNOUNCE = "-- announce"
 
 _Statement = tuple[str, tuple[Any, ...]]
 
@@ -246,15 +315,16 @@ def _statements(op: Op) -> list[_Statement]:
         case InsertCall(record):
             return [(_INSERT_CALL, call_params(record, _text))]
         case UpdateCall(record):
-            return [(_UPDATE_CALL, _update_params(record))]
+            update = (_UPDATE_CALL, _update_params(record))
+            return [update, (_DONE, (record.id,))] if record.phase is Phase.DONE else [update]
         case AddResult(q):
             return [(_ADD_RESULT, (q.seq, q.poller_id, q.generation, q.result))]
         case RemoveResults(seqs):
             return [(_REMOVE_RESULTS, (list(seqs),))] if seqs else []
         case RemovePollerResults(poller_id):
             return [(_REMOVE_POLLER_RESULTS, (poller_id,))]
-        case SetMeta(key, value):
-            return [(_SET_META, (key, value))]
+        case SetMeta(key, value, keep):
+            return [(_KEEP_META if keep else _SET_META, (key, value))]
         case AppendSegment(call_id, polls, data):
             return [(_APPEND_SEGMENT, (call_id, polls, data))]
         case RemoveSegments(call_id):
@@ -263,6 +333,62 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_PUT_KEY, (key, dispatch_id, expires_at))]
         case PruneIdempotencyKeys(before):
             return [(_PRUNE_KEYS, (before,))]
+        case Fence(partition, replica, epoch):
+            return [(_FENCE, (partition, replica, epoch))]
+        case Announce(partition, ids):
+            return [(_ANNOUNCE, (partition, ids))] if ids else []
+
+
+def _notifications(statements: list[_Statement]) -> list[_Statement]:
+    """Return the notifications of a transaction's markers, ids grouped in few payloads."""
+    done: list[str] = []
+    announced: dict[int, list[str]] = {}
+    for sql, params in statements:
+        if sql is _DONE:
+            done.append(params[0])
+        elif sql is _ANNOUNCE:
+            announced.setdefault(params[0], []).extend(params[1])
+    notes = [(_NOTIFY, ("dispatch_done", payload)) for payload in _chunks(done, "")]
+    for partition, ids in announced.items():
+        notes.extend((_NOTIFY, ("dispatch_calls", p)) for p in _chunks(ids, f"{partition} "))
+    return notes
+
+
+def _chunks(ids: list[str], prefix: str) -> list[str]:
+    payloads: list[str] = []
+    part: list[str] = []
+    size = 0
+    for dispatch_id in ids:
+        if part and size + len(dispatch_id) > _NOTIFY_CHUNK:
+            payloads.append(prefix + ",".join(part))
+            part, size = [], 0
+        part.append(dispatch_id)
+        size += len(dispatch_id) + 1
+    if part:
+        payloads.append(prefix + ",".join(part))
+    return payloads
+
+
+def _arrange(statements: list[_Statement]) -> list[_Statement]:
+    """Put a transaction's statements in the order to run them.
+
+    Fences first (one per partition and epoch: the first holds the lease row until the
+    commit), then the writes, then the notifications of the markers.
+    """
+    fences: dict[tuple[Any, ...], _Statement] = {}
+    body: list[_Statement] = []
+    marked = False
+    for statement in statements:
+        sql = statement[0]
+        if sql is _FENCE:
+            fences.setdefault(statement[1], statement)
+        elif sql is _DONE or sql is _ANNOUNCE:
+            marked = True
+        else:
+            body.append(statement)
+    if not fences and not marked:
+        return body
+    return [*fences.values(), *body, *(_notifications(statements) if marked else [])]
 
 
 async def _execute(conn: Any, statements: list[_Statement]) -> None:
@@ -288,16 +414,22 @@ class _InDoubt(Exception):
         self.token = token
 
 
-class _Locked(StoreError):
-    """Another session holds the scheduler's lock on the database."""
+def _write_error(exc: BaseException) -> StoreError:
+    state = getattr(exc, "sqlstate", None)
+    if state == _FENCED:
+        return FencedError(f"the database write was fenced off: {exc}")
+    if state == _KEY_TAKEN:
+        return KeyTakenError(f"the database write was refused: {exc}")
+    return StoreError(f"the database write failed: {exc}")
 
 
 class PostgresStore(Store):
-    """A `Store` in a PostgreSQL database, for one scheduler at a time.
+    """A `Store` in a PostgreSQL database, which several scheduler replicas may share.
 
     The tables (``dispatch_calls``, ``dispatch_results``, ``dispatch_segments``,
-    ``dispatch_meta``, ``dispatch_commits`` and ``dispatch_schema``) are created in the
-    database's default schema on first open. The database user needs the right to
+    ``dispatch_meta``, ``dispatch_leases``, ``dispatch_replicas``,
+    ``dispatch_commit_marks``, ``dispatch_idempotency_keys`` and ``dispatch_schema``)
+    are created in the database's default schema on first open. The database user needs the right to
     create tables there the first time, and to read and write them afterwards.
 
     Args:
@@ -305,12 +437,15 @@ class PostgresStore(Store):
             (query parameters as libpq's, such as ``?sslmode=require`` or
             ``?host=/run/postgresql`` for a Unix socket). Without a password in the
             URL, ``PGPASSWORD`` or ``~/.pgpass`` is used.
+        replica: This scheduler's name among the replicas sharing the database
+            (default: host name, process id and a random suffix). It must be unique
+            among running replicas.
 
     Raises:
         ValueError: `url` is not a ``postgresql://`` URL.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, replica: str = "") -> None:
         scheme = url.partition("://")[0].lower() if "://" in url else ""
         if scheme not in ("postgresql", "postgres"):
             raise ValueError(
@@ -320,8 +455,9 @@ class PostgresStore(Store):
         self._url = url
         self._masked = mask_url(url)
         self._pg: Any = None  # the asyncpg module, once open
-        self._conn: Any = None  # the writing connection, holding the lock
-        self._session: tuple[int, Any] | None = None  # its backend pid and start time
+        self._conn: Any = None  # the writing connection
+        self._replica = replica or (f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+        self._coordination: Coordination | None = None
         self._pool: Any = None  # read connections
         self._opened = False
         self._closing = False
@@ -336,17 +472,22 @@ class PostgresStore(Store):
         return self._masked
 
     @property
+    def replica(self) -> str:
+        """This scheduler's name among the replicas sharing the database."""
+        return self._replica
+
+    @property
     def commits(self) -> int:
         """Number of write transactions committed so far (to observe batching)."""
         return self._commits
 
     async def open(self) -> None:
-        """Connect, take the scheduler's lock, and create or migrate the schema.
+        """Connect, and create or migrate the schema.
 
         Raises:
             StoreError: asyncpg is not installed, the server cannot be reached or
-                refuses the connection, another scheduler runs on the database, or
-                its schema is newer than this version knows.
+                refuses the connection, or the database's schema is newer than this
+                version knows.
         """
         if self._opened:
             return
@@ -368,13 +509,19 @@ class PostgresStore(Store):
         self._opened = True
 
     async def close(self) -> None:
-        """Commit pending writes, release the lock and close the connections."""
+        """Commit pending writes and close the connections."""
         if not self._opened:
             return
         self._closing = True
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
         self._opened = False
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception, TimeoutError):  # the mark is of no more use
+                await conn.execute(
+                    "DELETE FROM dispatch_commit_marks WHERE owner = $1", self._replica
+                )
         await self._drop()
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -479,6 +626,32 @@ class PostgresStore(Store):
         """True: the ``dispatch_segments`` table keeps journals."""
         return True
 
+    def coordination(self) -> Coordination:
+        """Return the leases and wake-ups of the replicas sharing the database."""
+        if self._coordination is None:
+            from ._pg_coordination import PostgresCoordination
+
+            self._coordination = PostgresCoordination(self)
+        return self._coordination
+
+    @property
+    def asyncpg(self) -> Any:
+        """The asyncpg module (once open)."""
+        return self._pg
+
+    @property
+    def dsn(self) -> str:
+        """The database URL, password included (to connect)."""
+        return self._url
+
+    async def read(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `fn` with a connection of the read pool.
+
+        Raises:
+            StoreError: The store is not open, or the read failed.
+        """
+        return await self._read(fn)
+
     async def read_segments(self, dispatch_id: str) -> list[bytes]:
         """Return a call's journal segments in order."""
         return [bytes(row[0]) for row in await self._fetch(_SELECT_SEGMENTS, dispatch_id)]
@@ -505,7 +678,7 @@ class PostgresStore(Store):
     # The writing connection.
 
     async def _connect_writer(self) -> Any:
-        """Connect, take the lock and bring the schema up to date; return the connection.
+        """Connect and bring the schema up to date; return the connection.
 
         Raises:
             StoreError: The connection failed or the database cannot be used.
@@ -521,13 +694,11 @@ class PostgresStore(Store):
         except (Exception, TimeoutError) as exc:
             raise StoreError(self._connect_problem(exc)) from None
         try:
-            await self._lock(conn)
             await self._migrate(conn)
             if await conn.fetchval("SHOW synchronous_commit") in ("off", "local"):
                 # Acknowledged means durable: never commit asynchronously.
                 await conn.execute("SET synchronous_commit = on")
-            pid = conn.get_server_pid()
-            self._session = (pid, await conn.fetchval(_BACKEND_START, pid))
+            await conn.execute(_ADD_MARK, self._replica)
         except BaseException as exc:
             conn.terminate()
             if isinstance(exc, pg.PostgresError | pg.InterfaceError | OSError | TimeoutError):
@@ -552,38 +723,10 @@ class PostgresStore(Store):
             fix = "check the URL, and that PostgreSQL runs there and accepts connections"
         return f"cannot connect to the database {self._masked}: {reason}; {fix}"
 
-    async def _lock(self, conn: Any) -> None:
-        # A scheduler restarted right after it was killed may find its old session still
-        # ending on the server: give it a moment before refusing.
-        deadline = time.monotonic() + _LOCK_GRACE
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
-            if time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            return
-        holder = await conn.fetchval(_LOCK_HOLDER, _LOCK_KEY >> 32, _LOCK_KEY & 0xFFFFFFFF)
-        session = self._session
-        if (
-            session is not None
-            and holder == session[0]
-            and await conn.fetchval(_BACKEND_START, holder) == session[1]
-        ):
-            # Our own previous connection, which the server has not noticed is gone yet:
-            # end it (same user), then take the lock.
-            await conn.fetchval("SELECT pg_terminate_backend($1, 5000)", holder)
-            for _ in range(50):
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
-                    return
-                await asyncio.sleep(0.1)
-        raise _Locked(
-            f"another scheduler is running on the database {self._masked} (its session "
-            f"holds the scheduler's lock, server process {holder}); only one scheduler may "
-            "drive a database: stop the other one, or give this one another database"
-        )
-
     async def _migrate(self, conn: Any) -> None:
         async with conn.transaction():
+            # Replicas starting together migrate one after the other.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS dispatch_schema (version integer)")
             version = await conn.fetchval("SELECT max(version) FROM dispatch_schema") or 0
             if version > SCHEMA_VERSION:
@@ -619,7 +762,6 @@ class PostgresStore(Store):
         if conn.is_closed():
             return
         try:
-            # Closing the session releases the lock.
             await asyncio.wait_for(conn.close(), 2)
         except (Exception, TimeoutError):
             conn.terminate()
@@ -668,7 +810,7 @@ class PostgresStore(Store):
         try:
             conn = await self._writer()
         except StoreError as exc:
-            if not self._lost and not isinstance(exc, _Locked):
+            if not self._lost:
                 self._lost = True
                 logger.warning("%s; writes fail until the database is back", exc)
             return [exc] * len(groups)
@@ -692,7 +834,7 @@ class PostgresStore(Store):
                     await self._drop()
                     return [self._connection_lost(exc)] * len(groups)
                 if len(groups) == 1 or attempt:
-                    return [StoreError(f"the database write failed: {exc}")] * len(groups)
+                    return [_write_error(exc)] * len(groups)
                 errors = []
             except (pg.InterfaceError, OSError, TimeoutError) as exc:
                 await self._drop()
@@ -709,22 +851,22 @@ class PostgresStore(Store):
         try:
             for group in groups:
                 if errors is None:
-                    await _execute(conn, group)
+                    await _execute(conn, _arrange(group))
                     continue
                 savepoint = conn.transaction()
                 await savepoint.start()
                 try:
-                    await _execute(conn, group)
+                    await _execute(conn, _arrange(group))
                 except pg.PostgresError as exc:
                     if conn.is_closed():
                         raise
                     await savepoint.rollback()
-                    errors.append(StoreError(f"the database write failed: {exc}"))
+                    errors.append(_write_error(exc))
                 else:
                     await savepoint.commit()
                     errors.append(None)
             token = secrets.randbits(63)
-            await conn.execute(_MARK_COMMIT, token)
+            await conn.execute(_MARK_COMMIT, token, self._replica)
         except BaseException:
             if not conn.is_closed():
                 try:
@@ -747,8 +889,7 @@ class PostgresStore(Store):
         """Return whether the transaction of `doubt` committed, once that can be known.
 
         Raises:
-            StoreError: The store is closing, or another scheduler took the database,
-                before the outcome could be read.
+            StoreError: The store is closing before the outcome could be read.
         """
         await self._drop()
         logger.warning(
@@ -762,9 +903,7 @@ class PostgresStore(Store):
         while True:
             try:
                 conn = await self._writer()
-                token = await conn.fetchval(_READ_MARK)
-            except _Locked:
-                raise
+                token = await conn.fetchval(_READ_MARK, self._replica)
             except StoreError:
                 pass
             except (self._pg.PostgresError, self._pg.InterfaceError, OSError, TimeoutError):

@@ -44,9 +44,11 @@ from typing import Any, TypeVar
 from ._interface import (
     WRITE_ALONE,
     AddResult,
+    Announce,
     AppendSegment,
     CallQuery,
     CallRecord,
+    Fence,
     InsertCall,
     Op,
     PruneIdempotencyKeys,
@@ -185,6 +187,7 @@ _ADD_RESULT = "INSERT INTO results (seq, poller_id, generation, result) VALUES (
 _REMOVE_RESULT = "DELETE FROM results WHERE seq = ?"
 _REMOVE_POLLER_RESULTS = "DELETE FROM results WHERE poller_id = ?"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_KEEP_META = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"
 _SELECT_CALLS = f"SELECT seq, {_COLUMNS} FROM calls"
 _APPEND_SEGMENT = "INSERT INTO segments (call_id, polls, data) VALUES (?, ?, ?)"
 _REMOVE_SEGMENTS = "DELETE FROM segments WHERE call_id = ?"
@@ -212,8 +215,8 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_REMOVE_RESULT, (s,)) for s in seqs]
         case RemovePollerResults(poller_id):
             return [(_REMOVE_POLLER_RESULTS, (poller_id,))]
-        case SetMeta(key, value):
-            return [(_SET_META, (key, value))]
+        case SetMeta(key, value, keep):
+            return [(_KEEP_META if keep else _SET_META, (key, value))]
         case AppendSegment(call_id, polls, data):
             return [(_APPEND_SEGMENT, (call_id, polls, data))]
         case RemoveSegments(call_id):
@@ -222,6 +225,8 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_PUT_KEY, (key, dispatch_id, expires_at))]
         case PruneIdempotencyKeys(before):
             return [(_PRUNE_KEYS, (before,))]
+        case Fence() | Announce():
+            return []  # one scheduler drives the file: nothing to fence nor to wake
 
 
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
