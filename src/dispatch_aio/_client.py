@@ -47,6 +47,7 @@ from . import __version__, errors
 from ._codec import decode_error, decode_value, encode_input
 from ._config import Config
 from ._function import check_function_name
+from ._policy import FunctionPolicy, apply_policy
 from .durable import in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import control_pb2, inspect_pb2
@@ -104,6 +105,10 @@ class Call:
     submissions with one key within its retention period (24 hours by default), and
     answers each with the same dispatch id. None gives the call a random key for each
     `Client.dispatch`, which makes its retries safe but not a second submission."""
+    policy: FunctionPolicy | None = None
+    """How dispatch_aio's scheduler runs the call (retries, attempt timeout, concurrency
+    and rate limits; see `Dispatch.function`); ``fn.dispatch()`` gives the function's.
+    Its expiration applies when `expiration` is None. Other schedulers ignore it."""
     _input: any_pb2.Any = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +139,8 @@ class Call:
         )
         if self.expiration is not None:
             call.expiration.FromTimedelta(self.expiration)
+        if self.policy is not None:
+            apply_policy(call, self.policy)
         return call
 
 

@@ -569,9 +569,19 @@ class Environment:
                     request = self._first_request(info, info.function, input)
                     continue
                 return self._finish(info, status, done.result, nondeterministic=True)
-            # As the scheduler's --max-attempts: attempts in all, the first included.
-            if status.temporary and info.attempts + 1 < self._max_attempts:
+            # As the scheduler's --max-attempts, or the function's own retry policy:
+            # attempts in all, the first included.
+            registered = self._functions.get(info.function)
+            retry = registered.policy.retry if registered is not None else None
+            if retry is not None:
+                limit = retry.max_attempts
+                retried = retry.retries(status)
+            else:
+                limit, retried = self._max_attempts, status.temporary
+            if retried and (limit == 0 or info.attempts + 1 < limit):
                 info.attempts += 1
+                if retry is not None:
+                    delay = retry.backoff(info.attempts, random.Random(info.attempts))
                 await self.clock.sleep_until(self.clock.time() + delay)
                 delay *= 2
                 request = self._first_request(info, info.function, input)

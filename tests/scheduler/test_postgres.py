@@ -209,6 +209,7 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
     conn = await asyncpg.connect(pg_url)
     try:  # back to version 1, as an older release left it
         await conn.execute("ALTER TABLE dispatch_calls DROP COLUMN divergences")
+        await conn.execute("ALTER TABLE dispatch_calls DROP COLUMN policy")
         await conn.execute("DROP TABLE dispatch_idempotency_keys")
         await conn.execute("UPDATE dispatch_schema SET version = 1")
     finally:

@@ -72,7 +72,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -155,7 +155,9 @@ CREATE TABLE dispatch_idempotency_keys (
 );
 CREATE INDEX dispatch_idempotency_keys_expiry ON dispatch_idempotency_keys (expires_at);
 """
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# Version 4: the policy each call carries (retries, attempt timeout, concurrency, rate).
+_SCHEMA_V4 = "ALTER TABLE dispatch_calls ADD COLUMN policy bytea NOT NULL DEFAULT ''"
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 _INSERT_CALL = (
     f"INSERT INTO dispatch_calls ({', '.join(CALL_COLUMNS)}) "
