@@ -517,8 +517,13 @@ class Dispatch:
         embedded = EmbeddedScheduler(
             self._config, self._endpoint, self._config.local_endpoint_url()
         )
-        await embedded.start()
+        # Known before it starts: the calls it picks up may submit calls as they run.
         self._embedded = embedded
+        try:
+            await embedded.start()
+        except BaseException:
+            self._embedded = None
+            raise
         api = f", web UI on {embedded.ui_url}" if embedded.ui_url else ""
         unfinished = embedded.scheduler.unfinished
         resumed = f"; {unfinished} unfinished calls picked up" if unfinished else ""

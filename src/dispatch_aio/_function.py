@@ -122,10 +122,13 @@ class Function(Generic[P, R]):
         called (a single argument of a well-known type as itself, anything else
         pickled).
 
-        Inside a durable function the request runs on the host event loop; it is
-        not journaled, so it is sent again when the function replays. Submit
-        from a function of its own (``await submit(...)``) to have the dispatch
-        id journaled instead, or simply ``await fn(...)`` for a durable call.
+        Inside a durable function the call is made once: the submission carries an
+        idempotency key named after the running call, its run and the number of
+        submissions before it, so when the function replays (after a crash, in a
+        new process) the submission returns the first one's dispatch id instead of
+        creating the call again, within the scheduler's key retention (24 hours by
+        default). A restart of the call from its input (a divergence) submits anew.
+        ``await fn(...)`` makes a durable call and waits for its result.
 
         Returns:
             The dispatch id of the new call.

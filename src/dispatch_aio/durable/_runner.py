@@ -191,6 +191,8 @@ class Run:
         self.last_used = 0.0
         self._verified = 0  # while replaying: calls[:_verified] were made again
         self.dispatch_id = ""
+        self.generation = 0  # RunRequest.generation: which run of the dispatch id this is
+        self.submissions = 0  # calls submitted through the API so far (`submission_key`)
         self.app_version = runner.version
         # patched(): the answer per id, ids the journal records, ids to record next Poll,
         # and the ids whose old branch this run takes.
@@ -220,6 +222,20 @@ class Run:
         return self.segments[0] if self.segments else b""
 
     # -- inside the function ----------------------------------------------------
+
+    def submission_key(self) -> str | None:
+        """Return the idempotency key of the next call this run submits through the API.
+
+        The dispatch id, the run's generation and the number of submissions before it
+        name one submission of one run: the same when the run replays (its code submits
+        in the same order), so a replay gets the dispatch id of the first submission
+        back instead of creating the call again. None without a dispatch id (the run
+        was not started by a scheduler).
+        """
+        if not self.dispatch_id:
+            return None
+        self.submissions += 1
+        return f"dispatch_aio/{self.dispatch_id}/{self.generation}/{self.submissions}"
 
     def make_call(
         self, function: str, input: any_pb2.Any, *, call_site: str, endpoint: str
@@ -925,6 +941,7 @@ class Runner:
             except DecodeError as exc:
                 return error_response(exc, Status.INVALID_ARGUMENT)
         run.dispatch_id = request.dispatch_id
+        run.generation = request.generation
         try:
             if cancel and directive == "poll_result":
                 return await self._cancel(run)
@@ -946,6 +963,7 @@ class Runner:
             now,
             now - time.monotonic(),
         )
+        run.dispatch_id, run.generation = request.dispatch_id, request.generation
         run.start(args, kwargs)
         return run
 
@@ -956,7 +974,7 @@ class Runner:
         run = await self._take(request) if ref is None else await self._take_ref(request, ref)
         if run is None:
             journal, state = decode_state(request.poll_result, request.function)
-            run = await self._replay(journal, state, fn)
+            run = await self._replay(journal, state, fn, request)
         run.apply_poll_result(request.poll_result)
         return run
 
@@ -1044,7 +1062,11 @@ class Runner:
         return None
 
     async def _replay(
-        self, journal: journal_pb2.Journal, state: bytes, fn: Callable[..., Awaitable[Any]]
+        self,
+        journal: journal_pb2.Journal,
+        state: bytes,
+        fn: Callable[..., Awaitable[Any]],
+        request: function_pb2.RunRequest | None = None,
     ) -> Run:
         try:
             args, kwargs = decode_input(journal.input)
@@ -1061,6 +1083,8 @@ class Runner:
             journal.monotonic_offset,
             journal.polls,
         )
+        if request is not None:  # known before the code runs again: see `submission_key`
+            run.dispatch_id, run.generation = request.dispatch_id, request.generation
         run.replaying = run.loop.replaying = True
         run.recorded_patches = frozenset(journal.patches)
         run.app_version = journal.app_version

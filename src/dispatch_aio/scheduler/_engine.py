@@ -745,6 +745,7 @@ class Engine:
             dispatch_id=rec.id,
             parent_dispatch_id=rec.parent_id,
             root_dispatch_id=rec.root_id,
+            generation=rec.generation,
         )
         request.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
         request.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
