@@ -65,6 +65,7 @@ def test_field_numbers() -> None:
         "max_results": 4,
         "min_results": 5,
         "typed_coroutine_state": 6,
+        "abandoned_calls": 1000,  # dispatch_aio's extension
     }
     assert {k: v[0] for k, v in _fields(poll_pb2.PollResult).items()} == {
         "coroutine_state": 1,

@@ -672,7 +672,7 @@ class Batch:
                 f"{fn.name} is not a function of this batch's Dispatch object; use the "
                 "batch() of the Dispatch object it is registered with, or add_call()"
             )
-        self._calls.append(Call(fn.name, args, kwargs))
+        self._calls.append(Call(fn.name, args, kwargs, policy=fn.policy))
 
     def add_call(self, call: Call) -> None:
         """Add a call described by a `Call` (any function name and endpoint)."""

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -193,6 +194,9 @@ class Run:
         self.dispatch_id = ""
         self.generation = 0  # RunRequest.generation: which run of the dispatch id this is
         self.submissions = 0  # calls submitted through the API so far (`submission_key`)
+        # Correlation ids of calls whose awaiting task was cancelled, for the next answer
+        # (Poll/Exit.abandoned_calls): the scheduler cancels them.
+        self.abandoned: list[int] = []
         self.app_version = runner.version
         # patched(): the answer per id, ids the journal records, ids to record next Poll,
         # and the ids whose old branch this run takes.
@@ -259,6 +263,7 @@ class Run:
                 self._diverge(f"the journal has {call.describe()}, but the code now makes {here}")
             assert call is not None
             call.future = future
+            future.add_done_callback(functools.partial(self._abandon, call))
             self.open_calls += 1
             return future
         call = _Call(
@@ -274,8 +279,14 @@ class Run:
         )
         self.calls.append(call)
         self.by_identity[identity] = call
+        future.add_done_callback(functools.partial(self._abandon, call))
         self.open_calls += 1
         return future
+
+    def _abandon(self, call: _Call, future: DurableFuture[Any]) -> None:
+        """Note a call whose future was cancelled before its result came."""
+        if future.cancelled() and not call.resolved and call.index + 1 not in self.abandoned:
+            self.abandoned.append(call.index + 1)
 
     def track_call(self, call: DurableCall) -> None:
         """Keep a durable call made by the function until it runs (see `unawaited`)."""
@@ -662,7 +673,9 @@ class Run:
             typed_coroutine_state=state,
             min_results=1,
             max_results=max(1, min(self.outstanding, _MAX_RESULTS)),
+            abandoned_calls=self.abandoned,
         )
+        self.abandoned = []
         for call in new_calls:
             assert call.input is not None
             poll.calls.append(
@@ -685,6 +698,13 @@ class Run:
 
     def exit(self) -> function_pb2.RunResponse:
         """Answer with the function's result, error or tail call."""
+        response = self._exit()
+        if response.WhichOneof("directive") == "exit":
+            response.exit.abandoned_calls.extend(self.abandoned)
+        self.abandoned = []
+        return response
+
+    def _exit(self) -> function_pb2.RunResponse:
         root = self.root
         assert root is not None and root.done()
         classifier = self.runner.classifier

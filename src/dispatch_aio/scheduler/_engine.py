@@ -23,8 +23,13 @@ attempt sends one RunRequest; its outcome moves the call:
   ``STATUS_NOT_FOUND``). The result is queued for the parent with the correlation id
   the parent gave.
 - a temporary status (and HTTP/network failures): retried after an exponential
-  backoff with full jitter; INCOMPATIBLE_STATE restarts the call from the input of
-  its current run. Retries are bounded only for failures the function itself answered
+  backoff with jitter; INCOMPATIBLE_STATE restarts the call from the input of its
+  current run. The call's own policy (``Call.policy``, its function's, see
+  `_limits`) chooses the statuses retried, the backoff and the attempts, else
+  `EngineSettings.retry` does; its ``timeout`` bounds each attempt, and an attempt
+  cut by it counts as a TIMEOUT answer. Before each attempt the function's
+  concurrency and rate limits are asked (`_limits.Limits`): a call beyond them waits.
+  Retries are bounded only for failures the function itself answered
   (see `RetryPolicy.max_attempts`): after that many in a row, the last answer is the
   call's result, so its caller receives the exception the function raised (a
   ``TimeoutError`` reaches the caller's ``except TimeoutError``). A function that
@@ -511,6 +516,41 @@ class Engine:
             stopped += 1
         return stopped
 
+    def _cancel_abandoned(self, poller_id: str, generation: int, outcome: Outcome) -> None:
+        """Cancel the calls a run answered it no longer awaits (``abandoned_calls``)."""
+        response = outcome.response
+        if response is None:
+            return
+        directive = response.WhichOneof("directive")
+        if directive == "poll":
+            abandoned = set(response.poll.abandoned_calls)
+        elif directive == "exit":
+            abandoned = set(response.exit.abandoned_calls)
+        else:
+            return
+        if not abandoned:
+            return
+        targets = [
+            live.rec.id
+            for live in self._live.values()
+            if live.rec.parent_id == poller_id
+            and live.rec.parent_generation == generation
+            and live.rec.correlation_id in abandoned
+        ]
+        for dispatch_id in targets:
+            logger.debug("call %s: cancelled, its caller %s abandoned it", dispatch_id, poller_id)
+            task = asyncio.get_running_loop().create_task(self._cancel_quietly(dispatch_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_quietly(self, dispatch_id: str) -> None:
+        try:
+            await self.cancel(dispatch_id)
+        except (LookupError, EngineClosedError):
+            pass  # finished and forgotten, or the scheduler stops: nothing left to cancel
+        except Exception:
+            logger.exception("call %s: its cancellation failed", dispatch_id)
+
     async def _cancel_resume(self, live: _Live) -> None:
         """Resume a suspended call being cancelled, marked so, within the grace period.
 
@@ -710,9 +750,11 @@ class Engine:
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
                 WRITE_ALONE.set(len(self._tasks) == 1)
+                generation = rec.generation
                 if not await self._handle(live, outcome, delivered, counted=timed_out):
                     live.queue.extendleft(reversed(delivered))
                 delivered = []
+                self._cancel_abandoned(rec.id, generation, outcome)
             live.stalls = 0
             live.stall_until = 0.0
         except asyncio.CancelledError:
