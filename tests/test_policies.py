@@ -7,6 +7,7 @@ scheduler reaching the app over HTTP on loopback, restarted on its database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import time
@@ -17,6 +18,8 @@ import pytest
 
 from dispatch_aio import Dispatch, RateLimit, RetryPolicy, Status
 from dispatch_aio.errors import DispatchTimeoutError, PermanentError
+from dispatch_aio.proto.sdk.v1 import call_pb2
+from dispatch_aio.proto.v1 import policy_pb2
 from dispatch_aio.scheduler import Scheduler
 from dispatch_aio.testing import Environment
 
@@ -230,3 +233,43 @@ def test_policies_are_checked_at_decoration() -> None:
         RetryPolicy(jitter=2)
     with pytest.raises(ValueError, match="per_second must be positive"):
         RateLimit(per_second=0)
+
+
+async def test_an_invalid_policy_is_refused_at_submission(scheduler: Scheduler) -> None:
+    backwards = policy_pb2.RetryPolicy(initial_backoff=5, max_backoff=1)
+    call = call_pb2.Call(
+        function="f",
+        endpoint="http://127.0.0.1:9",
+        policy=policy_pb2.FunctionPolicy(retry=backwards),
+    )
+    with pytest.raises(ValueError, match=r"calls\[0\]\.policy is invalid: RetryPolicy needs"):
+        await scheduler.dispatch([call])
+
+
+async def test_calls_made_by_a_function_carry_the_policy(tmp_path: Path) -> None:
+    app = Dispatch(env={}, data_dir=str(tmp_path))
+    spans: list[tuple[float, float]] = []
+    attempts: list[int] = []
+
+    @app.function(concurrency=2)
+    async def work(i: int) -> int:
+        start = time.monotonic()
+        await asyncio.sleep(0.1)
+        spans.append((start, time.monotonic()))
+        return i
+
+    @app.function(retry=RetryPolicy(max_attempts=2, **FAST))
+    async def flaky() -> None:
+        attempts.append(1)
+        raise ConnectionError("down")
+
+    @app.function
+    async def fan_out() -> list[int]:
+        with contextlib.suppress(ConnectionError):
+            await flaky()
+        return list(await asyncio.gather(*(work(i) for i in range(6))))
+
+    async with await app.start():
+        assert await app.client.result(await fan_out.dispatch(), timeout=10) == list(range(6))
+    assert most_at_once(spans) == 2
+    assert len(attempts) == 2

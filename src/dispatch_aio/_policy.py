@@ -5,6 +5,15 @@ every call of the function in ``Call.policy`` (field 1000, a
 ``dispatch_aio.v1.FunctionPolicy``), which other schedulers skip, and the expiration in
 the protocol's own ``Call.expiration``. dispatch_aio's scheduler stores it with the call
 and applies it. The scheduler's own `RetryPolicy` default is the same class.
+
+Why with each call rather than a manifest the scheduler fetches from the endpoint: the
+scheduler knows the policy from a call's first attempt, even while the application is
+down, with no extra request that could fail or go stale; the three ways to run
+(in process, ``dispatch-aio run``, a separate server) carry it the same way; and a
+stored call keeps the policy it was made under across scheduler restarts. The cost:
+calls that another program builds by hand carry no policy unless given one
+(``Call(policy=...)``); they share the function's concurrency and rate limits, which
+the scheduler takes from the latest policy it saw for the function.
 """
 
 from __future__ import annotations
