@@ -324,7 +324,8 @@ class Environment:
             (needed when functions do real I/O with timeouts).
         max_attempts: Attempts in all (the first included) of a call that fails
             with a temporary status before its error is final, as the scheduler's
-            ``--max-attempts``.
+            ``--max-attempts``. A function's own ``retry`` policy wins (its
+            attempts, statuses and backoff).
         retry_delay: Seconds before the first retry; doubles at each retry.
         workers: With ``replay="process"``, the `WorkerPool` to run requests
             in, to share its spare interpreters between environments; by
