@@ -50,6 +50,7 @@ def test_field_numbers() -> None:
         "input": 4,
         "expiration": 5,
         "version": 6,
+        "policy": 1000,  # dispatch_aio's extension, skipped by other schedulers
     }
     assert {k: v[0] for k, v in _fields(call_pb2.CallResult).items()} == {
         "correlation_id": 1,
@@ -64,6 +65,7 @@ def test_field_numbers() -> None:
         "max_results": 4,
         "min_results": 5,
         "typed_coroutine_state": 6,
+        "abandoned_calls": 1000,  # dispatch_aio's extension
     }
     assert {k: v[0] for k, v in _fields(poll_pb2.PollResult).items()} == {
         "coroutine_state": 1,
@@ -80,6 +82,7 @@ def test_field_numbers() -> None:
         "root_dispatch_id": 6,
         "creation_time": 7,
         "expiration_time": 8,
+        "generation": 1000,  # dispatch_aio's extension
     }
     assert {k: v[0] for k, v in _fields(function_pb2.RunResponse).items()} == {
         "status": 1,

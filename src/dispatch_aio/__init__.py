@@ -13,6 +13,7 @@ from ._client import Call, Client
 from ._dispatch import Batch, Dispatch
 from ._endpoint import EndpointServer
 from ._function import Function
+from ._policy import RateLimit, RetryPolicy
 from ._status import Status
 from .durable import (
     deprecate_patch,
@@ -32,6 +33,8 @@ __all__ = [
     "Dispatch",
     "EndpointServer",
     "Function",
+    "RateLimit",
+    "RetryPolicy",
     "Status",
     "__version__",
     "deprecate_patch",

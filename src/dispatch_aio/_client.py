@@ -47,7 +47,8 @@ from . import __version__, errors
 from ._codec import decode_error, decode_value, encode_input
 from ._config import Config
 from ._function import check_function_name
-from .durable import in_durable_function, run_on_host
+from ._policy import FunctionPolicy, apply_policy
+from .durable import current_run, in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import control_pb2, inspect_pb2
 from .scheduler.store import StoreError
@@ -104,6 +105,10 @@ class Call:
     submissions with one key within its retention period (24 hours by default), and
     answers each with the same dispatch id. None gives the call a random key for each
     `Client.dispatch`, which makes its retries safe but not a second submission."""
+    policy: FunctionPolicy | None = None
+    """How dispatch_aio's scheduler runs the call (retries, attempt timeout, concurrency
+    and rate limits; see `Dispatch.function`); ``fn.dispatch()`` gives the function's.
+    Its expiration applies when `expiration` is None. Other schedulers ignore it."""
     _input: any_pb2.Any = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +139,8 @@ class Call:
         )
         if self.expiration is not None:
             call.expiration.FromTimedelta(self.expiration)
+        if self.policy is not None:
+            apply_policy(call, self.policy)
         return call
 
 
@@ -247,8 +254,9 @@ class Client:
 
         Calls without an endpoint get the client's endpoint URL, and calls without an
         idempotency key a random one, kept across the retries of this submission. Inside
-        a durable function the request runs on the host event loop and is not journaled:
-        it is sent again when the function replays.
+        a durable function the request runs on the host event loop, and calls without a
+        key get one that the function's replays make again (see `Function.dispatch`):
+        a replay gets the same dispatch ids and creates nothing.
 
         Args:
             calls: The calls to submit.
@@ -271,6 +279,16 @@ class Client:
         calls = list(calls)
         if not calls:
             return []
+        run = current_run()
+        if run is not None:
+            # Submitted by a durable function: keys that its replays make again, so a
+            # replay gets the first submission's dispatch ids back.
+            calls = [
+                call
+                if call.idempotency_key is not None
+                else dataclasses.replace(call, idempotency_key=run.submission_key())
+                for call in calls
+            ]
         local = self._local()
         if local is not None:
             # Handed over in memory, a submission is never sent twice: only the caller's

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, ParamSpec, Self, TypeVar, overload
 
@@ -27,6 +28,7 @@ from ._endpoint import (
     EndpointServer,
 )
 from ._function import Function
+from ._policy import FunctionPolicy, RateLimit, RetryPolicy, seconds
 from ._serving import (
     IDLE_TIMEOUT,
     ConnectionGuard,
@@ -207,6 +209,11 @@ class Dispatch:
         *,
         name: str | None = None,
         on_divergence: DivergencePolicy | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        expiration: float | timedelta | None = None,
+        concurrency: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> Callable[[_AsyncFn[P, R]], Function[P, R]]: ...
 
     def function(
@@ -216,6 +223,11 @@ class Dispatch:
         *,
         name: str | None = None,
         on_divergence: DivergencePolicy | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        expiration: float | timedelta | None = None,
+        concurrency: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> Function[Any, Any] | Callable[[_AsyncFn[..., Any]], Function[Any, Any]]:
         """Register an ``async def`` function as a durable function.
 
@@ -228,19 +240,47 @@ class Dispatch:
             name: The name it is called under; default ``fn.__qualname__``.
             on_divergence: This function's divergence policy (``"restart"`` or
                 ``"fail"``); default: the `Dispatch` object's.
+            retry: How the scheduler retries the function's failed attempts
+                (`RetryPolicy`: attempts, backoff, statuses retried); default: the
+                scheduler's (10 attempts, the temporary statuses).
+            timeout: Seconds (or a `timedelta`) one attempt may take: one run from the
+                input, or one resume of a suspended function. An attempt that takes
+                longer fails with STATUS_TIMEOUT and counts towards ``retry``'s
+                ``max_attempts``. Default: the scheduler's request timeout (300 s).
+            expiration: Seconds a call may take in all, retries and suspensions
+                included; past it the call fails with STATUS_TIMEOUT. Default: the
+                scheduler's (7 days). A call's own ``Call.expiration`` wins.
+            concurrency: Attempts of the function in flight at once across the
+                scheduler (all its calls, all callers); calls beyond it wait their turn,
+                first come first served. A suspended call holds no slot.
+            rate_limit: How often runs of the function may start (`RateLimit`, a token
+                bucket); runs without a token wait.
+
+        The policy travels with every call of the function (``Call.policy``, which
+        other schedulers ignore; the expiration in the protocol's ``Call.expiration``),
+        and dispatch_aio's scheduler keeps it with the call, so a restarted scheduler
+        applies it still. ``dispatch_aio.testing`` honours ``retry``.
 
         Returns:
             The `Function`, or a decorator that registers one.
 
         Raises:
-            TypeError: `fn` is not an ``async def`` function, or a name was passed
-                positionally.
-            ValueError: The name is invalid or already registered.
+            TypeError: `fn` is not an ``async def`` function, a name was passed
+                positionally, or ``retry``/``rate_limit`` has the wrong type.
+            ValueError: The name is invalid or already registered, or a policy value is
+                out of range (a timeout that is not positive, concurrency below 1 ...).
         """
         if fn is None:
+            policy = FunctionPolicy(
+                retry=retry,
+                timeout=seconds(timeout, "timeout"),
+                expiration=seconds(expiration, "expiration"),
+                concurrency=concurrency,
+                rate_limit=rate_limit,
+            )
 
             def register(fn: _AsyncFn[..., Any]) -> Function[Any, Any]:
-                return self._register(fn, name, on_divergence)
+                return self._register(fn, name, on_divergence, policy)
 
             return register
         if isinstance(fn, str):
@@ -248,14 +288,18 @@ class Dispatch:
                 f"@dispatch.function({fn!r}): pass the name as a keyword, "
                 f"@dispatch.function(name={fn!r})"
             )
-        return self._register(fn, name, None)
+        return self._register(fn, name, None, None)
 
     def _register(
-        self, fn: _AsyncFn[P, R], name: str | None, on_divergence: DivergencePolicy | None
+        self,
+        fn: _AsyncFn[P, R],
+        name: str | None,
+        on_divergence: DivergencePolicy | None,
+        policy: FunctionPolicy | None,
     ) -> Function[P, R]:
         if isinstance(fn, Function):
             raise TypeError(f"{fn!r} is already a registered function")
-        function = Function(fn, name, owner=self, on_divergence=on_divergence)
+        function = Function(fn, name, owner=self, on_divergence=on_divergence, policy=policy)
         existing = self._functions.get(function.name)
         if existing is not None:
             where = f"{existing.fn.__module__}.{existing.fn.__qualname__}"
@@ -473,8 +517,13 @@ class Dispatch:
         embedded = EmbeddedScheduler(
             self._config, self._endpoint, self._config.local_endpoint_url()
         )
-        await embedded.start()
+        # Known before it starts: the calls it picks up may submit calls as they run.
         self._embedded = embedded
+        try:
+            await embedded.start()
+        except BaseException:
+            self._embedded = None
+            raise
         api = f", web UI on {embedded.ui_url}" if embedded.ui_url else ""
         unfinished = embedded.scheduler.unfinished
         resumed = f"; {unfinished} unfinished calls picked up" if unfinished else ""
@@ -623,7 +672,7 @@ class Batch:
                 f"{fn.name} is not a function of this batch's Dispatch object; use the "
                 "batch() of the Dispatch object it is registered with, or add_call()"
             )
-        self._calls.append(Call(fn.name, args, kwargs))
+        self._calls.append(Call(fn.name, args, kwargs, policy=fn.policy))
 
     def add_call(self, call: Call) -> None:
         """Add a call described by a `Call` (any function name and endpoint)."""

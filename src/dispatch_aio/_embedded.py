@@ -22,6 +22,7 @@ from __future__ import annotations
 
 __all__ = ["EmbeddedScheduler"]
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -56,6 +57,9 @@ class EmbeddedScheduler:
         self.ui_url: str | None = None
         self._scheduler: Scheduler | None = None
         self._connection: Path | None = None
+        # Set once `start` ends: the calls it picks up run while it goes on, and those
+        # that submit calls wait for it (their scheduler is this one).
+        self._started = asyncio.Event()
 
     async def start(self) -> None:
         """Open the data folder, pick up unfinished calls and serve the API.
@@ -67,6 +71,12 @@ class EmbeddedScheduler:
                 damaged.
             OSError: The API address cannot be bound.
         """
+        try:
+            await self._start()
+        finally:
+            self._started.set()
+
+    async def _start(self) -> None:
         data_dir = self._config.data_dir()
         addr = self._config.scheduler_addr()
         api_key = self._config.optional_api_key()  # None: the one kept in the database
@@ -133,14 +143,17 @@ class EmbeddedScheduler:
 
     async def submit(self, calls: list[call_pb2.Call], idempotency_keys: list[str]) -> list[str]:
         """Submit calls with their idempotency keys, as the Dispatch RPC does."""
+        await self._started.wait()
         return await self.scheduler.dispatch(calls, idempotency_keys=idempotency_keys)
 
     async def wait(self, dispatch_id: str, max_seconds: float | None) -> FinishedCall | None:
         """Wait for a call to finish (`Scheduler.wait_done`)."""
+        await self._started.wait()
         return await self.scheduler.wait_done(dispatch_id, max_seconds)
 
     async def cancel(self, dispatch_id: str) -> int | None:
         """Cancel a call tree (`Scheduler.cancel`)."""
+        await self._started.wait()
         return await self.scheduler.cancel(dispatch_id)
 
     async def close(self) -> None:

@@ -63,6 +63,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._config import INSECURE, VERIFICATION_KEY, Config
+from ._policy import apply_policy
 from ._signature import (
     InvalidSignatureError,
     MalformedSignatureError,
@@ -74,7 +75,7 @@ from ._signature import (
 from .durable import Runner
 from .durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from .errors import ConfigurationError
-from .proto.sdk.v1 import function_pb2
+from .proto.sdk.v1 import call_pb2, function_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +339,7 @@ class Endpoint:
             response = await self._runner().run(run_request, journal_delta=delta, cancel=True)
         else:
             response = await self._runner().run(run_request, journal_delta=delta)
+        self._add_policies(response)
         return Reply(200, response.SerializeToString(), _PROTO)
 
     async def run_in_process(
@@ -354,8 +356,25 @@ class Endpoint:
         if request.function not in self._functions:
             raise LookupError(self._not_found(request.function))
         if cancel:
-            return await self._runner().run(request, journal_delta=journal_delta, cancel=True)
-        return await self._runner().run(request, journal_delta=journal_delta)
+            response = await self._runner().run(request, journal_delta=journal_delta, cancel=True)
+        else:
+            response = await self._runner().run(request, journal_delta=journal_delta)
+        self._add_policies(response)
+        return response
+
+    def _add_policies(self, response: function_pb2.RunResponse) -> None:
+        """Give the calls a run makes to this application's functions their policies."""
+        directive = response.WhichOneof("directive")
+        if directive == "poll":
+            calls: list[call_pb2.Call] = list(response.poll.calls)
+        elif directive == "exit" and response.exit.HasField("tail_call"):
+            calls = [response.exit.tail_call]
+        else:
+            return
+        for call in calls:
+            function = self._functions.get(call.function)
+            if function is not None and not call.endpoint and not call.HasField("policy"):
+                apply_policy(call, function.policy)
 
     def _check_headers(self, request: Incoming) -> Reply | None:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()

@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 
 from ._codec import encode_input
+from ._policy import FunctionPolicy
 from .durable import DivergencePolicy, TailCall, durable_call, in_durable_function
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Function(Generic[P, R]):
         *,
         owner: Dispatch | None = None,
         on_divergence: DivergencePolicy | None = None,
+        policy: FunctionPolicy | None = None,
     ) -> None:
         if on_divergence not in (None, "restart", "fail"):
             raise ValueError(
@@ -81,6 +83,7 @@ class Function(Generic[P, R]):
         self._name = check_function_name(name if name is not None else fn.__qualname__)
         self._owner = owner
         self._on_divergence: DivergencePolicy | None = on_divergence
+        self._policy = policy or FunctionPolicy()
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -93,6 +96,11 @@ class Function(Generic[P, R]):
     def on_divergence(self) -> DivergencePolicy | None:
         """The function's divergence policy; None leaves it to the application."""
         return self._on_divergence
+
+    @property
+    def policy(self) -> FunctionPolicy:
+        """How the scheduler runs the function's calls: retries, timeout, limits."""
+        return self._policy
 
     @property
     def fn(self) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -114,10 +122,13 @@ class Function(Generic[P, R]):
         called (a single argument of a well-known type as itself, anything else
         pickled).
 
-        Inside a durable function the request runs on the host event loop; it is
-        not journaled, so it is sent again when the function replays. Submit
-        from a function of its own (``await submit(...)``) to have the dispatch
-        id journaled instead, or simply ``await fn(...)`` for a durable call.
+        Inside a durable function the call is made once: the submission carries an
+        idempotency key named after the running call, its run and the number of
+        submissions before it, so when the function replays (after a crash, in a
+        new process) the submission returns the first one's dispatch id instead of
+        creating the call again, within the scheduler's key retention (24 hours by
+        default). A restart of the call from its input (a divergence) submits anew.
+        ``await fn(...)`` makes a durable call and waits for its result.
 
         Returns:
             The dispatch id of the new call.
@@ -162,7 +173,7 @@ class Function(Generic[P, R]):
             )
         from ._client import Call  # imported here: _client imports this module
 
-        call = Call(self._name, args, kwargs, idempotency_key=idempotency_key)
+        call = Call(self._name, args, kwargs, idempotency_key=idempotency_key, policy=self._policy)
         (dispatch_id,) = await owner.client.dispatch([call])
         return dispatch_id
 

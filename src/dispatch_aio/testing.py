@@ -324,7 +324,8 @@ class Environment:
             (needed when functions do real I/O with timeouts).
         max_attempts: Attempts in all (the first included) of a call that fails
             with a temporary status before its error is final, as the scheduler's
-            ``--max-attempts``.
+            ``--max-attempts``. A function's own ``retry`` policy wins (its
+            attempts, statuses and backoff).
         retry_delay: Seconds before the first retry; doubles at each retry.
         workers: With ``replay="process"``, the `WorkerPool` to run requests
             in, to share its spare interpreters between environments; by
@@ -569,9 +570,19 @@ class Environment:
                     request = self._first_request(info, info.function, input)
                     continue
                 return self._finish(info, status, done.result, nondeterministic=True)
-            # As the scheduler's --max-attempts: attempts in all, the first included.
-            if status.temporary and info.attempts + 1 < self._max_attempts:
+            # As the scheduler's --max-attempts, or the function's own retry policy:
+            # attempts in all, the first included.
+            registered = self._functions.get(info.function)
+            retry = registered.policy.retry if registered is not None else None
+            if retry is not None:
+                limit = retry.max_attempts
+                retried = retry.retries(status)
+            else:
+                limit, retried = self._max_attempts, status.temporary
+            if retried and (limit == 0 or info.attempts + 1 < limit):
                 info.attempts += 1
+                if retry is not None:
+                    delay = retry.backoff(info.attempts, random.Random(info.attempts))
                 await self.clock.sleep_until(self.clock.time() + delay)
                 delay *= 2
                 request = self._first_request(info, info.function, input)

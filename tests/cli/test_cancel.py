@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,11 @@ def test_cancel_a_call_then_see_it_cancelled(
         asyncio.run(result(server, dispatch_id))
     status, out, _ = run(capsys, server, "calls")
     assert status == 0 and "cancelled" in out, out
+    status, out, _ = run(capsys, server, "calls", "--json", "--status", "cancelled")
+    assert status == 0 and [json.loads(line)["dispatch_id"] for line in out.splitlines()] == [
+        dispatch_id
+    ]
+    assert run(capsys, server, "calls", "--json", "--status", "ok")[:2] == (0, "")
     status, out, _ = run(capsys, server, "show", dispatch_id)
     assert status == 0 and "cancelled" in out, out
     status, _, err = run(capsys, server, "cancel", "no-such-id")

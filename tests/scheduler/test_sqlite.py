@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable
@@ -165,3 +166,26 @@ async def test_writes_go_to_the_writer_thread_after_a_slow_commit(store: SQLiteS
     assert await yields_to_the_loop(store.write([InsertCall(record("a"))]), alone=True)
     # That commit was fast: the next write made alone stays on the loop's thread again.
     assert not await yields_to_the_loop(store.write([InsertCall(record("b"))]), alone=True)
+
+
+async def test_a_version_4_database_gains_the_policy_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for migrate in _sqlite._MIGRATIONS[:4]:
+        migrate(conn)
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        await store.write([InsertCall(dataclasses.replace(record("p"), policy=b"\x18\x02"))])
+        found = await store.get_call("p")
+        assert found is not None and found.policy == b"\x18\x02"
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    finally:
+        conn.close()

@@ -74,6 +74,7 @@ async def test_records_round_trip(store: Store) -> None:
         status=6,
         last_error="HTTP 503",
         generation=3,
+        policy=b"\x18\x02",  # a serialized FunctionPolicy: concurrency 2
     )
     await store.write([InsertCall(full)])
     assert await store.get_call("a") == full
@@ -85,6 +86,7 @@ async def test_records_round_trip(store: Store) -> None:
         status=1,
         divergences=2,
         version="2.1",  # a tail call may change it
+        policy=b"",  # and the policy, to that of its new function
     )
     await store.write([UpdateCall(done)])
     assert await store.get_call("a") == done

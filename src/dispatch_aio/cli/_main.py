@@ -235,8 +235,9 @@ def _parser() -> argparse.ArgumentParser:
     calls.add_argument(
         "--status",
         action="append",
-        choices=[*sorted(STATUSES), "failed"],
-        help="only finished calls with this status ('failed': any but ok)",
+        choices=[*sorted(STATUSES), "cancelled", "failed"],
+        help="only finished calls with this status ('failed': any but ok; 'cancelled': "
+        "the calls cancelled, which end with permanent_error)",
     )
     calls.add_argument("--root", metavar="ID", help="only the calls of this call's tree")
     calls.add_argument("--all", action="store_true", help="include calls made by functions")
@@ -557,14 +558,18 @@ async def _calls_command(args: argparse.Namespace, console: Console) -> int:
     if args.limit < 0:
         raise CliError(f"invalid --limit {args.limit}: use 0 (all) or more", code=2)
     statuses: set[int] = set()
+    cancelled = False
     for name in args.status or ():
-        if name == "failed":
+        if name == "cancelled":
+            cancelled = True
+        elif name == "failed":
             statuses.update(v for n, v in STATUSES.items() if n != "ok")
         else:
             statuses.add(STATUSES[name])
     request = inspect_pb2.ListCallsRequest(
         states=[STATES[name] for name in args.state or ()],
         statuses=sorted(statuses),  # type: ignore[arg-type]
+        cancelled=cancelled,
         root_dispatch_id=args.root or "",
         top_level_only=not (args.all or args.root),
         omit_payloads=True,

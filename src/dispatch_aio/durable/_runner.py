@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -191,6 +192,11 @@ class Run:
         self.last_used = 0.0
         self._verified = 0  # while replaying: calls[:_verified] were made again
         self.dispatch_id = ""
+        self.generation = 0  # RunRequest.generation: which run of the dispatch id this is
+        self.submissions = 0  # calls submitted through the API so far (`submission_key`)
+        # Correlation ids of calls whose awaiting task was cancelled, for the next answer
+        # (Poll/Exit.abandoned_calls): the scheduler cancels them.
+        self.abandoned: list[int] = []
         self.app_version = runner.version
         # patched(): the answer per id, ids the journal records, ids to record next Poll,
         # and the ids whose old branch this run takes.
@@ -221,6 +227,20 @@ class Run:
 
     # -- inside the function ----------------------------------------------------
 
+    def submission_key(self) -> str | None:
+        """Return the idempotency key of the next call this run submits through the API.
+
+        The dispatch id, the run's generation and the number of submissions before it
+        name one submission of one run: the same when the run replays (its code submits
+        in the same order), so a replay gets the dispatch id of the first submission
+        back instead of creating the call again. None without a dispatch id (the run
+        was not started by a scheduler).
+        """
+        if not self.dispatch_id:
+            return None
+        self.submissions += 1
+        return f"dispatch_aio/{self.dispatch_id}/{self.generation}/{self.submissions}"
+
     def make_call(
         self, function: str, input: any_pb2.Any, *, call_site: str, endpoint: str
     ) -> DurableFuture[Any]:
@@ -243,6 +263,7 @@ class Run:
                 self._diverge(f"the journal has {call.describe()}, but the code now makes {here}")
             assert call is not None
             call.future = future
+            future.add_done_callback(functools.partial(self._abandon, call))
             self.open_calls += 1
             return future
         call = _Call(
@@ -258,8 +279,14 @@ class Run:
         )
         self.calls.append(call)
         self.by_identity[identity] = call
+        future.add_done_callback(functools.partial(self._abandon, call))
         self.open_calls += 1
         return future
+
+    def _abandon(self, call: _Call, future: DurableFuture[Any]) -> None:
+        """Note a call whose future was cancelled before its result came."""
+        if future.cancelled() and not call.resolved and call.index + 1 not in self.abandoned:
+            self.abandoned.append(call.index + 1)
 
     def track_call(self, call: DurableCall) -> None:
         """Keep a durable call made by the function until it runs (see `unawaited`)."""
@@ -646,7 +673,9 @@ class Run:
             typed_coroutine_state=state,
             min_results=1,
             max_results=max(1, min(self.outstanding, _MAX_RESULTS)),
+            abandoned_calls=self.abandoned,
         )
+        self.abandoned = []
         for call in new_calls:
             assert call.input is not None
             poll.calls.append(
@@ -669,6 +698,13 @@ class Run:
 
     def exit(self) -> function_pb2.RunResponse:
         """Answer with the function's result, error or tail call."""
+        response = self._exit()
+        if response.WhichOneof("directive") == "exit":
+            response.exit.abandoned_calls.extend(self.abandoned)
+        self.abandoned = []
+        return response
+
+    def _exit(self) -> function_pb2.RunResponse:
         root = self.root
         assert root is not None and root.done()
         classifier = self.runner.classifier
@@ -925,6 +961,7 @@ class Runner:
             except DecodeError as exc:
                 return error_response(exc, Status.INVALID_ARGUMENT)
         run.dispatch_id = request.dispatch_id
+        run.generation = request.generation
         try:
             if cancel and directive == "poll_result":
                 return await self._cancel(run)
@@ -946,6 +983,7 @@ class Runner:
             now,
             now - time.monotonic(),
         )
+        run.dispatch_id, run.generation = request.dispatch_id, request.generation
         run.start(args, kwargs)
         return run
 
@@ -956,7 +994,7 @@ class Runner:
         run = await self._take(request) if ref is None else await self._take_ref(request, ref)
         if run is None:
             journal, state = decode_state(request.poll_result, request.function)
-            run = await self._replay(journal, state, fn)
+            run = await self._replay(journal, state, fn, request)
         run.apply_poll_result(request.poll_result)
         return run
 
@@ -1044,7 +1082,11 @@ class Runner:
         return None
 
     async def _replay(
-        self, journal: journal_pb2.Journal, state: bytes, fn: Callable[..., Awaitable[Any]]
+        self,
+        journal: journal_pb2.Journal,
+        state: bytes,
+        fn: Callable[..., Awaitable[Any]],
+        request: function_pb2.RunRequest | None = None,
     ) -> Run:
         try:
             args, kwargs = decode_input(journal.input)
@@ -1061,6 +1103,8 @@ class Runner:
             journal.monotonic_offset,
             journal.polls,
         )
+        if request is not None:  # known before the code runs again: see `submission_key`
+            run.dispatch_id, run.generation = request.dispatch_id, request.generation
         run.replaying = run.loop.replaying = True
         run.recorded_patches = frozenset(journal.patches)
         run.app_version = journal.app_version

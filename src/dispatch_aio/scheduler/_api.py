@@ -42,6 +42,7 @@ from google.protobuf import (
 )
 from google.protobuf.message import DecodeError, Message
 
+from .._status import Status
 from ..proto.sdk.python.v1 import pickled_pb2
 from ..proto.sdk.v1 import dispatch_pb2
 from ..proto.v1 import control_pb2, inspect_pb2
@@ -262,9 +263,21 @@ class _Service:
         phases = {p for s in states for p in _PHASES_OF_STATE.get(s, ())}
         if states and not phases:
             raise _ConnectError(400, "invalid_argument", "states has no valid CallState")
+        statuses: set[int] = set(req.statuses)
+        if req.cancelled:
+            # Cancelled calls end with PERMANENT_ERROR: read those, keep the cancelled.
+            statuses.add(Status.PERMANENT_ERROR)
+
+        def wanted(rec: CallRecord) -> bool:
+            if states and self._state(rec) not in states:
+                return False
+            if not req.cancelled or rec.status in req.statuses:
+                return True
+            return is_cancelled(rec)
+
         query = CallQuery(
             phases=tuple(sorted(phases)),
-            statuses=tuple(req.statuses),
+            statuses=tuple(sorted(statuses)),
             root_id=req.root_dispatch_id,
             parent_id="" if req.top_level_only else None,
             after=after,
@@ -273,9 +286,7 @@ class _Service:
         found: list[tuple[int, CallRecord]] = []
         while len(found) <= limit:
             rows = await self._store.list_calls(query)
-            for seq, rec in rows:
-                if not states or self._state(rec) in states:
-                    found.append((seq, rec))
+            found.extend((seq, rec) for seq, rec in rows if wanted(rec))
             if len(rows) < (query.limit or 0):
                 break
             query = dataclasses.replace(query, after=rows[-1][0])

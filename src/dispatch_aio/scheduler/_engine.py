@@ -23,8 +23,13 @@ attempt sends one RunRequest; its outcome moves the call:
   ``STATUS_NOT_FOUND``). The result is queued for the parent with the correlation id
   the parent gave.
 - a temporary status (and HTTP/network failures): retried after an exponential
-  backoff with full jitter; INCOMPATIBLE_STATE restarts the call from the input of
-  its current run. Retries are bounded only for failures the function itself answered
+  backoff with jitter; INCOMPATIBLE_STATE restarts the call from the input of its
+  current run. The call's own policy (``Call.policy``, its function's, see
+  `_limits`) chooses the statuses retried, the backoff and the attempts, else
+  `EngineSettings.retry` does; its ``timeout`` bounds each attempt, and an attempt
+  cut by it counts as a TIMEOUT answer. Before each attempt the function's
+  concurrency and rate limits are asked (`_limits.Limits`): a call beyond them waits.
+  Retries are bounded only for failures the function itself answered
   (see `RetryPolicy.max_attempts`): after that many in a row, the last answer is the
   call's result, so its caller receives the exception the function raised (a
   ``TimeoutError`` reaches the caller's ``except TimeoutError``). A function that
@@ -60,7 +65,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import random
 import secrets
 import time
@@ -70,11 +74,13 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
+from .._policy import RetryPolicy
 from .._status import Status
 from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
 from ._invoker import Invoker, Outcome
+from ._limits import Admission, CallPolicy, Limits, parse_policy, policy_problem
 from ._partitions import Moved, Partitions, announce
 from ._validate import call_problem
 from .store import (
@@ -145,49 +151,6 @@ class EngineClosedError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Backoff between attempts of a call that failed with a temporary status.
-
-    The delay before retry n (1-based) is drawn uniformly from
-    ``[0, min(max_backoff, initial_backoff * multiplier ** (n - 1))]`` (full jitter).
-    """
-
-    initial_backoff: float = 0.1
-    """Upper bound of the first delay, in seconds."""
-    max_backoff: float = 30.0
-    """Upper bound of any delay, in seconds."""
-    multiplier: float = 2.0
-    """Growth of the upper bound per consecutive failure."""
-    max_attempts: int = 10
-    """Attempts in a row that the function may answer with a temporary status (it
-    raised ``TimeoutError``, ``ConnectionError``, `errors.TemporaryError` ...) before
-    its last answer becomes the call's result, error included; 0 retries until the call
-    expires. Attempts that get no answer from the function (endpoint unreachable, HTTP
-    error, no response within the request timeout) are not counted: those are retried
-    until the call expires."""
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.initial_backoff <= self.max_backoff):
-            raise ValueError(
-                "RetryPolicy needs 0 <= initial_backoff <= max_backoff, got "
-                f"{self.initial_backoff} and {self.max_backoff}"
-            )
-        if self.multiplier < 1:
-            raise ValueError(f"RetryPolicy.multiplier must be at least 1, got {self.multiplier}")
-        if self.max_attempts < 0:
-            raise ValueError(f"RetryPolicy.max_attempts must be >= 0, got {self.max_attempts}")
-
-    def backoff(self, failures: int, rng: random.Random) -> float:
-        """Return the delay before the retry that follows `failures` failures."""
-        exponent = min(max(failures - 1, 0), 1000)
-        try:
-            cap = self.initial_backoff * self.multiplier**exponent
-        except OverflowError:
-            cap = math.inf
-        return rng.uniform(0, min(self.max_backoff, cap))
-
-
-@dataclass(frozen=True, slots=True)
 class EngineSettings:
     """Tunables of the engine."""
 
@@ -230,10 +193,12 @@ class _Live:
 
     __slots__ = (
         "cancelling",
+        "policy",
         "queue",
         "rec",
         "requesting",
         "running",
+        "slot",
         "stall_until",
         "stalls",
         "task",
@@ -245,6 +210,8 @@ class _Live:
 
     def __init__(self, rec: CallRecord) -> None:
         self.rec = rec
+        self.policy: CallPolicy | None = parse_policy(rec.policy)
+        self.slot: tuple[str, str] | None = None  # the function whose slot the attempt holds
         # Committed results of children, oldest first: (seq, result).
         self.queue: collections.deque[tuple[int, call_pb2.CallResult]] = collections.deque()
         self.running = False
@@ -315,6 +282,7 @@ class Engine:
         self._delta = self._settings.journal_delta and store.keeps_segments
         self._live: dict[str, _Live] = {}
         self._running: set[str] = set()  # ids of the calls with an attempt in flight
+        self._limits: Limits[_Live] = Limits()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = _Ids()
         self._seq = 1
@@ -352,7 +320,8 @@ class Engine:
         self._seq = snapshot.next_seq
         self._closed = False
         for rec in snapshot.calls:
-            self._live[rec.id] = _Live(rec)
+            live = self._live[rec.id] = _Live(rec)
+            self._limits.learn(_function_key(rec), live.policy)
         stale: list[int] = []
         for queued in snapshot.results:
             poller = self._live.get(queued.poller_id)
@@ -413,7 +382,10 @@ class Engine:
         problems = [
             problem
             for i, call in enumerate(calls)
-            if (problem := call_problem(call, f"calls[{i}]", default_endpoint=default))
+            if (
+                problem := call_problem(call, f"calls[{i}]", default_endpoint=default)
+                or policy_problem(call, f"calls[{i}]")
+            )
         ]
         keyed = _keyed(calls, idempotency_keys, problems)
         if problems:
@@ -609,6 +581,41 @@ class Engine:
             stopped += 1
         return stopped
 
+    def _cancel_abandoned(self, poller_id: str, generation: int, outcome: Outcome) -> None:
+        """Cancel the calls a run answered it no longer awaits (``abandoned_calls``)."""
+        response = outcome.response
+        if response is None:
+            return
+        directive = response.WhichOneof("directive")
+        if directive == "poll":
+            abandoned = set(response.poll.abandoned_calls)
+        elif directive == "exit":
+            abandoned = set(response.exit.abandoned_calls)
+        else:
+            return
+        if not abandoned:
+            return
+        targets = [
+            live.rec.id
+            for live in self._live.values()
+            if live.rec.parent_id == poller_id
+            and live.rec.parent_generation == generation
+            and live.rec.correlation_id in abandoned
+        ]
+        for dispatch_id in targets:
+            logger.debug("call %s: cancelled, its caller %s abandoned it", dispatch_id, poller_id)
+            task = asyncio.get_running_loop().create_task(self._cancel_quietly(dispatch_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_quietly(self, dispatch_id: str) -> None:
+        try:
+            await self.cancel(dispatch_id)
+        except (LookupError, EngineClosedError):
+            pass  # finished and forgotten, or the scheduler stops: nothing left to cancel
+        except Exception:
+            logger.exception("call %s: its cancellation failed", dispatch_id)
+
     async def _cancel_resume(self, live: _Live) -> None:
         """Resume a suspended call being cancelled, marked so, within the grace period.
 
@@ -684,12 +691,20 @@ class Engine:
     # Scheduling.
 
     def _adopt(self, rec: CallRecord) -> None:
-        live = _Live(rec)
+        live = self._new_live(rec)
         self._live[rec.id] = live
         self._arm(live)
 
     def _new_live(self, rec: CallRecord) -> _Live:
-        return _Live(rec)
+        live = _Live(rec)
+        self._limits.learn(_function_key(rec), live.policy)
+        return live
+
+    def _let_go(self, live: _Live) -> None:
+        """Forget a call another replica drives from now on."""
+        del self._live[live.rec.id]
+        self._running.discard(live.rec.id)
+        self._limits.forget(_function_key(live.rec), live)
 
     def _fence(self, rec: CallRecord) -> list[Op]:
         """The fence of a write driving `rec` when replicas share the store, else none."""
@@ -724,11 +739,41 @@ class Engine:
             live.timer.cancel()
             live.timer = None
         if when <= now:
-            self._start(live)
+            if self._admit(live, now):
+                self._start(live)
         else:
             loop = asyncio.get_running_loop()
             live.timer = loop.call_later(when - now + _TIMER_SLACK, self._fire, live)
             live.timer_at = when
+
+    def _admit(self, live: _Live, now: float) -> bool:
+        """Take a slot of the call's function for its attempt, if it has limits.
+
+        Returns False when the attempt must wait: queued for a slot (`_release` arms it
+        again), or with a timer set for the next rate token.
+        """
+        key = _function_key(live.rec)
+        if not self._limits.limited(key):
+            return True
+        starting = live.rec.phase is Phase.PENDING
+        admission, delay = self._limits.admit(key, live, takes_token=starting, now=now)
+        if admission is Admission.GO:
+            live.slot = key
+            return True
+        if admission is Admission.LATER:
+            loop = asyncio.get_running_loop()
+            live.timer = loop.call_later(delay + _TIMER_SLACK, self._fire, live)
+            live.timer_at = now + delay
+        return False
+
+    def _release(self, live: _Live) -> None:
+        """Give back the slot the call's attempt held; start the calls waiting for it."""
+        key, live.slot = live.slot, None
+        if key is None:
+            return
+        for waiting in self._limits.release(key):
+            if self._live.get(waiting.rec.id) is waiting:
+                self._arm(waiting)
 
     def _fire(self, live: _Live) -> None:
         live.timer = None
@@ -753,6 +798,11 @@ class Engine:
             else:
                 request, delivered = self._request(live)
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
+                limit = live.policy.timeout if live.policy is not None else None
+                if limit is not None and limit < timeout:
+                    timeout = limit
+                else:
+                    limit = None
                 live.requesting = True  # until the answer: `cancel` may stop the request
                 outcome = await self._invoker.run(
                     self._endpoint(rec), request, timeout, journal_delta=self._delta
@@ -768,12 +818,24 @@ class Engine:
                         self._endpoint(rec), request, timeout, journal_delta=self._delta
                     )
                 live.requesting = False
+                timed_out = (
+                    limit is not None
+                    and outcome.response is None
+                    and outcome.status is Status.TIMEOUT
+                )
+                if timed_out:
+                    outcome = Outcome(
+                        Status.TIMEOUT,
+                        error=f"the attempt outlived the function's timeout of {limit:.6g} s",
+                    )
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
                 WRITE_ALONE.set(len(self._tasks) == 1)
-                if not await self._handle(live, outcome, delivered):
+                generation = rec.generation
+                if not await self._handle(live, outcome, delivered, counted=timed_out):
                     live.queue.extendleft(reversed(delivered))
                 delivered = []
+                self._cancel_abandoned(rec.id, generation, outcome)
             live.stalls = 0
             live.stall_until = 0.0
         except asyncio.CancelledError:
@@ -792,6 +854,7 @@ class Engine:
             live.requesting = False
             live.task = None
             self._running.discard(live.rec.id)
+            self._release(live)
         self._arm(live)
 
     def _endpoint(self, rec: CallRecord) -> str:
@@ -809,6 +872,7 @@ class Engine:
             dispatch_id=rec.id,
             parent_dispatch_id=rec.parent_id,
             root_dispatch_id=rec.root_id,
+            generation=rec.generation,
         )
         request.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
         request.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
@@ -835,7 +899,12 @@ class Engine:
     # Outcomes. Each returns True when the delivered results were consumed.
 
     async def _handle(
-        self, live: _Live, outcome: Outcome, delivered: list[tuple[int, call_pb2.CallResult]]
+        self,
+        live: _Live,
+        outcome: Outcome,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        *,
+        counted: bool = False,
     ) -> bool:
         rec = live.rec
         now = self._clock()
@@ -865,16 +934,21 @@ class Engine:
                 )
         status = outcome.status
         failure = _describe(outcome)
-        retry = self._settings.retry
+        retry = self._retry(live)
         diverged = _diverged(outcome)
         if diverged is not None:
             self._report_divergence(rec, status, diverged)
-        if status.temporary:
+        unanswered = response is None and not counted
+        if (
+            status is Status.INCOMPATIBLE_STATE
+            or (unanswered and status.temporary)
+            or (not unanswered and retry.retries(status))
+        ):
             if now >= rec.expires_at:
                 await self._expire(live, delivered, failure)
                 return True
             failures = rec.failures
-            if response is None:
+            if unanswered:
                 live.unreachable += 1
             else:
                 failures += 1
@@ -914,6 +988,13 @@ class Engine:
         )
         return True
 
+    def _retry(self, live: _Live) -> RetryPolicy:
+        """The retry policy of a call: its function's, else the scheduler's."""
+        policy = live.policy
+        if policy is not None and policy.retry is not None:
+            return policy.retry
+        return self._settings.retry
+
     def _report_divergence(self, rec: CallRecord, status: Status, report: str) -> None:
         what = (
             "restarts from its input"
@@ -940,7 +1021,9 @@ class Engine:
         rec = live.rec
         problem = None
         for i, call in enumerate(poll.calls):
-            problem = call_problem(call, f"calls[{i}]", default_endpoint=rec.endpoint)
+            problem = call_problem(
+                call, f"calls[{i}]", default_endpoint=rec.endpoint
+            ) or policy_problem(call, f"calls[{i}]")
             if problem is not None:
                 break
         children: list[CallRecord] = []
@@ -1002,7 +1085,9 @@ class Engine:
     ) -> None:
         rec = live.rec
         tail = response.exit.tail_call
-        problem = call_problem(tail, "tail_call", default_endpoint=rec.endpoint)
+        problem = call_problem(tail, "tail_call", default_endpoint=rec.endpoint) or policy_problem(
+            tail, "tail_call"
+        )
         if problem is not None:
             failure = f"the function answered an invalid tail call: {problem}"
             await self._finish(live, Status.INVALID_ARGUMENT, None, failure, delivered)
@@ -1014,6 +1099,7 @@ class Engine:
             function=tail.function,
             version=tail.version or rec.version,
             input=tail.input.SerializeToString() if tail.HasField("input") else b"",
+            policy=tail.policy.SerializeToString() if tail.HasField("policy") else b"",
             due_at=None,
             attempts=rec.attempts + 1,
             failures=0,
@@ -1023,6 +1109,8 @@ class Engine:
         )
         await self._replace_run(live, new, delivered)
         live.unreachable = 0
+        live.policy = parse_policy(new.policy)
+        self._limits.learn(_function_key(new), live.policy)
 
     async def _restart(
         self,
@@ -1138,6 +1226,7 @@ class Engine:
         del self._live[rec.id]
         if self._parts is not None:
             self._parts.ended(rec.id)
+        self._limits.forget(_function_key(rec), live)
         if live.timer is not None:
             live.timer.cancel()
             live.timer = None
@@ -1188,11 +1277,17 @@ class Engine:
             function=call.function,
             input=call.input.SerializeToString() if call.HasField("input") else b"",
             version=call.version or (parent.version if parent is not None else ""),
+            policy=call.policy.SerializeToString() if call.HasField("policy") else b"",
             created_at=now,
             expires_at=expires_at,
             phase=Phase.PENDING,
             updated_at=now,
         )
+
+
+def _function_key(rec: CallRecord) -> tuple[str, str]:
+    """The function a call runs, whose concurrency and rate limits it shares."""
+    return rec.endpoint, rec.function
 
 
 def is_cancelled(rec: CallRecord) -> bool:

@@ -361,8 +361,7 @@ class Partitions:
                 live.timer = None
             if live.task is not None and live.task is not current:
                 live.task.cancel()
-            del engine._live[live.rec.id]
-            engine._running.discard(live.rec.id)
+            engine._let_go(live)
             for waiter in live.waiters:
                 if not waiter.done():
                     waiter.set_exception(Moved())

@@ -239,6 +239,7 @@ class ListCallsRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     OMIT_PAYLOADS_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
     root_dispatch_id: _builtins.str
     """Only calls of this call tree."""
     top_level_only: _builtins.bool
@@ -249,6 +250,10 @@ class ListCallsRequest(_message.Message):
     """The next_page_token of a previous response."""
     omit_payloads: _builtins.bool
     """Leave input and result out of the calls (smaller responses)."""
+    cancelled: _builtins.bool
+    """Also the calls that were cancelled (CallInfo.cancelled); with no statuses
+    given, only those.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___CallState.ValueType]:
         """Only calls in one of these states (all states when empty)."""
@@ -269,10 +274,11 @@ class ListCallsRequest(_message.Message):
         limit: _builtins.int = ...,
         page_token: _builtins.str = ...,
         omit_payloads: _builtins.bool = ...,
+        cancelled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "omit_payloads", b"omit_payloads", "page_token", b"page_token", "root_dispatch_id", b"root_dispatch_id", "states", b"states", "statuses", b"statuses", "top_level_only", b"top_level_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "limit", b"limit", "omit_payloads", b"omit_payloads", "page_token", b"page_token", "root_dispatch_id", b"root_dispatch_id", "states", b"states", "statuses", b"statuses", "top_level_only", b"top_level_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

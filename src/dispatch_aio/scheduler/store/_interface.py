@@ -169,6 +169,9 @@ class CallRecord:
     divergences: int = 0
     """Runs of the call that diverged from their journal (answered with a
     ``NondeterminismError``): restarted from the input, or the call's end."""
+    policy: bytes = b""
+    """Serialized ``dispatch_aio.v1.FunctionPolicy`` of the current run's function (from
+    ``Call.policy``); empty when the call carries none."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -227,7 +227,15 @@ BEGIN
     END IF;
 END $$;
 """
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+# Version 5: the policy each call carries (retries, attempt timeout, concurrency, rate).
+_SCHEMA_V5 = "ALTER TABLE dispatch_calls ADD COLUMN policy bytea NOT NULL DEFAULT ''"
+_MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA_V1,
+    _SCHEMA_V2,
+    _SCHEMA_V3,
+    _SCHEMA_V4,
+    _SCHEMA_V5,
+)
 
 _INSERT_CALL = (
     f"INSERT INTO dispatch_calls ({', '.join(CALL_COLUMNS)}) "

@@ -50,6 +50,7 @@ CALL_COLUMNS = (
     "result",
     "finished_at",
     "divergences",
+    "policy",
 )
 """Column order of a call after its ``seq``, shared by inserts, updates and reads."""
 
@@ -102,6 +103,7 @@ def call_params(r: CallRecord, text: Callable[[str], str] = str) -> tuple[Any, .
         r.result,
         r.finished_at,
         r.divergences,
+        r.policy,
     )
 
 
@@ -136,4 +138,5 @@ def call_from_row(row: Sequence[Any]) -> tuple[int, CallRecord]:
         result=row[26],
         finished_at=row[27],
         divergences=row[28],
+        policy=bytes(row[29]),
     )

@@ -77,7 +77,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version of the schema this module writes (PRAGMA user_version)."""
 
 _SCHEMA_V1 = """
@@ -167,6 +167,11 @@ def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at)")
 
 
+# Version 5: the policy each call carries (retries, attempt timeout, concurrency, rate).
+def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE calls ADD COLUMN policy BLOB NOT NULL DEFAULT x''")
+
+
 _COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
 _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
 _FILE_MODE = 0o600
@@ -178,6 +183,7 @@ _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_1_to_2,
     _migrate_2_to_3,
     _migrate_3_to_4,
+    _migrate_4_to_5,
 )
 
 _COLUMNS = ", ".join(CALL_COLUMNS)

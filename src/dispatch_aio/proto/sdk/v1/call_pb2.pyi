@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from dispatch_aio.proto.sdk.v1 import error_pb2 as _error_pb2
+from dispatch_aio.proto.v1 import policy_pb2 as _policy_pb2
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -31,6 +32,7 @@ class Call(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     EXPIRATION_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     correlation_id: _builtins.int
     """Opaque value echoed in the matching CallResult (ignored in DispatchRequest)."""
     endpoint: _builtins.str
@@ -47,6 +49,14 @@ class Call(_message.Message):
     def expiration(self) -> _duration_pb2.Duration:
         """Maximum time the function may run."""
 
+    @_builtins.property
+    def policy(self) -> _policy_pb2.FunctionPolicy:
+        """Extension of dispatch_aio (not in the upstream schema): how dispatch_aio's
+        scheduler runs the call (retries, attempt timeout, concurrency, rate), as the
+        application declared it for the function. Other schedulers skip the field as
+        unknown; the number is far from upstream's to stay clear of fields it may add.
+        """
+
     def __init__(
         self,
         *,
@@ -56,10 +66,11 @@ class Call(_message.Message):
         input: _any_pb2.Any | None = ...,
         expiration: _duration_pb2.Duration | None = ...,
         version: _builtins.str = ...,
+        policy: _policy_pb2.FunctionPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expiration", b"expiration", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expiration", b"expiration", "input", b"input", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "endpoint", b"endpoint", "expiration", b"expiration", "function", b"function", "input", b"input", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "endpoint", b"endpoint", "expiration", b"expiration", "function", b"function", "input", b"input", "policy", b"policy", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispatch_aio.proto.sdk.v1 import call_pb2 as dispatch__aio_dot_proto_dot_sdk_dot_v1_dot_call__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dispatch_aio/proto/sdk/v1/exit.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\"]\n\x04\x45xit\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.dispatch.sdk.v1.CallResult\x12(\n\ttail_call\x18\x02 \x01(\x0b\x32\x15.dispatch.sdk.v1.Callb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dispatch_aio/proto/sdk/v1/exit.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\"w\n\x04\x45xit\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.dispatch.sdk.v1.CallResult\x12(\n\ttail_call\x18\x02 \x01(\x0b\x32\x15.dispatch.sdk.v1.Call\x12\x18\n\x0f\x61\x62\x61ndoned_calls\x18\xe8\x07 \x03(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.sdk.v1.e
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXIT']._serialized_start=95
-  _globals['_EXIT']._serialized_end=188
+  _globals['_EXIT']._serialized_end=214
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from dispatch_aio.proto.sdk.v1 import call_pb2 as _call_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -25,21 +27,27 @@ class Exit(_message.Message):
 
     RESULT_FIELD_NUMBER: _builtins.int
     TAIL_CALL_FIELD_NUMBER: _builtins.int
+    ABANDONED_CALLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def result(self) -> _call_pb2.CallResult: ...
     @_builtins.property
     def tail_call(self) -> _call_pb2.Call:
         """Replace the current run with another function and/or input."""
 
+    @_builtins.property
+    def abandoned_calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Extension of dispatch_aio: as Poll.abandoned_calls, for a run that ends."""
+
     def __init__(
         self,
         *,
         result: _call_pb2.CallResult | None = ...,
         tail_call: _call_pb2.Call | None = ...,
+        abandoned_calls: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "tail_call", b"tail_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "tail_call", b"tail_call"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned_calls", b"abandoned_calls", "result", b"result", "tail_call", b"tail_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

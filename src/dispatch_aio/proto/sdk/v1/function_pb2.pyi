@@ -33,10 +33,18 @@ class RunRequest(_message.Message):
     ROOT_DISPATCH_ID_FIELD_NUMBER: _builtins.int
     CREATION_TIME_FIELD_NUMBER: _builtins.int
     EXPIRATION_TIME_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     function: _builtins.str
     dispatch_id: _builtins.str
     parent_dispatch_id: _builtins.str
     root_dispatch_id: _builtins.str
+    generation: _builtins.int
+    """Extension of dispatch_aio (not in the upstream schema): the number of the run
+    of this dispatch id, incremented by each restart from the input and each tail
+    call. With the dispatch id it names the run, so that calls the run submits
+    through the API (fn.dispatch() inside a durable function) get the same
+    idempotency keys when it replays. Other schedulers leave it 0.
+    """
     @_builtins.property
     def input(self) -> _any_pb2.Any:
         """First run: the function's parameters."""
@@ -60,10 +68,11 @@ class RunRequest(_message.Message):
         root_dispatch_id: _builtins.str = ...,
         creation_time: _timestamp_pb2.Timestamp | None = ...,
         expiration_time: _timestamp_pb2.Timestamp | None = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "directive", b"directive", "expiration_time", b"expiration_time", "input", b"input", "poll_result", b"poll_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "directive", b"directive", "dispatch_id", b"dispatch_id", "expiration_time", b"expiration_time", "function", b"function", "input", b"input", "parent_dispatch_id", b"parent_dispatch_id", "poll_result", b"poll_result", "root_dispatch_id", b"root_dispatch_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "directive", b"directive", "dispatch_id", b"dispatch_id", "expiration_time", b"expiration_time", "function", b"function", "generation", b"generation", "input", b"input", "parent_dispatch_id", b"parent_dispatch_id", "poll_result", b"poll_result", "root_dispatch_id", b"root_dispatch_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_directive: _TypeAlias = _typing.Literal["input", "poll_result"]  # noqa: Y015
     _WhichOneofArgType_directive: _TypeAlias = _typing.Literal["directive", b"directive"]  # noqa: Y015

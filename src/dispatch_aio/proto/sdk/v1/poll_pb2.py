@@ -28,7 +28,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dispatch_aio/proto/sdk/v1/poll.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\x1a%dispatch_aio/proto/sdk/v1/error.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\xde\x01\n\x04Poll\x12\x19\n\x0f\x63oroutine_state\x18\x01 \x01(\x0cH\x00\x12\x35\n\x15typed_coroutine_state\x18\x06 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12$\n\x05\x63\x61lls\x18\x02 \x03(\x0b\x32\x15.dispatch.sdk.v1.Call\x12+\n\x08max_wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bmax_results\x18\x04 \x01(\x05\x12\x13\n\x0bmin_results\x18\x05 \x01(\x05\x42\x07\n\x05state\"\xbc\x01\n\nPollResult\x12\x19\n\x0f\x63oroutine_state\x18\x01 \x01(\x0cH\x00\x12\x35\n\x15typed_coroutine_state\x18\x04 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.dispatch.sdk.v1.CallResult\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.dispatch.sdk.v1.ErrorB\x07\n\x05stateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dispatch_aio/proto/sdk/v1/poll.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\x1a%dispatch_aio/proto/sdk/v1/error.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\xf8\x01\n\x04Poll\x12\x19\n\x0f\x63oroutine_state\x18\x01 \x01(\x0cH\x00\x12\x35\n\x15typed_coroutine_state\x18\x06 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12$\n\x05\x63\x61lls\x18\x02 \x03(\x0b\x32\x15.dispatch.sdk.v1.Call\x12+\n\x08max_wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bmax_results\x18\x04 \x01(\x05\x12\x13\n\x0bmin_results\x18\x05 \x01(\x05\x12\x18\n\x0f\x61\x62\x61ndoned_calls\x18\xe8\x07 \x03(\x04\x42\x07\n\x05state\"\xbc\x01\n\nPollResult\x12\x19\n\x0f\x63oroutine_state\x18\x01 \x01(\x0cH\x00\x12\x35\n\x15typed_coroutine_state\x18\x04 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.dispatch.sdk.v1.CallResult\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.dispatch.sdk.v1.ErrorB\x07\n\x05stateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.sdk.v1.p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLL']._serialized_start=194
-  _globals['_POLL']._serialized_end=416
-  _globals['_POLLRESULT']._serialized_start=419
-  _globals['_POLLRESULT']._serialized_end=607
+  _globals['_POLL']._serialized_end=442
+  _globals['_POLLRESULT']._serialized_start=445
+  _globals['_POLLRESULT']._serialized_end=633
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,7 @@ class Poll(_message.Message):
     MAX_WAIT_FIELD_NUMBER: _builtins.int
     MAX_RESULTS_FIELD_NUMBER: _builtins.int
     MIN_RESULTS_FIELD_NUMBER: _builtins.int
+    ABANDONED_CALLS_FIELD_NUMBER: _builtins.int
     coroutine_state: _builtins.bytes
     """Deprecated opaque state."""
     max_results: _builtins.int
@@ -44,6 +45,15 @@ class Poll(_message.Message):
     def calls(self) -> _containers.RepeatedCompositeFieldContainer[_call_pb2.Call]: ...
     @_builtins.property
     def max_wait(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def abandoned_calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Extension of dispatch_aio (not in the upstream schema): the correlation ids
+        of calls of this run (made by this Poll or earlier ones) whose result the
+        function no longer awaits (the task awaiting it was cancelled).
+        dispatch_aio's scheduler cancels them; other schedulers skip the field and
+        the results are ignored when they come.
+        """
+
     def __init__(
         self,
         *,
@@ -53,10 +63,11 @@ class Poll(_message.Message):
         max_wait: _duration_pb2.Duration | None = ...,
         max_results: _builtins.int = ...,
         min_results: _builtins.int = ...,
+        abandoned_calls: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["coroutine_state", b"coroutine_state", "max_wait", b"max_wait", "state", b"state", "typed_coroutine_state", b"typed_coroutine_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "coroutine_state", b"coroutine_state", "max_results", b"max_results", "max_wait", b"max_wait", "min_results", b"min_results", "state", b"state", "typed_coroutine_state", b"typed_coroutine_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned_calls", b"abandoned_calls", "calls", b"calls", "coroutine_state", b"coroutine_state", "max_results", b"max_results", "max_wait", b"max_wait", "min_results", b"min_results", "state", b"state", "typed_coroutine_state", b"typed_coroutine_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_state: _TypeAlias = _typing.Literal["coroutine_state", "typed_coroutine_state"]  # noqa: Y015
     _WhichOneofArgType_state: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
