@@ -46,14 +46,18 @@ from ._interface import (
     AppendSegment,
     CallQuery,
     CallRecord,
+    DeleteSchedule,
     InsertCall,
     Op,
     PruneIdempotencyKeys,
+    PutEvent,
     PutIdempotencyKey,
+    PutSchedule,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
     RemoveSegments,
+    ScheduleRecord,
     SetMeta,
     Snapshot,
     Store,
@@ -72,7 +76,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -155,7 +159,22 @@ CREATE TABLE dispatch_idempotency_keys (
 );
 CREATE INDEX dispatch_idempotency_keys_expiry ON dispatch_idempotency_keys (expires_at);
 """
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# Version 4: durable events (resolved once, by key) and schedules.
+_SCHEMA_V4 = """
+CREATE TABLE dispatch_events (
+    key text PRIMARY KEY,
+    result bytea NOT NULL,
+    resolved_at double precision NOT NULL
+);
+CREATE TABLE dispatch_schedules (
+    id text PRIMARY KEY,
+    spec bytea NOT NULL,
+    next_at double precision NOT NULL,
+    paused boolean NOT NULL,
+    created_at double precision NOT NULL
+);
+"""
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 _INSERT_CALL = (
     f"INSERT INTO dispatch_calls ({', '.join(CALL_COLUMNS)}) "
@@ -183,6 +202,14 @@ _PUT_KEY = (
     "expires_at = excluded.expires_at"
 )
 _PRUNE_KEYS = "DELETE FROM dispatch_idempotency_keys WHERE expires_at < $1"
+# A plain INSERT: a key resolved already fails the whole write.
+_PUT_EVENT = "INSERT INTO dispatch_events (key, result, resolved_at) VALUES ($1, $2, $3)"
+_PUT_SCHEDULE = (
+    "INSERT INTO dispatch_schedules (id, spec, next_at, paused, created_at) "
+    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, "
+    "next_at = excluded.next_at, paused = excluded.paused"
+)
+_DELETE_SCHEDULE = "DELETE FROM dispatch_schedules WHERE id = $1"
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
 _SELECT_CALLS = f"SELECT seq, {', '.join(CALL_COLUMNS)} FROM dispatch_calls"
 _MARK_COMMIT = "UPDATE dispatch_commits SET token = $1"
@@ -263,6 +290,12 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_PUT_KEY, (key, dispatch_id, expires_at))]
         case PruneIdempotencyKeys(before):
             return [(_PRUNE_KEYS, (before,))]
+        case PutEvent(key, result, resolved_at):
+            return [(_PUT_EVENT, (_text(key), result, resolved_at))]
+        case PutSchedule(r):
+            return [(_PUT_SCHEDULE, (r.id, r.spec, r.next_at, r.paused, r.created_at))]
+        case DeleteSchedule(schedule_id):
+            return [(_DELETE_SCHEDULE, (schedule_id,))]
 
 
 async def _execute(conn: Any, statements: list[_Statement]) -> None:
@@ -473,6 +506,24 @@ class PostgresStore(Store):
             now,
         )
         return {row[0]: row[1] for row in rows}
+
+    async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Return the outcome of each of `keys` resolved."""
+        if not keys:
+            return {}
+        rows = await self._fetch(
+            "SELECT key, result FROM dispatch_events WHERE key = ANY($1::text[])",
+            [_text(key) for key in keys],
+        )
+        return {row[0]: bytes(row[1]) for row in rows}
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Return every schedule, oldest first."""
+        rows = await self._fetch(
+            "SELECT id, spec, next_at, paused, created_at FROM dispatch_schedules "
+            "ORDER BY created_at, id"
+        )
+        return [ScheduleRecord(r[0], bytes(r[1]), r[2], bool(r[3]), r[4]) for r in rows]
 
     @property
     def keeps_segments(self) -> bool:
