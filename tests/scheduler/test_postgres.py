@@ -210,6 +210,7 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
     try:  # back to version 1, as an older release left it
         await conn.execute("ALTER TABLE dispatch_calls DROP COLUMN divergences")
         await conn.execute("DROP TABLE dispatch_idempotency_keys")
+        await conn.execute("DROP TABLE dispatch_events, dispatch_schedules")
         await conn.execute("UPDATE dispatch_schema SET version = 1")
     finally:
         await conn.close()
@@ -219,5 +220,7 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
         await store.write([InsertCall(dataclasses.replace(record("x"), divergences=3))])
         found = await store.get_call("x")
         assert found is not None and found.divergences == 3
+        assert await store.get_events(["k"]) == {}
+        assert await store.list_schedules() == []
     finally:
         await store.close()
