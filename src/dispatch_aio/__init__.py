@@ -12,6 +12,7 @@ from . import errors, http, interop
 from ._client import Call, Client
 from ._dispatch import Batch, Dispatch
 from ._endpoint import EndpointServer
+from ._events import wait_event
 from ._function import Function
 from ._status import Status
 from .durable import (
@@ -45,4 +46,5 @@ __all__ = [
     "random",
     "run_on_host",
     "uuid4",
+    "wait_event",
 ]

@@ -143,6 +143,10 @@ class EmbeddedScheduler:
         """Cancel a call tree (`Scheduler.cancel`)."""
         return await self.scheduler.cancel(dispatch_id)
 
+    async def send_event(self, key: str, result: call_pb2.CallResult) -> int:
+        """Resolve a durable event (`Scheduler.send_event`)."""
+        return await self.scheduler.send_event(key, result)
+
     async def close(self) -> None:
         """Stop the scheduler; unfinished calls stay in the database."""
         if self._connection is not None:

@@ -41,6 +41,7 @@ __all__ = [
     "DNSError",
     "DispatchError",
     "DispatchTimeoutError",
+    "EventAlreadyResolvedError",
     "HTTPError",
     "HostLoopError",
     "IncompatibleStateError",
@@ -403,3 +404,18 @@ class ClientError(DispatchError):
     def message(self) -> str:
         """The error message of the response."""
         return self._message
+
+
+class EventAlreadyResolvedError(ClientError, ValueError):
+    """``send_event`` was given a key that is resolved already.
+
+    A durable event is resolved once; its waiters received the first value. Use a new
+    key for a new event.
+    """
+
+    status = _Status.PERMANENT_ERROR
+
+    def __init__(
+        self, message: str, *, http_status: int = 409, code: str = "already_exists"
+    ) -> None:
+        super().__init__(message, http_status=http_status, code=code)

@@ -17,7 +17,7 @@ with the matching HTTP status.
   body is a dispatch id as UTF-8 text, the answer the call's final ``CallResult``
   (binary) once it is done.
 - ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall}``: see inspect.proto.
-- ``/dispatch_aio.v1.ControlService/CancelCall``: see control.proto.
+- ``/dispatch_aio.v1.ControlService/{CancelCall,SendEvent}``: see control.proto.
 """
 
 from __future__ import annotations
@@ -43,9 +43,15 @@ from google.protobuf import (
 from google.protobuf.message import DecodeError, Message
 
 from ..proto.sdk.python.v1 import pickled_pb2
-from ..proto.sdk.v1 import dispatch_pb2
+from ..proto.sdk.v1 import call_pb2, dispatch_pb2
 from ..proto.v1 import control_pb2, inspect_pb2
-from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
+from ._engine import (
+    Engine,
+    EngineClosedError,
+    EventAlreadyResolvedError,
+    InvalidCallError,
+    is_cancelled,
+)
 from .store import CallQuery, CallRecord, Phase, Store, StoreError
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "DISPATCH_PATH",
     "INSPECT_PREFIX",
     "MAX_CALLS_PER_REQUEST",
+    "SEND_EVENT_PATH",
     "WAIT_PATH",
     "create_app",
 ]
@@ -63,6 +70,7 @@ DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
 WAIT_PATH = "/dispatch.sdk.v1.DispatchService/Wait"
 INSPECT_PREFIX = "/dispatch_aio.v1.InspectService/"
 CANCEL_PATH = "/dispatch_aio.v1.ControlService/CancelCall"
+SEND_EVENT_PATH = "/dispatch_aio.v1.ControlService/SendEvent"
 
 _PROTO = "application/proto"
 _JSON = "application/json"
@@ -134,7 +142,7 @@ async def _connect_errors(request: web.Request, handler: _Handler) -> web.Stream
                 404,
                 "unimplemented",
                 f"no RPC at {request.path}; this scheduler serves {DISPATCH_PATH}, "
-                f"{WAIT_PATH}, {CANCEL_PATH} and {INSPECT_PREFIX}*",
+                f"{WAIT_PATH}, {CANCEL_PATH}, {SEND_EVENT_PATH} and {INSPECT_PREFIX}*",
             )
         if exc.status == 405:
             return _error_response(405, "unimplemented", "RPCs are called with POST")
@@ -246,6 +254,21 @@ class _Service:
             raise _not_found(req.dispatch_id) from None
         reply = control_pb2.CancelCallResponse(cancelled=stopped is not None, stopped=stopped or 0)
         return _reply(reply, as_json)
+
+    async def send_event(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, control_pb2.SendEventRequest())
+        result = call_pb2.CallResult()
+        if req.HasField("error"):
+            result.error.CopyFrom(req.error)
+        elif req.HasField("value"):
+            result.output.CopyFrom(req.value)
+        try:
+            woken = await self._engine.send_event(req.key, result)
+        except EventAlreadyResolvedError as exc:
+            raise _ConnectError(409, "already_exists", str(exc)) from None
+        except InvalidCallError as exc:
+            raise _ConnectError(400, "invalid_argument", str(exc)) from None
+        return _reply(control_pb2.SendEventResponse(woken=woken), as_json)
 
     # InspectService
 
@@ -422,6 +445,7 @@ def create_app(engine: Engine, store: Store, *, api_key: str) -> web.Application
             web.post(INSPECT_PREFIX + "GetCall", service.get_call),
             web.post(INSPECT_PREFIX + "WaitCall", service.wait_call),
             web.post(CANCEL_PATH, service.cancel_call),
+            web.post(SEND_EVENT_PATH, service.send_event),
         ]
     )
     return app

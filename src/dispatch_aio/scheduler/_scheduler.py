@@ -380,6 +380,24 @@ class Scheduler:
         """
         return await self._require().cancel(dispatch_id)
 
+    async def send_event(self, key: str, result: call_pb2.CallResult) -> int:
+        """Resolve a durable event (see ``dispatch_aio.wait_event``), once.
+
+        Args:
+            key: The event's key.
+            result: Its outcome: the ``output`` every waiter receives, or the ``error``
+                raised at their await.
+
+        Returns:
+            The number of calls that were waiting on the key and received it now.
+
+        Raises:
+            EventAlreadyResolvedError: The key was resolved already (a `ValueError`).
+            ValueError: The key is invalid.
+            StoreError: The event could not be stored; nothing changed.
+        """
+        return await self._require().send_event(key, result)
+
     async def wait(self, dispatch_id: str) -> call_pb2.CallResult:
         """Wait for a call to finish and return its result (wrap in `asyncio.timeout`).
 
