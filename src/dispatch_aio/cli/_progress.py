@@ -34,6 +34,7 @@ from ..scheduler.store import (
     InsertCall,
     Op,
     Phase,
+    ScheduleRecord,
     Snapshot,
     UpdateCall,
 )
@@ -179,6 +180,14 @@ class TrackingStore(Store):
     async def get_meta(self, key: str) -> bytes | None:
         """Read a scheduler-wide value from the inner store."""
         return await self._inner.get_meta(key)
+
+    async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Look resolved events up in the inner store."""
+        return await self._inner.get_events(keys)
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Read the schedules from the inner store."""
+        return await self._inner.list_schedules()
 
     @property
     def keeps_segments(self) -> bool:

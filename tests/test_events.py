@@ -7,10 +7,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
+from endpoint_driver import Driver
 
 import dispatch_aio
-from dispatch_aio import Dispatch, Function
+from dispatch_aio import Dispatch, Function, Status
 from dispatch_aio.errors import (
     ClientError,
     DispatchTimeoutError,
@@ -103,3 +105,19 @@ async def test_invalid_uses_are_refused_with_clear_errors(tmp_path: Path) -> Non
         with pytest.raises(ValueError, match="a value or an error, not both"):
             await dispatch.client.send_event("k", 1, error=PermanentError("x"))
     assert issubclass(DispatchTimeoutError, TimeoutError)
+
+
+async def test_a_scheduler_that_runs_the_wait_as_a_call_gets_a_clear_error() -> None:
+    # The test driver plays a Dispatch scheduler that knows no events: it sends the
+    # reserved wait function to the endpoint like any call.
+    dispatch = Dispatch(env={}, endpoint_addr="127.0.0.1:0", api_url="http://127.0.0.1:9")
+
+    @dispatch.function(name="approve")
+    async def approve(key: str) -> str:
+        return str(await dispatch_aio.wait_event(key))
+
+    async with dispatch, await dispatch.start() as server, aiohttp.ClientSession() as session:
+        outcome = await Driver(session, server.url).call("approve", "order-4")
+    assert outcome.status is Status.PERMANENT_ERROR
+    assert isinstance(outcome.error, PermanentError)
+    assert "wait_event() needs dispatch_aio's scheduler" in str(outcome.error)
