@@ -14,6 +14,7 @@ from ._dispatch import Batch, Dispatch
 from ._endpoint import EndpointServer
 from ._events import wait_event
 from ._function import Function
+from ._schedule_client import Schedule
 from ._status import Status
 from .durable import (
     deprecate_patch,
@@ -33,6 +34,7 @@ __all__ = [
     "Dispatch",
     "EndpointServer",
     "Function",
+    "Schedule",
     "Status",
     "__version__",
     "deprecate_patch",

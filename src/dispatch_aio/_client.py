@@ -47,6 +47,7 @@ from . import __version__, errors
 from ._codec import decode_error, decode_value, encode_error, encode_input, encode_value
 from ._config import Config
 from ._function import check_function_name
+from ._schedule_client import ScheduleClient
 from .durable import in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import control_pb2, inspect_pb2
@@ -443,6 +444,18 @@ class Client:
                 f"SendEventResponse ({exc})"
             ) from None
 
+    @property
+    def schedules(self) -> ScheduleClient:
+        """Create, list, pause, resume and delete schedules (see `ScheduleClient`)."""
+        return ScheduleClient(self)
+
+    def _optional_endpoint(self) -> str:
+        """The client's endpoint URL, or "" when none is configured."""
+        try:
+            return self._config.endpoint_url()
+        except errors.ConfigurationError:
+            return ""
+
     def _local(self) -> EmbeddedAPI | None:
         """The embedded scheduler to use, or None to use the API over HTTP."""
         if self._embedded is None or not self._config.embedded():
@@ -725,6 +738,11 @@ class EmbeddedAPI(Protocol):
 
     async def send_event(self, key: str, result: call_pb2.CallResult) -> int:
         """Resolve an event; `ValueError` if the key is invalid or resolved already."""
+        ...
+
+    @property
+    def schedules(self) -> Any:
+        """The scheduler's `Schedules`."""
         ...
 
 

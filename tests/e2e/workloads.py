@@ -45,6 +45,12 @@ async def chain(n: int) -> int:
     return x
 
 
+@dispatch.function(name="tick")
+async def tick(label: str) -> None:
+    """Say that a scheduled call ran."""
+    print("tick", label, flush=True)
+
+
 @dispatch.function
 async def wait_for(key: str) -> str:
     """Wait for the durable event `key`; return its value's repr."""

@@ -373,7 +373,11 @@ class Engine:
     # Submissions and waiting.
 
     async def submit(
-        self, calls: Sequence[call_pb2.Call], idempotency_keys: Sequence[str] = ()
+        self,
+        calls: Sequence[call_pb2.Call],
+        idempotency_keys: Sequence[str] = (),
+        *,
+        with_ops: Sequence[Op] = (),
     ) -> list[str]:
         """Persist top-level calls atomically and start them.
 
@@ -382,6 +386,8 @@ class Engine:
             idempotency_keys: Empty, or one key per call ("" for a call without one).
                 A call whose key was submitted within the retention period is not
                 created again: its dispatch id is the first submission's.
+            with_ops: More writes committed in the same transaction as the calls (a
+                schedule's next firing time), even if every call existed already.
 
         Returns:
             The dispatch ids, in the order of `calls`.
@@ -404,7 +410,7 @@ class Engine:
             more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
             raise InvalidCallError("; ".join(problems[:3]) + more)
         if not keyed:
-            return await self._create(calls, {})
+            return await self._create(calls, {}, with_ops=with_ops)
         while busy := [self._keys_in_flight[k] for k in keyed if k in self._keys_in_flight]:
             await asyncio.wait(busy)
         done = asyncio.get_running_loop().create_future()
@@ -412,7 +418,8 @@ class Engine:
             self._keys_in_flight[key] = done
         try:
             known = await self._store.find_idempotency_keys(list(keyed), self._clock())
-            return await self._create(calls, {i: k for k, i in keyed.items()}, known)
+            keys = {i: k for k, i in keyed.items()}
+            return await self._create(calls, keys, known, with_ops=with_ops)
         finally:
             for key in keyed:
                 del self._keys_in_flight[key]
@@ -423,6 +430,8 @@ class Engine:
         calls: Sequence[call_pb2.Call],
         keys: Mapping[int, str],
         known: Mapping[str, str] | None = None,
+        *,
+        with_ops: Sequence[Op] = (),
     ) -> list[str]:
         """Create the calls whose key (by index in `keys`) is not `known`; return all ids."""
         default = self._settings.default_endpoint
@@ -444,6 +453,7 @@ class Engine:
             if key:
                 expires = now + self._settings.idempotency_retention
                 ops.append(PutIdempotencyKey(key, dispatch_id, expires))
+        ops.extend(with_ops)
         if not ops:
             return ids
         if keys and now - self._pruned_at >= _PRUNE_EVERY:

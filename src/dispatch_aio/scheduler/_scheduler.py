@@ -31,6 +31,7 @@ from ._engine import (
     RetryPolicy,
 )
 from ._invoker import Invoker, LocalHandler
+from ._schedules import Schedules
 from ._ui import add_ui_routes, ui_address
 from ._validate import endpoint_problem
 from .store import Phase, SetMeta, SQLiteStore, Store
@@ -177,6 +178,7 @@ class Scheduler:
         self._replicas = {endpoint: tuple(urls) for endpoint, urls in (replicas or {}).items()}
         self._key: Ed25519PrivateKey | None = None
         self._engine: Engine | None = None
+        self._schedules: Schedules | None = None
         self._invoker: Invoker | None = None
         self._app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -210,7 +212,11 @@ class Scheduler:
             await self._invoker.open()
             self._engine = Engine(self._store, self._invoker, self._settings, rng=self._rng)
             await self._engine.start()
-            self._app = create_app(self._engine, self._store, api_key=self._api_key)
+            self._schedules = Schedules(self._engine, self._store)
+            await self._schedules.start()
+            self._app = create_app(
+                self._engine, self._store, api_key=self._api_key, schedules=self._schedules
+            )
             add_ui_routes(self._app, self._engine, self._store, api_key=self._api_key)
         except BaseException:
             await self.close()
@@ -242,6 +248,9 @@ class Scheduler:
 
     async def close(self) -> None:
         """Stop serving and running calls; unfinished calls stay in the store."""
+        if self._schedules is not None:
+            await self._schedules.close()
+            self._schedules = None
         if self._engine is not None:
             await self._engine.close()
         if self._runner is not None:
@@ -397,6 +406,13 @@ class Scheduler:
             StoreError: The event could not be stored; nothing changed.
         """
         return await self._require().send_event(key, result)
+
+    @property
+    def schedules(self) -> Schedules:
+        """The schedules (create, list, pause, resume, delete), once started."""
+        if self._schedules is None:
+            raise RuntimeError("the scheduler is not started")
+        return self._schedules
 
     async def wait(self, dispatch_id: str) -> call_pb2.CallResult:
         """Wait for a call to finish and return its result (wrap in `asyncio.timeout`).
