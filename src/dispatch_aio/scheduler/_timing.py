@@ -119,8 +119,10 @@ class Timing:
     def next_after(self, when: float) -> float:
         """The first firing time strictly after `when` (Unix seconds)."""
         if self.interval:
-            steps = math.floor((when - self.anchor) / self.interval) + 1
-            return self.anchor + max(steps, 0) * self.interval
+            steps = max(math.floor((when - self.anchor) / self.interval) + 1, 0)
+            while self.anchor + steps * self.interval <= when:  # rounding of the division
+                steps += 1
+            return self.anchor + steps * self.interval
         start = datetime.fromtimestamp(when, self.zone)
         return next(cronsim.CronSim(self.expression, start)).timestamp()
 
@@ -128,6 +130,10 @@ class Timing:
         """The last firing time at or before `when` (-inf if there is none)."""
         if self.interval:
             steps = math.floor((when - self.anchor) / self.interval)
+            while self.anchor + (steps + 1) * self.interval <= when:  # rounding, as above
+                steps += 1
+            while steps >= 0 and self.anchor + steps * self.interval > when:
+                steps -= 1
             return self.anchor + steps * self.interval if steps >= 0 else -math.inf
         # Cron firings fall on whole seconds: the last one strictly before a moment just
         # after the whole second of `when` is the last one at or before `when`.
@@ -148,20 +154,20 @@ def due_firings(
     """
     if next_at > now:
         return [], next_at
-    cutoff = now - MISSED_GRACE
+    cutoff = now - MISSED_GRACE  # firings before it are missed
     fire: list[float] = []
-    if next_at <= cutoff:  # some were missed
-        when = timing.last_until(cutoff)
+    when = next_at
+    if next_at < cutoff:
+        last_missed = timing.last_until(cutoff - 0.001)
         if missed is Missed.ONCE:
-            fire.append(when)
+            fire.append(last_missed)
         elif missed is Missed.ALL:
-            while when >= next_at and len(fire) < MAX_CATCH_UP:
-                fire.append(when)
-                when = timing.last_until(when - 0.001)
+            earlier = last_missed
+            while earlier >= next_at and len(fire) < MAX_CATCH_UP:
+                fire.append(earlier)
+                earlier = timing.last_until(earlier - 0.001)
             fire.reverse()
-        when = timing.next_after(cutoff)
-    else:
-        when = next_at
+        when = timing.next_after(last_missed)
     while when <= now:
         fire.append(when)
         when = timing.next_after(when)
