@@ -14,6 +14,7 @@ from endpoint_driver import Driver
 import dispatch_aio
 from dispatch_aio import Dispatch, Function, Status
 from dispatch_aio.errors import (
+    CancelledCallError,
     ClientError,
     DispatchTimeoutError,
     EventAlreadyResolvedError,
@@ -121,3 +122,18 @@ async def test_a_scheduler_that_runs_the_wait_as_a_call_gets_a_clear_error() -> 
     assert outcome.status is Status.PERMANENT_ERROR
     assert isinstance(outcome.error, PermanentError)
     assert "wait_event() needs dispatch_aio's scheduler" in str(outcome.error)
+
+
+async def test_a_cancelled_waiting_call_stops_waiting(tmp_path: Path) -> None:
+    dispatch, approve, seen = app(tmp_path)
+    async with await dispatch.start():
+        client = dispatch.client
+        waiting = await approve.dispatch("order-5", 600.0)
+        await until(lambda: "order-5" in seen["waiting"])
+        engine = dispatch._embedded.scheduler._engine  # type: ignore[union-attr]
+        await until(lambda: engine.event_waiters == 1)
+        assert await client.cancel(waiting) is True
+        with pytest.raises(CancelledCallError):
+            await client.result(waiting, timeout=10)
+        assert engine.event_waiters == 0
+        assert await client.send_event("order-5", "late") == 0
