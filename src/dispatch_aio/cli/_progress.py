@@ -181,6 +181,11 @@ class TrackingStore(Store):
         """Read a scheduler-wide value from the inner store."""
         return await self._inner.get_meta(key)
 
+    @property
+    def keeps_events(self) -> bool:
+        """Whether the inner store keeps events and schedules."""
+        return self._inner.keeps_events
+
     async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
         """Look resolved events up in the inner store."""
         return await self._inner.get_events(keys)

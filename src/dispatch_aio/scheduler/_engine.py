@@ -97,6 +97,7 @@ from .store import (
     RemoveSegments,
     StateKind,
     Store,
+    StoreError,
     UpdateCall,
 )
 
@@ -638,6 +639,8 @@ class Engine:
         problem = event_key_problem(key)
         if problem is not None:
             raise InvalidCallError(problem)
+        if not self._store.keeps_events:
+            raise StoreError(f"{type(self._store).__name__} keeps no durable events")
         while (busy := self._events_in_flight.get(key)) is not None:
             await asyncio.wait([busy])
         done = asyncio.get_running_loop().create_future()
@@ -689,9 +692,13 @@ class Engine:
         key = live.event
         assert key is not None
         problem = event_key_problem(key)
+        status = Status.INVALID_ARGUMENT
+        if problem is None and not self._store.keeps_events:
+            problem = f"this scheduler's store ({type(self._store).__name__}) keeps no events"
+            status = Status.PERMANENT_ERROR
         if problem is not None:
-            error = error_pb2.Error(type=Status.INVALID_ARGUMENT.proto_name, message=problem)
-            self._start_task(live, self._end_wait(live, Status.INVALID_ARGUMENT, error))
+            error = error_pb2.Error(type=status.proto_name, message=problem)
+            self._start_task(live, self._end_wait(live, status, error))
             return
         if self._events.add(key, live) and self._event_lookup is None:
             self._event_lookup = asyncio.get_running_loop().create_task(self._look_up_events())

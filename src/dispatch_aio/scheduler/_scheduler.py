@@ -212,8 +212,9 @@ class Scheduler:
             await self._invoker.open()
             self._engine = Engine(self._store, self._invoker, self._settings, rng=self._rng)
             await self._engine.start()
-            self._schedules = Schedules(self._engine, self._store)
-            await self._schedules.start()
+            if self._store.keeps_events:
+                self._schedules = Schedules(self._engine, self._store)
+                await self._schedules.start()
             self._app = create_app(
                 self._engine, self._store, api_key=self._api_key, schedules=self._schedules
             )
@@ -411,7 +412,7 @@ class Scheduler:
     def schedules(self) -> Schedules:
         """The schedules (create, list, pause, resume, delete), once started."""
         if self._schedules is None:
-            raise RuntimeError("the scheduler is not started")
+            raise RuntimeError("the scheduler is not started, or its store keeps no schedules")
         return self._schedules
 
     async def wait(self, dispatch_id: str) -> call_pb2.CallResult:

@@ -391,6 +391,14 @@ class Store(abc.ABC):
         """
         raise StoreError(f"{type(self).__name__} keeps no idempotency keys")
 
+    @property
+    def keeps_events(self) -> bool:
+        """Whether the store keeps durable events and schedules (`PutEvent`, `PutSchedule`).
+
+        The scheduler offers events and schedules only with a store that does.
+        """
+        return False
+
     async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
         """Return the outcome (serialized CallResult) of each of `keys` resolved.
 

@@ -507,6 +507,11 @@ class PostgresStore(Store):
         )
         return {row[0]: row[1] for row in rows}
 
+    @property
+    def keeps_events(self) -> bool:
+        """True: events and schedules have tables of their own (schema version 4)."""
+        return True
+
     async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
         """Return the outcome of each of `keys` resolved."""
         if not keys:

@@ -415,6 +415,11 @@ class SQLiteStore(Store):
         rows = await self._run(self._query, sql, (*keys, now))
         return {key: dispatch_id for key, dispatch_id in rows}
 
+    @property
+    def keeps_events(self) -> bool:
+        """True: events and schedules have tables of their own (schema version 5)."""
+        return True
+
     async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
         """Return the outcome of each of `keys` resolved."""
         found: dict[str, bytes] = {}
