@@ -148,11 +148,12 @@ class ScheduleClient:
             seconds = every.total_seconds() if isinstance(every, timedelta) else every
             assert seconds is not None
             spec.interval.FromNanoseconds(round(seconds * 1e9))
-        local = self._client._local()
-        if local is not None:
-            spec.endpoint = call.endpoint or local.endpoint_url
-        else:
-            spec.endpoint = call.endpoint or self._client._optional_endpoint()
+        if call.endpoint is not None:
+            spec.endpoint = call.endpoint
+        elif self._client._local() is None:
+            spec.endpoint = self._client._optional_endpoint()
+        # else: the embedded scheduler's default, the application's own endpoint as it is
+        # configured when each firing is made.
         request = schedule_pb2.CreateScheduleRequest(schedule=spec)
         reply = await self._rpc("CreateSchedule", request, schedule_pb2.Schedule())
         return Schedule._from_proto(reply)

@@ -28,6 +28,7 @@ The hierarchy::
     ├── HostLoopError (RuntimeError)               PERMANENT_ERROR
     ├── ConfigurationError (ValueError)            PERMANENT_ERROR
     └── ClientError                                from the Connect code
+        └── EventAlreadyResolvedError (ValueError) PERMANENT_ERROR      (send_event twice)
 
 Exceptions travel between processes pickled; every class here (and every subclass that
 keeps calling ``super().__init__``) pickles and unpickles with its properties, whatever
