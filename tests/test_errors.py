@@ -47,6 +47,7 @@ INSTANCES: list[errors.DispatchError] = [
     errors.HostLoopError("future of another loop"),
     errors.ConfigurationError("bad url", variable="DISPATCH_API_URL", value="ftp://x"),
     errors.ClientError("key revoked", http_status=401, code="unauthenticated"),
+    errors.EventAlreadyResolvedError("the event 'k' is already resolved"),
 ]
 
 
@@ -123,6 +124,7 @@ def test_every_class_derives_from_the_root_and_exception() -> None:
         (errors.HostLoopError, Status.PERMANENT_ERROR),
         (errors.ConfigurationError, Status.PERMANENT_ERROR),
         (errors.ClientError, Status.TEMPORARY_ERROR),
+        (errors.EventAlreadyResolvedError, Status.PERMANENT_ERROR),
     ],
 )
 def test_status_attribute(cls: type[errors.DispatchError], status: Status) -> None:

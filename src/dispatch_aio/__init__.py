@@ -12,8 +12,10 @@ from . import errors, http, interop
 from ._client import Call, Client
 from ._dispatch import Batch, Dispatch
 from ._endpoint import EndpointServer
+from ._events import wait_event
 from ._function import Function
 from ._policy import RateLimit, RetryPolicy
+from ._schedule_client import Schedule
 from ._status import Status
 from .durable import (
     deprecate_patch,
@@ -35,6 +37,7 @@ __all__ = [
     "Function",
     "RateLimit",
     "RetryPolicy",
+    "Schedule",
     "Status",
     "__version__",
     "deprecate_patch",
@@ -48,4 +51,5 @@ __all__ = [
     "random",
     "run_on_host",
     "uuid4",
+    "wait_event",
 ]

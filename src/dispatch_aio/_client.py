@@ -44,13 +44,15 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from . import __version__, errors
-from ._codec import decode_error, decode_value, encode_input
+from ._codec import decode_error, decode_value, encode_error, encode_input, encode_value
 from ._config import Config
 from ._function import check_function_name
 from ._policy import FunctionPolicy, apply_policy
+from ._schedule_client import ScheduleClient
 from .durable import current_run, in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import control_pb2, inspect_pb2
+from .scheduler._events import EventAlreadyResolvedError
 from .scheduler.store import StoreError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ logger = logging.getLogger(__name__)
 DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
 WAIT_CALL_PATH = "/dispatch_aio.v1.InspectService/WaitCall"
 CANCEL_CALL_PATH = "/dispatch_aio.v1.ControlService/CancelCall"
+SEND_EVENT_PATH = "/dispatch_aio.v1.ControlService/SendEvent"
 DEFAULT_TIMEOUT = 5.0
 """Seconds a Dispatch request may take, connection included."""
 DEFAULT_RETRIES = 2
@@ -400,6 +403,77 @@ class Client:
                 f"CancelCallResponse ({exc})"
             ) from None
 
+    async def send_event(
+        self, key: str, value: Any = None, *, error: BaseException | None = None
+    ) -> int:
+        """Resolve the durable event `key`: every function waiting on it resumes.
+
+        Functions waiting in ``await dispatch_aio.wait_event(key)`` receive `value`, or
+        have `error` raised at their await; functions that wait on the key later get it
+        at once. An event is resolved once. This uses the control service of
+        dispatch_aio's scheduler.
+
+        Args:
+            key: The event's key.
+            value: The value the waiters receive (encoded like a call's result).
+            error: An exception to raise in the waiters instead.
+
+        Returns:
+            The number of calls that were waiting and received the event now.
+
+        Raises:
+            dispatch_aio.errors.EventAlreadyResolvedError: The key was resolved already.
+            dispatch_aio.errors.ClientError: The scheduler refused the event (invalid key;
+                ``unimplemented``: it is not dispatch_aio's scheduler).
+            dispatch_aio.errors.DispatchError: The scheduler could not be reached.
+        """
+        if not isinstance(key, str):
+            raise TypeError(f"send_event() takes the key as a str, got {type(key).__name__}")
+        request = control_pb2.SendEventRequest(key=key)
+        if error is not None:
+            if value is not None:
+                raise ValueError("send_event(): give a value or an error, not both")
+            request.error.CopyFrom(encode_error(error))
+        else:
+            request.value.CopyFrom(encode_value(value, context=f"the value of event {key!r}"))
+        local = self._local()
+        if local is not None:
+            woken: int = await _on_host(_send_event_local(local, request))
+            return woken
+        send = self._send_event(request)
+        if in_durable_function():
+            return await run_on_host(send)
+        return await send
+
+    async def _send_event(self, request: control_pb2.SendEventRequest) -> int:
+        api_key = self._config.api_key()
+        url = self._config.api_url() + SEND_EVENT_PATH
+        # Not retried after a request that may have arrived: a second one would be
+        # refused as already resolved.
+        try:
+            payload = await self._post(url, api_key, request.SerializeToString(), self._timeout)
+        except errors.ClientError as exc:
+            raise _event_error(exc, request.key, url) from None
+        try:
+            return control_pb2.SendEventResponse.FromString(payload).woken
+        except DecodeError as exc:
+            raise errors.InvalidResponseError(
+                f"the scheduler at {url} answered with a body that is not a "
+                f"SendEventResponse ({exc})"
+            ) from None
+
+    @property
+    def schedules(self) -> ScheduleClient:
+        """Create, list, pause, resume and delete schedules (see `ScheduleClient`)."""
+        return ScheduleClient(self)
+
+    def _optional_endpoint(self) -> str:
+        """The client's endpoint URL, or "" when none is configured."""
+        try:
+            return self._config.endpoint_url()
+        except errors.ConfigurationError:
+            return ""
+
     def _local(self) -> EmbeddedAPI | None:
         """The embedded scheduler to use, or None to use the API over HTTP."""
         if self._embedded is None or not self._config.embedded():
@@ -679,6 +753,45 @@ class EmbeddedAPI(Protocol):
     async def cancel(self, dispatch_id: str) -> int | None:
         """Cancel a call tree; None if finished already; `LookupError` if unknown."""
         ...
+
+    async def send_event(self, key: str, result: call_pb2.CallResult) -> int:
+        """Resolve an event; `ValueError` if the key is invalid or resolved already."""
+        ...
+
+    @property
+    def schedules(self) -> Any:
+        """The scheduler's `Schedules`."""
+        ...
+
+
+def _event_error(exc: errors.ClientError, key: str, url: str) -> errors.ClientError:
+    if exc.code == "already_exists":
+        return errors.EventAlreadyResolvedError(exc.message)
+    if exc.code == "unimplemented" or exc.http_status == 404:
+        return errors.ClientError(
+            f"the scheduler at {url} does not offer durable events (no SendEvent RPC): "
+            "events need dispatch_aio's scheduler (`dispatch-aio run`, `dispatch-aio "
+            "server`, or the one embedded in the application)",
+            http_status=exc.http_status,
+            code=exc.code,
+        )
+    return exc
+
+
+async def _send_event_local(local: EmbeddedAPI, request: control_pb2.SendEventRequest) -> int:
+    result = call_pb2.CallResult()
+    if request.HasField("error"):
+        result.error.CopyFrom(request.error)
+    else:
+        result.output.CopyFrom(request.value)
+    try:
+        return await local.send_event(request.key, result)
+    except EventAlreadyResolvedError as exc:
+        raise errors.EventAlreadyResolvedError(str(exc)) from None
+    except ValueError as exc:  # an invalid key
+        raise errors.ClientError(str(exc), http_status=400, code="invalid_argument") from None
+    except (RuntimeError, StoreError) as exc:  # closing, or the database failed
+        raise errors.ClientError(str(exc), http_status=503, code="unavailable") from None
 
 
 async def _on_host(work: Any) -> Any:

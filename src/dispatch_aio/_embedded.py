@@ -34,6 +34,7 @@ from .errors import ConfigurationError
 from .proto.sdk.v1 import call_pb2
 from .scheduler import Scheduler, SQLiteStore, StoreError
 from .scheduler._scheduler import FinishedCall
+from .scheduler._schedules import Schedules
 from .scheduler._ui import ui_address
 
 logger = logging.getLogger("dispatch_aio")
@@ -155,6 +156,15 @@ class EmbeddedScheduler:
         """Cancel a call tree (`Scheduler.cancel`)."""
         await self._started.wait()
         return await self.scheduler.cancel(dispatch_id)
+
+    async def send_event(self, key: str, result: call_pb2.CallResult) -> int:
+        """Resolve a durable event (`Scheduler.send_event`)."""
+        return await self.scheduler.send_event(key, result)
+
+    @property
+    def schedules(self) -> Schedules:
+        """The scheduler's schedules."""
+        return self.scheduler.schedules
 
     async def close(self) -> None:
         """Stop the scheduler; unfinished calls stay in the database."""

@@ -62,8 +62,10 @@ from typing import Any, Protocol, Self
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ._codec import encode_error
 from ._config import INSECURE, VERIFICATION_KEY, Config
 from ._policy import apply_policy
+from ._reserved import WAIT_EVENT
 from ._signature import (
     InvalidSignatureError,
     MalformedSignatureError,
@@ -72,10 +74,11 @@ from ._signature import (
     public_key_to_base64,
     verify_request,
 )
+from ._status import Status
 from .durable import Runner
 from .durable._journal import CANCEL_HEADER, JOURNAL_HEADER
-from .errors import ConfigurationError
-from .proto.sdk.v1 import call_pb2, function_pb2
+from .errors import ConfigurationError, PermanentError
+from .proto.sdk.v1 import call_pb2, exit_pb2, function_pb2, status_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +329,8 @@ class Endpoint:
         name = run_request.function
         if not name:
             return _error(400, "invalid_argument", "the RunRequest has no function name")
+        if name == WAIT_EVENT:
+            return Reply(200, _events_unsupported().SerializeToString(), _PROTO)
         if name not in self._functions:
             return _error(404, "not_found", self._not_found(name))
         logger.debug(
@@ -432,6 +437,25 @@ class Endpoint:
             f"function {name[:200]!r} is not registered at this endpoint "
             f"(registered: {listed or 'none'})"
         )
+
+
+def _events_unsupported() -> function_pb2.RunResponse:
+    """The answer to a Run request for an event wait: its scheduler cannot resolve events.
+
+    dispatch_aio's scheduler answers event waits itself; one that sends them to the
+    endpoint as ordinary calls does not know durable events.
+    """
+    error = PermanentError(
+        "wait_event() needs dispatch_aio's scheduler: the scheduler that runs this "
+        f"application sent the wait to the endpoint as an ordinary call to {WAIT_EVENT!r}, "
+        "so it does not know durable events; run the application with dispatch_aio's "
+        "scheduler (embedded, `dispatch-aio run` or `dispatch-aio server`)"
+    )
+    result = call_pb2.CallResult(error=encode_error(error))
+    return function_pb2.RunResponse(
+        status=status_pb2.Status.ValueType(Status.PERMANENT_ERROR),
+        exit=exit_pb2.Exit(result=result),
+    )
 
 
 def _from_loopback(request: Incoming) -> bool:

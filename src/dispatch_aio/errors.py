@@ -28,6 +28,7 @@ The hierarchy::
     ├── HostLoopError (RuntimeError)               PERMANENT_ERROR
     ├── ConfigurationError (ValueError)            PERMANENT_ERROR
     └── ClientError                                from the Connect code
+        └── EventAlreadyResolvedError (ValueError) PERMANENT_ERROR      (send_event twice)
 
 Exceptions travel between processes pickled; every class here (and every subclass that
 keeps calling ``super().__init__``) pickles and unpickles with its properties, whatever
@@ -41,6 +42,7 @@ __all__ = [
     "DNSError",
     "DispatchError",
     "DispatchTimeoutError",
+    "EventAlreadyResolvedError",
     "HTTPError",
     "HostLoopError",
     "IncompatibleStateError",
@@ -403,3 +405,18 @@ class ClientError(DispatchError):
     def message(self) -> str:
         """The error message of the response."""
         return self._message
+
+
+class EventAlreadyResolvedError(ClientError, ValueError):
+    """``send_event`` was given a key that is resolved already.
+
+    A durable event is resolved once; its waiters received the first value. Use a new
+    key for a new event.
+    """
+
+    status = _Status.PERMANENT_ERROR
+
+    def __init__(
+        self, message: str, *, http_status: int = 409, code: str = "already_exists"
+    ) -> None:
+        super().__init__(message, http_status=http_status, code=code)

@@ -81,11 +81,14 @@ from typing import Any, Literal, ParamSpec, Self, TypeVar
 from google.protobuf import any_pb2, timestamp_pb2
 
 from . import _codec
+from ._client import Call
 from ._dispatch import Dispatch
 from ._endpoint import DEFAULT_MAX_BODY_SIZE, body_too_large
 from ._function import Function
 from ._replay_worker import Setup, Target, WorkerError, WorkerPool, locate, module_file
+from ._reserved import WAIT_EVENT
 from ._status import Classifier, Status
+from ._testing_events import EventBoard, ScheduleBoard
 from .durable import Clock, Runner
 from .durable._journal import (
     JOURNAL_DELTA_TYPE_URL,
@@ -421,6 +424,8 @@ class Environment:
         self._calls: list[CallInfo] = []
         self._pollers: dict[str, _Poller] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._events = EventBoard(self.clock.sleep_until, self.clock.time)
+        self._schedules = ScheduleBoard(self.clock.time)
         self.requests: list[function_pb2.RunRequest] = []
         """Every Run request sent, in order."""
         self.responses: list[function_pb2.RunResponse] = []
@@ -498,6 +503,107 @@ class Environment:
     def time(self) -> float:
         """Return the environment's current time (virtual unless disabled)."""
         return self.clock.time()
+
+    # -- durable events and schedules ------------------------------------------------------
+
+    async def send_event(
+        self, key: str, value: Any = None, *, error: BaseException | None = None
+    ) -> int:
+        """Resolve a durable event, as ``dispatch.client.send_event`` does.
+
+        Calls waiting in ``dispatch_aio.wait_event(key)`` receive `value` (or have
+        `error` raised); calls that wait on the key later get it at once. A wait
+        that is not resolved within its timeout raises ``TimeoutError`` when the
+        environment's clock gets there (at once on virtual time, if nothing else
+        happens).
+
+        Returns:
+            The number of calls that were waiting on the key.
+
+        Raises:
+            errors.EventAlreadyResolvedError: The key was resolved already.
+            ValueError: The key is invalid, or both a value and an error were given.
+        """
+        return self._events.send(key, value, error=error)
+
+    async def until_waiting(self, key: str, count: int = 1) -> None:
+        """Return once `count` calls (or more) wait on the event `key`.
+
+        Use it before `send_event` to test what happens to a call that waits, rather
+        than to one that finds the event resolved already.
+        """
+        await self._events.until_waiting(key, count)
+
+    def schedule(
+        self,
+        call: Call | Function[[], Any],
+        *,
+        cron: str | None = None,
+        time_zone: str = "UTC",
+        every: float | None = None,
+        missed: Literal["skip", "once", "all"] = "skip",
+        id: str | None = None,
+    ) -> str:
+        """Add a schedule, as ``dispatch.client.schedules.create`` does; return its id.
+
+        ::
+
+            env.schedule(Call(report.name, ("sales",)), cron="0 2 * * *")
+            fired = await env.run_for(24 * 3600)   # virtual time: at once
+
+        Schedules fire only while `run_for` moves the clock.
+        """
+        if not isinstance(call, Call):
+            call = Call(call.name)
+        schedule_id = id or f"schedule-{call.function}-{len(self._calls)}"
+        self._schedules.add(
+            schedule_id, call.function, call._input, cron=cron, time_zone=time_zone,
+            every=every, missed=missed,
+        )  # fmt: skip
+        return schedule_id
+
+    def pause_schedule(self, schedule_id: str) -> None:
+        """Stop a schedule's firings until `resume_schedule`."""
+        self._schedules.set_paused(schedule_id, True)
+
+    def resume_schedule(self, schedule_id: str) -> None:
+        """Resume a paused schedule at its first firing after now."""
+        self._schedules.set_paused(schedule_id, False)
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule."""
+        self._schedules.remove(schedule_id)
+
+    async def run_for(self, seconds: float) -> list[CallInfo]:
+        """Move the clock `seconds` forward, making the firings of the schedules on the way.
+
+        Each firing is a call made by the test; this returns once every call it fired
+        has finished (which may move virtual time further), with those calls in firing
+        order.
+        """
+        end = self.clock.time() + seconds
+        fired: list[CallInfo] = []
+        tasks: list[asyncio.Future[call_pb2.CallResult]] = []
+        while True:
+            upcoming = self._schedules.next_firing()
+            target = end if upcoming is None or upcoming > end else upcoming
+            await self.clock.sleep_until(target)
+            for _, function, input, _ in self._schedules.due():
+                info = self._new_call(function, input, None)
+                task = asyncio.ensure_future(self._execute(info, function, input))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                tasks.append(task)
+                fired.append(info)
+            if target >= end:
+                break
+        await asyncio.gather(*tasks)
+        return fired
+
+    async def _answer_wait(self, info: CallInfo, call: call_pb2.Call) -> call_pb2.CallResult:
+        """Answer a call to the reserved wait function, as dispatch_aio's scheduler does."""
+        status, result = await self._events.wait(call)
+        return self._finish(info, status, result)
 
     # -- the scheduler --------------------------------------------------------------------
 
@@ -677,7 +783,10 @@ class Environment:
             )
         for call in poll.calls:
             child = self._new_call(call.function, call.input, info)
-            task = asyncio.ensure_future(self._execute(child, call.function, call.input))
+            if call.function == WAIT_EVENT:
+                task = asyncio.ensure_future(self._answer_wait(child, call))
+            else:
+                task = asyncio.ensure_future(self._execute(child, call.function, call.input))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             running[call.correlation_id] = task

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import sys
 
+import dispatch_aio
 from dispatch_aio import Dispatch, errors
 
 dispatch = Dispatch()
@@ -42,6 +43,18 @@ async def chain(n: int) -> int:
     for _ in range(n):
         x = await add_one(x)
     return x
+
+
+@dispatch.function(name="tick")
+async def tick(label: str) -> None:
+    """Say that a scheduled call ran."""
+    print("tick", label, flush=True)
+
+
+@dispatch.function
+async def wait_for(key: str) -> str:
+    """Wait for the durable event `key`; return its value's repr."""
+    return repr(await dispatch_aio.wait_event(key))
 
 
 @dispatch.function

@@ -10,6 +10,7 @@ replays.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -261,3 +262,41 @@ async def test_background_jobs_in_process(
     assert {m.rpartition(" ")[2] for m in messages} == {"acme", "globex"}
     ids = {m.split()[1].rstrip(":") for m in messages}
     assert ids == {line.rpartition("job ")[2].rstrip(")") for line in lines}
+
+
+# -- approval -------------------------------------------------------------------------------
+
+
+def test_approval_runs(procs: Starter, tmp_path: Path, how: str) -> None:
+    assert run_example(procs, tmp_path, "approval", how) == [
+        "schedule nightly-report: '0 2 * * *' UTC",
+        "GET /approve/A17 -> 200",
+        "POST /approve/A17 -> 200: order A17: decision recorded",
+        "POST /approve/A17 -> 409: order A17 was decided already",
+        "order A17: charged 120 EUR",
+    ]
+
+
+async def test_approval_in_process(load: Callable[[str], ModuleType]) -> None:
+    example = load("approval")
+    async with Environment(example.dispatch, replay="always") as env:
+        # Approved while the order waits.
+        waiting = asyncio.ensure_future(env.call(example.place_order, "B1", 30))
+        await env.until_waiting("approval-B1")
+        await env.send_event("approval-B1", {"approved": True, "by": "ann"})
+        assert await waiting == "order B1: charged 30 EUR"
+        # Rejected before the order was even placed: the decision waits for it.
+        await env.send_event("approval-B2", {"approved": False, "by": "bob"})
+        assert (
+            await env.call(example.place_order, "B2", 40) == "order B2: cancelled (rejected by bob)"
+        )
+        # Nobody decides: after 24 h of virtual time the order is cancelled.
+        started = env.time()
+        cancelled = await env.call(example.place_order, "B3", 50)
+        assert cancelled == "order B3: cancelled (not approved within 24 h)"
+        assert env.time() - started == pytest.approx(example.APPROVAL_TIMEOUT, abs=2)
+        # The nightly report, on virtual time: one run a day, at 02:00 UTC.
+        env.schedule(example.nightly_report, cron="0 2 * * *")
+        fired = await env.run_for(3 * 24 * 3600)
+        assert len(fired) == 3
+        assert all(info.output.startswith("nightly report of ") for info in fired)

@@ -94,3 +94,12 @@ async def test_background_jobs(
     # Logged by the workers, once per job however many times each job was replayed.
     messages = [r.getMessage() for r in caplog.records if r.name == "jobs"]
     assert sorted(m.rpartition(" ")[2] for m in messages) == ["acme", "globex"], messages
+
+
+async def test_approval(load: Callable[[str], ModuleType], dispatch_workers: WorkerPool) -> None:
+    example = load("approval")
+    async with Environment(example.dispatch, replay="process", workers=dispatch_workers) as env:
+        await env.send_event("approval-C1", {"approved": True, "by": "ann"})
+        assert await env.call(example.place_order, "C1", 10) == "order C1: charged 10 EUR"
+        cancelled = await env.call(example.place_order, "C2", 20)
+        assert cancelled == "order C2: cancelled (not approved within 24 h)"

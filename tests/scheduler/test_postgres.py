@@ -225,6 +225,8 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
         await store.write([InsertCall(dataclasses.replace(record("x"), divergences=3))])
         found = await store.get_call("x")
         assert found is not None and found.divergences == 3
+        assert await store.get_events(["k"]) == {}
+        assert await store.list_schedules() == []
     finally:
         await store.close()
 

@@ -10,8 +10,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from google.protobuf import wrappers_pb2
 
-from dispatch_aio.proto.sdk.v1 import function_pb2
+from dispatch_aio.proto.sdk.v1 import call_pb2, function_pb2
+from dispatch_aio.proto.v1 import schedule_pb2
 from dispatch_aio.scheduler import PostgresStore, Scheduler
 from dispatch_aio.scheduler.store import (
     CallQuery,
@@ -31,6 +33,7 @@ from dispatch_aio.scheduler.store._coordination import (
 )
 
 from .scripted import ScriptedEndpoint, call, eventually, ok, unpack_text
+from .test_events_stores import wait_call
 from .test_store_contract import record
 
 MakeScheduler = Callable[..., Awaitable[Scheduler]]
@@ -43,6 +46,8 @@ def quiet() -> Handlers:
         cancel=lambda i: None,
         leases=lambda: None,
         reconnected=lambda: None,
+        event=lambda key: None,
+        schedules=lambda: None,
     )
 
 
@@ -331,3 +336,56 @@ async def test_a_replica_cut_off_from_the_database_stops_before_its_leases_expir
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.close()
+
+
+async def test_an_event_sent_to_one_replica_reaches_the_waiters_the_other_drives(
+    pg_url: str, make_scheduler: MakeScheduler
+) -> None:
+    one = await make_scheduler(PostgresStore(pg_url, replica="one"), lease_timeout=0.9)
+    two = await make_scheduler(PostgresStore(pg_url, replica="two"), lease_timeout=0.9)
+    store = one._store
+    assert isinstance(store, PostgresStore)
+    await shared(store.coordination(), {"one": 32, "two": 32}, 5)
+    ids = await one.dispatch([wait_call("approval") for _ in range(16)])
+    held = one._engine._parts.owned  # type: ignore[union-attr]
+    assert {partition_of(i) in held for i in ids} == {True, False}  # both replicas wait
+    await eventually(lambda: one._engine.event_waiters + two._engine.event_waiters == 16)
+
+    value = call_pb2.CallResult()
+    value.output.Pack(wrappers_pb2.StringValue(value="yes"))
+    here = two._engine.event_waiters
+    assert 0 < here < 16
+    assert await two.send_event("approval", value) == here  # the others are one's
+    async with asyncio.timeout(10):
+        for i in ids:
+            result = await one.wait(i)
+            assert unpack_text(result.output) == "yes", result
+
+
+async def test_replicas_share_the_schedules_and_fire_each_time_once(
+    pg_url: str, make_scheduler: MakeScheduler, endpoint: ScriptedEndpoint
+) -> None:
+    fired: list[float] = []
+
+    async def tick(req: function_pb2.RunRequest) -> function_pb2.RunResponse:
+        fired.append(time.time())
+        return ok("done")
+
+    endpoint.on("tick", tick)
+    one = await make_scheduler(PostgresStore(pg_url, replica="one"), lease_timeout=0.9)
+    two = await make_scheduler(PostgresStore(pg_url, replica="two"), lease_timeout=0.9)
+    spec = schedule_pb2.Schedule(id="every-second", function="tick", endpoint=endpoint.url)
+    spec.interval.FromNanoseconds(10**9)
+    await one.schedules.create(spec)
+    # The other replica hears of it, fires it too, and may pause it.
+    await eventually(lambda: [s.id for s in two.schedules.list()] == ["every-second"])
+    await eventually(lambda: len(fired) >= 3, seconds=10)
+    await one.close()  # the replica that made it is gone: the other fires it still
+    count = len(fired)
+    await eventually(lambda: len(fired) >= count + 2, seconds=10)
+    await two.schedules.pause("every-second")
+    paused = len(fired)
+    await asyncio.sleep(2.5)
+    assert len(fired) <= paused + 1  # at most a firing in flight during the pause
+    calls = await two._store.list_calls(CallQuery(parent_id=""))
+    assert len(calls) == len(fired)  # each firing time made one call, on either replica

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dispatch_aio.scheduler import SQLiteStore, StoreError
-from dispatch_aio.scheduler.store import WRITE_ALONE, CallQuery, InsertCall, _sqlite
+from dispatch_aio.scheduler.store import WRITE_ALONE, CallQuery, InsertCall, PutEvent, _sqlite
 from dispatch_aio.scheduler.store._sqlite import SCHEMA_VERSION
 
 from .test_store_contract import record
@@ -189,3 +189,21 @@ async def test_a_version_4_database_gains_the_policy_column(tmp_path: Path) -> N
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     finally:
         conn.close()
+
+
+async def test_a_version_5_database_gains_events_and_schedules(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for migrate in _sqlite._MIGRATIONS[:5]:
+        migrate(conn)
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        await store.write([PutEvent("k", b"result", 1.0)])
+        assert await store.get_events(["k", "other"]) == {"k": b"result"}
+        assert await store.list_schedules() == []
+    finally:
+        await store.close()

@@ -15,17 +15,21 @@ from dispatch_aio.scheduler.store import (
     AppendSegment,
     CallQuery,
     CallRecord,
+    DeleteSchedule,
     Fence,
     FencedError,
     Handlers,
     InsertCall,
     Phase,
     PruneIdempotencyKeys,
+    PutEvent,
     PutIdempotencyKey,
+    PutSchedule,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
     RemoveSegments,
+    ScheduleRecord,
     SetMeta,
     StateKind,
     UpdateCall,
@@ -133,7 +137,7 @@ async def test_fences_and_announcements(store: Store) -> None:
         woken.set()
 
     ignore = lambda *args: None  # noqa: E731
-    await coordination.start(Handlers(calls, ignore, ignore, ignore, ignore), 30.0)
+    await coordination.start(Handlers(calls, ignore, ignore, ignore, ignore, ignore, ignore), 30.0)
     try:
         leases = await coordination.renew()
         epoch = leases.held[0]
@@ -275,3 +279,35 @@ async def test_idempotency_keys_expire_and_are_pruned(store: Store) -> None:
     # An expired key may be given to a new call.
     await store.write([PutIdempotencyKey("k1", "c", expires_at=90.0)])
     assert await store.find_idempotency_keys(["k1"], now=60.0) == {"k1": "c"}
+
+
+async def test_events_are_resolved_once_with_their_waiters(store: Store) -> None:
+    waiter = record("w", function="dispatch_aio.wait_event")
+    await store.write([InsertCall(waiter)])
+    done = dataclasses.replace(waiter, phase=Phase.DONE, result=b"value")
+    await store.write([PutEvent("order-1", b"value", 3.0), UpdateCall(done)])
+    assert await store.get_events(["order-1", "order-2"]) == {"order-1": b"value"}
+    assert await store.get_events([]) == {}
+    # Resolving again fails the whole write: the waiter update with it is not applied.
+    again = dataclasses.replace(done, last_error="changed")
+    with pytest.raises(StoreError):
+        await store.write([UpdateCall(again), PutEvent("order-1", b"other", 4.0)])
+    assert await store.get_events(["order-1"]) == {"order-1": b"value"}
+    stored = await store.get_call("w")
+    assert stored is not None and stored.last_error == ""
+    many = [f"k{i}" for i in range(1200)]  # more keys than one SQL statement takes
+    await store.write([PutEvent(key, key.encode(), 5.0) for key in many])
+    found = await store.get_events(many)
+    assert len(found) == 1200 and found["k1199"] == b"k1199"
+
+
+async def test_schedules_are_kept_replaced_and_deleted(store: Store) -> None:
+    first = ScheduleRecord("s1", b"spec-1", next_at=10.5, paused=False, created_at=1.0)
+    second = ScheduleRecord("s2", b"spec-2", next_at=20.0, paused=True, created_at=2.0)
+    await store.write([PutSchedule(second), PutSchedule(first)])
+    assert await store.list_schedules() == [first, second]
+    moved = dataclasses.replace(first, next_at=11.5, paused=True)
+    await store.write([PutSchedule(moved)])
+    assert await store.list_schedules() == [moved, second]
+    await store.write([DeleteSchedule("s2"), DeleteSchedule("none")])
+    assert await store.list_schedules() == [moved]

@@ -50,6 +50,7 @@ from .. import __version__
 from ..proto.v1 import inspect_pb2
 from ..scheduler._ui import ui_address
 from ._console import Console, ConsoleLogHandler, Style
+from ._control import add_control_commands, schedule_command, send_event_command
 from ._format import plural
 from ._inspect import (
     STATES,
@@ -263,6 +264,7 @@ def _parser() -> argparse.ArgumentParser:
         "attempts and end as cancelled. A call that has finished already is left as it is.",
     )
     cancel.add_argument("dispatch_id", metavar="ID", help="the call's dispatch id")
+    add_control_commands(commands, api)
 
     check = commands.add_parser(
         "check",
@@ -310,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_show_command(args, console))
             case "cancel":
                 return asyncio.run(_cancel_command(args, console))
+            case "send-event":
+                return asyncio.run(send_event_command(args, console, *_api(args)))
+            case "schedule":
+                return asyncio.run(schedule_command(args, console, *_api(args)))
             case "check":
                 return asyncio.run(_check_command(args, console))
             case "version":

@@ -37,6 +37,7 @@ from ..scheduler.store import (
     Leases,
     Op,
     Phase,
+    ScheduleRecord,
     Snapshot,
     UpdateCall,
 )
@@ -182,6 +183,19 @@ class TrackingStore(Store):
     async def get_meta(self, key: str) -> bytes | None:
         """Read a scheduler-wide value from the inner store."""
         return await self._inner.get_meta(key)
+
+    @property
+    def keeps_events(self) -> bool:
+        """Whether the inner store keeps events and schedules."""
+        return self._inner.keeps_events
+
+    async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Look resolved events up in the inner store."""
+        return await self._inner.get_events(keys)
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Read the schedules from the inner store."""
+        return await self._inner.list_schedules()
 
     @property
     def keeps_segments(self) -> bool:

@@ -82,10 +82,17 @@ class DurableCall(Coroutine[Any, Any, Any]):
     __slots__ = ("_args", "_coro", "_seq", "function", "site")
 
     def __init__(
-        self, run: Run, function: str, input: any_pb2.Any, site: str, endpoint: str, seq: int
+        self,
+        run: Run,
+        function: str,
+        input: any_pb2.Any,
+        site: str,
+        endpoint: str,
+        seq: int,
+        expiration: float = 0.0,
     ) -> None:
         self._coro: Coroutine[Any, Any, Any] | None = None
-        self._args: tuple[Run, any_pb2.Any, str] | None = (run, input, endpoint)
+        self._args: tuple[Run, any_pb2.Any, str, float] | None = (run, input, endpoint, expiration)
         self._seq = seq
         self.function = function
         self.site = site
@@ -98,11 +105,11 @@ class DurableCall(Coroutine[Any, Any, Any]):
     def _start(self) -> Coroutine[Any, Any, Any]:
         if self._coro is None:
             assert self._args is not None
-            run, input, endpoint = self._args
+            run, input, endpoint, expiration = self._args
             self._args = None
             # Created only now, so that a call never awaited leaves no coroutine for
             # Python to warn about from inside the SDK: the run names the user's line.
-            self._coro = _call(run, self.function, input, self.site, endpoint)
+            self._coro = _call(run, self.function, input, self.site, endpoint, expiration)
         return self._coro
 
     def __hash__(self) -> int:
@@ -138,14 +145,26 @@ class DurableCall(Coroutine[Any, Any, Any]):
         return self._start().__await__()
 
 
-async def _call(run: Run, function: str, input: any_pb2.Any, call_site: str, endpoint: str) -> Any:
-    return await run.make_call(function, input, call_site=call_site, endpoint=endpoint)
+async def _call(
+    run: Run, function: str, input: any_pb2.Any, call_site: str, endpoint: str, expiration: float
+) -> Any:
+    return await run.make_call(
+        function, input, call_site=call_site, endpoint=endpoint, expiration=expiration
+    )
 
 
 def durable_call(
-    function: str, input: any_pb2.Any, *, call_site: str = "", endpoint: str = ""
+    function: str,
+    input: any_pb2.Any,
+    *,
+    call_site: str = "",
+    endpoint: str = "",
+    expiration: float = 0.0,
 ) -> Coroutine[Any, Any, Any]:
     """Return a coroutine that calls ``function`` durably and returns its result.
+
+    ``expiration`` (seconds, 0 for the scheduler's default) is sent as the call's
+    ``Call.expiration``: past it the scheduler ends the call with STATUS_TIMEOUT.
 
     Raises:
         RuntimeError: Called outside a durable function.
@@ -154,7 +173,7 @@ def durable_call(
     if loop is None:
         raise RuntimeError(f"durable call to {function!r} made outside a durable function")
     run: Run = loop.owner
-    call = DurableCall(run, function, input, call_site, endpoint, loop._next_seq())
+    call = DurableCall(run, function, input, call_site, endpoint, loop._next_seq(), expiration)
     run.track_call(call)
     return call
 

@@ -111,6 +111,7 @@ class _Call:
     poll: int = 0  # poll in which it was sent; 0 = not yet
     input: any_pb2.Any | None = None  # kept until sent
     endpoint: str = ""
+    expiration: float = 0.0  # seconds the scheduler gives the call; 0: its default
     future: DurableFuture[Any] | None = None  # None: not made (yet) in this process
     resolved: bool = False
 
@@ -242,7 +243,13 @@ class Run:
         return f"dispatch_aio/{self.dispatch_id}/{self.generation}/{self.submissions}"
 
     def make_call(
-        self, function: str, input: any_pb2.Any, *, call_site: str, endpoint: str
+        self,
+        function: str,
+        input: any_pb2.Any,
+        *,
+        call_site: str,
+        endpoint: str,
+        expiration: float = 0.0,
     ) -> DurableFuture[Any]:
         """Record a durable call made by the current task; return the future of its result."""
         if self.loop.discarded:
@@ -275,6 +282,7 @@ class Run:
             epoch=self.epochs_applied,
             input=input,
             endpoint=endpoint,
+            expiration=expiration,
             future=future,
         )
         self.calls.append(call)
@@ -678,14 +686,17 @@ class Run:
         self.abandoned = []
         for call in new_calls:
             assert call.input is not None
-            poll.calls.append(
-                call_pb2.Call(
-                    correlation_id=call.index + 1,
-                    function=call.function,
-                    input=call.input,
-                    endpoint=call.endpoint,
-                )
+            made = call_pb2.Call(
+                correlation_id=call.index + 1,
+                function=call.function,
+                input=call.input,
+                endpoint=call.endpoint,
             )
+            if call.expiration > 0:
+                millis = math.ceil(call.expiration * 1000)
+                made.expiration.seconds, made.expiration.nanos = divmod(millis, 1000)
+                made.expiration.nanos *= 1_000_000
+            poll.calls.append(made)
             call.input = None
         timer = self.loop.next_timer(durable=True)
         if timer is not None and math.isfinite(timer.deadline):

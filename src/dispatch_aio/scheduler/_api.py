@@ -17,7 +17,8 @@ with the matching HTTP status.
   body is a dispatch id as UTF-8 text, the answer the call's final ``CallResult``
   (binary) once it is done.
 - ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall}``: see inspect.proto.
-- ``/dispatch_aio.v1.ControlService/CancelCall``: see control.proto.
+- ``/dispatch_aio.v1.ControlService/{CancelCall,SendEvent}``: see control.proto.
+- ``/dispatch_aio.v1.ScheduleService/*``: see schedule.proto.
 """
 
 from __future__ import annotations
@@ -44,9 +45,17 @@ from google.protobuf.message import DecodeError, Message
 
 from .._status import Status
 from ..proto.sdk.python.v1 import pickled_pb2
-from ..proto.sdk.v1 import dispatch_pb2
-from ..proto.v1 import control_pb2, inspect_pb2
-from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
+from ..proto.sdk.v1 import call_pb2, dispatch_pb2
+from ..proto.v1 import control_pb2, inspect_pb2, schedule_pb2
+from ._engine import (
+    Engine,
+    EngineClosedError,
+    EventAlreadyResolvedError,
+    InvalidCallError,
+    is_cancelled,
+)
+from ._schedules import ScheduleExistsError, ScheduleNotFoundError, Schedules
+from ._timing import InvalidScheduleError
 from .store import CallQuery, CallRecord, Phase, Store, StoreError
 
 __all__ = [
@@ -54,6 +63,8 @@ __all__ = [
     "DISPATCH_PATH",
     "INSPECT_PREFIX",
     "MAX_CALLS_PER_REQUEST",
+    "SCHEDULE_PREFIX",
+    "SEND_EVENT_PATH",
     "WAIT_PATH",
     "create_app",
 ]
@@ -64,6 +75,8 @@ DISPATCH_PATH = "/dispatch.sdk.v1.DispatchService/Dispatch"
 WAIT_PATH = "/dispatch.sdk.v1.DispatchService/Wait"
 INSPECT_PREFIX = "/dispatch_aio.v1.InspectService/"
 CANCEL_PATH = "/dispatch_aio.v1.ControlService/CancelCall"
+SEND_EVENT_PATH = "/dispatch_aio.v1.ControlService/SendEvent"
+SCHEDULE_PREFIX = "/dispatch_aio.v1.ScheduleService/"
 
 _PROTO = "application/proto"
 _JSON = "application/json"
@@ -135,7 +148,8 @@ async def _connect_errors(request: web.Request, handler: _Handler) -> web.Stream
                 404,
                 "unimplemented",
                 f"no RPC at {request.path}; this scheduler serves {DISPATCH_PATH}, "
-                f"{WAIT_PATH}, {CANCEL_PATH} and {INSPECT_PREFIX}*",
+                f"{WAIT_PATH}, {CANCEL_PATH}, {SEND_EVENT_PATH}, {SCHEDULE_PREFIX}* and "
+                f"{INSPECT_PREFIX}*",
             )
         if exc.status == 405:
             return _error_response(405, "unimplemented", "RPCs are called with POST")
@@ -147,8 +161,11 @@ async def _connect_errors(request: web.Request, handler: _Handler) -> web.Stream
 
 
 class _Service:
-    def __init__(self, engine: Engine, store: Store, api_key: str) -> None:
+    def __init__(
+        self, engine: Engine, store: Store, api_key: str, schedules: Schedules | None = None
+    ) -> None:
         self._engine = engine
+        self._schedules = schedules
         self._store = store
         self._api_key = api_key.encode()
 
@@ -247,6 +264,66 @@ class _Service:
             raise _not_found(req.dispatch_id) from None
         reply = control_pb2.CancelCallResponse(cancelled=stopped is not None, stopped=stopped or 0)
         return _reply(reply, as_json)
+
+    async def send_event(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, control_pb2.SendEventRequest())
+        result = call_pb2.CallResult()
+        if req.HasField("error"):
+            result.error.CopyFrom(req.error)
+        elif req.HasField("value"):
+            result.output.CopyFrom(req.value)
+        try:
+            woken = await self._engine.send_event(req.key, result)
+        except EventAlreadyResolvedError as exc:
+            raise _ConnectError(409, "already_exists", str(exc)) from None
+        except InvalidCallError as exc:
+            raise _ConnectError(400, "invalid_argument", str(exc)) from None
+        return _reply(control_pb2.SendEventResponse(woken=woken), as_json)
+
+    # ScheduleService
+
+    def _require_schedules(self) -> Schedules:
+        if self._schedules is None:
+            raise _ConnectError(501, "unimplemented", "this scheduler runs no schedules")
+        return self._schedules
+
+    async def create_schedule(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, schedule_pb2.CreateScheduleRequest())
+        schedules = self._require_schedules()
+        try:
+            created = await schedules.create(req.schedule)
+        except InvalidScheduleError as exc:
+            raise _ConnectError(400, "invalid_argument", str(exc)) from None
+        except ScheduleExistsError as exc:
+            raise _ConnectError(409, "already_exists", str(exc)) from None
+        return _reply(created, as_json)
+
+    async def list_schedules(self, request: web.Request) -> web.Response:
+        _, as_json = await self._read(request, schedule_pb2.ListSchedulesRequest())
+        found = self._require_schedules().list()
+        return _reply(schedule_pb2.ListSchedulesResponse(schedules=found), as_json)
+
+    async def pause_schedule(self, request: web.Request) -> web.Response:
+        return await self._change_schedule(request, "pause")
+
+    async def resume_schedule(self, request: web.Request) -> web.Response:
+        return await self._change_schedule(request, "resume")
+
+    async def delete_schedule(self, request: web.Request) -> web.Response:
+        return await self._change_schedule(request, "delete")
+
+    async def _change_schedule(self, request: web.Request, change: str) -> web.Response:
+        req, as_json = await self._read(request, schedule_pb2.ScheduleRequest())
+        schedules = self._require_schedules()
+        try:
+            if change == "delete":
+                await schedules.delete(req.id)
+                return _reply(schedule_pb2.DeleteScheduleResponse(), as_json)
+            if change == "pause":
+                return _reply(await schedules.pause(req.id), as_json)
+            return _reply(await schedules.resume(req.id), as_json)
+        except ScheduleNotFoundError as exc:
+            raise _ConnectError(404, "not_found", str(exc)) from None
 
     # InspectService
 
@@ -412,18 +489,21 @@ def _renders(value: any_pb2.Any) -> bool:
     return True
 
 
-def create_app(engine: Engine, store: Store, *, api_key: str) -> web.Application:
+def create_app(
+    engine: Engine, store: Store, *, api_key: str, schedules: Schedules | None = None
+) -> web.Application:
     """Build the scheduler's aiohttp application.
 
     Args:
         engine: The running engine calls are submitted to.
         store: The store inspected.
         api_key: The key clients must send as ``Authorization: Bearer <api key>``.
+        schedules: The schedules the ScheduleService manages (None: it is not served).
 
     Returns:
         The application; it owns no resources (the caller starts and stops them).
     """
-    service = _Service(engine, store, api_key)
+    service = _Service(engine, store, api_key, schedules)
     app = web.Application(client_max_size=_MAX_BODY, middlewares=[_connect_errors])
     app.add_routes(
         [
@@ -433,6 +513,12 @@ def create_app(engine: Engine, store: Store, *, api_key: str) -> web.Application
             web.post(INSPECT_PREFIX + "GetCall", service.get_call),
             web.post(INSPECT_PREFIX + "WaitCall", service.wait_call),
             web.post(CANCEL_PATH, service.cancel_call),
+            web.post(SEND_EVENT_PATH, service.send_event),
+            web.post(SCHEDULE_PREFIX + "CreateSchedule", service.create_schedule),
+            web.post(SCHEDULE_PREFIX + "ListSchedules", service.list_schedules),
+            web.post(SCHEDULE_PREFIX + "PauseSchedule", service.pause_schedule),
+            web.post(SCHEDULE_PREFIX + "ResumeSchedule", service.resume_schedule),
+            web.post(SCHEDULE_PREFIX + "DeleteSchedule", service.delete_schedule),
         ]
     )
     return app

@@ -48,6 +48,9 @@ attempt sends one RunRequest; its outcome moves the call:
   this SDK is first resumed once with the ``Dispatch-Aio-Cancel`` header, within a
   grace period: its endpoint raises ``CancelledError`` at the pending await, and the
   answer, whatever it is, is dropped.
+- a call to the reserved function ``dispatch_aio.wait_event`` (see `_events`) is never
+  run: it finishes with the outcome of its event once the event is resolved, or with
+  STATUS_TIMEOUT at its expiration (the wait's timeout).
 - past its expiration the call is DONE with STATUS_TIMEOUT. Calls without an
   expiration get `DEFAULT_EXPIRATION`; a child never outlives its parent's expiration.
 
@@ -68,8 +71,9 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
@@ -79,6 +83,13 @@ from .._status import Status
 from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
+from ._events import (
+    EventAlreadyResolvedError,
+    EventWaiters,
+    event_key,
+    event_key_problem,
+    event_timeout_result,
+)
 from ._invoker import Invoker, Outcome
 from ._limits import Admission, CallPolicy, Limits, parse_policy, policy_problem
 from ._partitions import Moved, Partitions, announce
@@ -94,6 +105,7 @@ from .store import (
     Op,
     Phase,
     PruneIdempotencyKeys,
+    PutEvent,
     PutIdempotencyKey,
     QueuedResult,
     RemovePollerResults,
@@ -101,6 +113,7 @@ from .store import (
     RemoveSegments,
     StateKind,
     Store,
+    StoreError,
     UpdateCall,
 )
 
@@ -111,6 +124,7 @@ __all__ = [
     "Engine",
     "EngineClosedError",
     "EngineSettings",
+    "EventAlreadyResolvedError",
     "InvalidCallError",
     "RetryPolicy",
     "is_cancelled",
@@ -193,6 +207,7 @@ class _Live:
 
     __slots__ = (
         "cancelling",
+        "event",
         "policy",
         "queue",
         "rec",
@@ -212,6 +227,7 @@ class _Live:
         self.rec = rec
         self.policy: CallPolicy | None = parse_policy(rec.policy)
         self.slot: tuple[str, str] | None = None  # the function whose slot the attempt holds
+        self.event = event_key(rec)  # the key it waits on, if it waits for an event
         # Committed results of children, oldest first: (seq, result).
         self.queue: collections.deque[tuple[int, call_pb2.CallResult]] = collections.deque()
         self.running = False
@@ -293,6 +309,11 @@ class Engine:
         self._pruned_at = 0.0
         # With replicas sharing the store: the partitions this one drives.
         self._parts: Partitions | None = None
+        self._events: EventWaiters[_Live] = EventWaiters()
+        self._event_lookup: asyncio.Task[None] | None = None
+        self._events_in_flight: dict[str, asyncio.Future[None]] = {}
+        self.schedules_listener: Callable[[], None] | None = None
+        """Called when another replica sharing the store changed the schedules."""
 
     @property
     def settings(self) -> EngineSettings:
@@ -358,7 +379,11 @@ class Engine:
     # Submissions and waiting.
 
     async def submit(
-        self, calls: Sequence[call_pb2.Call], idempotency_keys: Sequence[str] = ()
+        self,
+        calls: Sequence[call_pb2.Call],
+        idempotency_keys: Sequence[str] = (),
+        *,
+        with_ops: Sequence[Op] = (),
     ) -> list[str]:
         """Persist top-level calls atomically and start them.
 
@@ -367,6 +392,8 @@ class Engine:
             idempotency_keys: Empty, or one key per call ("" for a call without one).
                 A call whose key was submitted within the retention period is not
                 created again: its dispatch id is the first submission's.
+            with_ops: More writes committed in the same transaction as the calls (a
+                schedule's next firing time), even if every call existed already.
 
         Returns:
             The dispatch ids, in the order of `calls`.
@@ -392,17 +419,18 @@ class Engine:
             more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
             raise InvalidCallError("; ".join(problems[:3]) + more)
         if not keyed:
-            return await self._create(calls, {})
+            return await self._create(calls, {}, with_ops=with_ops)
         while busy := [self._keys_in_flight[k] for k in keyed if k in self._keys_in_flight]:
             await asyncio.wait(busy)
         done = asyncio.get_running_loop().create_future()
         for key in keyed:
             self._keys_in_flight[key] = done
         try:
+            keys = {i: k for k, i in keyed.items()}
             for attempt in range(3):
                 known = await self._store.find_idempotency_keys(list(keyed), self._clock())
                 try:
-                    return await self._create(calls, {i: k for k, i in keyed.items()}, known)
+                    return await self._create(calls, keys, known, with_ops=with_ops)
                 except KeyTakenError:
                     # Another replica stored one of the keys meanwhile: its call is the
                     # answer, found at the next look.
@@ -419,6 +447,8 @@ class Engine:
         calls: Sequence[call_pb2.Call],
         keys: Mapping[int, str],
         known: Mapping[str, str] | None = None,
+        *,
+        with_ops: Sequence[Op] = (),
     ) -> list[str]:
         """Create the calls whose key (by index in `keys`) is not `known`; return all ids."""
         default = self._settings.default_endpoint
@@ -440,6 +470,7 @@ class Engine:
             if key:
                 expires = now + self._settings.idempotency_retention
                 ops.append(PutIdempotencyKey(key, dispatch_id, expires))
+        ops.extend(with_ops)
         if not ops:
             return ids
         if keys and now - self._pruned_at >= _PRUNE_EVERY:
@@ -657,6 +688,162 @@ class Engine:
             live.task = None
             self._running.discard(rec.id)
 
+    # Durable events (see `_events`).
+
+    async def send_event(self, key: str, result: call_pb2.CallResult) -> int:
+        """Resolve a durable event: its waiters, now and later, receive `result`.
+
+        The event is stored, and the calls waiting on it finish, in one transaction.
+
+        Args:
+            key: The event's key.
+            result: The outcome: its ``output`` (the value) or its ``error``.
+
+        Returns:
+            The number of waiting calls that received the outcome.
+
+        Raises:
+            InvalidCallError: The key is invalid.
+            EventAlreadyResolvedError: The key was resolved already; nothing changed.
+            EngineClosedError: The engine is not running.
+            StoreError: The event could not be stored; nothing changed.
+        """
+        if self._closed:
+            raise EngineClosedError("the scheduler is not running")
+        problem = event_key_problem(key)
+        if problem is not None:
+            raise InvalidCallError(problem)
+        if not self._store.keeps_events:
+            raise StoreError(f"{type(self._store).__name__} keeps no durable events")
+        while (busy := self._events_in_flight.get(key)) is not None:
+            await asyncio.wait([busy])
+        done = asyncio.get_running_loop().create_future()
+        self._events_in_flight[key] = done
+        try:
+            if await self._store.get_events([key]):
+                raise EventAlreadyResolvedError(key)
+            data = result.SerializeToString()
+            woken = await self._wake(key, data, [PutEvent(key, data, self._clock())])
+            # Waiters made while the event was written looked it up too early.
+            return woken + await self._wake(key, data)
+        finally:
+            del self._events_in_flight[key]
+            done.set_result(None)
+
+    async def _wake(self, key: str, data: bytes, ops: list[Op] | None = None) -> int:
+        """Finish the idle waiters of `key` with the outcome `data`, writing `ops` with them."""
+        ops = list(ops or [])
+        waiters = [w for w in self._events.waiting(key) if not w.running and not w.cancelling]
+        if not ops and not waiters:
+            return 0
+        result = call_pb2.CallResult.FromString(data)
+        status = Status.OK if not result.HasField("error") else Status.PERMANENT_ERROR
+        dones: list[Callable[[], None]] = []
+        task = asyncio.current_task()
+        for waiter in waiters:
+            finish_ops, finish_done = self._finishing(
+                waiter, status, result, "" if status is Status.OK else "the event is an error",
+                [], attempted=False,
+            )  # fmt: skip
+            ops.extend(finish_ops)
+            dones.append(finish_done)
+            # Busy until written: no expiry or second wake-up finishes it meanwhile, and
+            # a cancellation waits for this task like for an attempt being recorded.
+            waiter.running = True
+            waiter.task = task
+        try:
+            await self._store.write(ops)
+        finally:
+            for waiter in waiters:
+                waiter.running = False
+                waiter.task = None
+        for finish_done in dones:
+            finish_done()
+        return len(waiters)
+
+    def _arm_event(self, live: _Live) -> None:
+        """Register an event waiter and set the timer of its expiration (its timeout)."""
+        key = live.event
+        assert key is not None
+        problem = event_key_problem(key)
+        status = Status.INVALID_ARGUMENT
+        if problem is None and not self._store.keeps_events:
+            problem = f"this scheduler's store ({type(self._store).__name__}) keeps no events"
+            status = Status.PERMANENT_ERROR
+        if problem is not None:
+            error = error_pb2.Error(type=status.proto_name, message=problem)
+            self._start_task(live, self._end_wait(live, status, error))
+            return
+        if self._events.add(key, live) and self._event_lookup is None:
+            self._event_lookup = asyncio.get_running_loop().create_task(self._look_up_events())
+            self._tasks.add(self._event_lookup)
+            self._event_lookup.add_done_callback(self._tasks.discard)
+        rec = live.rec
+        now = self._clock()
+        when = max(rec.expires_at, live.stall_until)
+        if when <= now:
+            timeout = event_timeout_result(key, rec).error
+            self._start_task(live, self._end_wait(live, Status.TIMEOUT, timeout))
+        elif live.timer is None or live.timer_at != when:
+            if live.timer is not None:
+                live.timer.cancel()
+            loop = asyncio.get_running_loop()
+            live.timer = loop.call_later(when - now + _TIMER_SLACK, self._fire, live)
+            live.timer_at = when
+
+    def _start_task(self, live: _Live, work: Coroutine[Any, Any, None]) -> None:
+        live.running = True
+        task = asyncio.get_running_loop().create_task(work)
+        live.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _end_wait(self, live: _Live, status: Status, error: error_pb2.Error) -> None:
+        """Finish an event waiter without its event (timed out, invalid key)."""
+        try:
+            result = call_pb2.CallResult(error=error)
+            await self._finish(live, status, result, error.message, [], attempted=False)
+        except Exception:
+            live.stalls += 1
+            live.stall_until = self._clock() + self._settings.retry.backoff(live.stalls, self._rng)
+            logger.exception("call %s: the end of its event wait was not recorded", live.rec.id)
+        finally:
+            live.running = False
+            live.task = None
+        self._arm(live)
+
+    def _event_resolved(self, key: str | None) -> None:
+        """Look up an event resolved elsewhere (None: any awaited here) for its waiters."""
+        self._events.recheck(self._events.keys() if key is None else [key])
+        if self._events.unchecked and self._event_lookup is None and not self._closed:
+            self._event_lookup = asyncio.get_running_loop().create_task(self._look_up_events())
+            self._tasks.add(self._event_lookup)
+            self._event_lookup.add_done_callback(self._tasks.discard)
+
+    async def _look_up_events(self) -> None:
+        """Deliver resolved events to their new waiters, looking keys up in batches."""
+        failures = 0
+        try:
+            while self._events.unchecked and not self._closed:
+                keys = self._events.take_unchecked()
+                try:
+                    found = await self._store.get_events(keys)
+                    for key, data in found.items():
+                        await self._wake(key, data)
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    self._events.recheck(keys)
+                    logger.exception("resolved events could not be looked up")
+                    await asyncio.sleep(self._settings.retry.backoff(failures, self._rng))
+        finally:
+            self._event_lookup = None
+
+    @property
+    def event_waiters(self) -> int:
+        """Number of calls waiting for an event."""
+        return len(self._events)
+
     def _subtree(self, dispatch_id: str) -> list[_Live]:
         """Return the unfinished call and its unfinished descendants, parents first."""
         children: dict[str, list[_Live]] = {}
@@ -705,6 +892,8 @@ class Engine:
         del self._live[live.rec.id]
         self._running.discard(live.rec.id)
         self._limits.forget(_function_key(live.rec), live)
+        if live.event is not None:
+            self._events.discard(live.event, live)
 
     def _fence(self, rec: CallRecord) -> list[Op]:
         """The fence of a write driving `rec` when replicas share the store, else none."""
@@ -717,6 +906,9 @@ class Engine:
             return
         if self._parts is not None and self._parts.draining and not self._parts.holds(rec.root_id):
             return  # its partition is being let go
+        if live.event is not None:
+            self._arm_event(live)
+            return
         now = self._clock()
         when: float | None
         if rec.phase is Phase.PENDING:
@@ -1178,6 +1370,24 @@ class Engine:
         attempted: bool = True,
         diverged: bool = False,
     ) -> None:
+        ops, done = self._finishing(
+            live, status, result, failure, delivered, attempted=attempted, diverged=diverged
+        )
+        await self._store.write(ops)
+        done()
+
+    def _finishing(
+        self,
+        live: _Live,
+        status: Status,
+        result: call_pb2.CallResult | None,
+        failure: str,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        *,
+        attempted: bool = True,
+        diverged: bool = False,
+    ) -> tuple[list[Op], Callable[[], None]]:
+        """Return the writes that finish a call, and what to do once they are committed."""
         rec = live.rec
         now = self._clock()
         final = call_pb2.CallResult()
@@ -1220,29 +1430,34 @@ class Engine:
             if self._parts is not None:
                 seq = self._parts.seq(seq, rec.root_id)
             ops.append(AddResult(QueuedResult(seq, parent.rec.id, rec.parent_generation, data)))
-        await self._store.write(ops)
-        live.rec = new
-        live.queue.clear()
-        del self._live[rec.id]
-        if self._parts is not None:
-            self._parts.ended(rec.id)
-        self._limits.forget(_function_key(rec), live)
-        if live.timer is not None:
-            live.timer.cancel()
-            live.timer = None
-        if status is Status.OK:
-            logger.debug("call %s (%s) succeeded", rec.id, rec.function)
-        else:
-            logger.info("call %s (%s) failed: %s", rec.id, rec.function, final.error.message)
-        for waiter in live.waiters:
-            if not waiter.done():
-                waiter.set_result(new)
-        live.waiters.clear()
-        # The parent may have moved on while the write was in flight.
-        parent = self._live.get(rec.parent_id) if seq else None
-        if parent is not None and parent.rec.generation == rec.parent_generation:
-            parent.queue.append((seq, final))
-            self._arm(parent)
+
+        def done() -> None:
+            live.rec = new
+            live.queue.clear()
+            del self._live[rec.id]
+            if self._parts is not None:
+                self._parts.ended(rec.id)
+            self._limits.forget(_function_key(rec), live)
+            if live.event is not None:
+                self._events.discard(live.event, live)
+            if live.timer is not None:
+                live.timer.cancel()
+                live.timer = None
+            if status is Status.OK:
+                logger.debug("call %s (%s) succeeded", rec.id, rec.function)
+            else:
+                logger.info("call %s (%s) failed: %s", rec.id, rec.function, final.error.message)
+            for waiter in live.waiters:
+                if not waiter.done():
+                    waiter.set_result(new)
+            live.waiters.clear()
+            # The parent may have moved on while the write was in flight.
+            parent = self._live.get(rec.parent_id) if seq else None
+            if parent is not None and parent.rec.generation == rec.parent_generation:
+                parent.queue.append((seq, final))
+                self._arm(parent)
+
+        return ops, done
 
     # Records.
 

@@ -97,6 +97,8 @@ class Partitions:
             cancel=self._cancel_asked,
             leases=self._wake.set,
             reconnected=self._reconnected,
+            event=self._engine._event_resolved,
+            schedules=self._schedules_changed,
         )
         await self._coord.start(handlers, self._lease)
         await self._round(first=True)
@@ -436,6 +438,11 @@ class Partitions:
         except (LookupError, StoreError) as exc:
             logger.warning("could not cancel %s for another replica: %s", dispatch_id, exc)
 
+    def _schedules_changed(self) -> None:
+        listener = self._engine.schedules_listener
+        if listener is not None:
+            listener()
+
     def _reconnected(self) -> None:
         # Notifications may have been missed: waiters look again, partitions reload.
         for futures in self._waiters.values():
@@ -444,6 +451,8 @@ class Partitions:
                     future.set_result(None)
         if self.owned:
             self._spawn(self._reload(dict(self.owned)))
+        self._engine._event_resolved(None)
+        self._schedules_changed()
 
     async def _reload(self, held: dict[int, int]) -> None:
         try:

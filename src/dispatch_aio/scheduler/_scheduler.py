@@ -31,6 +31,7 @@ from ._engine import (
     RetryPolicy,
 )
 from ._invoker import Invoker, LocalHandler
+from ._schedules import Schedules
 from ._ui import add_ui_routes, ui_address
 from ._validate import endpoint_problem
 from .store import Phase, SetMeta, SQLiteStore, Store
@@ -185,6 +186,7 @@ class Scheduler:
         self._replicas = {endpoint: tuple(urls) for endpoint, urls in (replicas or {}).items()}
         self._key: Ed25519PrivateKey | None = None
         self._engine: Engine | None = None
+        self._schedules: Schedules | None = None
         self._invoker: Invoker | None = None
         self._app: web.Application | None = None
         self._runner: web.AppRunner | None = None
@@ -218,7 +220,12 @@ class Scheduler:
             await self._invoker.open()
             self._engine = Engine(self._store, self._invoker, self._settings, rng=self._rng)
             await self._engine.start()
-            self._app = create_app(self._engine, self._store, api_key=self._api_key)
+            if self._store.keeps_events:
+                self._schedules = Schedules(self._engine, self._store)
+                await self._schedules.start()
+            self._app = create_app(
+                self._engine, self._store, api_key=self._api_key, schedules=self._schedules
+            )
             add_ui_routes(self._app, self._engine, self._store, api_key=self._api_key)
         except BaseException:
             await self.close()
@@ -254,6 +261,9 @@ class Scheduler:
 
     async def close(self) -> None:
         """Stop serving and running calls; unfinished calls stay in the store."""
+        if self._schedules is not None:
+            await self._schedules.close()
+            self._schedules = None
         if self._engine is not None:
             await self._engine.close()
         if self._runner is not None:
@@ -391,6 +401,31 @@ class Scheduler:
             StoreError: The cancellation could not be persisted.
         """
         return await self._require().cancel(dispatch_id)
+
+    async def send_event(self, key: str, result: call_pb2.CallResult) -> int:
+        """Resolve a durable event (see ``dispatch_aio.wait_event``), once.
+
+        Args:
+            key: The event's key.
+            result: Its outcome: the ``output`` every waiter receives, or the ``error``
+                raised at their await.
+
+        Returns:
+            The number of calls that were waiting on the key and received it now.
+
+        Raises:
+            EventAlreadyResolvedError: The key was resolved already (a `ValueError`).
+            ValueError: The key is invalid.
+            StoreError: The event could not be stored; nothing changed.
+        """
+        return await self._require().send_event(key, result)
+
+    @property
+    def schedules(self) -> Schedules:
+        """The schedules (create, list, pause, resume, delete), once started."""
+        if self._schedules is None:
+            raise RuntimeError("the scheduler is not started, or its store keeps no schedules")
+        return self._schedules
 
     async def wait(self, dispatch_id: str) -> call_pb2.CallResult:
         """Wait for a call to finish and return its result (wrap in `asyncio.timeout`).

@@ -22,19 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from dispatch_aio.proto.sdk.v1 import error_pb2 as dispatch__aio_dot_proto_dot_sdk_dot_v1_dot_error__pb2
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispatch_aio/proto/v1/control.proto\x12\x0f\x64ispatch_aio.v1\"(\n\x11\x43\x61ncelCallRequest\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\"8\n\x12\x43\x61ncelCallResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x0f\n\x07stopped\x18\x02 \x01(\r2g\n\x0e\x43ontrolService\x12U\n\nCancelCall\x12\".dispatch_aio.v1.CancelCallRequest\x1a#.dispatch_aio.v1.CancelCallResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispatch_aio/proto/v1/control.proto\x12\x0f\x64ispatch_aio.v1\x1a%dispatch_aio/proto/sdk/v1/error.proto\x1a\x19google/protobuf/any.proto\"(\n\x11\x43\x61ncelCallRequest\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\"8\n\x12\x43\x61ncelCallResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12\x0f\n\x07stopped\x18\x02 \x01(\r\"z\n\x10SendEventRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.dispatch.sdk.v1.ErrorH\x00\x42\t\n\x07outcome\"\"\n\x11SendEventResponse\x12\r\n\x05woken\x18\x01 \x01(\r2\xbb\x01\n\x0e\x43ontrolService\x12U\n\nCancelCall\x12\".dispatch_aio.v1.CancelCallRequest\x1a#.dispatch_aio.v1.CancelCallResponse\x12R\n\tSendEvent\x12!.dispatch_aio.v1.SendEventRequest\x1a\".dispatch_aio.v1.SendEventResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CANCELCALLREQUEST']._serialized_start=56
-  _globals['_CANCELCALLREQUEST']._serialized_end=96
-  _globals['_CANCELCALLRESPONSE']._serialized_start=98
-  _globals['_CANCELCALLRESPONSE']._serialized_end=154
-  _globals['_CONTROLSERVICE']._serialized_start=156
-  _globals['_CONTROLSERVICE']._serialized_end=259
+  _globals['_CANCELCALLREQUEST']._serialized_start=122
+  _globals['_CANCELCALLREQUEST']._serialized_end=162
+  _globals['_CANCELCALLRESPONSE']._serialized_start=164
+  _globals['_CANCELCALLRESPONSE']._serialized_end=220
+  _globals['_SENDEVENTREQUEST']._serialized_start=222
+  _globals['_SENDEVENTREQUEST']._serialized_end=344
+  _globals['_SENDEVENTRESPONSE']._serialized_start=346
+  _globals['_SENDEVENTRESPONSE']._serialized_end=380
+  _globals['_CONTROLSERVICE']._serialized_start=383
+  _globals['_CONTROLSERVICE']._serialized_end=570
 # @@protoc_insertion_point(module_scope)

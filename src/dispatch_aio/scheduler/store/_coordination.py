@@ -67,6 +67,10 @@ class Handlers:
     """A replica let leases go: they may be taken now."""
     reconnected: Callable[[], None]
     """Wake-ups may have been missed (the store connected again): look again."""
+    event: Callable[[str], None]
+    """A durable event was resolved (its key): its waiters here may finish."""
+    schedules: Callable[[], None]
+    """Another replica created, changed or deleted a schedule."""
 
 
 class Coordination(abc.ABC):

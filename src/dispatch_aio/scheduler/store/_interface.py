@@ -34,18 +34,23 @@ __all__ = [
     "AppendSegment",
     "CallQuery",
     "CallRecord",
+    "DeleteSchedule",
     "Fence",
     "FencedError",
     "InsertCall",
     "KeyTakenError",
+    "MoveSchedule",
     "Op",
     "Phase",
     "PruneIdempotencyKeys",
+    "PutEvent",
     "PutIdempotencyKey",
+    "PutSchedule",
     "QueuedResult",
     "RemovePollerResults",
     "RemoveResults",
     "RemoveSegments",
+    "ScheduleRecord",
     "SetMeta",
     "Snapshot",
     "StateKind",
@@ -329,6 +334,61 @@ class Announce:
     dispatch_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class PutEvent:
+    """Resolve a durable event: keep its outcome under its key, once.
+
+    The engine checks that the key is not resolved yet before it writes; a store
+    refuses (raises `StoreError` for the whole write) a key that is.
+    """
+
+    key: str
+    result: bytes
+    """Serialized CallResult: the output or the error every waiter receives."""
+    resolved_at: float
+    """Unix seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """A schedule: what to call, and when it fires next."""
+
+    id: str
+    spec: bytes
+    """Serialized ``dispatch_aio.v1.Schedule``: the function, its input, the cron
+    expression or interval and the policy for missed firings."""
+    next_at: float
+    """Unix seconds of the next firing not made yet."""
+    paused: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PutSchedule:
+    """Create a schedule, or replace the one with the same id."""
+
+    record: ScheduleRecord
+
+
+@dataclass(frozen=True, slots=True)
+class MoveSchedule:
+    """Move a schedule's next firing to `next_at`, never back (nothing if it is gone).
+
+    What a firing writes: it leaves the rest of the row (a pause, a new definition made
+    meanwhile by another replica) as it is.
+    """
+
+    schedule_id: str
+    next_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSchedule:
+    """Delete a schedule (nothing if there is none)."""
+
+    schedule_id: str
+
+
 Op = (
     InsertCall
     | UpdateCall
@@ -342,6 +402,10 @@ Op = (
     | PruneIdempotencyKeys
     | Fence
     | Announce
+    | PutEvent
+    | PutSchedule
+    | MoveSchedule
+    | DeleteSchedule
 )
 
 
@@ -399,6 +463,30 @@ class Store(abc.ABC):
             StoreError: The store cannot read them, or keeps none.
         """
         raise StoreError(f"{type(self).__name__} keeps no idempotency keys")
+
+    @property
+    def keeps_events(self) -> bool:
+        """Whether the store keeps durable events and schedules (`PutEvent`, `PutSchedule`).
+
+        The scheduler offers events and schedules only with a store that does.
+        """
+        return False
+
+    async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Return the outcome (serialized CallResult) of each of `keys` resolved.
+
+        Raises:
+            StoreError: The store cannot read them, or keeps no events.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no durable events")
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Return every schedule, oldest first.
+
+        Raises:
+            StoreError: The store cannot read them, or keeps no schedules.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no schedules")
 
     @property
     def keeps_segments(self) -> bool:

@@ -9,7 +9,10 @@ and LISTENs on it:
 - ``dispatch_done``: "ID,ID...", calls that finished (for callers waiting on another
   replica than the one that drives the call);
 - ``dispatch_cancel``: "ID", a cancellation for the replica driving the call;
-- ``dispatch_leases``: a replica let leases go: the others may take them now.
+- ``dispatch_leases``: a replica let leases go: the others may take them now;
+- ``dispatch_events``: "KEY", a durable event was resolved (sent by the transaction
+  that stored it), for the calls waiting on it here;
+- ``dispatch_schedules``: "ID", a schedule was created, changed or deleted.
 
 Times of leases are the database server's (``now()``), so that the replicas' clocks do
 not matter. Taking a lease over locks its row ``FOR UPDATE``, which waits for (here:
@@ -37,7 +40,14 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-_CHANNELS = ("dispatch_calls", "dispatch_done", "dispatch_cancel", "dispatch_leases")
+_CHANNELS = (
+    "dispatch_calls",
+    "dispatch_done",
+    "dispatch_cancel",
+    "dispatch_leases",
+    "dispatch_events",
+    "dispatch_schedules",
+)
 _CONNECT_TIMEOUT = 10.0
 _COMMAND_TIMEOUT = 10.0
 
@@ -272,5 +282,9 @@ class PostgresCoordination(Coordination):
                 handlers.cancel(payload)
             elif channel == "dispatch_leases":
                 handlers.leases()
+            elif channel == "dispatch_events":
+                handlers.event(payload)
+            elif channel == "dispatch_schedules":
+                handlers.schedules()
         except Exception:
             logger.exception("could not handle the notification %s %r", channel, payload)

@@ -57,18 +57,23 @@ from ._interface import (
     AppendSegment,
     CallQuery,
     CallRecord,
+    DeleteSchedule,
     Fence,
     FencedError,
     InsertCall,
     KeyTakenError,
+    MoveSchedule,
     Op,
     Phase,
     PruneIdempotencyKeys,
+    PutEvent,
     PutIdempotencyKey,
+    PutSchedule,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
     RemoveSegments,
+    ScheduleRecord,
     SetMeta,
     Snapshot,
     Store,
@@ -87,7 +92,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -229,12 +234,28 @@ END $$;
 """
 # Version 5: the policy each call carries (retries, attempt timeout, concurrency, rate).
 _SCHEMA_V5 = "ALTER TABLE dispatch_calls ADD COLUMN policy bytea NOT NULL DEFAULT ''"
+# Version 6: durable events (resolved once, by key) and schedules.
+_SCHEMA_V6 = """
+CREATE TABLE dispatch_events (
+    key text PRIMARY KEY,
+    result bytea NOT NULL,
+    resolved_at double precision NOT NULL
+);
+CREATE TABLE dispatch_schedules (
+    id text PRIMARY KEY,
+    spec bytea NOT NULL,
+    next_at double precision NOT NULL,
+    paused boolean NOT NULL,
+    created_at double precision NOT NULL
+);
+"""
 _MIGRATIONS: tuple[str, ...] = (
     _SCHEMA_V1,
     _SCHEMA_V2,
     _SCHEMA_V3,
     _SCHEMA_V4,
     _SCHEMA_V5,
+    _SCHEMA_V6,
 )
 
 _INSERT_CALL = (
@@ -260,6 +281,15 @@ _APPEND_SEGMENT = "INSERT INTO dispatch_segments (call_id, polls, data) VALUES (
 _REMOVE_SEGMENTS = "DELETE FROM dispatch_segments WHERE call_id = $1"
 _PUT_KEY = "SELECT dispatch_put_key($1, $2, $3)"
 _PRUNE_KEYS = "DELETE FROM dispatch_idempotency_keys WHERE expires_at < $1"
+# A plain INSERT: a key resolved already fails the whole write.
+_PUT_EVENT = "INSERT INTO dispatch_events (key, result, resolved_at) VALUES ($1, $2, $3)"
+_PUT_SCHEDULE = (
+    "INSERT INTO dispatch_schedules (id, spec, next_at, paused, created_at) "
+    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, "
+    "next_at = excluded.next_at, paused = excluded.paused"
+)
+_MOVE_SCHEDULE = "UPDATE dispatch_schedules SET next_at = greatest(next_at, $2) WHERE id = $1"
+_DELETE_SCHEDULE = "DELETE FROM dispatch_schedules WHERE id = $1"
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
 _SELECT_CALLS = f"SELECT seq, {', '.join(CALL_COLUMNS)} FROM dispatch_calls"
 _MARK_COMMIT = "UPDATE dispatch_commit_marks SET token = $1 WHERE owner = $2"
@@ -345,6 +375,20 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_FENCE, (partition, replica, epoch))]
         case Announce(partition, ids):
             return [(_ANNOUNCE, (partition, ids))] if ids else []
+        case PutEvent(key, result, resolved_at):
+            # The replicas whose calls wait on the key learn it at the commit.
+            return [
+                (_PUT_EVENT, (_text(key), result, resolved_at)),
+                (_NOTIFY, ("dispatch_events", key)),
+            ]
+        case PutSchedule(r):
+            changed = (_NOTIFY, ("dispatch_schedules", r.id))  # for the other replicas
+            return [(_PUT_SCHEDULE, (r.id, r.spec, r.next_at, r.paused, r.created_at)), changed]
+        case MoveSchedule(schedule_id, next_at):
+            return [(_MOVE_SCHEDULE, (schedule_id, next_at))]
+        case DeleteSchedule(schedule_id):
+            changed = (_NOTIFY, ("dispatch_schedules", schedule_id))
+            return [(_DELETE_SCHEDULE, (schedule_id,)), changed]
 
 
 def _notifications(statements: list[_Statement]) -> list[_Statement]:
@@ -628,6 +672,29 @@ class PostgresStore(Store):
             now,
         )
         return {row[0]: row[1] for row in rows}
+
+    @property
+    def keeps_events(self) -> bool:
+        """True: events and schedules have tables of their own (schema version 4)."""
+        return True
+
+    async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Return the outcome of each of `keys` resolved."""
+        if not keys:
+            return {}
+        rows = await self._fetch(
+            "SELECT key, result FROM dispatch_events WHERE key = ANY($1::text[])",
+            [_text(key) for key in keys],
+        )
+        return {row[0]: bytes(row[1]) for row in rows}
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Return every schedule, oldest first."""
+        rows = await self._fetch(
+            "SELECT id, spec, next_at, paused, created_at FROM dispatch_schedules "
+            "ORDER BY created_at, id"
+        )
+        return [ScheduleRecord(r[0], bytes(r[1]), r[2], bool(r[3]), r[4]) for r in rows]
 
     @property
     def keeps_segments(self) -> bool:

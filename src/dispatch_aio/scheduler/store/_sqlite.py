@@ -48,15 +48,20 @@ from ._interface import (
     AppendSegment,
     CallQuery,
     CallRecord,
+    DeleteSchedule,
     Fence,
     InsertCall,
+    MoveSchedule,
     Op,
     PruneIdempotencyKeys,
+    PutEvent,
     PutIdempotencyKey,
+    PutSchedule,
     QueuedResult,
     RemovePollerResults,
     RemoveResults,
     RemoveSegments,
+    ScheduleRecord,
     SetMeta,
     Snapshot,
     Store,
@@ -77,7 +82,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Version of the schema this module writes (PRAGMA user_version)."""
 
 _SCHEMA_V1 = """
@@ -172,6 +177,18 @@ def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE calls ADD COLUMN policy BLOB NOT NULL DEFAULT x''")
 
 
+# Version 6: durable events (resolved once, by key) and schedules.
+def _migrate_5_to_6(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE events (key TEXT PRIMARY KEY, result BLOB NOT NULL, "
+        "resolved_at REAL NOT NULL)"
+    )
+    conn.execute(
+        "CREATE TABLE schedules (id TEXT PRIMARY KEY, spec BLOB NOT NULL, "
+        "next_at REAL NOT NULL, paused INTEGER NOT NULL, created_at REAL NOT NULL)"
+    )
+
+
 _COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
 _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
 _FILE_MODE = 0o600
@@ -184,6 +201,7 @@ _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_2_to_3,
     _migrate_3_to_4,
     _migrate_4_to_5,
+    _migrate_5_to_6,
 )
 
 _COLUMNS = ", ".join(CALL_COLUMNS)
@@ -200,6 +218,14 @@ _REMOVE_SEGMENTS = "DELETE FROM segments WHERE call_id = ?"
 _PUT_KEY = "INSERT OR REPLACE INTO idempotency_keys (key, dispatch_id, expires_at) VALUES (?, ?, ?)"
 _PRUNE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at < ?"
 _SELECT_SEGMENTS = "SELECT data FROM segments WHERE call_id = ? ORDER BY polls"
+# A plain INSERT: a key resolved already fails the whole write.
+_PUT_EVENT = "INSERT INTO events (key, result, resolved_at) VALUES (?, ?, ?)"
+_PUT_SCHEDULE = (
+    "INSERT OR REPLACE INTO schedules (id, spec, next_at, paused, created_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+_MOVE_SCHEDULE = "UPDATE schedules SET next_at = max(next_at, ?) WHERE id = ?"
+_DELETE_SCHEDULE = "DELETE FROM schedules WHERE id = ?"
 
 _Statement = tuple[str, tuple[Any, ...]]
 
@@ -233,6 +259,14 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_PRUNE_KEYS, (before,))]
         case Fence() | Announce():
             return []  # one scheduler drives the file: nothing to fence nor to wake
+        case PutEvent(key, result, resolved_at):
+            return [(_PUT_EVENT, (key, result, resolved_at))]
+        case PutSchedule(r):
+            return [(_PUT_SCHEDULE, (r.id, r.spec, r.next_at, int(r.paused), r.created_at))]
+        case MoveSchedule(schedule_id, next_at):
+            return [(_MOVE_SCHEDULE, (next_at, schedule_id))]
+        case DeleteSchedule(schedule_id):
+            return [(_DELETE_SCHEDULE, (schedule_id,))]
 
 
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
@@ -395,6 +429,27 @@ class SQLiteStore(Store):
         )
         rows = await self._run(self._query, sql, (*keys, now))
         return {key: dispatch_id for key, dispatch_id in rows}
+
+    @property
+    def keeps_events(self) -> bool:
+        """True: events and schedules have tables of their own (schema version 5)."""
+        return True
+
+    async def get_events(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Return the outcome of each of `keys` resolved."""
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):  # under SQLite's limit of parameters
+            chunk = keys[start : start + 500]
+            sql = f"SELECT key, result FROM events WHERE key IN ({', '.join('?' * len(chunk))})"
+            rows = await self._run(self._query, sql, tuple(chunk))
+            found.update((key, bytes(result)) for key, result in rows)
+        return found
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Return every schedule, oldest first."""
+        sql = "SELECT id, spec, next_at, paused, created_at FROM schedules ORDER BY created_at, id"
+        rows = await self._run(self._query, sql, ())
+        return [ScheduleRecord(r[0], bytes(r[1]), r[2], bool(r[3]), r[4]) for r in rows]
 
     @property
     def keeps_segments(self) -> bool:
