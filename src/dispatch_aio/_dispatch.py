@@ -35,6 +35,7 @@ from ._serving import (
     raise_file_limit,
 )
 from ._status import Classifier, Status
+from ._sync import Executor, ProcessPools
 from .asgi import ASGIEndpoint
 from .durable import Detection, DivergencePolicy, Runner
 from .http import Response, response_status
@@ -47,6 +48,7 @@ _E = TypeVar("_E", bound=BaseException)
 _T = TypeVar("_T")
 
 _AsyncFn = Callable[P, Coroutine[Any, Any, R]]
+_SyncFn = Callable[P, R]
 
 
 class Dispatch:
@@ -178,6 +180,7 @@ class Dispatch:
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
         self._embedded: EmbeddedScheduler | None = None
+        self._processes = ProcessPools()
         self._client = Client._with_config(
             self._config, timeout=api_timeout, embedded=lambda: self._embedded, version=version
         )
@@ -200,6 +203,9 @@ class Dispatch:
     def function(self, fn: _AsyncFn[P, R], /) -> Function[P, R]: ...
 
     @overload
+    def function(self, fn: _SyncFn[P, R], /) -> Function[P, R]: ...
+
+    @overload
     def function(
         self,
         fn: None = None,
@@ -207,58 +213,69 @@ class Dispatch:
         *,
         name: str | None = None,
         on_divergence: DivergencePolicy | None = None,
-    ) -> Callable[[_AsyncFn[P, R]], Function[P, R]]: ...
+        executor: Executor | None = None,
+    ) -> _Register: ...
 
     def function(
         self,
-        fn: _AsyncFn[..., Any] | None = None,
+        fn: Callable[..., Any] | None = None,
         /,
         *,
         name: str | None = None,
         on_divergence: DivergencePolicy | None = None,
-    ) -> Function[Any, Any] | Callable[[_AsyncFn[..., Any]], Function[Any, Any]]:
-        """Register an ``async def`` function as a durable function.
+        executor: Executor | None = None,
+    ) -> Function[Any, Any] | _Register:
+        """Register a function: an ``async def`` durable function, or a plain ``def`` leaf.
 
         Use it bare (``@dispatch.function``) to register the function under its
         qualified name, or with a name (``@dispatch.function(name="resize")``). The name
         must match ``^[a-zA-Z_][a-zA-Z0-9_<>.]*$`` and be unique in this object.
 
+        A plain ``def`` (blocking code: a CPU task, a synchronous SDK) runs whole in a
+        thread of the event loop's default executor, or with ``executor="process"`` in
+        a process of a pool this object starts (the function must then be defined at
+        module level). It is called and dispatched like any other function but cannot
+        make durable calls itself.
+
         Args:
-            fn: The coroutine function.
+            fn: The function.
             name: The name it is called under; default ``fn.__qualname__``.
             on_divergence: This function's divergence policy (``"restart"`` or
                 ``"fail"``); default: the `Dispatch` object's.
+            executor: For a plain ``def``: ``"thread"`` (the default) or ``"process"``.
 
         Returns:
             The `Function`, or a decorator that registers one.
 
         Raises:
-            TypeError: `fn` is not an ``async def`` function, or a name was passed
-                positionally.
+            TypeError: `fn` is not a function, `executor` was given for an ``async def``,
+                or a name was passed positionally.
             ValueError: The name is invalid or already registered.
         """
         if fn is None:
-
-            def register(fn: _AsyncFn[..., Any]) -> Function[Any, Any]:
-                return self._register(fn, name, on_divergence)
-
-            return register
+            return _Register(self, name, on_divergence, executor)
         if isinstance(fn, str):
             raise TypeError(
                 f"@dispatch.function({fn!r}): pass the name as a keyword, "
                 f"@dispatch.function(name={fn!r})"
             )
-        return self._register(fn, name, None)
+        return self._register(fn, name, None, None)
 
     def _register(
-        self, fn: _AsyncFn[P, R], name: str | None, on_divergence: DivergencePolicy | None
-    ) -> Function[P, R]:
+        self,
+        fn: Callable[..., Any],
+        name: str | None,
+        on_divergence: DivergencePolicy | None,
+        executor: Executor | None,
+    ) -> Function[Any, Any]:
         if isinstance(fn, Function):
             raise TypeError(f"{fn!r} is already a registered function")
-        function = Function(fn, name, owner=self, on_divergence=on_divergence)
+        function: Function[Any, Any] = Function(
+            fn, name, owner=self, on_divergence=on_divergence, executor=executor
+        )
         existing = self._functions.get(function.name)
         if existing is not None:
-            where = f"{existing.fn.__module__}.{existing.fn.__qualname__}"
+            where = f"{existing.__wrapped__.__module__}.{existing.__wrapped__.__qualname__}"
             raise ValueError(
                 f"a function named {function.name!r} is already registered (by {where}); "
                 "pass name= to register this one under another name"
@@ -542,6 +559,9 @@ class Dispatch:
             self._runner = Runner(self._lookup, classifier=self._classifier, **self._runner_options)
         return self._runner
 
+    def _process_pool(self) -> Any:
+        return self._processes.get()
+
     def _divergence_policy(self, name: str) -> DivergencePolicy | None:
         function = self._functions.get(name)
         return None if function is None else function.on_divergence
@@ -563,6 +583,7 @@ class Dispatch:
             await self._client.aclose()
         finally:
             self._endpoint.reset()
+            self._processes.shutdown()
             if runner is not None:
                 await runner.aclose()
 
@@ -592,6 +613,29 @@ def _announce(line: str) -> None:
     else:
         sys.stderr.write(f"dispatch_aio: {line}\n")
         sys.stderr.flush()
+
+
+class _Register:
+    """The decorator returned by ``@dispatch.function(...)`` with options."""
+
+    def __init__(
+        self,
+        dispatch: Dispatch,
+        name: str | None,
+        on_divergence: DivergencePolicy | None,
+        executor: Executor | None,
+    ) -> None:
+        self._args = (name, on_divergence, executor)
+        self._dispatch = dispatch
+
+    @overload
+    def __call__(self, fn: _AsyncFn[P, R], /) -> Function[P, R]: ...
+
+    @overload
+    def __call__(self, fn: _SyncFn[P, R], /) -> Function[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Function[Any, Any]:
+        return self._dispatch._register(fn, *self._args)
 
 
 class Batch:
