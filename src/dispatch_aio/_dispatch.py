@@ -27,6 +27,7 @@ from ._endpoint import (
     EndpointServer,
 )
 from ._function import Function
+from ._logs import configure_default_logging, log_format_from_env
 from ._serving import (
     IDLE_TIMEOUT,
     ConnectionGuard,
@@ -38,6 +39,7 @@ from ._status import Classifier, Status
 from ._sync import Executor, ProcessPools
 from .asgi import ASGIEndpoint
 from .durable import Detection, DivergencePolicy, Runner
+from .errors import ConfigurationError
 from .http import Response, response_status
 
 logger = logging.getLogger(__name__)
@@ -441,6 +443,7 @@ class Dispatch:
                 its database is damaged.
             OSError: The address cannot be bound (for example, it is in use).
         """
+        self._default_logging(forced=False)
         if self._config.embedded():
             embedded = await self._start_embedded()
             host, port = self._config.endpoint_addr()
@@ -525,12 +528,22 @@ class Dispatch:
         Blocks; runs its own event loop. On the first signal the server stops gracefully
         (as `serve`), and this returns; a second SIGINT interrupts the shutdown.
 
+        When the application has not configured logging (the root logger has no
+        handler), records of level INFO and above go to standard error while it runs,
+        those of `dispatch_aio.get_logger` loggers included (with the call id, function
+        and attempt); ``DISPATCH_LOG_FORMAT=json`` writes one JSON object per line.
+
         Raises:
             dispatch_aio.errors.ConfigurationError: As `start`.
             OSError: As `start`.
         """
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(self._serve_until_signal())
+        handler = self._default_logging(forced=True)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(self._serve_until_signal())
+        finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
 
     async def _serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
@@ -551,6 +564,20 @@ class Dispatch:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await server.aclose()
+
+    def _default_logging(self, *, forced: bool) -> logging.Handler | None:
+        """Print log records (durable loggers' too) when the application configured none.
+
+        `run` always does; `start` does when ``DISPATCH_LOG_FORMAT`` is set, as
+        ``dispatch-aio run`` sets it for its application.
+        """
+        try:
+            log_format = log_format_from_env(self._config.environ())
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if log_format is None and not forced:
+            return None
+        return configure_default_logging(log_format or "text")
 
     # -- resources ----------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._config import INSECURE, VERIFICATION_KEY, Config
+from ._logs import ATTEMPT, ATTEMPT_HEADER
 from ._signature import (
     InvalidSignatureError,
     MalformedSignatureError,
@@ -334,6 +335,9 @@ class Endpoint:
             run_request.WhichOneof("directive") or "no directive",
         )
         delta = request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta"
+        attempt = request.headers.get(ATTEMPT_HEADER, "").strip()
+        # Set in this request's own task: it names the attempt in the run's log records.
+        ATTEMPT.set(int(attempt) if attempt.isdigit() else 0)
         if request.headers.get(CANCEL_HEADER, "").strip() == "1":
             response = await self._runner().run(run_request, journal_delta=delta, cancel=True)
         else:

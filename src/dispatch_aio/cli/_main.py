@@ -47,6 +47,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from .. import __version__
+from .._logs import LOG_FORMAT, LOG_FORMATS, log_format_from_env
 from ..proto.v1 import inspect_pb2
 from ..scheduler._ui import ui_address
 from ._console import Console, ConsoleLogHandler, Style
@@ -103,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=_LOG_LEVELS,
         default="warning",
         help="scheduler logs shown on standard error (default: warning)",
+    )
+    logs.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help=f"log lines as text, or one JSON object per line (default: {LOG_FORMAT} if "
+        "set, else text); under run, the app's default log output follows it",
     )
 
     data = argparse.ArgumentParser(add_help=False)
@@ -347,7 +355,8 @@ def _with_logging(
     """Run `coro` with the logs going to `console` at the chosen level."""
     root = logging.getLogger()
     ours = console.paint("dispatch | ", Style.MAGENTA, err=True) if args.subcommand == "run" else ""
-    handler = ConsoleLogHandler(console, ours)
+    json_lines = _log_format(args) == "json"
+    handler = ConsoleLogHandler(console, "" if json_lines else ours, json=json_lines)
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(args.log_level.upper())
@@ -356,6 +365,15 @@ def _with_logging(
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    if args.log_format is not None:
+        return str(args.log_format)
+    try:
+        return log_format_from_env(os.environ) or "text"
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
 
 
 def _settings(args: argparse.Namespace) -> SchedulerSettings:
@@ -445,7 +463,11 @@ async def _run_command(args: argparse.Namespace, console: Console) -> int:
             code=2,
         )
     options = RunOptions(
-        command=command, scheduler=_settings(args), endpoint=args.endpoint, name=args.name
+        command=command,
+        scheduler=_settings(args),
+        endpoint=args.endpoint,
+        name=args.name,
+        log_format=_log_format(args),
     )
     return await run_app(options, console)
 

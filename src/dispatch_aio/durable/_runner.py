@@ -53,7 +53,7 @@ from .._status import Classifier, Status
 from ..errors import NondeterminismError
 from ..proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, poll_pb2, status_pb2
 from ..proto.v1 import journal_pb2
-from ._context import DurableCall, TailCall
+from ._context import ATTEMPT, DurableCall, TailCall
 from ._detect import PERTURB_STEP, Sources, Watch
 from ._journal import (
     JOURNAL_NEEDED,
@@ -191,6 +191,7 @@ class Run:
         self.last_used = 0.0
         self._verified = 0  # while replaying: calls[:_verified] were made again
         self.dispatch_id = ""
+        self.attempt = 0  # the scheduler's number of the attempt being run; 0: unknown
         self.app_version = runner.version
         # patched(): the answer per id, ids the journal records, ids to record next Poll,
         # and the ids whose old branch this run takes.
@@ -925,6 +926,7 @@ class Runner:
             except DecodeError as exc:
                 return error_response(exc, Status.INVALID_ARGUMENT)
         run.dispatch_id = request.dispatch_id
+        run.attempt = ATTEMPT.get()
         try:
             if cancel and directive == "poll_result":
                 return await self._cancel(run)

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
+from .._logs import ATTEMPT
 from .._status import Status
 from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
@@ -679,6 +680,7 @@ class Engine:
             else:
                 request, delivered = self._request(live)
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
+                ATTEMPT.set(rec.attempts + 1)  # this task's context: names the attempt
                 live.requesting = True  # until the answer: `cancel` may stop the request
                 outcome = await self._invoker.run(
                     self._endpoint(rec), request, timeout, journal_delta=self._delta

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from .. import __version__
+from .._logs import ATTEMPT, ATTEMPT_HEADER
 from .._signature import RequestSigner
 from .._status import Status, status_for_http
 from ..proto.sdk.v1 import function_pb2
@@ -380,6 +381,8 @@ class Invoker:
             headers.update(_DELTA_HEADERS)
         if cancel:
             headers.update(_CANCEL_HEADERS)
+        if attempt := ATTEMPT.get():
+            headers[ATTEMPT_HEADER] = str(attempt)
         try:
             async with session.post(
                 url,
