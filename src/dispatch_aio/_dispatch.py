@@ -27,7 +27,7 @@ from ._endpoint import (
     EndpointServer,
 )
 from ._function import Function
-from ._logs import configure_default_logging, log_format_from_env
+from ._logs import LOG_FORMAT, configure_default_logging, log_format_from_env
 from ._serving import (
     IDLE_TIMEOUT,
     ConnectionGuard,
@@ -574,7 +574,7 @@ class Dispatch:
         try:
             log_format = log_format_from_env(self._config.environ())
         except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
+            raise ConfigurationError(str(exc), variable=LOG_FORMAT) from None
         if log_format is None and not forced:
             return None
         return configure_default_logging(log_format or "text")

@@ -114,9 +114,7 @@ def formatter(log_format: str) -> logging.Formatter:
 
 def _quiet_scheduler(record: logging.LogRecord) -> bool:
     """Keep the embedded scheduler's routine lines (migrations, ...) out of the app's output."""
-    return record.levelno >= logging.WARNING or not record.name.startswith(
-        "dispatch_aio.scheduler"
-    )
+    return record.levelno >= logging.WARNING or not record.name.startswith("dispatch_aio.scheduler")
 
 
 def configure_default_logging(log_format: str) -> logging.Handler | None:

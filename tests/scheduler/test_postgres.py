@@ -210,6 +210,7 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
     try:  # back to version 1, as an older release left it
         await conn.execute("ALTER TABLE dispatch_calls DROP COLUMN divergences")
         await conn.execute("DROP TABLE dispatch_idempotency_keys")
+        await conn.execute("DROP TABLE dispatch_attempts")
         await conn.execute("UPDATE dispatch_schema SET version = 1")
     finally:
         await conn.close()

@@ -10,8 +10,10 @@ import pytest
 
 from dispatch_aio.scheduler import PostgresStore, SQLiteStore, Store, StoreError
 from dispatch_aio.scheduler.store import (
+    AddAttempt,
     AddResult,
     AppendSegment,
+    AttemptRecord,
     CallQuery,
     CallRecord,
     InsertCall,
@@ -226,3 +228,23 @@ async def test_idempotency_keys_expire_and_are_pruned(store: Store) -> None:
     # An expired key may be given to a new call.
     await store.write([PutIdempotencyKey("k1", "c", expires_at=90.0)])
     assert await store.find_idempotency_keys(["k1"], now=60.0) == {"k1": "c"}
+
+
+async def test_attempts_are_kept_in_order_with_the_change_they_made(store: Store) -> None:
+    assert await store.list_attempts("a") == []
+    first = AttemptRecord("a", 1, 10.0, 10.5, 14, "connection refused by 127.0.0.1:8000")
+    second = AttemptRecord("a", 2, 12.0, 12.25, 0, "suspended, made 2 calls \u2713\x00")
+    await store.write([InsertCall(record("a")), AddAttempt(first)])
+    await store.write([UpdateCall(record("a", attempts=2)), AddAttempt(second)])
+    await store.write([InsertCall(record("b")), AddAttempt(AttemptRecord("b", 1, 1, 2, 0, "ok"))])
+    attempts = await store.list_attempts("a")
+    assert [a.number for a in attempts] == [1, 2]
+    assert attempts[0] == first
+    assert attempts[1].outcome.startswith("suspended, made 2 calls \u2713")
+    assert (attempts[1].started_at, attempts[1].finished_at) == (12.0, 12.25)
+    # Written atomically with the call's change: a failed write records no attempt.
+    with pytest.raises(StoreError):
+        await store.write(
+            [AddAttempt(AttemptRecord("a", 3, 13, 14, 0, "x")), InsertCall(record("a"))]
+        )
+    assert len(await store.list_attempts("a")) == 2

@@ -90,6 +90,14 @@ class Console:
         self._write(self._err if err else self._out, text + "\n")
         self._show()
 
+    def clear_screen(self) -> bool:
+        """Clear the terminal (for a view redrawn in place); False when output is not one."""
+        if not self.live:
+            return False
+        self._hide()
+        self._write(self._out, "\x1b[H\x1b[2J")
+        return True
+
     def status(self, text: str) -> None:
         """Replace the status line (drawn only when `live`); an empty text removes it."""
         if not self.live or text == self._status:

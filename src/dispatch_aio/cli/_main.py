@@ -33,6 +33,7 @@ __all__ = ["main"]
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,24 +42,36 @@ import platform
 import shlex
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from google.protobuf import json_format
 
 from .. import __version__
+from .._client import Call
+from .._function import check_function_name
 from .._logs import LOG_FORMAT, LOG_FORMATS, log_format_from_env
+from .._status import Status
 from ..proto.v1 import inspect_pb2
 from ..scheduler._ui import ui_address
+from ._calls import (
+    CallFilter,
+    calls_document,
+    offline_api,
+    parse_arguments,
+    render_filtered,
+    resolve_id,
+    tree_document,
+)
 from ._console import Console, ConsoleLogHandler, Style
-from ._format import plural
+from ._format import describe_result, plural
 from ._inspect import (
     STATES,
     STATUSES,
     CallNotFoundError,
     InspectClient,
     InspectError,
-    call_to_json,
     render_calls,
     render_tree,
 )
@@ -229,7 +242,11 @@ def _parser() -> argparse.ArgumentParser:
         description="List calls, oldest first (top-level calls unless --all or --root).",
     )
     calls.add_argument(
-        "--state", action="append", choices=sorted(STATES), help="only calls in this state"
+        "--state",
+        action="append",
+        choices=[*sorted(STATES), "failed"],
+        help="only calls in this state ('failed': done, with a status other than ok); "
+        "calls made by functions show under their top-level call",
     )
     calls.add_argument(
         "--status",
@@ -242,6 +259,14 @@ def _parser() -> argparse.ArgumentParser:
     calls.add_argument(
         "--limit", type=int, default=50, help="show the last N calls (default: 50; 0: all)"
     )
+    calls.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="list again every SECONDS (default 2) until Ctrl-C",
+    )
 
     show = commands.add_parser(
         "show",
@@ -249,7 +274,9 @@ def _parser() -> argparse.ArgumentParser:
         help="show a call and the calls it made",
         description="Show a call tree: states, attempts, timings, inputs, outputs and errors.",
     )
-    show.add_argument("dispatch_id", metavar="ID", help="the call's dispatch id")
+    show.add_argument(
+        "dispatch_id", metavar="ID", help="the call's dispatch id, or its first or last characters"
+    )
     show.add_argument("--depth", type=int, default=0, help="levels of calls below (0: all)")
     show.add_argument("--all", action="store_true", help="show every child (default: 20 each)")
 
@@ -260,7 +287,30 @@ def _parser() -> argparse.ArgumentParser:
         description="Cancel a call and every unfinished call below it: they make no further "
         "attempts and end as cancelled. A call that has finished already is left as it is.",
     )
-    cancel.add_argument("dispatch_id", metavar="ID", help="the call's dispatch id")
+    cancel.add_argument(
+        "dispatch_id", metavar="ID", help="the call's dispatch id, or its first or last characters"
+    )
+
+    submit = commands.add_parser(
+        "call",
+        parents=[api],
+        help="submit a call and print its dispatch id",
+        description="Submit a call to FUNCTION of the application the scheduler runs, with "
+        "ARGS, each a JSON value (10, '\"text\"', '[1, 2]'; a word that is not JSON is a "
+        "string); print its dispatch id, or with --wait its result.",
+    )
+    submit.add_argument("function", metavar="FUNCTION", help="the function's registered name")
+    submit.add_argument("arguments", nargs="*", metavar="ARGS", help="its arguments, as JSON")
+    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: seconds to wait at most"
+    )
+    submit.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="the application's endpoint (default: DISPATCH_ENDPOINT_URL, else the "
+        "scheduler's own)",
+    )
 
     check = commands.add_parser(
         "check",
@@ -308,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_show_command(args, console))
             case "cancel":
                 return asyncio.run(_cancel_command(args, console))
+            case "call":
+                return asyncio.run(_call_command(args, console))
             case "check":
                 return asyncio.run(_check_command(args, console))
             case "version":
@@ -536,8 +588,8 @@ async def _server_command(args: argparse.Namespace, console: Console) -> int:
             loop.remove_signal_handler(sig)
 
 
-def _api(args: argparse.Namespace) -> tuple[str, str]:
-    """Return the API URL and key of the scheduler to inspect."""
+def _running_api(args: argparse.Namespace) -> tuple[str, str] | None:
+    """Return the API URL and key of the scheduler to inspect, or None if none runs."""
     url = args.api_url or os.environ.get("DISPATCH_API_URL")
     key = args.api_key or os.environ.get("DISPATCH_API_KEY")
     if not url:
@@ -545,12 +597,7 @@ def _api(args: argparse.Namespace) -> tuple[str, str]:
         if found is not None:
             url, key = found[0], args.api_key or found[1]
     if not url:
-        raise CliError(
-            "no scheduler to inspect: pass --api-url and --api-key, or set DISPATCH_API_URL "
-            f"and DISPATCH_API_KEY (as `{PROG} server` prints them), or run this where "
-            f"`{PROG} run` or `{PROG} server` keeps its data ({args.data_dir})",
-            code=2,
-        )
+        return None
     if not key:
         raise CliError(
             f"no API key for the scheduler at {url}: pass --api-key or set DISPATCH_API_KEY",
@@ -559,45 +606,83 @@ def _api(args: argparse.Namespace) -> tuple[str, str]:
     return url, key
 
 
+@contextlib.asynccontextmanager
+async def _inspected(
+    args: argparse.Namespace, console: Console, *, offline: bool = True
+) -> AsyncIterator[tuple[InspectClient, str]]:
+    """A client of the scheduler to inspect: the running one, else its database."""
+    api = _running_api(args)
+    if api is not None:
+        async with InspectClient(*api) as client:
+            yield client, api[0]
+        return
+    if not offline:
+        raise CliError(
+            "no scheduler runs: pass --api-url and --api-key, or set DISPATCH_API_URL and "
+            f"DISPATCH_API_KEY (as `{PROG} server` prints them), or run this where "
+            f"`{PROG} run` or `{PROG} server` keeps its data ({args.data_dir})",
+            code=2,
+        )
+    async with (
+        offline_api(args.data_dir, console) as (url, key),
+        InspectClient(url, key) as client,
+    ):
+        yield client, url
+
+
 async def _calls_command(args: argparse.Namespace, console: Console) -> int:
-    url, key = _api(args)
     if args.limit < 0:
         raise CliError(f"invalid --limit {args.limit}: use 0 (all) or more", code=2)
-    statuses: set[int] = set()
-    for name in args.status or ():
-        if name == "failed":
-            statuses.update(v for n, v in STATUSES.items() if n != "ok")
-        else:
-            statuses.add(STATUSES[name])
-    request = inspect_pb2.ListCallsRequest(
-        states=[STATES[name] for name in args.state or ()],
-        statuses=sorted(statuses),  # type: ignore[arg-type]
-        root_dispatch_id=args.root or "",
-        top_level_only=not (args.all or args.root),
-        omit_payloads=True,
-        limit=1000,
-    )
+    if args.watch is not None and not args.watch > 0:
+        raise CliError(f"invalid --watch {args.watch:g}: give seconds between refreshes", 2)
+    selected = CallFilter(tuple(args.state or ()), tuple(args.status or ()))
+    async with _inspected(args, console) as (client, _):
+        if args.watch is None:
+            return await _list_calls(args, selected, client, console)
+        while True:  # until Ctrl-C
+            if not console.clear_screen():  # not a terminal: one listing after another
+                console.line(f"-- {time.strftime('%H:%M:%S')}")
+            await _list_calls(args, selected, client, console)
+            await asyncio.sleep(args.watch)
+
+
+async def _list_calls(
+    args: argparse.Namespace, selected: CallFilter, client: InspectClient, console: Console
+) -> int:
+    request = selected.request()
+    request.root_dispatch_id = args.root or ""
+    # Filters look at every call: a child failing shows, under its top-level call.
+    request.top_level_only = not (args.all or args.root or selected.active)
     found: collections.deque[inspect_pb2.CallInfo] = collections.deque(maxlen=args.limit or None)
     total = 0
+    roots: dict[str, inspect_pb2.CallInfo] = {}
     try:
-        async with InspectClient(url, key) as client:
-            while True:
-                page = await client.list_calls(request)
-                found.extend(page.calls)
-                total += len(page.calls)
-                if not page.next_page_token:
-                    break
-                request.page_token = page.next_page_token
+        while True:
+            page = await client.list_calls(request)
+            found.extend(page.calls)
+            total += len(page.calls)
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        if selected.active and not args.all:
+            for root_id in {c.root_dispatch_id for c in found if c.parent_dispatch_id}:
+                query = inspect_pb2.ListCallsRequest(
+                    root_dispatch_id=root_id, top_level_only=True, omit_payloads=True
+                )
+                roots.update((c.dispatch_id, c) for c in (await client.list_calls(query)).calls)
     except InspectError as exc:
         raise CliError(str(exc)) from None
     if args.json:
-        for info in found:
-            console.line(call_to_json(info))
+        console.line(calls_document(found, total))
         return 0
     if not found:
         console.line("no calls", err=True)
         return 0
-    for line in render_calls(found, console):
+    if selected.active and not args.all:
+        lines = render_filtered(list(found), roots, console)
+    else:
+        lines = render_calls(found, console)
+    for line in lines:
         console.line(line)
     if total > len(found):
         console.line(f"(the last {len(found)} of {total} calls; --limit 0 shows all)", err=True)
@@ -605,49 +690,80 @@ async def _calls_command(args: argparse.Namespace, console: Console) -> int:
 
 
 async def _cancel_command(args: argparse.Namespace, console: Console) -> int:
-    url, key = _api(args)
-    try:
-        async with InspectClient(url, key) as client:
-            reply = await client.cancel_call(args.dispatch_id)
-    except CallNotFoundError:
-        raise CliError(
-            f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
-            f"`{PROG} calls` lists them"
-        ) from None
-    except InspectError as exc:
-        raise CliError(str(exc)) from None
+    async with _inspected(args, console, offline=False) as (client, url):
+        try:
+            dispatch_id = await resolve_id(client, args.dispatch_id)
+            reply = await client.cancel_call(dispatch_id)
+        except CallNotFoundError:
+            raise CliError(
+                f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
+                f"`{PROG} calls` lists them"
+            ) from None
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
     if args.json:
         console.line(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
     elif reply.cancelled:
-        console.line(f"cancelled {args.dispatch_id} ({plural(reply.stopped, 'call')} stopped)")
+        console.line(f"cancelled {dispatch_id} ({plural(reply.stopped, 'call')} stopped)")
     else:
-        console.line(f"{args.dispatch_id} had finished already: nothing to cancel")
+        console.line(f"{dispatch_id} had finished already: nothing to cancel")
     return 0
 
 
 async def _show_command(args: argparse.Namespace, console: Console) -> int:
-    url, key = _api(args)
     if args.depth < 0:
         raise CliError(f"invalid --depth {args.depth}: use 0 (all levels) or more", code=2)
-    try:
-        async with InspectClient(url, key) as client:
-            tree = await client.get_call(args.dispatch_id, args.depth)
-    except CallNotFoundError:
-        raise CliError(
-            f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
-            f"`{PROG} calls` lists them"
-        ) from None
-    except InspectError as exc:
-        raise CliError(str(exc)) from None
-    if args.json:
+    async with _inspected(args, console) as (client, url):
         try:
-            text = json_format.MessageToJson(tree, preserving_proto_field_name=True)
-        except (json_format.Error, TypeError, KeyError) as exc:
-            raise CliError(f"cannot show the call as JSON: {exc}") from None
-        console.line(text)
+            dispatch_id = await resolve_id(client, args.dispatch_id)
+            tree = await client.get_call(dispatch_id, args.depth)
+        except CallNotFoundError:
+            raise CliError(
+                f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
+                f"`{PROG} calls` lists them"
+            ) from None
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
+    if args.json:
+        console.line(tree_document(tree))
         return 0
     for line in render_tree(tree, console, max_children=0 if args.all else 20):
         console.line(line)
+    return 0
+
+
+async def _call_command(args: argparse.Namespace, console: Console) -> int:
+    try:
+        check_function_name(args.function)
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+    if args.timeout is not None and not args.timeout > 0:
+        raise CliError(f"invalid --timeout {args.timeout:g}: it must be positive", code=2)
+    endpoint = args.endpoint or os.environ.get("DISPATCH_ENDPOINT_URL", "")
+    call = Call(args.function, parse_arguments(args.arguments), endpoint=endpoint or None)
+    async with _inspected(args, console, offline=False) as (client, _):
+        try:
+            (dispatch_id,) = await client.dispatch([call._to_proto(endpoint)])
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
+        if not args.wait:
+            console.line(dispatch_id)
+            return 0
+        console.line(dispatch_id, err=True)
+        try:
+            info = await client.wait_call(dispatch_id, args.timeout)
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
+    if info.state != inspect_pb2.CALL_STATE_DONE:
+        raise CliError(
+            f"call {dispatch_id} still runs after {args.timeout:g} s; `{PROG} show "
+            f"{dispatch_id[:12]}` follows it"
+        )
+    text = describe_result(info.result, info.status, 0)
+    if info.status != int(Status.OK) or info.result.HasField("error"):
+        console.line(console.paint(text, Style.RED, err=True), err=True)
+        return 1
+    console.line(text)
     return 0
 
 

@@ -29,6 +29,7 @@ from .._status import Status
 from ..proto.sdk.v1 import call_pb2
 from ..scheduler import Store
 from ..scheduler.store import (
+    AttemptRecord,
     CallQuery,
     CallRecord,
     InsertCall,
@@ -179,6 +180,10 @@ class TrackingStore(Store):
     async def get_meta(self, key: str) -> bytes | None:
         """Read a scheduler-wide value from the inner store."""
         return await self._inner.get_meta(key)
+
+    async def list_attempts(self, dispatch_id: str) -> list[AttemptRecord]:
+        """Read a call's attempts from the inner store."""
+        return await self._inner.list_attempts(dispatch_id)
 
     @property
     def keeps_segments(self) -> bool:

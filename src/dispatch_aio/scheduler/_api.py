@@ -301,11 +301,19 @@ class _Service:
             if member.parent_id:
                 children.setdefault(member.parent_id, []).append(member)
         top = inspect_pb2.CallTree()
+        for attempt in await self._store.list_attempts(rec.id):
+            entry = top.call.attempt_log.add(
+                number=attempt.number,
+                status=attempt.status,
+                outcome=attempt.outcome,
+            )
+            entry.start_time.FromNanoseconds(round(attempt.started_at * 1e9))
+            entry.finish_time.FromNanoseconds(round(attempt.finished_at * 1e9))
         stack = [(top, rec, 1)]
         while stack:
             node, call, depth = stack.pop()
             kids = children.get(call.id, [])
-            node.call.CopyFrom(self._info(call, len(kids)))
+            node.call.MergeFrom(self._info(call, len(kids)))
             if req.max_depth and depth > req.max_depth:
                 continue
             for kid in kids:
@@ -356,12 +364,17 @@ class _Service:
         info.update_time.FromNanoseconds(round(rec.updated_at * 1e9))
         if rec.finished_at is not None:
             info.finish_time.FromNanoseconds(round(rec.finished_at * 1e9))
+        if rec.due_at is not None and info.state in _WAITING:
+            info.due_time.FromNanoseconds(round(rec.due_at * 1e9))
         if payloads:
             if rec.input:
                 info.input.MergeFromString(rec.input)
             if rec.phase is Phase.DONE:
                 info.result.MergeFromString(rec.result)
         return info
+
+
+_WAITING = frozenset({inspect_pb2.CALL_STATE_PENDING, inspect_pb2.CALL_STATE_SUSPENDED})
 
 
 def _not_found(dispatch_id: str) -> _ConnectError:

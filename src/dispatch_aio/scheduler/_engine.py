@@ -68,10 +68,12 @@ from .._status import Status
 from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
+from ._attempts import record_attempt
 from ._invoker import Invoker, Outcome
 from ._validate import call_problem
 from .store import (
     WRITE_ALONE,
+    AddAttempt,
     AddResult,
     AppendSegment,
     CallRecord,
@@ -216,6 +218,7 @@ class _Live:
     """In-memory companion of an unfinished call."""
 
     __slots__ = (
+        "attempt",
         "cancelling",
         "queue",
         "rec",
@@ -249,6 +252,12 @@ class _Live:
         # apart from `rec.failures`, which counts towards `max_attempts`; only the
         # backoff uses it, so losing it in a restart costs nothing.
         self.unreachable = 0
+        self.attempt: AddAttempt | None = None  # the attempt whose outcome is being written
+
+    def take_attempt(self) -> list[Op]:
+        """Return the write recording the attempt being handled (once), if any."""
+        attempt, self.attempt = self.attempt, None
+        return [] if attempt is None else [attempt]
 
 
 class _Ids:
@@ -681,6 +690,7 @@ class Engine:
                 request, delivered = self._request(live)
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
                 ATTEMPT.set(rec.attempts + 1)  # this task's context: names the attempt
+                started = now
                 live.requesting = True  # until the answer: `cancel` may stop the request
                 outcome = await self._invoker.run(
                     self._endpoint(rec), request, timeout, journal_delta=self._delta
@@ -696,6 +706,10 @@ class Engine:
                         self._endpoint(rec), request, timeout, journal_delta=self._delta
                     )
                 live.requesting = False
+                # Written with the change the outcome makes (see `_Live.take_attempt`).
+                live.attempt = record_attempt(
+                    rec.id, rec.attempts + 1, started, self._clock(), outcome
+                )
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
                 WRITE_ALONE.set(len(self._tasks) == 1)
@@ -714,6 +728,7 @@ class Engine:
         finally:
             live.running = False
             live.requesting = False
+            live.attempt = None
             live.task = None
             self._running.discard(live.rec.id)
         self._arm(live)
@@ -830,7 +845,7 @@ class Engine:
                 last_error=failure,
                 updated_at=now,
             )
-            await self._store.write([UpdateCall(new)])
+            await self._store.write([UpdateCall(new), *live.take_attempt()])
             live.rec = new
             return False
         await self._finish(
@@ -908,6 +923,7 @@ class Engine:
         ops: list[Op] = [InsertCall(c) for c in children]
         ops.extend(journal_ops)
         ops.append(UpdateCall(new))
+        ops.extend(live.take_attempt())
         if delivered:
             ops.append(RemoveResults(tuple(seq for seq, _ in delivered)))
         await self._store.write(ops)
@@ -976,7 +992,7 @@ class Engine:
     async def _replace_run(
         self, live: _Live, new: CallRecord, delivered: list[tuple[int, call_pb2.CallResult]]
     ) -> None:
-        ops: list[Op] = [UpdateCall(new)]
+        ops: list[Op] = [UpdateCall(new), *live.take_attempt()]
         if live.queue or delivered:
             ops.append(RemovePollerResults(new.id))
         if live.rec.state_kind is StateKind.SEGMENTS:
@@ -1042,7 +1058,7 @@ class Engine:
             updated_at=now,
             finished_at=now,
         )
-        ops: list[Op] = [UpdateCall(new)]
+        ops: list[Op] = [UpdateCall(new), *live.take_attempt()]
         if live.queue or delivered:
             ops.append(RemovePollerResults(rec.id))
         if rec.state_kind is StateKind.SEGMENTS:

@@ -48,6 +48,7 @@ from .._logs import ATTEMPT, ATTEMPT_HEADER
 from .._signature import RequestSigner
 from .._status import Status, status_for_http
 from ..proto.sdk.v1 import function_pb2
+from ._attempts import connection_failure
 
 __all__ = [
     "CANCEL_HEADER",
@@ -403,11 +404,11 @@ class Invoker:
         except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as exc:
             return Outcome(Status.TLS_ERROR, error=f"TLS error: {exc}")
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
-            return Outcome(Status.TCP_ERROR, error=f"connection error: {exc!r}", unsent=True)
+            return Outcome(Status.TCP_ERROR, error=connection_failure(exc), unsent=True)
         except aiohttp.ClientConnectionError as exc:
-            return Outcome(Status.TCP_ERROR, error=f"connection error: {exc!r}")
+            return Outcome(Status.TCP_ERROR, error=connection_failure(exc))
         except aiohttp.ClientError as exc:
-            return Outcome(Status.HTTP_ERROR, error=f"HTTP error: {exc!r}")
+            return Outcome(Status.HTTP_ERROR, error=f"HTTP error: {type(exc).__name__}: {exc}")
         if code == 200 and content_type == _PROTO:
             try:
                 return _response(function_pb2.RunResponse.FromString(content))

@@ -7,8 +7,10 @@ calls to rows the same way (`_rows`) and pass the same contract tests.
 
 from ._interface import (
     WRITE_ALONE,
+    AddAttempt,
     AddResult,
     AppendSegment,
+    AttemptRecord,
     CallQuery,
     CallRecord,
     InsertCall,
@@ -32,8 +34,10 @@ from ._sqlite import SQLiteStore
 
 __all__ = [
     "WRITE_ALONE",
+    "AddAttempt",
     "AddResult",
     "AppendSegment",
+    "AttemptRecord",
     "CallQuery",
     "CallRecord",
     "InsertCall",

@@ -42,8 +42,10 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._interface import (
+    AddAttempt,
     AddResult,
     AppendSegment,
+    AttemptRecord,
     CallQuery,
     CallRecord,
     InsertCall,
@@ -72,7 +74,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -155,7 +157,20 @@ CREATE TABLE dispatch_idempotency_keys (
 );
 CREATE INDEX dispatch_idempotency_keys_expiry ON dispatch_idempotency_keys (expires_at);
 """
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# Version 4: each attempt of a call, with its outcome and time, for `show`.
+_SCHEMA_V4 = """
+CREATE TABLE dispatch_attempts (
+    call_id text NOT NULL,
+    number integer NOT NULL,
+    started_at double precision NOT NULL,
+    finished_at double precision NOT NULL,
+    status integer NOT NULL,
+    outcome text NOT NULL,
+    seq bigserial
+);
+CREATE INDEX dispatch_attempts_call ON dispatch_attempts (call_id, number);
+"""
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 _INSERT_CALL = (
     f"INSERT INTO dispatch_calls ({', '.join(CALL_COLUMNS)}) "
@@ -183,6 +198,14 @@ _PUT_KEY = (
     "expires_at = excluded.expires_at"
 )
 _PRUNE_KEYS = "DELETE FROM dispatch_idempotency_keys WHERE expires_at < $1"
+_ADD_ATTEMPT = (
+    "INSERT INTO dispatch_attempts (call_id, number, started_at, finished_at, status, outcome) "
+    "VALUES ($1, $2, $3, $4, $5, $6)"
+)
+_SELECT_ATTEMPTS = (
+    "SELECT call_id, number, started_at, finished_at, status, outcome FROM dispatch_attempts "
+    "WHERE call_id = $1 ORDER BY number, seq"
+)
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
 _SELECT_CALLS = f"SELECT seq, {', '.join(CALL_COLUMNS)} FROM dispatch_calls"
 _MARK_COMMIT = "UPDATE dispatch_commits SET token = $1"
@@ -263,6 +286,9 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_PUT_KEY, (key, dispatch_id, expires_at))]
         case PruneIdempotencyKeys(before):
             return [(_PRUNE_KEYS, (before,))]
+        case AddAttempt(a):
+            row = (a.call_id, a.number, a.started_at, a.finished_at, a.status, _text(a.outcome))
+            return [(_ADD_ATTEMPT, row)]
 
 
 async def _execute(conn: Any, statements: list[_Statement]) -> None:
@@ -482,6 +508,11 @@ class PostgresStore(Store):
     async def read_segments(self, dispatch_id: str) -> list[bytes]:
         """Return a call's journal segments in order."""
         return [bytes(row[0]) for row in await self._fetch(_SELECT_SEGMENTS, dispatch_id)]
+
+    async def list_attempts(self, dispatch_id: str) -> list[AttemptRecord]:
+        """Return a call's recorded attempts, oldest first."""
+        rows = await self._fetch(_SELECT_ATTEMPTS, dispatch_id)
+        return [AttemptRecord(*row) for row in rows]
 
     # Reads.
 
