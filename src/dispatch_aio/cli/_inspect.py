@@ -138,6 +138,17 @@ class InspectClient:
         response = await self._call("WaitCall", request, inspect_pb2.WaitCallResponse(), extra)
         return response.call
 
+    async def list_journals(self) -> list[inspect_pb2.StoredJournal]:
+        """Return the journals of every unfinished call, following the pages."""
+        request = inspect_pb2.ListJournalsRequest()
+        journals: list[inspect_pb2.StoredJournal] = []
+        while True:
+            page = await self._call("ListJournals", request, inspect_pb2.ListJournalsResponse())
+            journals.extend(page.journals)
+            if not page.next_page_token:
+                return journals
+            request.page_token = page.next_page_token
+
     async def dispatch(self, calls: list[call_pb2.Call]) -> list[str]:
         """Submit calls (DispatchService.Dispatch); return their dispatch ids."""
         request = dispatch_pb2.DispatchRequest(

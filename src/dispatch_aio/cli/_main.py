@@ -382,8 +382,13 @@ async def _check_command(args: argparse.Namespace, console: Console) -> int:
     mains = {name: sys.modules.get(name) for name in ("__main__", "__mp_main__")}
     try:
         target = _check.load_target(args.app)
-        database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
-        journals = _check.read_journals(args.files, database)
+        journals = None
+        if not args.files and (running := read_connection(args.data_dir)) is not None:
+            # A scheduler runs there and holds its database: ask it for the journals.
+            journals = await _running_journals(*running)
+        if journals is None:
+            database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
+            journals = _check.read_journals(args.files, database)
         if not journals:
             console.line("no journals to check")
             return 0
@@ -399,6 +404,16 @@ async def _check_command(args: argparse.Namespace, console: Console) -> int:
     bad = sum(not r.ok for r in reports)
     console.line(f"{len(reports) - bad} of {len(reports)} journals replay; {bad} diverge")
     return 1 if bad else 0
+
+
+async def _running_journals(url: str, key: str) -> list[tuple[str, bytes]] | None:
+    """The journals a running scheduler keeps, or None if it does not answer."""
+    try:
+        async with InspectClient(url, key) as client:
+            stored = await client.list_journals()
+    except InspectError:
+        return None  # gone (it left its connection file behind): read the database
+    return [(j.dispatch_id, j.journal) for j in stored]
 
 
 def _with_logging(

@@ -16,7 +16,8 @@ with the matching HTTP status.
 - ``/dispatch.sdk.v1.DispatchService/Wait``: the RPC of dispatch-py's test server; the
   body is a dispatch id as UTF-8 text, the answer the call's final ``CallResult``
   (binary) once it is done.
-- ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall}``: see inspect.proto.
+- ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall,ListJournals}``: see
+  inspect.proto.
 - ``/dispatch_aio.v1.ControlService/CancelCall``: see control.proto.
 """
 
@@ -46,6 +47,7 @@ from ..proto.sdk.python.v1 import pickled_pb2
 from ..proto.sdk.v1 import dispatch_pb2
 from ..proto.v1 import control_pb2, inspect_pb2
 from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
+from ._journals import stored_journals
 from .store import CallQuery, CallRecord, Phase, Store, StoreError
 
 __all__ = [
@@ -330,6 +332,19 @@ class _Service:
         info = self._info(rec, counts.get(rec.id, 0))
         return _reply(inspect_pb2.WaitCallResponse(call=info), as_json)
 
+    async def list_journals(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, inspect_pb2.ListJournalsRequest())
+        token = req.page_token
+        if token and not (token.isascii() and token.isdigit() and int(token) <= _MAX_SEQ):
+            raise _ConnectError(
+                400, "invalid_argument", "invalid page_token: pass next_page_token back as is"
+            )
+        journals, after = await stored_journals(self._store, int(token) if token else 0)
+        response = inspect_pb2.ListJournalsResponse(journals=journals)
+        if after:
+            response.next_page_token = str(after)
+        return _reply(response, as_json)
+
     def _state(self, rec: CallRecord) -> inspect_pb2.CallState.ValueType:
         if rec.phase is not Phase.DONE:
             view = self._engine.live_view(rec.id)
@@ -434,6 +449,7 @@ def create_app(engine: Engine, store: Store, *, api_key: str) -> web.Application
             web.post(INSPECT_PREFIX + "ListCalls", service.list_calls),
             web.post(INSPECT_PREFIX + "GetCall", service.get_call),
             web.post(INSPECT_PREFIX + "WaitCall", service.wait_call),
+            web.post(INSPECT_PREFIX + "ListJournals", service.list_journals),
             web.post(CANCEL_PATH, service.cancel_call),
         ]
     )

@@ -446,3 +446,75 @@ class WaitCallResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitCallResponse: _TypeAlias = WaitCallResponse  # noqa: Y015
+
+@_typing.final
+class ListJournalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_token: _builtins.str
+    """The next_page_token of a previous response."""
+    def __init__(
+        self,
+        *,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJournalsRequest: _TypeAlias = ListJournalsRequest  # noqa: Y015
+
+@_typing.final
+class ListJournalsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOURNALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set when more journals follow; pass it as page_token."""
+    @_builtins.property
+    def journals(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredJournal]: ...
+    def __init__(
+        self,
+        *,
+        journals: _abc.Iterable[Global___StoredJournal] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["journals", b"journals", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJournalsResponse: _TypeAlias = ListJournalsResponse  # noqa: Y015
+
+@_typing.final
+class StoredJournal(_message.Message):
+    """StoredJournal is the journal of an unfinished call, as the scheduler keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISPATCH_ID_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    JOURNAL_FIELD_NUMBER: _builtins.int
+    dispatch_id: _builtins.str
+    function: _builtins.str
+    journal: _builtins.bytes
+    """The serialized journal (dispatch_aio.v1.Journal)."""
+    def __init__(
+        self,
+        *,
+        dispatch_id: _builtins.str = ...,
+        function: _builtins.str = ...,
+        journal: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_id", b"dispatch_id", "function", b"function", "journal", b"journal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredJournal: _TypeAlias = StoredJournal  # noqa: Y015
