@@ -534,9 +534,20 @@ class Dispatch:
         and attempt); ``DISPATCH_LOG_FORMAT=json`` writes one JSON object per line.
 
         Raises:
+            RuntimeError: An event loop runs in this thread already.
             dispatch_aio.errors.ConfigurationError: As `start`.
             OSError: As `start`.
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                "dispatch.run() cannot be called from a running event loop: it runs its own "
+                "and blocks; in async code use `await dispatch.serve()` or `await "
+                "dispatch.start()`"
+            )
         handler = self._default_logging(forced=True)
         try:
             with contextlib.suppress(KeyboardInterrupt):

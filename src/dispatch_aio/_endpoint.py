@@ -414,8 +414,9 @@ class Endpoint:
         names = sorted(self._functions)
         listed = ", ".join(names[:_MAX_LISTED]) + (", ..." if len(names) > _MAX_LISTED else "")
         return (
-            f"function {name[:200]!r} is not registered at this endpoint "
-            f"(registered: {listed or 'none'})"
+            f"function {name[:200]!r} is not registered with the Dispatch object serving this "
+            f"endpoint (registered: {listed or 'none'}); if the app has several Dispatch "
+            "objects, register it with the one that runs (@dispatch.function)"
         )
 
 

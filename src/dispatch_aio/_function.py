@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 from ._codec import encode_input
 from ._sync import EXECUTORS, Executor, sync_runner
 from .durable import DivergencePolicy, TailCall, durable_call, in_durable_function
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatch
@@ -195,6 +196,16 @@ class Function(Generic[P, R]):
         from ._client import Call  # imported here: _client imports this module
 
         call = Call(self._name, args, kwargs, idempotency_key=idempotency_key)
+        if owner._config.embedded() and owner._embedded is None:
+            raise ConfigurationError(
+                f"no scheduler to submit to: {self._name!r} is registered with a Dispatch "
+                "object that does not run its scheduler (DISPATCH_API_URL is not set, so it "
+                "runs its own, which is not started); submit while `dispatch.run()` or `await "
+                "dispatch.start()` runs, with the function registered on that Dispatch object "
+                "(@dispatch.function), or set DISPATCH_API_URL to use a separate scheduler "
+                "(`dispatch-aio run -- python app.py` sets it)",
+                variable="DISPATCH_API_URL",
+            )
         (dispatch_id,) = await owner.client.dispatch([call])
         return dispatch_id
 

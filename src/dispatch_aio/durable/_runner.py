@@ -129,6 +129,7 @@ class JournalCheck:
 
 def _describe_task(task: DurableTask[Any]) -> str:
     coro = task.get_coro()
+    coro = getattr(coro, "_coro", coro)  # the function's own, under the loop's bridge
     return f"{getattr(coro, '__qualname__', repr(coro))} (task {task.path})"
 
 

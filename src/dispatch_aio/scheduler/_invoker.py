@@ -460,9 +460,8 @@ def _describe_body(content: bytes, content_type: str) -> str:
         except (ValueError, UnicodeDecodeError):
             doc = None
         if isinstance(doc, dict) and isinstance(doc.get("message"), str):
-            code = doc.get("code")
-            prefix = f"{code}: " if isinstance(code, str) else ""
-            return f" ({prefix}{doc['message']})"
+            # The Connect code is the call's status already: the message alone says more.
+            return f": {doc['message']}"
     text = content[:_BODY_EXCERPT].decode("utf-8", "replace").strip()
     if len(content) > _BODY_EXCERPT:
         text += "..."
