@@ -60,8 +60,13 @@ def test_a_call_made_while_the_app_is_down_shows_why_then_runs(
         _, out, _ = inspect(capsys, server, "show", sleeping)
         time.sleep(0.1)
     assert "wakes at " in out
-    status, out, err = inspect(capsys, server, "show", dispatch_id, "--json")
-    doc = json.loads(out)
+    deadline = time.monotonic() + 30  # its retries back off: it may still be waiting
+    while True:
+        status, out, err = inspect(capsys, server, "show", dispatch_id, "--json")
+        doc = json.loads(out)
+        if doc["state"] == "ok" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     log = doc["request_log"]
     assert log[0]["status"] == "tcp_error" and log[0]["outcome"].startswith("connection refused")
     outcomes = [entry["outcome"] for entry in log]
