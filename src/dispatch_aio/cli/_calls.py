@@ -37,7 +37,7 @@ from ..scheduler._engine import Engine
 from ..scheduler.store import CallRecord, SQLiteStore, Store, StoreError
 from ._console import Console, Style
 from ._format import describe_input, describe_result
-from ._inspect import STATES, STATUSES, InspectClient, InspectError, render_calls, state_name
+from ._inspect import STATES, STATUSES, InspectClient, render_calls, state_name
 from ._scheduler import CliError
 
 _OK = int(Status.OK)
@@ -303,8 +303,3 @@ async def offline_api(data_dir: str, console: Console) -> AsyncIterator[tuple[st
         if runner is not None:
             await runner.cleanup()
         await store.close()
-
-
-def read_failure(exc: InspectError) -> CliError:
-    """The command's error for a failed request."""
-    return CliError(str(exc))
