@@ -46,6 +46,9 @@ INSTANCES: list[errors.DispatchError] = [
     errors.RemoteError("ValueError", "remote message"),
     errors.HostLoopError("future of another loop"),
     errors.ConfigurationError("bad url", variable="DISPATCH_API_URL", value="ftp://x"),
+    errors.CodecError("cannot convert"),
+    errors.EncodeError("cannot encode argument 1: an open file cannot be passed"),
+    errors.DecodeError("unknown type URL"),
     errors.ClientError("key revoked", http_status=401, code="unauthenticated"),
     errors.EventAlreadyResolvedError("the event 'k' is already resolved"),
 ]

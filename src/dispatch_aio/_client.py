@@ -517,9 +517,7 @@ class Client:
             if call.state == inspect_pb2.CALL_STATE_DONE:
                 return _outcome(call)
             if deadline is not None and loop.time() >= deadline:
-                raise errors.DispatchTimeoutError(
-                    f"call {dispatch_id} ({call.function}) still runs after {timeout:g} s"
-                )
+                raise errors.DispatchTimeoutError(_not_done(call, timeout or 0.0))
 
     async def _post(
         self,
@@ -810,6 +808,29 @@ async def _submit_local(
         raise errors.ClientError(str(exc), http_status=400, code="invalid_argument") from None
     except (RuntimeError, StoreError) as exc:  # closing, or the database failed
         raise errors.ClientError(str(exc), http_status=503, code="unavailable") from None
+
+
+def _not_done(call: inspect_pb2.CallInfo, timeout: float) -> str:
+    """Why a call waited for has no result yet: it never ran, its attempts fail, or it runs."""
+    what = f"call {call.dispatch_id} ({call.function})"
+    if call.state == inspect_pb2.CALL_STATE_PENDING and not call.polls:
+        if not call.attempts:
+            return (
+                f"{what} has not run after {timeout:g} s: the scheduler has made no attempt "
+                "yet (it is busy, or the call waits for its start time)"
+            )
+        if call.last_error:
+            return (
+                f"{what} has not run after {timeout:g} s: its {call.attempts} attempts "
+                f"failed, the last one with: {call.last_error}; it is retried until it "
+                "expires (is the app running and serving the function?)"
+            )
+    if call.last_error and call.state == inspect_pb2.CALL_STATE_PENDING:
+        return (
+            f"{what} has not finished after {timeout:g} s: its last attempt failed "
+            f"({call.last_error}) and it is retried"
+        )
+    return f"{what} still runs after {timeout:g} s"
 
 
 async def _wait_local(local: EmbeddedAPI, dispatch_id: str, timeout: float | None) -> Any:  # noqa: ASYNC109

@@ -121,16 +121,10 @@ _FIX = (
 )
 
 
-class CodecError(Exception):
-    """A value or an error could not be converted to or from its wire form."""
-
-
-class EncodeError(CodecError, TypeError):
-    """A Python value cannot be encoded (it is neither a well-known type nor picklable)."""
-
-
-class DecodeError(CodecError, ValueError):
-    """A wire value cannot be decoded: unknown type URL, corrupt payload or failed unpickle."""
+# Public in dispatch_aio.errors, where users find them.
+CodecError = errors.CodecError
+EncodeError = errors.EncodeError
+DecodeError = errors.DecodeError
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +275,13 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self._chain = chain
 
     def reducer_override(self, obj: object) -> object:
+        if isinstance(obj, io.IOBase) and not isinstance(obj, io.BytesIO | io.StringIO):
+            # cloudpickle would snapshot a file's contents: the call would not get the file.
+            name = getattr(obj, "name", None)
+            raise TypeError(
+                f"an open file{f' ({name!r})' if name is not None else ''} cannot be passed: "
+                "pass its path, or its contents"
+            )
         if isinstance(obj, type | types.FunctionType) and _is_main_name(obj):
             return NotImplemented  # pickle's own save_global: by reference
         if self._chain and isinstance(obj, BaseException):

@@ -319,6 +319,10 @@ class Config:
             value=raw,
         )
 
+    def environ(self) -> Mapping[str, str]:
+        """The environment the configuration reads."""
+        return self._environ()
+
     def _environ(self) -> Mapping[str, str]:
         return os.environ if self._env is None else self._env
 

@@ -28,6 +28,7 @@ from ._endpoint import (
     EndpointServer,
 )
 from ._function import Function
+from ._logs import LOG_FORMAT, configure_default_logging, log_format_from_env
 from ._policy import FunctionPolicy, RateLimit, RetryPolicy, seconds
 from ._serving import (
     IDLE_TIMEOUT,
@@ -37,8 +38,10 @@ from ._serving import (
     raise_file_limit,
 )
 from ._status import Classifier, Status
+from ._sync import Executor, ProcessPools
 from .asgi import ASGIEndpoint
 from .durable import Detection, DivergencePolicy, Runner
+from .errors import ConfigurationError
 from .http import Response, response_status
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ _E = TypeVar("_E", bound=BaseException)
 _T = TypeVar("_T")
 
 _AsyncFn = Callable[P, Coroutine[Any, Any, R]]
+_SyncFn = Callable[P, R]
 
 
 class Dispatch:
@@ -180,6 +184,7 @@ class Dispatch:
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
         self._embedded: EmbeddedScheduler | None = None
+        self._processes = ProcessPools()
         self._client = Client._with_config(
             self._config, timeout=api_timeout, embedded=lambda: self._embedded, version=version
         )
@@ -202,6 +207,9 @@ class Dispatch:
     def function(self, fn: _AsyncFn[P, R], /) -> Function[P, R]: ...
 
     @overload
+    def function(self, fn: _SyncFn[P, R], /) -> Function[P, R]: ...
+
+    @overload
     def function(
         self,
         fn: None = None,
@@ -214,11 +222,12 @@ class Dispatch:
         expiration: float | timedelta | None = None,
         concurrency: int | None = None,
         rate_limit: RateLimit | None = None,
-    ) -> Callable[[_AsyncFn[P, R]], Function[P, R]]: ...
+        executor: Executor | None = None,
+    ) -> _Register: ...
 
     def function(
         self,
-        fn: _AsyncFn[..., Any] | None = None,
+        fn: Callable[..., Any] | None = None,
         /,
         *,
         name: str | None = None,
@@ -228,15 +237,22 @@ class Dispatch:
         expiration: float | timedelta | None = None,
         concurrency: int | None = None,
         rate_limit: RateLimit | None = None,
-    ) -> Function[Any, Any] | Callable[[_AsyncFn[..., Any]], Function[Any, Any]]:
-        """Register an ``async def`` function as a durable function.
+        executor: Executor | None = None,
+    ) -> Function[Any, Any] | _Register:
+        """Register a function: an ``async def`` durable function, or a plain ``def`` leaf.
 
         Use it bare (``@dispatch.function``) to register the function under its
         qualified name, or with a name (``@dispatch.function(name="resize")``). The name
         must match ``^[a-zA-Z_][a-zA-Z0-9_<>.]*$`` and be unique in this object.
 
+        A plain ``def`` (blocking code: a CPU task, a synchronous SDK) runs whole in a
+        thread of the event loop's default executor, or with ``executor="process"`` in
+        a process of a pool this object starts (the function must then be defined at
+        module level). It is called and dispatched like any other function but cannot
+        make durable calls itself.
+
         Args:
-            fn: The coroutine function.
+            fn: The function.
             name: The name it is called under; default ``fn.__qualname__``.
             on_divergence: This function's divergence policy (``"restart"`` or
                 ``"fail"``); default: the `Dispatch` object's.
@@ -255,6 +271,7 @@ class Dispatch:
                 first come first served. A suspended call holds no slot.
             rate_limit: How often runs of the function may start (`RateLimit`, a token
                 bucket); runs without a token wait.
+            executor: For a plain ``def``: ``"thread"`` (the default) or ``"process"``.
 
         The policy travels with every call of the function (``Call.policy``, which
         other schedulers ignore; the expiration in the protocol's ``Call.expiration``),
@@ -265,8 +282,9 @@ class Dispatch:
             The `Function`, or a decorator that registers one.
 
         Raises:
-            TypeError: `fn` is not an ``async def`` function, a name was passed
-                positionally, or ``retry``/``rate_limit`` has the wrong type.
+            TypeError: `fn` is not a function, `executor` was given for an ``async def``,
+                a name was passed positionally, or ``retry``/``rate_limit`` has the wrong
+                type.
             ValueError: The name is invalid or already registered, or a policy value is
                 out of range (a timeout that is not positive, concurrency below 1 ...).
         """
@@ -278,31 +296,30 @@ class Dispatch:
                 concurrency=concurrency,
                 rate_limit=rate_limit,
             )
-
-            def register(fn: _AsyncFn[..., Any]) -> Function[Any, Any]:
-                return self._register(fn, name, on_divergence, policy)
-
-            return register
+            return _Register(self, name, on_divergence, policy, executor)
         if isinstance(fn, str):
             raise TypeError(
                 f"@dispatch.function({fn!r}): pass the name as a keyword, "
                 f"@dispatch.function(name={fn!r})"
             )
-        return self._register(fn, name, None, None)
+        return self._register(fn, name, None, None, None)
 
     def _register(
         self,
-        fn: _AsyncFn[P, R],
+        fn: Callable[..., Any],
         name: str | None,
         on_divergence: DivergencePolicy | None,
         policy: FunctionPolicy | None,
-    ) -> Function[P, R]:
+        executor: Executor | None,
+    ) -> Function[Any, Any]:
         if isinstance(fn, Function):
             raise TypeError(f"{fn!r} is already a registered function")
-        function = Function(fn, name, owner=self, on_divergence=on_divergence, policy=policy)
+        function: Function[Any, Any] = Function(
+            fn, name, owner=self, on_divergence=on_divergence, policy=policy, executor=executor
+        )
         existing = self._functions.get(function.name)
         if existing is not None:
-            where = f"{existing.fn.__module__}.{existing.fn.__qualname__}"
+            where = f"{existing.__wrapped__.__module__}.{existing.__wrapped__.__qualname__}"
             raise ValueError(
                 f"a function named {function.name!r} is already registered (by {where}); "
                 "pass name= to register this one under another name"
@@ -468,6 +485,7 @@ class Dispatch:
                 its database is damaged.
             OSError: The address cannot be bound (for example, it is in use).
         """
+        self._default_logging(forced=False)
         if self._config.embedded():
             embedded = await self._start_embedded()
             host, port = self._config.endpoint_addr()
@@ -557,12 +575,33 @@ class Dispatch:
         Blocks; runs its own event loop. On the first signal the server stops gracefully
         (as `serve`), and this returns; a second SIGINT interrupts the shutdown.
 
+        When the application has not configured logging (the root logger has no
+        handler), records of level INFO and above go to standard error while it runs,
+        those of `dispatch_aio.get_logger` loggers included (with the call id, function
+        and attempt); ``DISPATCH_LOG_FORMAT=json`` writes one JSON object per line.
+
         Raises:
+            RuntimeError: An event loop runs in this thread already.
             dispatch_aio.errors.ConfigurationError: As `start`.
             OSError: As `start`.
         """
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(self._serve_until_signal())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                "dispatch.run() cannot be called from a running event loop: it runs its own "
+                "and blocks; in async code use `await dispatch.serve()` or `await "
+                "dispatch.start()`"
+            )
+        handler = self._default_logging(forced=True)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(self._serve_until_signal())
+        finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
 
     async def _serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
@@ -584,12 +623,29 @@ class Dispatch:
                 loop.remove_signal_handler(sig)
             await server.aclose()
 
+    def _default_logging(self, *, forced: bool) -> logging.Handler | None:
+        """Print log records (durable loggers' too) when the application configured none.
+
+        `run` always does; `start` does when ``DISPATCH_LOG_FORMAT`` is set, as
+        ``dispatch-aio run`` sets it for its application.
+        """
+        try:
+            log_format = log_format_from_env(self._config.environ())
+        except ValueError as exc:
+            raise ConfigurationError(str(exc), variable=LOG_FORMAT) from None
+        if log_format is None and not forced:
+            return None
+        return configure_default_logging(log_format or "text")
+
     # -- resources ----------------------------------------------------------------------
 
     def _get_runner(self) -> Runner:
         if self._runner is None:
             self._runner = Runner(self._lookup, classifier=self._classifier, **self._runner_options)
         return self._runner
+
+    def _process_pool(self) -> Any:
+        return self._processes.get()
 
     def _divergence_policy(self, name: str) -> DivergencePolicy | None:
         function = self._functions.get(name)
@@ -612,6 +668,7 @@ class Dispatch:
             await self._client.aclose()
         finally:
             self._endpoint.reset()
+            self._processes.shutdown()
             if runner is not None:
                 await runner.aclose()
 
@@ -641,6 +698,30 @@ def _announce(line: str) -> None:
     else:
         sys.stderr.write(f"dispatch_aio: {line}\n")
         sys.stderr.flush()
+
+
+class _Register:
+    """The decorator returned by ``@dispatch.function(...)`` with options."""
+
+    def __init__(
+        self,
+        dispatch: Dispatch,
+        name: str | None,
+        on_divergence: DivergencePolicy | None,
+        policy: FunctionPolicy | None,
+        executor: Executor | None,
+    ) -> None:
+        self._args = (name, on_divergence, policy, executor)
+        self._dispatch = dispatch
+
+    @overload
+    def __call__(self, fn: _AsyncFn[P, R], /) -> Function[P, R]: ...
+
+    @overload
+    def __call__(self, fn: _SyncFn[P, R], /) -> Function[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Function[Any, Any]:
+        return self._dispatch._register(fn, *self._args)
 
 
 class Batch:

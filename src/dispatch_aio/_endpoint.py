@@ -64,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._codec import encode_error
 from ._config import INSECURE, VERIFICATION_KEY, Config
+from ._logs import ATTEMPT, ATTEMPT_HEADER
 from ._policy import apply_policy
 from ._reserved import WAIT_EVENT
 from ._signature import (
@@ -340,6 +341,9 @@ class Endpoint:
             run_request.WhichOneof("directive") or "no directive",
         )
         delta = request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta"
+        attempt = request.headers.get(ATTEMPT_HEADER, "").strip()
+        # Set in this request's own task: it names the attempt in the run's log records.
+        ATTEMPT.set(int(attempt) if attempt.isdigit() else 0)
         if request.headers.get(CANCEL_HEADER, "").strip() == "1":
             response = await self._runner().run(run_request, journal_delta=delta, cancel=True)
         else:
@@ -434,8 +438,9 @@ class Endpoint:
         names = sorted(self._functions)
         listed = ", ".join(names[:_MAX_LISTED]) + (", ..." if len(names) > _MAX_LISTED else "")
         return (
-            f"function {name[:200]!r} is not registered at this endpoint "
-            f"(registered: {listed or 'none'})"
+            f"function {name[:200]!r} is not registered with the Dispatch object serving this "
+            f"endpoint (registered: {listed or 'none'}); if the app has several Dispatch "
+            "objects, register it with the one that runs (@dispatch.function)"
         )
 
 

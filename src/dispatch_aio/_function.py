@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 
 from ._codec import encode_input
 from ._policy import FunctionPolicy
+from ._sync import EXECUTORS, Executor, sync_runner
 from .durable import DivergencePolicy, TailCall, durable_call, in_durable_function
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatch
@@ -44,7 +46,7 @@ def _call_site(depth: int) -> str:
 
 
 class Function(Generic[P, R]):
-    """A registered async function.
+    """A registered function: an ``async def`` durable function, or a plain ``def`` leaf.
 
     Inside a function run by Dispatch, calling it makes a durable call: the
     scheduler runs it (possibly elsewhere) and its result is journaled.
@@ -59,27 +61,50 @@ class Function(Generic[P, R]):
     that is not replayed): ``"restart"`` runs the call again from its input (its
     side effects run again), ``"fail"`` ends it with `errors.NondeterminismError`.
     None (the default) leaves the choice to the application.
+
+    A plain ``def`` function is a leaf: each call runs it whole in a thread
+    (``executor="thread"``, the default) or in a process of a pool
+    (``executor="process"``), and calling it returns an awaitable like any other
+    function. It cannot make durable calls (it does not run in a durable function:
+    a `Function` called there runs in process, and ``sleep`` blocks), and a failed
+    call runs it again from the start.
     """
 
     def __init__(
         self,
-        fn: Callable[P, Coroutine[Any, Any, R]],
+        fn: Callable[P, Coroutine[Any, Any, R]] | Callable[P, R],
         name: str | None = None,
         *,
         owner: Dispatch | None = None,
         on_divergence: DivergencePolicy | None = None,
         policy: FunctionPolicy | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if on_divergence not in (None, "restart", "fail"):
             raise ValueError(
                 f"on_divergence must be 'restart', 'fail' or None, not {on_divergence!r}"
             )
-        if not inspect.iscoroutinefunction(fn):
+        if executor is not None and executor not in EXECUTORS:
+            raise ValueError(f"executor must be 'thread' or 'process', not {executor!r}")
+        qualname = getattr(fn, "__qualname__", None)
+        if not callable(fn) or qualname is None:
+            raise TypeError(f"{fn!r} is not a function: register an `async def` or a `def`")
+        if inspect.iscoroutinefunction(fn):
+            if executor is not None:
+                raise TypeError(
+                    f"{qualname!r} is an async function: executor= applies to plain `def` "
+                    "functions only (an async function runs on the event loop)"
+                )
+            coro_fn: Callable[P, Coroutine[Any, Any, R]] = fn
+        elif inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
             raise TypeError(
-                f"{getattr(fn, '__qualname__', fn)!r} is not an async function: durable "
-                "functions are declared with `async def`"
+                f"{qualname!r} is a generator function: register an `async def` or a plain "
+                "`def` that returns its result"
             )
-        self._fn = fn
+        else:
+            coro_fn = sync_runner(fn, executor or "thread", self._process_pool)
+        self._sync = not inspect.iscoroutinefunction(fn)
+        self._fn = coro_fn
         self._name = check_function_name(name if name is not None else fn.__qualname__)
         self._owner = owner
         self._on_divergence: DivergencePolicy | None = on_divergence
@@ -93,6 +118,14 @@ class Function(Generic[P, R]):
         return self._name
 
     @property
+    def is_sync(self) -> bool:
+        """Whether the function is a plain ``def`` run in a thread or a process."""
+        return self._sync
+
+    def _process_pool(self) -> Any:
+        return None if self._owner is None else self._owner._process_pool()
+
+    @property
     def on_divergence(self) -> DivergencePolicy | None:
         """The function's divergence policy; None leaves it to the application."""
         return self._on_divergence
@@ -104,7 +137,7 @@ class Function(Generic[P, R]):
 
     @property
     def fn(self) -> Callable[P, Coroutine[Any, Any, R]]:
-        """The undecorated coroutine function."""
+        """The coroutine function: the undecorated one, or for a plain ``def`` its runner."""
         return self._fn
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
@@ -174,6 +207,16 @@ class Function(Generic[P, R]):
         from ._client import Call  # imported here: _client imports this module
 
         call = Call(self._name, args, kwargs, idempotency_key=idempotency_key, policy=self._policy)
+        if owner._config.embedded() and owner._embedded is None:
+            raise ConfigurationError(
+                f"no scheduler to submit to: {self._name!r} is registered with a Dispatch "
+                "object that does not run its scheduler (DISPATCH_API_URL is not set, so it "
+                "runs its own, which is not started); submit while `dispatch.run()` or `await "
+                "dispatch.start()` runs, with the function registered on that Dispatch object "
+                "(@dispatch.function), or set DISPATCH_API_URL to use a separate scheduler "
+                "(`dispatch-aio run -- python app.py` sets it)",
+                variable="DISPATCH_API_URL",
+            )
         (dispatch_id,) = await owner.client.dispatch([call])
         return dispatch_id
 

@@ -27,6 +27,9 @@ The hierarchy::
     ├── RemoteError                                PERMANENT_ERROR
     ├── HostLoopError (RuntimeError)               PERMANENT_ERROR
     ├── ConfigurationError (ValueError)            PERMANENT_ERROR
+    ├── CodecError                                 INVALID_ARGUMENT
+    │   ├── EncodeError (TypeError)                INVALID_ARGUMENT     (an argument or result)
+    │   └── DecodeError (ValueError)               INVALID_ARGUMENT
     └── ClientError                                from the Connect code
         └── EventAlreadyResolvedError (ValueError) PERMANENT_ERROR      (send_event twice)
 
@@ -38,10 +41,13 @@ its constructor's signature.
 __all__ = [
     "CancelledCallError",
     "ClientError",
+    "CodecError",
     "ConfigurationError",
     "DNSError",
+    "DecodeError",
     "DispatchError",
     "DispatchTimeoutError",
+    "EncodeError",
     "EventAlreadyResolvedError",
     "HTTPError",
     "HostLoopError",
@@ -312,15 +318,35 @@ class RemoteError(DispatchError):
 
 
 class HostLoopError(DispatchError, RuntimeError):
-    """An object bound to the host event loop was used inside a durable function.
+    """An object bound to another event loop was used inside a durable function.
 
-    Durable functions run on their own event loop; futures, tasks, locks or sessions
-    created outside of it cannot be awaited there. Create the object inside the function,
-    or move the work into a function of its own. The call fails with PERMANENT_ERROR and
-    is not retried.
+    Durable functions run on their own event loop. Futures of the host loop (those of
+    an application-wide aiohttp session or connection pool) are awaited there as
+    forwarded I/O; an asyncio lock, event, semaphore or queue created outside the
+    function, or a future of another run or thread, cannot be. Create the object
+    inside the function, or share results through durable calls. The call fails with
+    PERMANENT_ERROR and is not retried.
     """
 
     status = _Status.PERMANENT_ERROR
+
+
+class CodecError(DispatchError):
+    """A value or an error could not be converted to or from its wire form."""
+
+    status = _Status.INVALID_ARGUMENT
+
+
+class EncodeError(CodecError, TypeError):
+    """A Python value cannot be encoded: it is neither a well-known type nor picklable.
+
+    Raised where the value is given (a call's argument, a function's result); the message
+    names the value's type and the part of it that does not pickle.
+    """
+
+
+class DecodeError(CodecError, ValueError):
+    """A wire value cannot be decoded: unknown type URL, corrupt payload or failed unpickle."""
 
 
 class ConfigurationError(DispatchError, ValueError):

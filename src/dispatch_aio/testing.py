@@ -73,6 +73,7 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -100,6 +101,10 @@ from .durable._runner import Detection, DivergencePolicy
 from .errors import NondeterminismError
 from .proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2, status_pb2
 from .proto.v1 import journal_pb2
+from .scheduler._engine import DEFAULT_EXPIRATION
+
+# The scheduler's longest backoff between two attempts (RetryPolicy.max_backoff).
+_MAX_RETRY_DELAY = 30.0
 
 __all__ = [
     "CallInfo",
@@ -286,6 +291,9 @@ class CallInfo:
     divergences: int = 0
     """Runs of the call that diverged from their journal (with
     ``on_divergence="restart"`` each restarted the call from its input)."""
+    expires_at: float = math.inf
+    """Clock time at which the call expires (fails with ``DispatchTimeoutError``), as the
+    scheduler expires calls; a child never outlives its parent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,9 +335,14 @@ class Environment:
             (needed when functions do real I/O with timeouts).
         max_attempts: Attempts in all (the first included) of a call that fails
             with a temporary status before its error is final, as the scheduler's
-            ``--max-attempts``. A function's own ``retry`` policy wins (its
-            attempts, statuses and backoff).
-        retry_delay: Seconds before the first retry; doubles at each retry.
+            ``--max-attempts``; 0 retries until the call expires. A function's own
+            ``retry`` policy wins (its attempts, statuses and backoff).
+        retry_delay: Seconds before the first retry; doubles at each retry, up to 30 s
+            (the scheduler's longest backoff).
+        expiration: Seconds after which a call that has not finished fails with
+            `errors.DispatchTimeoutError` (a ``TimeoutError``), as the scheduler
+            expires calls: 7 days, so a durable sleep of 8 days fails here as it does
+            there. ``math.inf``: never.
         workers: With ``replay="process"``, the `WorkerPool` to run requests
             in, to share its spare interpreters between environments; by
             default the environment starts a pool of its own and closes it.
@@ -372,6 +385,7 @@ class Environment:
         virtual_time: bool = True,
         max_attempts: int = 10,
         retry_delay: float = 1.0,
+        expiration: float = DEFAULT_EXPIRATION,
         workers: WorkerPool | None = None,
         journal: Literal["delta", "whole"] = "delta",
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
@@ -392,8 +406,13 @@ class Environment:
         self._shuffle = shuffle
         self._split = split
         self._rng = random.Random(seed)
+        if max_attempts < 0:
+            raise ValueError(f"max_attempts must be 0 (until expiry) or more, not {max_attempts}")
+        if not expiration > 0:
+            raise ValueError(f"expiration must be positive seconds, not {expiration!r}")
         self._max_attempts = max_attempts
         self._retry_delay = retry_delay
+        self._expiration = expiration
         self.clock: VirtualClock | _RealClock = VirtualClock() if virtual_time else _RealClock()
         self._on_divergence: DivergencePolicy = on_divergence
         # Perturbed time would move a real clock, which the runner itself reads.
@@ -620,6 +639,9 @@ class Environment:
         except _codec.DecodeError:
             args, kwargs = (input,), {}
         info = CallInfo(str(len(self._calls) + 1), function, args, kwargs, parent)
+        info.expires_at = self.clock.time() + self._expiration
+        if parent is not None:
+            info.expires_at = min(info.expires_at, parent.expires_at)
         self._calls.append(info)
         if parent is not None:
             parent.children.append(info)
@@ -649,6 +671,8 @@ class Environment:
         delay = self._retry_delay
         restarts = 0
         while True:
+            if self.clock.time() >= info.expires_at:
+                return self._finish(info, Status.TIMEOUT, _expired(self._expiration))
             response = await self._send(info, request)
             if _journal_needed(response) and info.id in self._journals:
                 # The run is not live any more: the same resume, with the whole journal.
@@ -676,8 +700,8 @@ class Environment:
                     request = self._first_request(info, info.function, input)
                     continue
                 return self._finish(info, status, done.result, nondeterministic=True)
-            # As the scheduler's --max-attempts, or the function's own retry policy:
-            # attempts in all, the first included.
+            # As the scheduler's --max-attempts (0 retries until the call expires), or
+            # the function's own retry policy: attempts in all, the first included.
             registered = self._functions.get(info.function)
             retry = registered.policy.retry if registered is not None else None
             if retry is not None:
@@ -689,8 +713,8 @@ class Environment:
                 info.attempts += 1
                 if retry is not None:
                     delay = retry.backoff(info.attempts, random.Random(info.attempts))
-                await self.clock.sleep_until(self.clock.time() + delay)
-                delay *= 2
+                await self.clock.sleep_until(min(self.clock.time() + delay, info.expires_at))
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
                 request = self._first_request(info, info.function, input)
                 continue
             return self._finish(info, status, done.result)
@@ -793,6 +817,8 @@ class Environment:
         deadline = None
         if poll.HasField("max_wait"):
             deadline = self.clock.time() + poll.max_wait.ToTimedelta().total_seconds()
+        if info.expires_at != math.inf:  # the call expires while it waits
+            deadline = info.expires_at if deadline is None else min(deadline, info.expires_at)
         while True:
             self._collect(running, queue)
             if len(queue) >= poll.min_results:
@@ -976,3 +1002,10 @@ async def check_journals(
     finally:
         await runner.aclose()
     return reports
+
+
+def _expired(expiration: float) -> call_pb2.CallResult:
+    """The result of a call that expired, as the scheduler writes it."""
+    message = f"the call expired: it did not finish within {expiration:.6g} s"
+    error = error_pb2.Error(type=Status.TIMEOUT.proto_name, message=message)
+    return call_pb2.CallResult(error=error)

@@ -10,8 +10,9 @@ import sys
 import textwrap
 
 import pytest
+from e2e.harness import PYTHON, Starter, start_server
 
-from dispatch_aio import Dispatch, cli
+from dispatch_aio import Call, Dispatch, cli
 from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1.inspect_pb2 import CALL_STATE_SUSPENDED
 from dispatch_aio.scheduler import Scheduler
@@ -205,3 +206,38 @@ def test_check_names_the_journals_that_need_an_old_branch(
     new_files = asyncio.run(_record(_write_app(tmp_path, patch), tmp_path))
     assert cli.main(["check", _write_app(tmp_path, removed), *new_files]) == 0
     assert "no stored journal takes the old branch of a patch" in capsys.readouterr().out
+
+
+def test_check_beside_a_running_scheduler(
+    procs: Starter, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = _write_app(tmp_path, "1")
+    script = spec.rpartition(":")[0]
+    with open(script, "a") as f:
+        f.write("\nif __name__ == '__main__':\n    dispatch.run()\n")
+    data = tmp_path / "data"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = start_server(
+        procs, "--port", "0", "--data-dir", str(data), "--endpoint", f"127.0.0.1:{port}"
+    )
+    procs([PYTHON, script], env=server.app_env())
+
+    async def suspend_a_call() -> None:
+        async with InspectClient(server.api_url, server.api_key) as inspect:
+            call = Call("report", (5,))._to_proto("")
+            (dispatch_id,) = await inspect.dispatch([call])
+            for _ in range(500):
+                tree = await inspect.get_call(dispatch_id)
+                if tree.call.polls >= 2 and tree.call.state == CALL_STATE_SUSPENDED:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("report never went to sleep")
+
+    asyncio.run(suspend_a_call())
+    # The scheduler holds its database: the journals come through its API.
+    assert cli.main(["check", spec, "--data-dir", str(data)]) == 0
+    assert "1 of 1 journals replay" in capsys.readouterr().out
+    assert cli.main(["check", _write_app(tmp_path, "3"), "--data-dir", str(data)]) == 1
+    assert "DIVERGES" in capsys.readouterr().out

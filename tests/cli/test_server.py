@@ -121,14 +121,17 @@ def test_calls_filters(server: Server, capsys: pytest.CaptureFixture[str]) -> No
     def listed(*argv: str) -> list[dict[str, object]]:
         status, out, _ = inspect(capsys, server, "calls", "--json", *argv)
         assert status == 0
-        return [json.loads(line) for line in out.splitlines()]
+        calls: list[dict[str, object]] = json.loads(out)["calls"]  # one document
+        return calls
 
     everything = listed("--all", "--limit", "0")
     assert sorted(c["function"] for c in everything) == sorted(
         ["total", "reject", *["double"] * 10]
     )
     assert [c["function"] for c in listed("--status", "failed")] == ["reject"]
-    assert [c["function"] for c in listed("--status", "ok")] == ["total"]
+    # Filters look at calls made by functions too.
+    assert sorted(c["function"] for c in listed("--status", "ok")) == ["double"] * 10 + ["total"]
+    assert [c["function"] for c in listed("--state", "failed")] == ["reject"]
     assert listed("--state", "pending") == []
     root = next(c for c in everything if c["function"] == "total")
     tree = listed("--root", str(root["dispatch_id"]))
@@ -143,7 +146,7 @@ def test_calls_filters(server: Server, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_show_prints_the_call_tree(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = inspect(capsys, server, "calls", "--json", "--status", "ok")
-    root = json.loads(out)["dispatch_id"]
+    (root,) = {c["root_dispatch_id"] for c in json.loads(out)["calls"]}
     status, out, _ = inspect(capsys, server, "show", root)
     assert status == 0
     lines = out.splitlines()
@@ -153,16 +156,19 @@ def test_show_prints_the_call_tree(server: Server, capsys: pytest.CaptureFixture
     assert len(children) == 10
     outputs = sorted(int(line.rpartition(" ")[2]) for line in lines if "output: " in line)
     assert outputs == sorted([90, *(2 * i for i in range(10))])
-    # --json gives the whole tree.
+    # --json gives the whole tree, its calls nested, named as the table names them.
     _, out, _ = inspect(capsys, server, "show", root, "--json")
-    assert len(json.loads(out)["children"]) == 10
+    doc = json.loads(out)
+    assert (doc["state"], doc["status"], doc["attempts"], doc["output"]) == ("ok", "ok", 1, "90")
+    assert len(doc["calls"]) == 10
+    assert [r["outcome"] for r in doc["request_log"]][-1] == "ok"
 
 
 def test_show_prints_the_error_and_its_traceback(
     server: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, out, _ = inspect(capsys, server, "calls", "--json", "--status", "failed")
-    failed = json.loads(out)["dispatch_id"]
+    (failed,) = [c["dispatch_id"] for c in json.loads(out)["calls"]]
     status, out, _ = inspect(capsys, server, "show", failed)
     assert status == 0
     assert out.splitlines()[0].startswith("reject  permanent_error  (1 attempt, ")

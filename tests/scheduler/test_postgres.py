@@ -227,6 +227,7 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
         assert found is not None and found.divergences == 3
         assert await store.get_events(["k"]) == {}
         assert await store.list_schedules() == []
+        assert await store.list_attempts("x") == []
     finally:
         await store.close()
 

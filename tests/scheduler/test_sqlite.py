@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from dispatch_aio.scheduler import SQLiteStore, StoreError
-from dispatch_aio.scheduler.store import WRITE_ALONE, CallQuery, InsertCall, PutEvent, _sqlite
+from dispatch_aio.scheduler.store import (
+    WRITE_ALONE,
+    AddAttempt,
+    AttemptRecord,
+    CallQuery,
+    InsertCall,
+    PutEvent,
+    _sqlite,
+)
 from dispatch_aio.scheduler.store._sqlite import SCHEMA_VERSION
 
 from .test_store_contract import record
@@ -205,5 +213,24 @@ async def test_a_version_5_database_gains_events_and_schedules(tmp_path: Path) -
         await store.write([PutEvent("k", b"result", 1.0)])
         assert await store.get_events(["k", "other"]) == {"k": b"result"}
         assert await store.list_schedules() == []
+    finally:
+        await store.close()
+
+
+async def test_a_version_6_database_gains_the_attempts(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for migrate in _sqlite._MIGRATIONS[:6]:
+        migrate(conn)
+    conn.execute("PRAGMA user_version = 6")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        attempt = AttemptRecord("a", 1, 1.0, 2.0, 0, "ok")
+        await store.write([InsertCall(record("a")), AddAttempt(attempt)])
+        assert await store.list_attempts("a") == [attempt]
+        assert await store.get_events(["k"]) == {}
     finally:
         await store.close()

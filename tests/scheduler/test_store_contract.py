@@ -10,9 +10,11 @@ import pytest
 
 from dispatch_aio.scheduler import PostgresStore, SQLiteStore, Store, StoreError
 from dispatch_aio.scheduler.store import (
+    AddAttempt,
     AddResult,
     Announce,
     AppendSegment,
+    AttemptRecord,
     CallQuery,
     CallRecord,
     DeleteSchedule,
@@ -311,3 +313,23 @@ async def test_schedules_are_kept_replaced_and_deleted(store: Store) -> None:
     assert await store.list_schedules() == [moved, second]
     await store.write([DeleteSchedule("s2"), DeleteSchedule("none")])
     assert await store.list_schedules() == [moved]
+
+
+async def test_attempts_are_kept_in_order_with_the_change_they_made(store: Store) -> None:
+    assert await store.list_attempts("a") == []
+    first = AttemptRecord("a", 1, 10.0, 10.5, 14, "connection refused by 127.0.0.1:8000")
+    second = AttemptRecord("a", 2, 12.0, 12.25, 0, "suspended, made 2 calls \u2713\x00")
+    await store.write([InsertCall(record("a")), AddAttempt(first)])
+    await store.write([UpdateCall(record("a", attempts=2)), AddAttempt(second)])
+    await store.write([InsertCall(record("b")), AddAttempt(AttemptRecord("b", 1, 1, 2, 0, "ok"))])
+    attempts = await store.list_attempts("a")
+    assert [a.number for a in attempts] == [1, 2]
+    assert attempts[0] == first
+    assert attempts[1].outcome.startswith("suspended, made 2 calls \u2713")
+    assert (attempts[1].started_at, attempts[1].finished_at) == (12.0, 12.25)
+    # Written atomically with the call's change: a failed write records no attempt.
+    with pytest.raises(StoreError):
+        await store.write(
+            [AddAttempt(AttemptRecord("a", 3, 13, 14, 0, "x")), InsertCall(record("a"))]
+        )
+    assert len(await store.list_attempts("a")) == 2

@@ -61,7 +61,14 @@ def load_target(spec: str) -> Dispatch:
     except CliError:
         raise
     except Exception as exc:  # the user's module failed to import
-        raise CliError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if isinstance(exc, RuntimeError) and "running event loop" in str(exc):
+            hint = (
+                f"; {module_name} starts the app when it is imported (dispatch.run() or "
+                "asyncio.run() at the top level): put that under `if __name__ == "
+                '"__main__":` so that check can import its functions without running it'
+            )
+        raise CliError(f"cannot import {module_name}: {type(exc).__name__}: {exc}{hint}") from exc
     target = getattr(module, attribute, None)
     if not isinstance(target, Dispatch):
         raise CliError(

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import ClassVar, TextIO
 
+from .._logs import JsonFormatter, RunFilter, TextFormatter
+
 
 class Style(enum.Enum):
     """ANSI styles used by the command."""
@@ -88,6 +90,14 @@ class Console:
         self._write(self._err if err else self._out, text + "\n")
         self._show()
 
+    def clear_screen(self) -> bool:
+        """Clear the terminal (for a view redrawn in place); False when output is not one."""
+        if not self.live:
+            return False
+        self._hide()
+        self._write(self._out, "\x1b[H\x1b[2J")
+        return True
+
     def status(self, text: str) -> None:
         """Replace the status line (drawn only when `live`); an empty text removes it."""
         if not self.live or text == self._status:
@@ -146,11 +156,13 @@ class ConsoleLogHandler(logging.Handler):
         }
     )
 
-    def __init__(self, console: Console, prefix: str = "") -> None:
+    def __init__(self, console: Console, prefix: str = "", *, json: bool = False) -> None:
         super().__init__()
         self._console = console
         self._prefix = prefix
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self._json = json
+        self.addFilter(RunFilter())
+        self.setFormatter(JsonFormatter() if json else TextFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
         """Write the formatted record."""
@@ -158,6 +170,9 @@ class ConsoleLogHandler(logging.Handler):
             text = self.format(record)
         except Exception:
             self.handleError(record)
+            return
+        if self._json:  # one object per line, unpainted: for programs to read
+            self._console.line(text, err=True)
             return
         style = self._LEVEL_STYLES.get(record.levelno, Style.PLAIN)
         for part in text.splitlines() or [""]:

@@ -11,9 +11,11 @@ __all__ = [
     "call_to_json",
     "render_calls",
     "render_tree",
+    "state_name",
 ]
 
 import json
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -26,6 +28,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .. import __version__
 from .._status import Status
+from ..proto.sdk.v1 import call_pb2, dispatch_pb2
 from ..proto.v1 import control_pb2, inspect_pb2
 from ._console import Console, Style
 from ._format import (
@@ -40,6 +43,7 @@ _M = TypeVar("_M", bound=Message)
 
 _PREFIX = "/dispatch_aio.v1.InspectService/"
 _CONTROL_PREFIX = "/dispatch_aio.v1.ControlService/"
+_DISPATCH_PREFIX = "/dispatch.sdk.v1.DispatchService/"
 
 STATES: Mapping[str, inspect_pb2.CallState.ValueType] = MappingProxyType(
     {
@@ -133,6 +137,27 @@ class InspectClient:
         extra = self._timeout + (max_wait if max_wait is not None else 24 * 3600.0)
         response = await self._call("WaitCall", request, inspect_pb2.WaitCallResponse(), extra)
         return response.call
+
+    async def list_journals(self) -> list[inspect_pb2.StoredJournal]:
+        """Return the journals of every unfinished call, following the pages."""
+        request = inspect_pb2.ListJournalsRequest()
+        journals: list[inspect_pb2.StoredJournal] = []
+        while True:
+            page = await self._call("ListJournals", request, inspect_pb2.ListJournalsResponse())
+            journals.extend(page.journals)
+            if not page.next_page_token:
+                return journals
+            request.page_token = page.next_page_token
+
+    async def dispatch(self, calls: list[call_pb2.Call]) -> list[str]:
+        """Submit calls (DispatchService.Dispatch); return their dispatch ids."""
+        request = dispatch_pb2.DispatchRequest(
+            calls=calls, idempotency_keys=[secrets.token_hex(16) for _ in calls]
+        )
+        response = await self._call(
+            "Dispatch", request, dispatch_pb2.DispatchResponse(), prefix=_DISPATCH_PREFIX
+        )
+        return list(response.dispatch_ids)
 
     async def cancel_call(self, dispatch_id: str) -> control_pb2.CancelCallResponse:
         """Cancel a call and the unfinished calls below it (ControlService.CancelCall).
@@ -241,7 +266,8 @@ def _when(info: inspect_pb2.CallInfo, now: float) -> str:
     return created.strftime(fmt)
 
 
-def _state_name(info: inspect_pb2.CallInfo) -> str:
+def state_name(info: inspect_pb2.CallInfo) -> str:
+    """The state of a call as the table shows it: pending ... ok, a status, cancelled."""
     if info.cancelled:
         return "cancelled"
     if info.state != inspect_pb2.CALL_STATE_DONE:
@@ -250,7 +276,7 @@ def _state_name(info: inspect_pb2.CallInfo) -> str:
 
 
 def _state(info: inspect_pb2.CallInfo, console: Console) -> str:
-    name = _state_name(info)
+    name = state_name(info)
     if info.cancelled:
         return console.paint(name, Style.YELLOW)
     if info.state != inspect_pb2.CALL_STATE_DONE:
@@ -270,18 +296,31 @@ def _attempts(info: inspect_pb2.CallInfo) -> int:
     return max(info.attempts - info.polls, 1 if info.attempts else 0)
 
 
-def render_calls(calls: Iterable[inspect_pb2.CallInfo], console: Console) -> list[str]:
-    """Return the lines of a table of calls."""
+def render_calls(
+    calls: Iterable[inspect_pb2.CallInfo],
+    console: Console,
+    *,
+    children: Iterable[bool] | None = None,
+) -> list[str]:
+    """Return the lines of a table of calls.
+
+    Args:
+        calls: The calls, in order.
+        console: For colours.
+        children: For each call, whether to mark it as made by the call above it.
+    """
     now = time.time()
     header = ("ID", "FUNCTION", "STATE", "ATTEMPTS", "CHILDREN", "CREATED", "DURATION")
     rows: list[tuple[str, ...]] = [header]
     states: list[inspect_pb2.CallInfo | None] = [None]
-    for info in calls:
+    calls = list(calls)
+    marks = list(children) if children is not None else [False] * len(calls)
+    for info, child in zip(calls, marks, strict=True):
         rows.append(
             (
                 info.dispatch_id,
-                shorten(info.function, 40),
-                _state_name(info) + _diverged(info),
+                ("\u2514\u2500 " if child else "") + shorten(info.function, 40),
+                state_name(info) + _diverged(info),
                 str(_attempts(info)),
                 str(info.child_count),
                 _when(info, now),
@@ -379,9 +418,14 @@ def _node(
         if info.last_error:
             failure = shorten(info.last_error, limit)
             lines.append(f"{detail}last attempt: {console.paint(failure, Style.YELLOW)}")
+        if info.HasField("due_time"):
+            lines.append(f"{detail}{_due(info, now)}")
         if top and info.HasField("expiration_time"):
             left = _seconds(info.expiration_time) - now
             lines.append(f"{detail}expires in {format_duration(left)}")
+    if top and info.attempt_log:
+        lines.append(f"{detail}requests:")
+        lines.extend(f"{detail}  {line}" for line in _attempt_lines(info, console))
     shown = children if not max_children else children[:max_children]
     hidden = children[len(shown) :]
     for i, child in enumerate(shown):
@@ -400,10 +444,40 @@ def _node(
         lines.append(f"{indent}\u2514\u2500 ... {_summary(hidden)} (--all shows them)")
 
 
+def _clock(seconds: float, now: float) -> str:
+    moment = datetime.fromtimestamp(seconds)
+    same_day = moment.date() == datetime.fromtimestamp(now).date()
+    return moment.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S")
+
+
+def _due(info: inspect_pb2.CallInfo, now: float) -> str:
+    """When a waiting call runs next: a suspended one wakes, a failed attempt is retried."""
+    due = _seconds(info.due_time)
+    when = f"at {_clock(due, now)} (in {format_duration(due - now)})"
+    if info.state == inspect_pb2.CALL_STATE_SUSPENDED:
+        return f"wakes {when}" + (", or when its calls return" if info.child_count else "")
+    return f"next attempt {when}"
+
+
+def _attempt_lines(info: inspect_pb2.CallInfo, console: Console) -> list[str]:
+    """One line per Run request: number, time, outcome and how long it took."""
+    now = time.time()
+    lines = []
+    for attempt in info.attempt_log:
+        took = _seconds(attempt.finish_time) - _seconds(attempt.start_time)
+        failed = attempt.status not in (_OK, 0)
+        outcome = console.paint(attempt.outcome, Style.RED if failed else Style.PLAIN)
+        lines.append(
+            f"{attempt.number:>3}. {_clock(_seconds(attempt.start_time), now)}  {outcome}  "
+            f"({format_duration(took)})"
+        )
+    return lines
+
+
 def _summary(hidden: list[inspect_pb2.CallTree]) -> str:
     counts: dict[str, int] = {}
     for child in hidden:
-        key = _state_name(child.call)
+        key = state_name(child.call)
         counts[key] = counts.get(key, 0) + 1
     detail = ", ".join(f"{n} {key}" for key, n in sorted(counts.items()))
     return f"{plural(len(hidden), 'more call')}: {detail}"

@@ -33,6 +33,7 @@ __all__ = ["main"]
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,24 +42,37 @@ import platform
 import shlex
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from google.protobuf import json_format
 
 from .. import __version__
+from .._client import Call
+from .._function import check_function_name
+from .._logs import LOG_FORMAT, LOG_FORMATS, log_format_from_env
+from .._status import Status
 from ..proto.v1 import inspect_pb2
 from ..scheduler._ui import ui_address
+from ._calls import (
+    CallFilter,
+    calls_document,
+    offline_api,
+    parse_arguments,
+    render_filtered,
+    resolve_id,
+    tree_document,
+)
 from ._console import Console, ConsoleLogHandler, Style
 from ._control import add_control_commands, schedule_command, send_event_command
-from ._format import plural
+from ._format import describe_result, plural
 from ._inspect import (
     STATES,
     STATUSES,
     CallNotFoundError,
     InspectClient,
     InspectError,
-    call_to_json,
     render_calls,
     render_tree,
 )
@@ -104,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=_LOG_LEVELS,
         default="warning",
         help="scheduler logs shown on standard error (default: warning)",
+    )
+    logs.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help=f"log lines as text, or one JSON object per line (default: {LOG_FORMAT} if "
+        "set, else text); under run, the app's default log output follows it",
     )
 
     data = argparse.ArgumentParser(add_help=False)
@@ -231,7 +252,11 @@ def _parser() -> argparse.ArgumentParser:
         description="List calls, oldest first (top-level calls unless --all or --root).",
     )
     calls.add_argument(
-        "--state", action="append", choices=sorted(STATES), help="only calls in this state"
+        "--state",
+        action="append",
+        choices=[*sorted(STATES), "failed"],
+        help="only calls in this state ('failed': done, with a status other than ok); "
+        "calls made by functions show under their top-level call",
     )
     calls.add_argument(
         "--status",
@@ -245,6 +270,14 @@ def _parser() -> argparse.ArgumentParser:
     calls.add_argument(
         "--limit", type=int, default=50, help="show the last N calls (default: 50; 0: all)"
     )
+    calls.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="list again every SECONDS (default 2) until Ctrl-C",
+    )
 
     show = commands.add_parser(
         "show",
@@ -252,7 +285,9 @@ def _parser() -> argparse.ArgumentParser:
         help="show a call and the calls it made",
         description="Show a call tree: states, attempts, timings, inputs, outputs and errors.",
     )
-    show.add_argument("dispatch_id", metavar="ID", help="the call's dispatch id")
+    show.add_argument(
+        "dispatch_id", metavar="ID", help="the call's dispatch id, or its first or last characters"
+    )
     show.add_argument("--depth", type=int, default=0, help="levels of calls below (0: all)")
     show.add_argument("--all", action="store_true", help="show every child (default: 20 each)")
 
@@ -263,7 +298,30 @@ def _parser() -> argparse.ArgumentParser:
         description="Cancel a call and every unfinished call below it: they make no further "
         "attempts and end as cancelled. A call that has finished already is left as it is.",
     )
-    cancel.add_argument("dispatch_id", metavar="ID", help="the call's dispatch id")
+    cancel.add_argument(
+        "dispatch_id", metavar="ID", help="the call's dispatch id, or its first or last characters"
+    )
+
+    submit = commands.add_parser(
+        "call",
+        parents=[api],
+        help="submit a call and print its dispatch id",
+        description="Submit a call to FUNCTION of the application the scheduler runs, with "
+        "ARGS, each a JSON value (10, '\"text\"', '[1, 2]'; a word that is not JSON is a "
+        "string); print its dispatch id, or with --wait its result.",
+    )
+    submit.add_argument("function", metavar="FUNCTION", help="the function's registered name")
+    submit.add_argument("arguments", nargs="*", metavar="ARGS", help="its arguments, as JSON")
+    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: seconds to wait at most"
+    )
+    submit.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="the application's endpoint (default: DISPATCH_ENDPOINT_URL, else the "
+        "scheduler's own)",
+    )
     add_control_commands(commands, api)
 
     check = commands.add_parser(
@@ -316,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(send_event_command(args, console, *_api(args)))
             case "schedule":
                 return asyncio.run(schedule_command(args, console, *_api(args)))
+            case "call":
+                return asyncio.run(_call_command(args, console))
             case "check":
                 return asyncio.run(_check_command(args, console))
             case "version":
@@ -338,8 +398,13 @@ async def _check_command(args: argparse.Namespace, console: Console) -> int:
     mains = {name: sys.modules.get(name) for name in ("__main__", "__mp_main__")}
     try:
         target = _check.load_target(args.app)
-        database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
-        journals = _check.read_journals(args.files, database)
+        journals = None
+        if not args.files and (running := read_connection(args.data_dir)) is not None:
+            # A scheduler runs there and holds its database: ask it for the journals.
+            journals = await _running_journals(*running)
+        if journals is None:
+            database = None if args.files else pathlib.Path(args.data_dir) / DB_FILE
+            journals = _check.read_journals(args.files, database)
         if not journals:
             console.line("no journals to check")
             return 0
@@ -357,13 +422,24 @@ async def _check_command(args: argparse.Namespace, console: Console) -> int:
     return 1 if bad else 0
 
 
+async def _running_journals(url: str, key: str) -> list[tuple[str, bytes]] | None:
+    """The journals a running scheduler keeps, or None if it does not answer."""
+    try:
+        async with InspectClient(url, key) as client:
+            stored = await client.list_journals()
+    except InspectError:
+        return None  # gone (it left its connection file behind): read the database
+    return [(j.dispatch_id, j.journal) for j in stored]
+
+
 def _with_logging(
     args: argparse.Namespace, console: Console, coro: Coroutine[Any, Any, int]
 ) -> int:
     """Run `coro` with the logs going to `console` at the chosen level."""
     root = logging.getLogger()
     ours = console.paint("dispatch | ", Style.MAGENTA, err=True) if args.subcommand == "run" else ""
-    handler = ConsoleLogHandler(console, ours)
+    json_lines = _log_format(args) == "json"
+    handler = ConsoleLogHandler(console, "" if json_lines else ours, json=json_lines)
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(args.log_level.upper())
@@ -372,6 +448,15 @@ def _with_logging(
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    if args.log_format is not None:
+        return str(args.log_format)
+    try:
+        return log_format_from_env(os.environ) or "text"
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
 
 
 def _settings(args: argparse.Namespace) -> SchedulerSettings:
@@ -467,7 +552,11 @@ async def _run_command(args: argparse.Namespace, console: Console) -> int:
             code=2,
         )
     options = RunOptions(
-        command=command, scheduler=_settings(args), endpoint=args.endpoint, name=args.name
+        command=command,
+        scheduler=_settings(args),
+        endpoint=args.endpoint,
+        name=args.name,
+        log_format=_log_format(args),
     )
     return await run_app(options, console)
 
@@ -536,8 +625,8 @@ async def _server_command(args: argparse.Namespace, console: Console) -> int:
             loop.remove_signal_handler(sig)
 
 
-def _api(args: argparse.Namespace) -> tuple[str, str]:
-    """Return the API URL and key of the scheduler to inspect."""
+def _running_api(args: argparse.Namespace) -> tuple[str, str] | None:
+    """Return the API URL and key of the scheduler to inspect, or None if none runs."""
     url = args.api_url or os.environ.get("DISPATCH_API_URL")
     key = args.api_key or os.environ.get("DISPATCH_API_KEY")
     if not url:
@@ -545,12 +634,7 @@ def _api(args: argparse.Namespace) -> tuple[str, str]:
         if found is not None:
             url, key = found[0], args.api_key or found[1]
     if not url:
-        raise CliError(
-            "no scheduler to inspect: pass --api-url and --api-key, or set DISPATCH_API_URL "
-            f"and DISPATCH_API_KEY (as `{PROG} server` prints them), or run this where "
-            f"`{PROG} run` or `{PROG} server` keeps its data ({args.data_dir})",
-            code=2,
-        )
+        return None
     if not key:
         raise CliError(
             f"no API key for the scheduler at {url}: pass --api-key or set DISPATCH_API_KEY",
@@ -559,49 +643,89 @@ def _api(args: argparse.Namespace) -> tuple[str, str]:
     return url, key
 
 
+def _api(args: argparse.Namespace) -> tuple[str, str]:
+    """Return the API URL and key of the running scheduler, or fail: none runs."""
+    api = _running_api(args)
+    if api is None:
+        raise CliError(
+            "no scheduler runs: pass --api-url and --api-key, or set DISPATCH_API_URL and "
+            f"DISPATCH_API_KEY (as `{PROG} server` prints them), or run this where "
+            f"`{PROG} run` or `{PROG} server` keeps its data ({args.data_dir})",
+            code=2,
+        )
+    return api
+
+
+@contextlib.asynccontextmanager
+async def _inspected(
+    args: argparse.Namespace, console: Console, *, offline: bool = True
+) -> AsyncIterator[tuple[InspectClient, str]]:
+    """A client of the scheduler to inspect: the running one, else its database."""
+    api = _running_api(args) if offline else _api(args)
+    if api is not None:
+        async with InspectClient(*api) as client:
+            yield client, api[0]
+        return
+    async with (
+        offline_api(args.data_dir, console) as (url, key),
+        InspectClient(url, key) as client,
+    ):
+        yield client, url
+
+
 async def _calls_command(args: argparse.Namespace, console: Console) -> int:
-    url, key = _api(args)
     if args.limit < 0:
         raise CliError(f"invalid --limit {args.limit}: use 0 (all) or more", code=2)
-    statuses: set[int] = set()
-    cancelled = False
-    for name in args.status or ():
-        if name == "cancelled":
-            cancelled = True
-        elif name == "failed":
-            statuses.update(v for n, v in STATUSES.items() if n != "ok")
-        else:
-            statuses.add(STATUSES[name])
-    request = inspect_pb2.ListCallsRequest(
-        states=[STATES[name] for name in args.state or ()],
-        statuses=sorted(statuses),  # type: ignore[arg-type]
-        cancelled=cancelled,
-        root_dispatch_id=args.root or "",
-        top_level_only=not (args.all or args.root),
-        omit_payloads=True,
-        limit=1000,
-    )
+    if args.watch is not None and not args.watch > 0:
+        raise CliError(f"invalid --watch {args.watch:g}: give seconds between refreshes", 2)
+    selected = CallFilter(tuple(args.state or ()), tuple(args.status or ()))
+    async with _inspected(args, console) as (client, _):
+        if args.watch is None:
+            return await _list_calls(args, selected, client, console)
+        while True:  # until Ctrl-C
+            if not console.clear_screen():  # not a terminal: one listing after another
+                console.line(f"-- {time.strftime('%H:%M:%S')}")
+            await _list_calls(args, selected, client, console)
+            await asyncio.sleep(args.watch)
+
+
+async def _list_calls(
+    args: argparse.Namespace, selected: CallFilter, client: InspectClient, console: Console
+) -> int:
+    request = selected.request()
+    request.root_dispatch_id = args.root or ""
+    # Filters look at every call: a child failing shows, under its top-level call.
+    request.top_level_only = not (args.all or args.root or selected.active)
     found: collections.deque[inspect_pb2.CallInfo] = collections.deque(maxlen=args.limit or None)
     total = 0
+    roots: dict[str, inspect_pb2.CallInfo] = {}
     try:
-        async with InspectClient(url, key) as client:
-            while True:
-                page = await client.list_calls(request)
-                found.extend(page.calls)
-                total += len(page.calls)
-                if not page.next_page_token:
-                    break
-                request.page_token = page.next_page_token
+        while True:
+            page = await client.list_calls(request)
+            found.extend(page.calls)
+            total += len(page.calls)
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        if selected.active and not args.all:
+            for root_id in {c.root_dispatch_id for c in found if c.parent_dispatch_id}:
+                query = inspect_pb2.ListCallsRequest(
+                    root_dispatch_id=root_id, top_level_only=True, omit_payloads=True
+                )
+                roots.update((c.dispatch_id, c) for c in (await client.list_calls(query)).calls)
     except InspectError as exc:
         raise CliError(str(exc)) from None
     if args.json:
-        for info in found:
-            console.line(call_to_json(info))
+        console.line(calls_document(found, total))
         return 0
     if not found:
         console.line("no calls", err=True)
         return 0
-    for line in render_calls(found, console):
+    if selected.active and not args.all:
+        lines = render_filtered(list(found), roots, console)
+    else:
+        lines = render_calls(found, console)
+    for line in lines:
         console.line(line)
     if total > len(found):
         console.line(f"(the last {len(found)} of {total} calls; --limit 0 shows all)", err=True)
@@ -609,49 +733,80 @@ async def _calls_command(args: argparse.Namespace, console: Console) -> int:
 
 
 async def _cancel_command(args: argparse.Namespace, console: Console) -> int:
-    url, key = _api(args)
-    try:
-        async with InspectClient(url, key) as client:
-            reply = await client.cancel_call(args.dispatch_id)
-    except CallNotFoundError:
-        raise CliError(
-            f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
-            f"`{PROG} calls` lists them"
-        ) from None
-    except InspectError as exc:
-        raise CliError(str(exc)) from None
+    async with _inspected(args, console, offline=False) as (client, url):
+        try:
+            dispatch_id = await resolve_id(client, args.dispatch_id)
+            reply = await client.cancel_call(dispatch_id)
+        except CallNotFoundError:
+            raise CliError(
+                f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
+                f"`{PROG} calls` lists them"
+            ) from None
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
     if args.json:
         console.line(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
     elif reply.cancelled:
-        console.line(f"cancelled {args.dispatch_id} ({plural(reply.stopped, 'call')} stopped)")
+        console.line(f"cancelled {dispatch_id} ({plural(reply.stopped, 'call')} stopped)")
     else:
-        console.line(f"{args.dispatch_id} had finished already: nothing to cancel")
+        console.line(f"{dispatch_id} had finished already: nothing to cancel")
     return 0
 
 
 async def _show_command(args: argparse.Namespace, console: Console) -> int:
-    url, key = _api(args)
     if args.depth < 0:
         raise CliError(f"invalid --depth {args.depth}: use 0 (all levels) or more", code=2)
-    try:
-        async with InspectClient(url, key) as client:
-            tree = await client.get_call(args.dispatch_id, args.depth)
-    except CallNotFoundError:
-        raise CliError(
-            f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
-            f"`{PROG} calls` lists them"
-        ) from None
-    except InspectError as exc:
-        raise CliError(str(exc)) from None
-    if args.json:
+    async with _inspected(args, console) as (client, url):
         try:
-            text = json_format.MessageToJson(tree, preserving_proto_field_name=True)
-        except (json_format.Error, TypeError, KeyError) as exc:
-            raise CliError(f"cannot show the call as JSON: {exc}") from None
-        console.line(text)
+            dispatch_id = await resolve_id(client, args.dispatch_id)
+            tree = await client.get_call(dispatch_id, args.depth)
+        except CallNotFoundError:
+            raise CliError(
+                f"no call with dispatch id {args.dispatch_id!r} in the scheduler at {url}; "
+                f"`{PROG} calls` lists them"
+            ) from None
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
+    if args.json:
+        console.line(tree_document(tree))
         return 0
     for line in render_tree(tree, console, max_children=0 if args.all else 20):
         console.line(line)
+    return 0
+
+
+async def _call_command(args: argparse.Namespace, console: Console) -> int:
+    try:
+        check_function_name(args.function)
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+    if args.timeout is not None and not args.timeout > 0:
+        raise CliError(f"invalid --timeout {args.timeout:g}: it must be positive", code=2)
+    endpoint = args.endpoint or os.environ.get("DISPATCH_ENDPOINT_URL", "")
+    call = Call(args.function, parse_arguments(args.arguments), endpoint=endpoint or None)
+    async with _inspected(args, console, offline=False) as (client, _):
+        try:
+            (dispatch_id,) = await client.dispatch([call._to_proto(endpoint)])
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
+        if not args.wait:
+            console.line(dispatch_id)
+            return 0
+        console.line(dispatch_id, err=True)
+        try:
+            info = await client.wait_call(dispatch_id, args.timeout)
+        except InspectError as exc:
+            raise CliError(str(exc)) from None
+    if info.state != inspect_pb2.CALL_STATE_DONE:
+        raise CliError(
+            f"call {dispatch_id} still runs after {args.timeout:g} s; `{PROG} show "
+            f"{dispatch_id[:12]}` follows it"
+        )
+    text = describe_result(info.result, info.status, 0)
+    if info.status != int(Status.OK) or info.result.HasField("error"):
+        console.line(console.paint(text, Style.RED, err=True), err=True)
+        return 1
+    console.line(text)
     return 0
 
 

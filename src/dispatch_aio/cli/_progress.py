@@ -29,6 +29,7 @@ from .._status import Status
 from ..proto.sdk.v1 import call_pb2
 from ..scheduler import Store
 from ..scheduler.store import (
+    AttemptRecord,
     CallQuery,
     CallRecord,
     Coordination,
@@ -59,11 +60,13 @@ class Counts:
     suspended: int = 0
     done: int = 0
     failed: int = 0
+    retrying: int = 0
+    """Calls whose last attempt failed, waiting for the next one (not in the others)."""
 
     @property
     def unfinished(self) -> int:
         """Calls not finished yet."""
-        return self.pending + self.running + self.suspended
+        return self.pending + self.running + self.suspended + self.retrying
 
 
 class CallTracker:
@@ -79,6 +82,7 @@ class CallTracker:
         self._done = 0
         self._failed = 0
         self._running: frozenset[str] = frozenset()
+        self._retrying: set[str] = set()  # unfinished calls whose last attempt failed
         self.on_finished = on_finished
 
     def counts(self) -> Counts:
@@ -88,12 +92,22 @@ class CallTracker:
             phase = self._phases.get(dispatch_id)
             if phase is not None:
                 running[phase] += 1
+        retrying = {Phase.PENDING: 0, Phase.SUSPENDED: 0}
+        for dispatch_id in self._retrying - self._running:
+            retrying[self._phases[dispatch_id]] += 1
         return Counts(
-            pending=self._by_phase[Phase.PENDING] - running[Phase.PENDING],
+            pending=self._by_phase[Phase.PENDING]
+            - running[Phase.PENDING]
+            - retrying[Phase.PENDING],
             running=running[Phase.PENDING] + running[Phase.SUSPENDED],
-            suspended=self._by_phase[Phase.SUSPENDED] - running[Phase.SUSPENDED],
+            suspended=(
+                self._by_phase[Phase.SUSPENDED]
+                - running[Phase.SUSPENDED]
+                - retrying[Phase.SUSPENDED]
+            ),
             done=self._done,
             failed=self._failed,
+            retrying=retrying[Phase.PENDING] + retrying[Phase.SUSPENDED],
         )
 
     def set_running(self, dispatch_ids: Sequence[str]) -> None:
@@ -118,7 +132,12 @@ class CallTracker:
         if rec.phase is not Phase.DONE:
             self._phases[rec.id] = rec.phase
             self._by_phase[rec.phase] += 1
+            if rec.last_error and rec.status not in (Status.OK, Status.UNSPECIFIED):
+                self._retrying.add(rec.id)
+            else:
+                self._retrying.discard(rec.id)
             return
+        self._retrying.discard(rec.id)
         if old is None:
             return  # already counted as finished
         if rec.status == Status.OK:
@@ -183,6 +202,10 @@ class TrackingStore(Store):
     async def get_meta(self, key: str) -> bytes | None:
         """Read a scheduler-wide value from the inner store."""
         return await self._inner.get_meta(key)
+
+    async def list_attempts(self, dispatch_id: str) -> list[AttemptRecord]:
+        """Read a call's attempts from the inner store."""
+        return await self._inner.list_attempts(dispatch_id)
 
     @property
     def keeps_events(self) -> bool:
@@ -283,7 +306,8 @@ def finished_line(rec: CallRecord, console: Console) -> str:
         tag = console.paint("failed", Style.RED)
         status = _status_name(rec.status)
         text = f"{tag} {rec.function}{args}: {console.paint(outcome, Style.RED)}"
-        details = f"{status}, {details}"
+        if not outcome.lower().startswith(status):  # "NOT_FOUND: ..." names it already
+            details = f"{status}, {details}"
     return f"{text}  ({details})  {console.paint(rec.id, Style.DIM)}"
 
 
@@ -330,6 +354,11 @@ class Progress:
             f"{counts.pending} pending",
             f"{counts.running} running",
             f"{counts.suspended} suspended",
+            *(
+                [self._console.paint(f"{counts.retrying} retrying", Style.YELLOW)]
+                if counts.retrying
+                else []
+            ),
             self._console.paint(f"{counts.done} done", Style.GREEN),
             self._console.paint(
                 f"{counts.failed} failed", Style.RED if counts.failed else Style.DIM

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._logs import LOG_FORMAT
 from ..scheduler._ui import ui_address
 from ._console import Console, Style
 from ._progress import CallTracker, Progress
@@ -69,6 +70,8 @@ class RunOptions:
     """``HOST:PORT`` the application serves its endpoint on (port 0: a free one)."""
     name: str | None = None
     """Prefix of the application's lines; default: from the command."""
+    log_format: str = "text"
+    """How the application's default log handler writes records: 'text' or 'json'."""
 
 
 def program_name(command: Sequence[str]) -> str:
@@ -283,6 +286,8 @@ async def run_app(options: RunOptions, console: Console) -> int:
                 DISPATCH_VERIFICATION_KEY=local.verification_key,
             )
             env.setdefault("PYTHONUNBUFFERED", "1")
+            # The app prints its durable loggers' lines unless it configured logging.
+            env[LOG_FORMAT] = options.log_format
             last_errors: collections.deque[str] = collections.deque(maxlen=_KEPT_ERRORS)
             returncode = await _supervise(
                 command, env, console, signals, progress, app_out, app_err, last_errors

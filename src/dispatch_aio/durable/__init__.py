@@ -5,6 +5,7 @@ its responses.
 """
 
 from ._context import (
+    ATTEMPT,
     TailCall,
     current_run,
     deprecate_patch,
@@ -22,6 +23,7 @@ from ._loop import Clock, DurableLoop
 from ._runner import Detection, DivergencePolicy, JournalCheck, Run, Runner
 
 __all__ = [
+    "ATTEMPT",
     "JOURNAL_TYPE_URL",
     "JOURNAL_VERSION",
     "Clock",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime
 import logging
 import random as _random
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from ._runner import Run
 
 __all__ = [
+    "ATTEMPT",
     "DurableCall",
     "TailCall",
     "current_run",
@@ -34,6 +36,9 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("dispatch_aio_attempt", default=0)
+"""The number of the scheduler's attempt a Run request makes (1 for the first; 0: unknown)."""
 
 
 class TailCall(BaseException):

@@ -80,10 +80,14 @@ _LINGER_STEPS = 50
 _THREAD_POLL = 0.05
 
 _HOST_LOOP_HINT = (  # see host_loop_error()
-    "it is bound to the host event loop (for example an aiohttp ClientSession or a "
-    "connection pool created outside the function), and durable functions run on a loop "
-    "of their own; create it inside the function, or run the code that uses it with "
-    "`await dispatch_aio.run_on_host(coro)`"
+    "it belongs to another event loop than the host's (another run's: every run of a "
+    "durable function, and every replay of one, has a loop of its own; or another "
+    "thread's); create it inside the function, or share results through durable calls"
+)
+# asyncio's record of the current task of each loop, as asyncio.current_task(loop) reads
+# it for a loop that is not the running one (the host loop while a durable task steps).
+_CURRENT_TASKS: dict[asyncio.AbstractEventLoop, asyncio.Task[Any] | None] = getattr(
+    asyncio.tasks, "_current_tasks", {}
 )
 _OTHER_LOOP = re.compile(r"got (?:Future )?(.*) attached to a different loop", re.DOTALL)
 
@@ -172,6 +176,103 @@ class _BridgedFuture(DurableFuture[_T]):
         return super().cancel(msg)
 
 
+class _HostAware(Coroutine[Any, _T, Any]):
+    """A task's coroutine, with the futures of host-loop objects it awaits bridged.
+
+    An object created on the host loop (an application-wide aiohttp session, a
+    connection pool) makes futures of that loop and awaits them from a durable task:
+    asyncio would refuse them ("attached to a different loop"). Each such future the
+    coroutine yields is handed to the task as a future of the durable loop that
+    follows it (`DurableLoop._bridge`), so the operation runs on the host loop, as
+    forwarded I/O does. While it steps, the task is also the host loop's current task:
+    such objects look their task up on their own loop (aiohttp's timeouts do) and
+    must find, and cancel, the task that awaits them.
+    """
+
+    __slots__ = ("_coro", "_loop", "task")
+
+    def __init__(self, coro: Coroutine[Any, Any, _T], loop: DurableLoop) -> None:
+        self._coro = coro
+        self._loop = loop
+        self.task: asyncio.Task[Any] | None = None
+
+    def send(self, value: Any) -> Any:
+        """Resume the coroutine with `value`."""
+        host = self._loop._host
+        before = _CURRENT_TASKS.get(host)
+        _CURRENT_TASKS[host] = self.task
+        try:
+            return self._bridged(self._coro.send(value))
+        finally:
+            if before is None:
+                _CURRENT_TASKS.pop(host, None)
+            else:
+                _CURRENT_TASKS[host] = before
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        """Raise an exception in the coroutine."""
+        host = self._loop._host
+        before = _CURRENT_TASKS.get(host)
+        _CURRENT_TASKS[host] = self.task
+        try:
+            if val is None and tb is None:
+                return self._bridged(self._coro.throw(typ))
+            return self._bridged(self._coro.throw(typ, val, tb))
+        finally:
+            if before is None:
+                _CURRENT_TASKS.pop(host, None)
+            else:
+                _CURRENT_TASKS[host] = before
+
+    def close(self) -> None:
+        """Close the coroutine."""
+        self._coro.close()
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __iter__(self) -> _HostAware[_T]:
+        return self
+
+    def __await__(self) -> Generator[Any, None, _T]:
+        return self
+
+    @property
+    def cr_frame(self) -> types.FrameType | None:
+        """The coroutine's frame (for stacks and tracebacks)."""
+        return getattr(self._coro, "cr_frame", None)
+
+    @property
+    def cr_await(self) -> Any:
+        """What the coroutine awaits."""
+        return getattr(self._coro, "cr_await", None)
+
+    @property
+    def cr_running(self) -> bool:
+        """Whether the coroutine runs."""
+        return bool(getattr(self._coro, "cr_running", False))
+
+    @property
+    def cr_code(self) -> types.CodeType | None:
+        """The coroutine's code."""
+        return getattr(self._coro, "cr_code", None)
+
+    def _bridged(self, result: Any) -> Any:
+        if result is None or not getattr(result, "_asyncio_future_blocking", False):
+            return result
+        loop = self._loop
+        try:
+            owner = result.get_loop()
+        except AttributeError:
+            return result
+        if owner is loop or owner is not loop._host:
+            return result  # ours, or another loop's: asyncio explains that one
+        result._asyncio_future_blocking = False
+        follower = loop._bridge(result)
+        follower._asyncio_future_blocking = True
+        return follower
+
+
 class DurableTask(asyncio.Task[_T]):
     """A task with a durable path: its parent's path and its index among the parent's children.
 
@@ -196,7 +297,11 @@ class DurableTask(asyncio.Task[_T]):
         self._ops = 0
         # Made by library code or by I/O: its path is not a program position.
         self.volatile = False
+        if asyncio.iscoroutine(coro) and not isinstance(coro, _HostAware):
+            coro = _HostAware(coro, loop)
         super().__init__(coro, loop=loop, name=name, context=context)
+        if isinstance(coro, _HostAware):
+            coro.task = self
         loop._tasks.add(self)
 
     def __hash__(self) -> int:

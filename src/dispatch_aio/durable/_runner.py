@@ -54,7 +54,7 @@ from .._status import Classifier, Status
 from ..errors import NondeterminismError
 from ..proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, poll_pb2, status_pb2
 from ..proto.v1 import journal_pb2
-from ._context import DurableCall, TailCall
+from ._context import ATTEMPT, DurableCall, TailCall
 from ._detect import PERTURB_STEP, Sources, Watch
 from ._journal import (
     JOURNAL_NEEDED,
@@ -131,6 +131,7 @@ class JournalCheck:
 
 def _describe_task(task: DurableTask[Any]) -> str:
     coro = task.get_coro()
+    coro = getattr(coro, "_coro", coro)  # the function's own, under the loop's bridge
     return f"{getattr(coro, '__qualname__', repr(coro))} (task {task.path})"
 
 
@@ -198,6 +199,7 @@ class Run:
         # Correlation ids of calls whose awaiting task was cancelled, for the next answer
         # (Poll/Exit.abandoned_calls): the scheduler cancels them.
         self.abandoned: list[int] = []
+        self.attempt = 0  # the scheduler's number of the attempt being run; 0: unknown
         self.app_version = runner.version
         # patched(): the answer per id, ids the journal records, ids to record next Poll,
         # and the ids whose old branch this run takes.
@@ -973,6 +975,7 @@ class Runner:
                 return error_response(exc, Status.INVALID_ARGUMENT)
         run.dispatch_id = request.dispatch_id
         run.generation = request.generation
+        run.attempt = ATTEMPT.get()
         try:
             if cancel and directive == "poll_result":
                 return await self._cancel(run)

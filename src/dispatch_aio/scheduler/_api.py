@@ -16,7 +16,8 @@ with the matching HTTP status.
 - ``/dispatch.sdk.v1.DispatchService/Wait``: the RPC of dispatch-py's test server; the
   body is a dispatch id as UTF-8 text, the answer the call's final ``CallResult``
   (binary) once it is done.
-- ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall}``: see inspect.proto.
+- ``/dispatch_aio.v1.InspectService/{ListCalls,GetCall,WaitCall,ListJournals}``: see
+  inspect.proto.
 - ``/dispatch_aio.v1.ControlService/{CancelCall,SendEvent}``: see control.proto.
 - ``/dispatch_aio.v1.ScheduleService/*``: see schedule.proto.
 """
@@ -54,6 +55,7 @@ from ._engine import (
     InvalidCallError,
     is_cancelled,
 )
+from ._journals import stored_journals
 from ._schedules import ScheduleExistsError, ScheduleNotFoundError, Schedules
 from ._timing import InvalidScheduleError
 from .store import CallQuery, CallRecord, Phase, Store, StoreError
@@ -389,11 +391,19 @@ class _Service:
             if member.parent_id:
                 children.setdefault(member.parent_id, []).append(member)
         top = inspect_pb2.CallTree()
+        for attempt in await self._store.list_attempts(rec.id):
+            entry = top.call.attempt_log.add(
+                number=attempt.number,
+                status=attempt.status,
+                outcome=attempt.outcome,
+            )
+            entry.start_time.FromNanoseconds(round(attempt.started_at * 1e9))
+            entry.finish_time.FromNanoseconds(round(attempt.finished_at * 1e9))
         stack = [(top, rec, 1)]
         while stack:
             node, call, depth = stack.pop()
             kids = children.get(call.id, [])
-            node.call.CopyFrom(self._info(call, len(kids)))
+            node.call.MergeFrom(self._info(call, len(kids)))
             if req.max_depth and depth > req.max_depth:
                 continue
             for kid in kids:
@@ -409,6 +419,19 @@ class _Service:
         counts = await self._store.count_children([rec.id])
         info = self._info(rec, counts.get(rec.id, 0))
         return _reply(inspect_pb2.WaitCallResponse(call=info), as_json)
+
+    async def list_journals(self, request: web.Request) -> web.Response:
+        req, as_json = await self._read(request, inspect_pb2.ListJournalsRequest())
+        token = req.page_token
+        if token and not (token.isascii() and token.isdigit() and int(token) <= _MAX_SEQ):
+            raise _ConnectError(
+                400, "invalid_argument", "invalid page_token: pass next_page_token back as is"
+            )
+        journals, after = await stored_journals(self._store, int(token) if token else 0)
+        response = inspect_pb2.ListJournalsResponse(journals=journals)
+        if after:
+            response.next_page_token = str(after)
+        return _reply(response, as_json)
 
     def _state(self, rec: CallRecord) -> inspect_pb2.CallState.ValueType:
         if rec.phase is not Phase.DONE:
@@ -444,12 +467,17 @@ class _Service:
         info.update_time.FromNanoseconds(round(rec.updated_at * 1e9))
         if rec.finished_at is not None:
             info.finish_time.FromNanoseconds(round(rec.finished_at * 1e9))
+        if rec.due_at is not None and info.state in _WAITING:
+            info.due_time.FromNanoseconds(round(rec.due_at * 1e9))
         if payloads:
             if rec.input:
                 info.input.MergeFromString(rec.input)
             if rec.phase is Phase.DONE:
                 info.result.MergeFromString(rec.result)
         return info
+
+
+_WAITING = frozenset({inspect_pb2.CALL_STATE_PENDING, inspect_pb2.CALL_STATE_SUSPENDED})
 
 
 def _not_found(dispatch_id: str) -> _ConnectError:
@@ -512,6 +540,7 @@ def create_app(
             web.post(INSPECT_PREFIX + "ListCalls", service.list_calls),
             web.post(INSPECT_PREFIX + "GetCall", service.get_call),
             web.post(INSPECT_PREFIX + "WaitCall", service.wait_call),
+            web.post(INSPECT_PREFIX + "ListJournals", service.list_journals),
             web.post(CANCEL_PATH, service.cancel_call),
             web.post(SEND_EVENT_PATH, service.send_event),
             web.post(SCHEDULE_PREFIX + "CreateSchedule", service.create_schedule),

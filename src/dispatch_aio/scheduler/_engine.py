@@ -78,11 +78,13 @@ from typing import Any
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
+from .._logs import ATTEMPT
 from .._policy import RetryPolicy
 from .._status import Status
 from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
+from ._attempts import record_attempt
 from ._events import (
     EventAlreadyResolvedError,
     EventWaiters,
@@ -96,6 +98,7 @@ from ._partitions import Moved, Partitions, announce
 from ._validate import call_problem
 from .store import (
     WRITE_ALONE,
+    AddAttempt,
     AddResult,
     AppendSegment,
     CallRecord,
@@ -206,6 +209,7 @@ class _Live:
     """In-memory companion of an unfinished call."""
 
     __slots__ = (
+        "attempt",
         "cancelling",
         "event",
         "policy",
@@ -245,6 +249,12 @@ class _Live:
         # apart from `rec.failures`, which counts towards `max_attempts`; only the
         # backoff uses it, so losing it in a restart costs nothing.
         self.unreachable = 0
+        self.attempt: AddAttempt | None = None  # the attempt whose outcome is being written
+
+    def take_attempt(self) -> list[Op]:
+        """Return the write recording the attempt being handled (once), if any."""
+        attempt, self.attempt = self.attempt, None
+        return [] if attempt is None else [attempt]
 
 
 class _Ids:
@@ -995,6 +1005,8 @@ class Engine:
                     timeout = limit
                 else:
                     limit = None
+                ATTEMPT.set(rec.attempts + 1)  # this task's context: names the attempt
+                started = now
                 live.requesting = True  # until the answer: `cancel` may stop the request
                 outcome = await self._invoker.run(
                     self._endpoint(rec), request, timeout, journal_delta=self._delta
@@ -1020,6 +1032,10 @@ class Engine:
                         Status.TIMEOUT,
                         error=f"the attempt outlived the function's timeout of {limit:.6g} s",
                     )
+                # Written with the change the outcome makes (see `_Live.take_attempt`).
+                live.attempt = record_attempt(
+                    rec.id, rec.attempts + 1, started, self._clock(), outcome
+                )
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
                 WRITE_ALONE.set(len(self._tasks) == 1)
@@ -1044,6 +1060,7 @@ class Engine:
         finally:
             live.running = False
             live.requesting = False
+            live.attempt = None
             live.task = None
             self._running.discard(live.rec.id)
             self._release(live)
@@ -1172,7 +1189,7 @@ class Engine:
                 last_error=failure,
                 updated_at=now,
             )
-            await self._store.write([*self._fence(rec), UpdateCall(new)])
+            await self._store.write([*self._fence(rec), UpdateCall(new), *live.take_attempt()])
             live.rec = new
             return False
         await self._finish(
@@ -1260,6 +1277,7 @@ class Engine:
         ops.extend(InsertCall(c) for c in children)
         ops.extend(journal_ops)
         ops.append(UpdateCall(new))
+        ops.extend(live.take_attempt())
         if delivered:
             ops.append(RemoveResults(tuple(seq for seq, _ in delivered)))
         await self._store.write(ops)
@@ -1333,7 +1351,7 @@ class Engine:
     async def _replace_run(
         self, live: _Live, new: CallRecord, delivered: list[tuple[int, call_pb2.CallResult]]
     ) -> None:
-        ops: list[Op] = [*self._fence(new), UpdateCall(new)]
+        ops: list[Op] = [*self._fence(new), UpdateCall(new), *live.take_attempt()]
         if live.queue or delivered:
             ops.append(RemovePollerResults(new.id))
         if live.rec.state_kind is StateKind.SEGMENTS:
@@ -1417,7 +1435,7 @@ class Engine:
             updated_at=now,
             finished_at=now,
         )
-        ops: list[Op] = [*self._fence(rec), UpdateCall(new)]
+        ops: list[Op] = [*self._fence(rec), UpdateCall(new), *live.take_attempt()]
         if live.queue or delivered:
             ops.append(RemovePollerResults(rec.id))
         if rec.state_kind is StateKind.SEGMENTS:

@@ -44,9 +44,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from .. import __version__
+from .._logs import ATTEMPT, ATTEMPT_HEADER
 from .._signature import RequestSigner
 from .._status import Status, status_for_http
 from ..proto.sdk.v1 import function_pb2
+from ._attempts import connection_failure
 
 __all__ = [
     "CANCEL_HEADER",
@@ -380,6 +382,8 @@ class Invoker:
             headers.update(_DELTA_HEADERS)
         if cancel:
             headers.update(_CANCEL_HEADERS)
+        if attempt := ATTEMPT.get():
+            headers[ATTEMPT_HEADER] = str(attempt)
         try:
             async with session.post(
                 url,
@@ -400,11 +404,11 @@ class Invoker:
         except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as exc:
             return Outcome(Status.TLS_ERROR, error=f"TLS error: {exc}")
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
-            return Outcome(Status.TCP_ERROR, error=f"connection error: {exc!r}", unsent=True)
+            return Outcome(Status.TCP_ERROR, error=connection_failure(exc), unsent=True)
         except aiohttp.ClientConnectionError as exc:
-            return Outcome(Status.TCP_ERROR, error=f"connection error: {exc!r}")
+            return Outcome(Status.TCP_ERROR, error=connection_failure(exc))
         except aiohttp.ClientError as exc:
-            return Outcome(Status.HTTP_ERROR, error=f"HTTP error: {exc!r}")
+            return Outcome(Status.HTTP_ERROR, error=f"HTTP error: {type(exc).__name__}: {exc}")
         if code == 200 and content_type == _PROTO:
             try:
                 return _response(function_pb2.RunResponse.FromString(content))
@@ -456,9 +460,8 @@ def _describe_body(content: bytes, content_type: str) -> str:
         except (ValueError, UnicodeDecodeError):
             doc = None
         if isinstance(doc, dict) and isinstance(doc.get("message"), str):
-            code = doc.get("code")
-            prefix = f"{code}: " if isinstance(code, str) else ""
-            return f" ({prefix}{doc['message']})"
+            # The Connect code is the call's status already: the message alone says more.
+            return f": {doc['message']}"
     text = content[:_BODY_EXCERPT].decode("utf-8", "replace").strip()
     if len(content) > _BODY_EXCERPT:
         text += "..."

@@ -86,6 +86,8 @@ class CallInfo(_message.Message):
     DIVERGENCES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    DUE_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_LOG_FIELD_NUMBER: _builtins.int
     dispatch_id: _builtins.str
     parent_dispatch_id: _builtins.str
     """Empty for a top-level call."""
@@ -141,6 +143,17 @@ class CallInfo(_message.Message):
     def result(self) -> _call_pb2.CallResult:
         """The final result (output and/or error) once done."""
 
+    @_builtins.property
+    def due_time(self) -> _timestamp_pb2.Timestamp:
+        """When a suspended or waiting call runs next on its own (a timer of the
+        function, or the backoff before a retry); unset when it waits for results
+        only, runs, or is done.
+        """
+
+    @_builtins.property
+    def attempt_log(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Each attempt, oldest first: set by GetCall for the call asked for only."""
+
     def __init__(
         self,
         *,
@@ -166,14 +179,56 @@ class CallInfo(_message.Message):
         divergences: _builtins.int = ...,
         version: _builtins.str = ...,
         cancelled: _builtins.bool = ...,
+        due_time: _timestamp_pb2.Timestamp | None = ...,
+        attempt_log: _abc.Iterable[Global___Attempt] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "due_time", b"due_time", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancelled", b"cancelled", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "divergences", b"divergences", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_log", b"attempt_log", "attempts", b"attempts", "cancelled", b"cancelled", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "divergences", b"divergences", "due_time", b"due_time", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallInfo: _TypeAlias = CallInfo  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    """Attempt is one Run request the scheduler made for a call, and its outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """1 for the call's first attempt."""
+    status: _status_pb2.Status.ValueType
+    """The status the attempt ended with (STATUS_OK for a run that suspended)."""
+    outcome: _builtins.str
+    """What happened, in words: "suspended", "ok", "tail call to f", the error, or
+    why the endpoint could not be reached.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
+        status: _status_pb2.Status.ValueType = ...,
+        outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "number", b"number", "outcome", b"outcome", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
 
 @_typing.final
 class CallTree(_message.Message):
@@ -397,3 +452,75 @@ class WaitCallResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitCallResponse: _TypeAlias = WaitCallResponse  # noqa: Y015
+
+@_typing.final
+class ListJournalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_token: _builtins.str
+    """The next_page_token of a previous response."""
+    def __init__(
+        self,
+        *,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJournalsRequest: _TypeAlias = ListJournalsRequest  # noqa: Y015
+
+@_typing.final
+class ListJournalsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOURNALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set when more journals follow; pass it as page_token."""
+    @_builtins.property
+    def journals(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredJournal]: ...
+    def __init__(
+        self,
+        *,
+        journals: _abc.Iterable[Global___StoredJournal] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["journals", b"journals", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJournalsResponse: _TypeAlias = ListJournalsResponse  # noqa: Y015
+
+@_typing.final
+class StoredJournal(_message.Message):
+    """StoredJournal is the journal of an unfinished call, as the scheduler keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISPATCH_ID_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    JOURNAL_FIELD_NUMBER: _builtins.int
+    dispatch_id: _builtins.str
+    function: _builtins.str
+    journal: _builtins.bytes
+    """The serialized journal (dispatch_aio.v1.Journal)."""
+    def __init__(
+        self,
+        *,
+        dispatch_id: _builtins.str = ...,
+        function: _builtins.str = ...,
+        journal: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_id", b"dispatch_id", "function", b"function", "journal", b"journal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredJournal: _TypeAlias = StoredJournal  # noqa: Y015

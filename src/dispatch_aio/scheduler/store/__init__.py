@@ -8,9 +8,11 @@ calls to rows the same way (`_rows`) and pass the same contract tests.
 from ._coordination import PARTITIONS, Coordination, Handlers, Leases, partition_of
 from ._interface import (
     WRITE_ALONE,
+    AddAttempt,
     AddResult,
     Announce,
     AppendSegment,
+    AttemptRecord,
     CallQuery,
     CallRecord,
     DeleteSchedule,
@@ -43,9 +45,11 @@ from ._sqlite import SQLiteStore
 __all__ = [
     "PARTITIONS",
     "WRITE_ALONE",
+    "AddAttempt",
     "AddResult",
     "Announce",
     "AppendSegment",
+    "AttemptRecord",
     "CallQuery",
     "CallRecord",
     "Coordination",

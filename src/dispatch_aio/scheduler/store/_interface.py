@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WRITE_ALONE",
+    "AddAttempt",
     "AddResult",
     "Announce",
     "AppendSegment",
+    "AttemptRecord",
     "CallQuery",
     "CallRecord",
     "DeleteSchedule",
@@ -389,6 +391,28 @@ class DeleteSchedule:
     schedule_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One Run attempt of a call and its outcome, for `calls`/`show`."""
+
+    call_id: str
+    number: int
+    """1 for the call's first attempt."""
+    started_at: float
+    finished_at: float
+    status: int
+    """The status the attempt ended with (OK for a run that suspended)."""
+    outcome: str
+    """What happened, in words (see `scheduler._attempts.describe`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AddAttempt:
+    """Record an attempt of a call (written with the change it made to the call)."""
+
+    attempt: AttemptRecord
+
+
 Op = (
     InsertCall
     | UpdateCall
@@ -406,6 +430,7 @@ Op = (
     | PutSchedule
     | MoveSchedule
     | DeleteSchedule
+    | AddAttempt
 )
 
 
@@ -511,3 +536,7 @@ class Store(abc.ABC):
             StoreError: The store cannot read them, or keeps none.
         """
         raise StoreError(f"{type(self).__name__} keeps no journal segments")
+
+    async def list_attempts(self, dispatch_id: str) -> list[AttemptRecord]:
+        """Return the attempts recorded for a call, oldest first (none: an empty list)."""
+        return []

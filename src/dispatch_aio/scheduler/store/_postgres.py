@@ -52,9 +52,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._coordination import Coordination
 from ._interface import (
+    AddAttempt,
     AddResult,
     Announce,
     AppendSegment,
+    AttemptRecord,
     CallQuery,
     CallRecord,
     DeleteSchedule,
@@ -92,7 +94,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -249,6 +251,19 @@ CREATE TABLE dispatch_schedules (
     created_at double precision NOT NULL
 );
 """
+# Version 7: each attempt of a call, with its outcome and time, for `show`.
+_SCHEMA_V7 = """
+CREATE TABLE dispatch_attempts (
+    call_id text NOT NULL,
+    number integer NOT NULL,
+    started_at double precision NOT NULL,
+    finished_at double precision NOT NULL,
+    status integer NOT NULL,
+    outcome text NOT NULL,
+    seq bigserial
+);
+CREATE INDEX dispatch_attempts_call ON dispatch_attempts (call_id, number);
+"""
 _MIGRATIONS: tuple[str, ...] = (
     _SCHEMA_V1,
     _SCHEMA_V2,
@@ -256,6 +271,7 @@ _MIGRATIONS: tuple[str, ...] = (
     _SCHEMA_V4,
     _SCHEMA_V5,
     _SCHEMA_V6,
+    _SCHEMA_V7,
 )
 
 _INSERT_CALL = (
@@ -290,6 +306,14 @@ _PUT_SCHEDULE = (
 )
 _MOVE_SCHEDULE = "UPDATE dispatch_schedules SET next_at = greatest(next_at, $2) WHERE id = $1"
 _DELETE_SCHEDULE = "DELETE FROM dispatch_schedules WHERE id = $1"
+_ADD_ATTEMPT = (
+    "INSERT INTO dispatch_attempts (call_id, number, started_at, finished_at, status, outcome) "
+    "VALUES ($1, $2, $3, $4, $5, $6)"
+)
+_SELECT_ATTEMPTS = (
+    "SELECT call_id, number, started_at, finished_at, status, outcome FROM dispatch_attempts "
+    "WHERE call_id = $1 ORDER BY number, seq"
+)
 _SELECT_SEGMENTS = "SELECT data FROM dispatch_segments WHERE call_id = $1 ORDER BY polls"
 _SELECT_CALLS = f"SELECT seq, {', '.join(CALL_COLUMNS)} FROM dispatch_calls"
 _MARK_COMMIT = "UPDATE dispatch_commit_marks SET token = $1 WHERE owner = $2"
@@ -389,6 +413,9 @@ def _statements(op: Op) -> list[_Statement]:
         case DeleteSchedule(schedule_id):
             changed = (_NOTIFY, ("dispatch_schedules", schedule_id))
             return [(_DELETE_SCHEDULE, (schedule_id,)), changed]
+        case AddAttempt(a):
+            row = (a.call_id, a.number, a.started_at, a.finished_at, a.status, _text(a.outcome))
+            return [(_ADD_ATTEMPT, row)]
 
 
 def _notifications(statements: list[_Statement]) -> list[_Statement]:
@@ -730,6 +757,11 @@ class PostgresStore(Store):
     async def read_segments(self, dispatch_id: str) -> list[bytes]:
         """Return a call's journal segments in order."""
         return [bytes(row[0]) for row in await self._fetch(_SELECT_SEGMENTS, dispatch_id)]
+
+    async def list_attempts(self, dispatch_id: str) -> list[AttemptRecord]:
+        """Return a call's recorded attempts, oldest first."""
+        rows = await self._fetch(_SELECT_ATTEMPTS, dispatch_id)
+        return [AttemptRecord(*row) for row in rows]
 
     # Reads.
 

@@ -43,9 +43,11 @@ from typing import Any, TypeVar
 
 from ._interface import (
     WRITE_ALONE,
+    AddAttempt,
     AddResult,
     Announce,
     AppendSegment,
+    AttemptRecord,
     CallQuery,
     CallRecord,
     DeleteSchedule,
@@ -82,7 +84,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Version of the schema this module writes (PRAGMA user_version)."""
 
 _SCHEMA_V1 = """
@@ -189,6 +191,16 @@ def _migrate_5_to_6(conn: sqlite3.Connection) -> None:
     )
 
 
+# Version 7: each attempt of a call, with its outcome and time, for `show`.
+def _migrate_6_to_7(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE attempts (call_id TEXT NOT NULL, number INTEGER NOT NULL, "
+        "started_at REAL NOT NULL, finished_at REAL NOT NULL, status INTEGER NOT NULL, "
+        "outcome TEXT NOT NULL)"
+    )
+    conn.execute("CREATE INDEX attempts_call ON attempts (call_id, number)")
+
+
 _COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
 _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
 _FILE_MODE = 0o600
@@ -202,6 +214,7 @@ _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_3_to_4,
     _migrate_4_to_5,
     _migrate_5_to_6,
+    _migrate_6_to_7,
 )
 
 _COLUMNS = ", ".join(CALL_COLUMNS)
@@ -209,6 +222,14 @@ _INSERT_CALL = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * len(CAL
 _UPDATE_CALL = f"UPDATE calls SET {', '.join(f'{c} = ?' for c in MUTABLE_COLUMNS)} WHERE id = ?"
 _ADD_RESULT = "INSERT INTO results (seq, poller_id, generation, result) VALUES (?, ?, ?, ?)"
 _REMOVE_RESULT = "DELETE FROM results WHERE seq = ?"
+_ADD_ATTEMPT = (
+    "INSERT INTO attempts (call_id, number, started_at, finished_at, status, outcome) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_SELECT_ATTEMPTS = (
+    "SELECT call_id, number, started_at, finished_at, status, outcome FROM attempts "
+    "WHERE call_id = ? ORDER BY number, rowid"
+)
 _REMOVE_POLLER_RESULTS = "DELETE FROM results WHERE poller_id = ?"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _KEEP_META = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"
@@ -267,6 +288,9 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_MOVE_SCHEDULE, (next_at, schedule_id))]
         case DeleteSchedule(schedule_id):
             return [(_DELETE_SCHEDULE, (schedule_id,))]
+        case AddAttempt(a):
+            row = (a.call_id, a.number, a.started_at, a.finished_at, a.status, a.outcome)
+            return [(_ADD_ATTEMPT, row)]
 
 
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
@@ -460,6 +484,11 @@ class SQLiteStore(Store):
         """Return a call's journal segments in order."""
         rows = await self._run(self._query, _SELECT_SEGMENTS, (dispatch_id,))
         return [bytes(row[0]) for row in rows]
+
+    async def list_attempts(self, dispatch_id: str) -> list[AttemptRecord]:
+        """Return a call's recorded attempts, oldest first."""
+        rows = await self._run(self._query, _SELECT_ATTEMPTS, (dispatch_id,))
+        return [AttemptRecord(*row) for row in rows]
 
     # Event-loop side of the writer.
 
