@@ -95,8 +95,15 @@ class Browser:
         return str(value[ELEMENT])
 
     async def click(self, css: str) -> None:
-        element = await self.find(css)
-        await self._send("POST", f"/element/{element}/click")
+        # The page redraws on live updates: an element found just before may be replaced.
+        for attempt in range(5):
+            element = await self.find(css)
+            try:
+                await self._send("POST", f"/element/{element}/click")
+                return
+            except WebDriverError as exc:
+                if "stale element" not in str(exc) or attempt == 4:
+                    raise
 
     async def type(self, css: str, text: str) -> None:
         element = await self.find(css)
