@@ -63,6 +63,12 @@ async def http_helpers() -> None:
     await http.get("https://example.com", retries=3)  # E: call-arg
 
 
-@dispatch.function  # E: arg-type
-def not_async(x: int) -> int:
+@dispatch.function  # a plain def: a leaf run in a thread, typed like the others
+def blocking(x: int) -> int:
     return x
+
+
+async def sync_functions() -> None:
+    assert_type(await blocking(2), int)
+    assert_type(await blocking.dispatch(2), str)
+    await blocking("two")  # E: arg-type
