@@ -121,7 +121,7 @@ async def test_a_second_process_on_the_data_folder_is_refused(tmp_path: Path) ->
         )
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 1
-        assert "StoreError" in err.decode()
+        assert "StoreInUseError" in err.decode()  # a StoreError
         assert "only one process may use a data folder" in err.decode()
         assert "DISPATCH_DATA_DIR" in err.decode()
         # Another object of this process too.

@@ -43,6 +43,7 @@ from .asgi import ASGIEndpoint
 from .durable import Detection, DivergencePolicy, Runner
 from .errors import ConfigurationError
 from .http import Response, response_status
+from .scheduler.store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -580,10 +581,14 @@ class Dispatch:
         those of `dispatch_aio.get_logger` loggers included (with the call id, function
         and attempt); ``DISPATCH_LOG_FORMAT=json`` writes one JSON object per line.
 
+        When it cannot start (a setting is wrong, the port is taken, the scheduler's
+        database is in use, damaged or out of reach), it prints why on one line and the
+        program exits with status 1.
+
         Raises:
             RuntimeError: An event loop runs in this thread already.
-            dispatch_aio.errors.ConfigurationError: As `start`.
-            OSError: As `start`.
+            SystemExit: It could not start (`start` raised ``ConfigurationError``,
+                ``OSError`` or ``StoreError``).
         """
         try:
             asyncio.get_running_loop()
@@ -606,7 +611,12 @@ class Dispatch:
     async def _serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        server = await self.start()
+        try:
+            server = await self.start()
+        except (ConfigurationError, StoreError, OSError) as exc:
+            # The program cannot start where it runs (its database, its port, its
+            # settings): one line that says why, as a command would, not a traceback.
+            raise SystemExit(f"dispatch.run(): cannot start: {exc}") from None
         signals = (signal.SIGINT, signal.SIGTERM)
         installed = []
         for sig in signals:

@@ -32,7 +32,7 @@ from ._datadir import prepare_data_dir, publish_connection
 from ._endpoint import Endpoint
 from .errors import ConfigurationError
 from .proto.sdk.v1 import call_pb2
-from .scheduler import Scheduler, SQLiteStore, StoreError
+from .scheduler import Scheduler, SQLiteStore, StoreInUseError
 from .scheduler._scheduler import FinishedCall
 from .scheduler._schedules import Schedules
 from .scheduler._ui import ui_address
@@ -99,8 +99,8 @@ class EmbeddedScheduler:
         )
         try:
             await scheduler.start()
-        except StoreError as exc:
-            raise StoreError(
+        except StoreInUseError as exc:
+            raise StoreInUseError(
                 f"{exc}. The application runs its own scheduler because DISPATCH_API_URL is "
                 f"not set, and only one process may use a data folder: set {DATA_DIR} to "
                 "another folder, or DISPATCH_API_URL to use the scheduler that runs there"

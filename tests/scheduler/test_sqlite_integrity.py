@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -134,3 +135,45 @@ async def test_a_read_only_folder_is_reported_in_words(tmp_path: Path) -> None:
         pytest.skip("root, and no read-only file system mounted to try")
     with pytest.raises(StoreError, match="is not writable by this user"):
         await SQLiteStore(str(folder / "scheduler.db")).open()
+
+
+def damage_pages(path: Path) -> None:
+    """Overwrite a few b-tree pages in the middle of the file with garbage."""
+    with open(path, "r+b") as file:
+        file.seek(4096 * 3)
+        file.write(b"\xff" * 4096 * 3)
+
+
+async def test_damaged_pages_are_reported_on_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "scheduler.db"
+    store = await filled(db, 300)
+    await store.close()
+    damage_pages(db)
+    with pytest.raises(StoreError, match="is damaged") as caught:
+        await SQLiteStore(str(db)).open()
+    message = str(caught.value)
+    assert "\n" not in message and str(db) in message, message
+    assert "restore it from a backup" in message
+
+
+async def test_a_full_disk_fails_the_write_in_words_and_loses_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "scheduler.db"
+    store = await filled(db, 5)
+    try:
+        conn = store._conn
+        assert conn is not None
+        # SQLite answers SQLITE_FULL once the file would outgrow its page limit, as it
+        # does when the disk is full.
+        pages = store._locked(lambda: conn.execute("PRAGMA page_count").fetchone()[0])
+        store._locked(conn.execute, f"PRAGMA max_page_count = {pages}")
+        big = dataclasses.replace(record("big"), input=b"x" * 200_000)
+        with pytest.raises(StoreError, match="its disk is full; free space there") as caught:
+            await store.write([InsertCall(big)])
+        assert str(db) in str(caught.value)
+        assert await store.get_call("big") is None
+        store._locked(conn.execute, "PRAGMA max_page_count = 1073741823")
+        await store.write([InsertCall(big)])  # space again: the same write goes through
+        assert await store.get_call("big") is not None
+        assert len((await store.load()).calls) == 6
+    finally:
+        await store.close()

@@ -78,12 +78,16 @@ async def finished(s: Scheduler, ids: list[str], seconds: float) -> list[str]:
 
 
 async def test_calls_move_again_once_a_full_disk_has_room(
-    endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler, tmp_path: Path
+    endpoint: ScriptedEndpoint,
+    make_scheduler: MakeScheduler,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with small_disk(tmp_path / "disk") as mounted:
         if not mounted:
             pytest.skip("cannot mount a tmpfs here; the injected failure test covers it")
-        s = await make_scheduler(str(tmp_path / "disk" / "scheduler.db"))
+        db = tmp_path / "disk" / "scheduler.db"
+        s = await make_scheduler(str(db))
         gate = asyncio.Event()
         ids = await gated_calls(s, endpoint, gate)
         filler = fill(tmp_path / "disk")
@@ -91,6 +95,12 @@ async def test_calls_move_again_once_a_full_disk_has_room(
         await asyncio.sleep(1.0)  # several stalled attempts and re-armed timers
         os.unlink(filler)
         assert await finished(s, ids, 10) == [f"{i}!" for i in range(CALLS)]
+    # Each stall is one line that names the database and what to do, no traceback.
+    stalls = [r for r in caplog.records if "was not recorded" in r.getMessage()]
+    assert stalls
+    for stall in stalls:
+        assert stall.exc_info is None
+        assert f"cannot write to the database {str(db)!r}: its disk is full" in stall.getMessage()
 
 
 async def test_calls_move_again_once_a_locked_database_is_free(

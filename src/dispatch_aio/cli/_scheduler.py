@@ -39,7 +39,15 @@ from .._datadir import (
     publish_connection,
     read_connection,
 )
-from ..scheduler import PostgresStore, RetryPolicy, Scheduler, SQLiteStore, Store, StoreError
+from ..scheduler import (
+    PostgresStore,
+    RetryPolicy,
+    Scheduler,
+    SQLiteStore,
+    Store,
+    StoreError,
+    StoreInUseError,
+)
 from ..scheduler._engine import DEFAULT_IDEMPOTENCY_RETENTION
 from ..scheduler.store._postgres import mask_url
 from ._progress import CallTracker, TrackingStore
@@ -278,7 +286,7 @@ class LocalScheduler:
         try:
             await scheduler.start()
         except StoreError as exc:
-            if settings.database:
+            if not isinstance(exc, StoreInUseError):
                 raise CliError(str(exc)) from None
             raise CliError(
                 f"{exc}. To run a separate scheduler, give it another folder with --data-dir "

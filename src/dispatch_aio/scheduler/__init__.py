@@ -18,7 +18,7 @@ expiration.
 
 from ._engine import DEFAULT_EXPIRATION, RetryPolicy
 from ._scheduler import Scheduler
-from .store import PostgresStore, SQLiteStore, Store, StoreError
+from .store import PostgresStore, SQLiteStore, Store, StoreError, StoreInUseError
 
 __all__ = [
     "DEFAULT_EXPIRATION",
@@ -28,4 +28,5 @@ __all__ = [
     "Scheduler",
     "Store",
     "StoreError",
+    "StoreInUseError",
 ]

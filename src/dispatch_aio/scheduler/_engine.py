@@ -92,6 +92,7 @@ from ._events import (
     event_key_problem,
     event_timeout_result,
 )
+from ._failures import log_failure
 from ._invoker import Invoker, Outcome
 from ._limits import Admission, CallPolicy, Limits, parse_policy, policy_problem
 from ._partitions import Moved, Partitions, announce
@@ -654,8 +655,8 @@ class Engine:
             await self.cancel(dispatch_id)
         except (LookupError, EngineClosedError):
             pass  # finished and forgotten, or the scheduler stops: nothing left to cancel
-        except Exception:
-            logger.exception("call %s: its cancellation failed", dispatch_id)
+        except Exception as exc:
+            log_failure(logger, exc, "call %s: its cancellation failed", dispatch_id)
 
     async def _cancel_resume(self, live: _Live) -> None:
         """Resume a suspended call being cancelled, marked so, within the grace period.
@@ -691,8 +692,8 @@ class Engine:
                 rec.function,
                 self._settings.cancel_grace,
             )
-        except Exception:
-            logger.exception("call %s: the resume that cancels it failed", rec.id)
+        except Exception as exc:
+            log_failure(logger, exc, "call %s: the resume that cancels it failed", rec.id)
         finally:
             live.running = False
             live.task = None
@@ -813,10 +814,12 @@ class Engine:
         try:
             result = call_pb2.CallResult(error=error)
             await self._finish(live, status, result, error.message, [], attempted=False)
-        except Exception:
+        except Exception as exc:
             live.stalls += 1
             live.stall_until = self._clock() + self._settings.retry.backoff(live.stalls, self._rng)
-            logger.exception("call %s: the end of its event wait was not recorded", live.rec.id)
+            log_failure(
+                logger, exc, "call %s: the end of its event wait was not recorded", live.rec.id
+            )
         finally:
             live.running = False
             live.task = None
@@ -841,10 +844,10 @@ class Engine:
                     for key, data in found.items():
                         await self._wake(key, data)
                     failures = 0
-                except Exception:
+                except Exception as exc:
                     failures += 1
                     self._events.recheck(keys)
-                    logger.exception("resolved events could not be looked up")
+                    log_failure(logger, exc, "resolved events could not be looked up")
                     await asyncio.sleep(self._settings.retry.backoff(failures, self._rng))
         finally:
             self._event_lookup = None
@@ -1052,10 +1055,12 @@ class Engine:
             if self._parts is None:
                 raise
             self._parts.fenced(live)  # drops the call: `_arm` leaves it alone
-        except Exception:
+        except Exception as exc:
             live.stalls += 1
             live.stall_until = self._clock() + self._settings.retry.backoff(live.stalls, self._rng)
-            logger.exception("call %s: the outcome of an attempt was not recorded", live.rec.id)
+            log_failure(
+                logger, exc, "call %s: the outcome of an attempt was not recorded", live.rec.id
+            )
             live.queue.extendleft(reversed(delivered))
         finally:
             live.running = False

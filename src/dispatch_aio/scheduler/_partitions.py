@@ -20,6 +20,7 @@ from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..proto.sdk.v1 import call_pb2
+from ._failures import log_failure
 from .store import (
     PARTITIONS,
     Announce,
@@ -245,8 +246,8 @@ class Partitions:
             self._wake.clear()
             try:
                 await self._round()
-            except Exception:
-                logger.exception("the lease round failed")
+            except Exception as exc:
+                log_failure(logger, exc, "the lease round failed")
 
     def _valid(self) -> float:
         # Seconds after a renewal's start during which the leases are surely still ours:

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from ..proto.sdk.v1 import call_pb2
 from ..proto.v1 import schedule_pb2
 from ._engine import Engine, InvalidCallError
+from ._failures import log_failure
 from ._timing import InvalidScheduleError, Missed, Timing, due_firings
 from ._validate import call_problem
 from .store import DeleteSchedule, MoveSchedule, PutSchedule, ScheduleRecord, Store
@@ -176,8 +177,8 @@ class Schedules:
         try:
             async with self._lock:
                 await self._load()
-        except Exception:
-            logger.exception("the schedules changed by another replica could not be read")
+        except Exception as exc:
+            log_failure(logger, exc, "the schedules changed by another replica could not be read")
         finally:
             self._refreshing = None
         self._arm()
@@ -327,8 +328,8 @@ class Schedules:
             async with self._lock:
                 try:
                     await self._refresh()
-                except Exception:
-                    logger.exception("the schedules could not be read before their firings")
+                except Exception as exc:
+                    log_failure(logger, exc, "the schedules could not be read before their firings")
                 now = self._clock()
                 for entry in list(self._entries.values()):
                     record = entry.record
@@ -356,13 +357,15 @@ class Schedules:
             try:
                 await self._store.write([PutSchedule(paused)])
                 entry.record = paused
-            except Exception:
-                logger.exception("schedule %s: could not be paused", record.id)
+            except Exception as error:
+                log_failure(logger, error, "schedule %s: could not be paused", record.id)
                 entry.retry_at = now + _RETRY_DELAY
             return
-        except Exception:
+        except Exception as exc:
             entry.retry_at = now + _RETRY_DELAY * random.uniform(1, 2)
-            logger.exception("schedule %s: its firing was not recorded; retrying", record.id)
+            log_failure(
+                logger, exc, "schedule %s: its firing was not recorded; retrying", record.id
+            )
             return
         entry.record = moved
         entry.retry_at = 0.0

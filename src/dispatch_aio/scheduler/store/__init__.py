@@ -37,6 +37,7 @@ from ._interface import (
     StateKind,
     Store,
     StoreError,
+    StoreInUseError,
     UpdateCall,
 )
 from ._postgres import PostgresStore
@@ -79,6 +80,7 @@ __all__ = [
     "StateKind",
     "Store",
     "StoreError",
+    "StoreInUseError",
     "UpdateCall",
     "partition_of",
 ]

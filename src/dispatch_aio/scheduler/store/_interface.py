@@ -58,6 +58,7 @@ __all__ = [
     "StateKind",
     "Store",
     "StoreError",
+    "StoreInUseError",
     "UpdateCall",
 ]
 
@@ -70,6 +71,12 @@ class StoreError(Exception):
     """The store could not read or write (disk full, locked or corrupt database ...)."""
 
     # Shown in tracebacks: the public name, not this private module's.
+    __module__ = "dispatch_aio.scheduler"
+
+
+class StoreInUseError(StoreError):
+    """Another process uses the database (another scheduler runs on it)."""
+
     __module__ = "dispatch_aio.scheduler"
 
 

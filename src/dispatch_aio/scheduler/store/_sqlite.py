@@ -68,6 +68,7 @@ from ._interface import (
     Snapshot,
     Store,
     StoreError,
+    StoreInUseError,
     UpdateCall,
 )
 from ._rows import (
@@ -505,7 +506,7 @@ class SQLiteStore(Store):
                 try:
                     errors = await self._run(self._commit_sync, [s for s, _ in batch])
                 except Exception as exc:  # the executor itself failed
-                    failed: StoreError | None = StoreError(f"the database write failed: {exc}")
+                    failed: StoreError | None = self._write_error(exc)
                     errors = [failed] * len(batch)
                 for (_, future), outcome in zip(batch, errors, strict=True):
                     if future.done():
@@ -552,7 +553,7 @@ class SQLiteStore(Store):
             conn.close()
             self._close_mark()
             if "locked" in str(exc):
-                raise StoreError(
+                raise StoreInUseError(
                     f"the database {self._path!r} is in use by another process "
                     "(is another scheduler running on it?); stop it or use another file"
                 ) from exc
@@ -606,11 +607,14 @@ class SQLiteStore(Store):
                 ) from exc
 
     def _check_integrity(self, conn: sqlite3.Connection) -> None:
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
-        if problems != ["ok"]:
+        rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
+        if rows != ["ok"]:
+            # One report may hold several lines: the error stays on one.
+            lines = [" ".join(line.split()) for row in rows for line in row.splitlines()]
+            problems = [line for line in lines if line and not line.startswith("***")]
             raise StoreError(
                 f"the database {self._path!r} is damaged (quick_check: "
-                f"{'; '.join(map(str, problems[:3]))}); restore it from a backup, or move it "
+                f"{'; '.join(problems[:3])}); restore it from a backup, or move it "
                 "away to start with an empty one (its calls are then lost)"
             )
 
@@ -678,13 +682,36 @@ class SQLiteStore(Store):
             return [None] * len(groups)
         except sqlite3.Error as exc:
             if len(groups) == 1:
-                return [StoreError(f"the database write failed: {exc}")]
+                return [self._write_error(exc)]
         errors: list[StoreError | None] = []
         try:
             self._transaction(conn, groups, errors)
         except sqlite3.Error as exc:
-            return [StoreError(f"the database write failed: {exc}")] * len(groups)
+            return [self._write_error(exc)] * len(groups)
         return errors
+
+    def _write_error(self, exc: BaseException) -> StoreError:
+        """The error of a failed write: the file, what happened, and what to do."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        where = f"cannot write to the database {self._path!r}"
+        if code == sqlite3.SQLITE_FULL:
+            return StoreError(
+                f"{where}: its disk is full; free space there (nothing was written, and "
+                "the scheduler tries again)"
+            )
+        if code == sqlite3.SQLITE_READONLY:
+            return StoreError(
+                f"{where}: it has become read-only ({exc}); make it and its folder writable "
+                "by this user again (nothing was written, and the scheduler tries again)"
+            )
+        if code == sqlite3.SQLITE_IOERR:
+            return StoreError(f"{where}: the disk reports an I/O error ({exc}); check the disk")
+        if code == sqlite3.SQLITE_CORRUPT:
+            return StoreError(
+                f"{where}: it is damaged ({exc}); stop the scheduler and restore the "
+                "database from a backup"
+            )
+        return StoreError(f"{where}: {exc}")
 
     def _transaction(
         self,
@@ -705,7 +732,7 @@ class SQLiteStore(Store):
                     _execute(conn, group)
                 except sqlite3.Error as exc:
                     conn.execute("ROLLBACK TO grp")
-                    errors.append(StoreError(f"the database write failed: {exc}"))
+                    errors.append(self._write_error(exc))
                 else:
                     errors.append(None)
                 conn.execute("RELEASE grp")
