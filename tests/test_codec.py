@@ -499,8 +499,11 @@ def test_lock_inside_a_list_names_the_type_and_where_it_is() -> None:
 
 
 def test_unencodable_argument_is_named() -> None:
-    with pytest.raises(EncodeError, match=r"^cannot encode argument 2 of function 'greet'"):
+    with pytest.raises(EncodeError, match=r"^cannot encode argument 2 of function 'greet'") as info:
         encode_input(("ok", threading.Lock()), {}, function="greet")
+    # One traceback: the pickling error is in the message, not chained as a cause.
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "TypeError: cannot pickle '_thread.lock' object" in str(info.value)
     with pytest.raises(EncodeError, match=r"^cannot encode keyword argument 'lock' of function"):
         encode_input(("ok",), {"lock": Point(1, [threading.Lock()])}, function="greet")
     with pytest.raises(

@@ -101,6 +101,21 @@ async def test_result_times_out_while_the_call_runs(tmp_path: Path) -> None:
             await dispatch.client.result(dispatch_id, timeout=0.2)
 
 
+async def test_result_times_out_for_a_call_that_never_ran_and_says_why(tmp_path: Path) -> None:
+    dispatch = Dispatch(env={}, data_dir=str(tmp_path))
+
+    @dispatch.function
+    async def later() -> None:
+        pass
+
+    async with await dispatch.start():
+        # An endpoint where nothing listens: every attempt is refused.
+        call = Call(later.name, endpoint="http://127.0.0.1:9")
+        (dispatch_id,) = await dispatch.client.dispatch([call])
+        with pytest.raises(DispatchTimeoutError, match=r"has not run after 1 s: its \d+ attempts"):
+            await dispatch.client.result(dispatch_id, timeout=1)
+
+
 async def test_submitting_before_the_scheduler_starts_says_what_to_do(tmp_path: Path) -> None:
     _, seen = make_app(tmp_path)
     square = seen["functions"][0]

@@ -748,6 +748,10 @@ class EmbeddedAPI(Protocol):
         """Wait for a call to finish; None if it still runs; `LookupError` if unknown."""
         ...
 
+    async def progress(self, dispatch_id: str) -> inspect_pb2.CallInfo | None:
+        """What an unfinished call did so far (state, attempts, last error)."""
+        ...
+
     async def cancel(self, dispatch_id: str) -> int | None:
         """Cancel a call tree; None if finished already; `LookupError` if unknown."""
         ...
@@ -839,9 +843,10 @@ async def _wait_local(local: EmbeddedAPI, dispatch_id: str, timeout: float | Non
     except LookupError as exc:
         raise errors.ClientError(str(exc), http_status=404, code="not_found") from None
     if done is None:
-        raise errors.DispatchTimeoutError(
-            f"call {dispatch_id} still runs after {timeout:g} s"  # only with a timeout
-        )
+        assert timeout is not None  # without one, the wait lasts until the call is done
+        info = await local.progress(dispatch_id)
+        message = f"call {dispatch_id} still runs after {timeout:g} s"
+        raise errors.DispatchTimeoutError(message if info is None else _not_done(info, timeout))
     return _finished(done.dispatch_id, done.function, done.status, done.result)
 
 

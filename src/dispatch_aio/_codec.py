@@ -188,8 +188,8 @@ def encode_input(
             try:
                 _dumps(arg)
             except Exception as arg_exc:
-                raise _pickle_error(arg, f"{name}{of}", arg_exc) from arg_exc
-        raise _pickle_error(pair, f"the arguments{of}", exc) from exc
+                raise _pickle_error(arg, f"{name}{of}", arg_exc) from None
+        raise _pickle_error(pair, f"the arguments{of}", exc) from None
     return _pack(pickled_pb2.Pickled(pickled_value=data), f"the arguments{of}")
 
 
@@ -336,10 +336,15 @@ def _pickle(value: object, context: str) -> bytes:
     try:
         return _dumps(value)
     except Exception as exc:
-        raise _pickle_error(value, context, exc) from exc
+        raise _pickle_error(value, context, exc) from None
 
 
 def _pickle_error(value: object, context: str, exc: Exception) -> EncodeError:
+    """The error for a value that does not pickle, to raise ``from None``.
+
+    Its message carries the pickling error, so the user sees one traceback, ending at
+    their call (the pickling error stays in ``__context__``).
+    """
     detail = f"{type(exc).__name__}: {exc}"
     culprit = _find_culprit(value, "", 0)
     if culprit is not None and culprit[0]:

@@ -32,6 +32,7 @@ from ._datadir import prepare_data_dir, publish_connection
 from ._endpoint import Endpoint
 from .errors import ConfigurationError
 from .proto.sdk.v1 import call_pb2
+from .proto.v1 import inspect_pb2
 from .scheduler import Scheduler, SQLiteStore, StoreInUseError
 from .scheduler._scheduler import FinishedCall
 from .scheduler._schedules import Schedules
@@ -151,6 +152,10 @@ class EmbeddedScheduler:
         """Wait for a call to finish (`Scheduler.wait_done`)."""
         await self._started.wait()
         return await self.scheduler.wait_done(dispatch_id, max_seconds)
+
+    async def progress(self, dispatch_id: str) -> inspect_pb2.CallInfo | None:
+        """What an unfinished call did so far (`Scheduler.progress`)."""
+        return await self.scheduler.progress(dispatch_id)
 
     async def cancel(self, dispatch_id: str) -> int | None:
         """Cancel a call tree (`Scheduler.cancel`)."""

@@ -67,6 +67,7 @@ __all__ = [
     "MAX_CALLS_PER_REQUEST",
     "SCHEDULE_PREFIX",
     "SEND_EVENT_PATH",
+    "STATE_OF_PHASE",
     "WAIT_PATH",
     "create_app",
 ]
@@ -106,7 +107,7 @@ _JSON_TYPES = (
 _M = TypeVar("_M", bound=Message)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_STATES = {
+STATE_OF_PHASE = {
     Phase.PENDING: inspect_pb2.CALL_STATE_PENDING,
     Phase.SUSPENDED: inspect_pb2.CALL_STATE_SUSPENDED,
     Phase.DONE: inspect_pb2.CALL_STATE_DONE,
@@ -438,7 +439,7 @@ class _Service:
             view = self._engine.live_view(rec.id)
             if view is not None and view[0]:
                 return inspect_pb2.CALL_STATE_RUNNING
-        return _STATES[rec.phase]
+        return STATE_OF_PHASE[rec.phase]
 
     def _info(
         self, rec: CallRecord, child_count: int, *, payloads: bool = True

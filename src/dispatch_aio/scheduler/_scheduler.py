@@ -22,7 +22,8 @@ from .._serving import (
 )
 from .._signature import load_private_key, private_key_to_pem, public_key_to_base64
 from ..proto.sdk.v1 import call_pb2
-from ._api import create_app
+from ..proto.v1 import inspect_pb2
+from ._api import STATE_OF_PHASE, create_app
 from ._engine import (
     DEFAULT_EXPIRATION,
     DEFAULT_IDEMPOTENCY_RETENTION,
@@ -456,6 +457,21 @@ class Scheduler:
             return None
         return FinishedCall(
             rec.id, rec.function, rec.status, call_pb2.CallResult.FromString(rec.result)
+        )
+
+    async def progress(self, dispatch_id: str) -> inspect_pb2.CallInfo | None:
+        """What a call did so far: its state, attempts and last error; None if unknown."""
+        rec = await self._store.get_call(dispatch_id)
+        if rec is None:
+            return None
+        running = dispatch_id in self.running()
+        return inspect_pb2.CallInfo(
+            dispatch_id=rec.id,
+            function=rec.function,
+            state=inspect_pb2.CALL_STATE_RUNNING if running else STATE_OF_PHASE[rec.phase],
+            attempts=rec.attempts,
+            polls=rec.polls,
+            last_error=rec.last_error,
         )
 
     def _require(self) -> Engine:
