@@ -230,6 +230,30 @@ def test_the_status_line_counts_calls_waiting_to_retry() -> None:
     assert text.startswith("0 pending, 0 running, 0 suspended, 1 retrying, 0 done"), text
 
 
+def test_each_retry_is_a_line_and_an_outage_stays_readable() -> None:
+    out = StringIO()
+    console = Console(out, StringIO(), color=False, live=False)  # piped, not a terminal
+    tracker = CallTracker()
+    Progress(console, tracker, prefix="dispatch | ")
+    call = CallRecord(
+        id="a", root_id="a", parent_id="", correlation_id=0, parent_generation=0,
+        endpoint="http://127.0.0.1:8000", function="f", input=b"", version="",
+        created_at=1.0, expires_at=100.0, phase=Phase.PENDING, updated_at=1.0,
+    )  # fmt: skip
+    tracker.applied([InsertCall(call)])
+    refused = "connection refused by 127.0.0.1:8000"
+    for attempts in range(1, 10):
+        failed = {**_fields(call), "attempts": attempts, "status": 14, "last_error": refused}
+        tracker.applied([UpdateCall(CallRecord(**failed))])
+        tracker.applied([UpdateCall(CallRecord(**failed))])
+    lines = out.getvalue().splitlines()
+    # The 1st, 2nd, 4th and 8th failure in a row; a record written again is no new one.
+    assert lines == [
+        f"dispatch | retry  f(): attempt failed{times}: {refused}; retried  a"
+        for times in ("", " (2 in a row)", " (4 in a row)", " (8 in a row)")
+    ]
+
+
 def _fields(rec: CallRecord) -> dict[str, object]:
     return {name: getattr(rec, name) for name in rec.__dataclass_fields__}
 

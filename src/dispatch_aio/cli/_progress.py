@@ -83,7 +83,11 @@ class CallTracker:
         self._failed = 0
         self._running: frozenset[str] = frozenset()
         self._retrying: set[str] = set()  # unfinished calls whose last attempt failed
+        # Unfinished calls whose last attempts failed: (attempts seen, failures in a row).
+        self._failures: dict[str, tuple[int, int]] = {}
         self.on_finished = on_finished
+        self.on_retry: Callable[[CallRecord, int], None] | None = None
+        """Called with a call whose attempt failed and is retried, and the failures in a row."""
 
     def counts(self) -> Counts:
         """Return the current counts."""
@@ -134,10 +138,13 @@ class CallTracker:
             self._by_phase[rec.phase] += 1
             if rec.last_error and rec.status not in (Status.OK, Status.UNSPECIFIED):
                 self._retrying.add(rec.id)
+                self._failed_attempt(rec)
             else:
                 self._retrying.discard(rec.id)
+                self._failures.pop(rec.id, None)
             return
         self._retrying.discard(rec.id)
+        self._failures.pop(rec.id, None)
         if old is None:
             return  # already counted as finished
         if rec.status == Status.OK:
@@ -149,6 +156,18 @@ class CallTracker:
                 self.on_finished(rec)
             except Exception:
                 logger.exception("cannot report the end of call %s", rec.id)
+
+
+    def _failed_attempt(self, rec: CallRecord) -> None:
+        seen, in_a_row = self._failures.get(rec.id, (0, 0))
+        if rec.attempts <= seen:
+            return  # the same failure, written again with another change
+        self._failures[rec.id] = (rec.attempts, in_a_row + 1)
+        if self.on_retry is not None:
+            try:
+                self.on_retry(rec, in_a_row + 1)
+            except Exception:
+                logger.exception("cannot report the retry of call %s", rec.id)
 
 
 class TrackingStore(Store):
@@ -311,6 +330,18 @@ def finished_line(rec: CallRecord, console: Console) -> str:
     return f"{text}  ({details})  {console.paint(rec.id, Style.DIM)}"
 
 
+def retry_line(rec: CallRecord, in_a_row: int, console: Console) -> str:
+    """Describe on one line a call whose attempt failed and is retried."""
+    args = describe_input(any_pb2.Any.FromString(rec.input), 60) if rec.input else "()"
+    tag = console.paint("retry ", Style.YELLOW)
+    error = rec.last_error if len(rec.last_error) <= 160 else rec.last_error[:159] + "…"
+    times = "" if in_a_row == 1 else f" ({in_a_row} in a row)"
+    return (
+        f"{tag} {rec.function}{args}: attempt failed{times}: {error}; retried  "
+        f"{console.paint(rec.id, Style.DIM)}"
+    )
+
+
 def _status_name(status: int) -> str:
     try:
         return Status(status).name.lower()
@@ -342,6 +373,13 @@ class Progress:
         self._running = running
         self._started = time.monotonic()
         tracker.on_finished = self._finished
+        tracker.on_retry = self._retried
+
+    def _retried(self, rec: CallRecord, in_a_row: int) -> None:
+        # The 1st, 2nd, 4th, 8th ... failure in a row: an outage of many calls stays
+        # readable, and a call that keeps failing still shows.
+        if in_a_row & (in_a_row - 1) == 0:
+            self._console.line(self._prefix + retry_line(rec, in_a_row, self._console))
 
     def _finished(self, rec: CallRecord) -> None:
         self._console.line(self._prefix + finished_line(rec, self._console))
