@@ -10,6 +10,7 @@ may have been lost.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import textwrap
 import time
@@ -111,7 +112,9 @@ def test_a_killed_script_finishes_its_calls_when_run_again(procs: Starter, tmp_p
     assert results == dict.fromkeys(ids, sum(i * i for i in range(12)))
     assert _leaves(log) == {(root, i) for root in range(3) for i in range(12)}
     assert "Traceback" not in third.stderr, third.dump()
-    assert "3 unfinished calls picked up" in third.stderr, third.dump()
+    # The three trees at least, and the leaves the second kill caught in flight.
+    picked = re.search(r"(\d+) unfinished calls picked up", third.stderr)
+    assert picked is not None and int(picked[1]) >= 3, third.dump()
 
 
 CANCEL_APP = textwrap.dedent(
