@@ -71,3 +71,49 @@ def test_run_keeps_the_calls_in_postgresql(procs: Starter, pg_url: str, tmp_path
     masked = pg_url.replace("postgresql://postgres@", "postgresql://postgres:***@")
     assert f"calls kept in {masked}" in app.stdout
     assert "pw@" not in app.stdout + app.stderr
+
+
+APP = """
+import asyncio
+from dispatch_aio import Dispatch
+
+dispatch = Dispatch()
+
+
+@dispatch.function
+async def double(x: int) -> int:
+    return 2 * x
+
+
+async def main() -> None:
+    async with dispatch:
+        await dispatch.start()
+        dispatch_id = await double.dispatch(21)
+        print("result", dispatch_id, await dispatch.client.result(dispatch_id, timeout=30))
+
+
+asyncio.run(main())
+"""
+
+
+def test_calls_and_show_read_postgresql_when_no_scheduler_runs(
+    procs: Starter, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    app = procs(
+        [*CLI, "run", "--data-dir", str(tmp_path), "--database", pg_url, "--", PYTHON, "app.py"],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")},
+    )
+    assert app.wait(60) == 0, app.dump()
+    # The app's lines come prefixed with its name ("app      | result ID 42").
+    found = [m for line in app.out if (m := re.search(r"\| result (\S+) 42$", line))]
+    assert len(found) == 1, app.dump()
+    dispatch_id = found[0][1]
+    capsys.readouterr()
+    assert main(["calls", "--database", pg_url, "--data-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "not through a scheduler" in err and "double" in out and dispatch_id in out, out
+    assert main(["show", dispatch_id[-8:], "--database", pg_url]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("double  ok") and "output: 42" in out, out

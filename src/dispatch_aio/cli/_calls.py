@@ -34,7 +34,8 @@ from .._status import Status
 from ..proto.v1 import inspect_pb2
 from ..scheduler._api import create_app
 from ..scheduler._engine import Engine
-from ..scheduler.store import CallRecord, SQLiteStore, Store, StoreError
+from ..scheduler.store import CallRecord, PostgresStore, SQLiteStore, Store, StoreError
+from ..scheduler.store._postgres import mask_url
 from ._console import Console, Style
 from ._format import describe_input, describe_result
 from ._inspect import STATES, STATUSES, InspectClient, render_calls, state_name
@@ -267,8 +268,15 @@ class _StoredCalls:
 
 
 @contextlib.asynccontextmanager
-async def offline_api(data_dir: str, console: Console) -> AsyncIterator[tuple[str, str]]:
-    """Serve the inspection API of the database in `data_dir` while no scheduler runs.
+async def offline_api(
+    data_dir: str, console: Console, database: str = ""
+) -> AsyncIterator[tuple[str, str]]:
+    """Serve the inspection API of a database no scheduler API was given for.
+
+    Args:
+        data_dir: The folder of the SQLite database.
+        console: Where to say where the calls are read from.
+        database: A PostgreSQL URL to read instead ("": the SQLite database).
 
     Yields:
         The API URL (loopback, a free port) and its key.
@@ -276,31 +284,40 @@ async def offline_api(data_dir: str, console: Console) -> AsyncIterator[tuple[st
     Raises:
         CliError: There is no database there, or a scheduler holds it.
     """
-    path = Path(data_dir) / "scheduler.db"
-    if not path.is_file():
-        raise CliError(
-            f"no scheduler to inspect: none runs on {data_dir}, which holds no database; pass "
-            "--api-url and --api-key, set DISPATCH_API_URL and DISPATCH_API_KEY (as "
-            "`dispatch-aio server` prints them), or pass --data-dir",
-            code=2,
-        )
-    store = SQLiteStore(str(path))
+    store: Store
+    if database:
+        where = mask_url(database)
+        store = PostgresStore(database)
+    else:
+        path = Path(data_dir) / "scheduler.db"
+        where = str(path)
+        if not path.is_file():
+            raise CliError(
+                f"no scheduler to inspect: none runs on {data_dir}, which holds no database; "
+                "pass --api-url and --api-key, set DISPATCH_API_URL and DISPATCH_API_KEY (as "
+                "`dispatch-aio server` prints them), or pass --data-dir or --database",
+                code=2,
+            )
+        store = SQLiteStore(str(path))
     try:
         await store.open()
     except StoreError as exc:
         raise CliError(
-            f"cannot read {path}: {exc}; if a scheduler runs there, pass --api-url and --api-key"
+            f"cannot read {where}: {exc}; if a scheduler runs there, pass --api-url and "
+            "--api-key"
         ) from None
     key = secrets.token_urlsafe(16)
     runner = None
     try:
-        engine = cast(Engine, _StoredCalls(store, str(path)))
+        engine = cast(Engine, _StoredCalls(store, where))
         runner = web.AppRunner(create_app(engine, store, api_key=key), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        note = f"(no scheduler runs: read from {path})"
+        note = f"(read from {where}, not through a scheduler)" if database else (
+            f"(no scheduler runs: read from {where})"
+        )
         console.line(console.paint(note, Style.DIM, err=True), err=True)
         yield f"http://127.0.0.1:{port}", key
     finally:

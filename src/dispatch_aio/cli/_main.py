@@ -244,10 +244,19 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--api-url", metavar="URL", help="the scheduler API (DISPATCH_API_URL)")
     api.add_argument("--api-key", metavar="KEY", help="its API key (DISPATCH_API_KEY)")
     api.add_argument("--json", action="store_true", help="print JSON")
+    # calls and show read a database directly too.
+    stored = argparse.ArgumentParser(add_help=False, parents=[api])
+    stored.add_argument(
+        "--database",
+        metavar="URL",
+        help="read the calls from this PostgreSQL database, postgresql://USER@HOST/DB, "
+        f"rather than through a scheduler (default: {DATABASE_ENV} when no scheduler "
+        "is found)",
+    )
 
     calls = commands.add_parser(
         "calls",
-        parents=[api],
+        parents=[stored],
         help="list the calls of a running scheduler",
         description="List calls, oldest first (top-level calls unless --all or --root).",
     )
@@ -281,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser(
         "show",
-        parents=[api],
+        parents=[stored],
         help="show a call and the calls it made",
         description="Show a call tree: states, attempts, timings, inputs, outputs and errors.",
     )
@@ -661,13 +670,15 @@ async def _inspected(
     args: argparse.Namespace, console: Console, *, offline: bool = True
 ) -> AsyncIterator[tuple[InspectClient, str]]:
     """A client of the scheduler to inspect: the running one, else its database."""
-    api = _running_api(args) if offline else _api(args)
+    explicit = getattr(args, "database", None)
+    api = None if explicit else _running_api(args) if offline else _api(args)
     if api is not None:
         async with InspectClient(*api) as client:
             yield client, api[0]
         return
+    database = explicit or os.environ.get(DATABASE_ENV, "").strip()
     async with (
-        offline_api(args.data_dir, console) as (url, key),
+        offline_api(args.data_dir, console, database) as (url, key),
         InspectClient(url, key) as client,
     ):
         yield client, url
