@@ -178,3 +178,32 @@ async def test_a_cancelled_call_is_marked(workload: Workload, http: aiohttp.Clie
     call = (await get_json(http, url))["call"]
     assert (call["state"], call["status"], call["cancelled"]) == ("done", "permanent_error", True)
     assert f"call {waiting} (waits) was cancelled" in call["last_error"]
+
+
+async def test_actions_need_the_key_and_say_what_was_wrong(
+    workload: Workload, http: aiohttp.ClientSession
+) -> None:
+    base = workload.api_url
+    waiting = await workload.submit("waits", "w")
+    cancel, events = f"{base}/ui/api/calls/{waiting}/cancel", f"{base}/ui/api/events"
+    for url in (cancel, events):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            async with http.post(url, headers=headers, json={"key": "k"}) as resp:
+                assert resp.status == 401, await resp.text()
+    assert not (await get_json(http, f"{base}/ui/api/calls/{waiting}"))["call"]["cancelled"]
+
+    async def post(url: str, body: object, expect: int) -> Any:
+        async with http.post(url, headers=AUTH, json=body) as resp:
+            assert resp.status == expect, await resp.text()
+            return await resp.json()
+
+    assert await post(f"{base}/ui/api/calls/no-such-id/cancel", {}, 404) == {
+        "error": "no call with dispatch id 'no-such-id'"
+    }
+    assert await post(cancel, {}, 200) == {"cancelled": True, "stopped": 1}
+    assert await post(cancel, {}, 200) == {"cancelled": False, "stopped": 0}
+    for body in ([], {"value": 1}, {"key": 3}, {"key": "k", "error": 3}):
+        assert "send {" in (await post(events, body, 400))["error"]
+    assert "key" in (await post(events, {"key": ""}, 400))["error"]
+    assert await post(events, {"key": "k", "error": "refused"}, 200) == {"woken": 0}
+    assert "already resolved" in (await post(events, {"key": "k", "value": 1}, 409))["error"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from browser import Browser, chromium, find_browser
 
+from dispatch_aio._codec import decode_value
 from dispatch_aio.scheduler._ui import ui_address
 
 from .ui_workload import API_KEY, SCRIPT, Workload, serve_workload
@@ -129,6 +130,49 @@ async def test_the_ui_shows_calls_a_tree_and_escaped_values(
     await browser.screenshot(tmp_path / "5-filtered.png")
     for name in ("1-calls", "2-tree", "3-error", "4-suspended", "5-filtered"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+async def test_the_ui_sends_an_event_and_cancels_a_call(
+    workload: Workload, browser: Browser, tmp_path: Path
+) -> None:
+    approval = await workload.submit("approval", "o1")
+    doomed = await workload.submit("waits", "x")
+    await browser.get(ui_address(workload.api_url, API_KEY))
+    await browser.wait_for(ROWS + ".length === 2")
+
+    # The form resolves the event the approval waits for, with a JSON value.
+    await browser.type("#ev-key", "approve-o1")
+    await browser.type("#ev-value", '{"ok": true, "by": "<i>ann</i>"}')
+    await browser.click("#ev-send")
+    await browser.wait_for("return document.getElementById('ev-result').textContent")
+    assert (await browser.text("#ev-result")).startswith('event "approve-o1" resolved')
+    await workload.finish(approval)
+    result = await workload.scheduler.wait(approval)
+    assert decode_value(result.output) == {"ok": True, "by": "<i>ann</i>"}
+    await browser.screenshot(tmp_path / "1-event-sent.png")
+    # A second resolution of the key is refused, with the scheduler's words.
+    await browser.type("#ev-key", "approve-o1")
+    await browser.type("#ev-value", "false")
+    await browser.click("#ev-send")
+    await browser.wait_for(
+        "return document.getElementById('ev-result').textContent.startsWith('not sent')"
+    )
+    assert "already resolved" in await browser.text("#ev-result")
+
+    # Cancelling takes two clicks; the call ends cancelled.
+    await browser.click(f'#calls tr[data-id="{doomed}"]')
+    await browser.wait_for("return !document.getElementById('cancel').hidden")
+    await browser.click("#cancel")
+    assert await browser.text("#cancel") == "Click again to cancel"
+    await browser.click("#cancel")
+    await browser.wait_for(
+        "return document.getElementById('d-action').textContent.startsWith('cancelled')"
+    )
+    await workload.finish(doomed)
+    assert (await workload.scheduler.wait(doomed)).error.type == "dispatch_aio.CancelledCallError"
+    await browser.wait_for("return document.getElementById('cancel').hidden")
+    await browser.screenshot(tmp_path / "2-cancelled.png")
+    assert not await browser.alert_open()
 
 
 async def test_a_wrong_key_asks_for_the_key(workload: Workload, browser: Browser) -> None:

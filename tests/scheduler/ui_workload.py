@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from dispatch_aio import Dispatch
+from dispatch_aio import Dispatch, wait_event
 from dispatch_aio._codec import encode_input
 from dispatch_aio.proto.sdk.v1 import call_pb2
 from dispatch_aio.scheduler import Scheduler
@@ -74,6 +74,10 @@ async def serve_workload() -> AsyncIterator[Workload]:
             except ValueError as exc:
                 caught = str(exc)
             return {"sum": sum(squares), "caught": caught, "html": await shout()}
+
+        @dispatch.function(name="approval")
+        async def approval(order: str) -> Any:
+            return await wait_event(f"approve-{order}")
 
         @dispatch.function(name="waits")
         async def waits(label: str) -> str:

@@ -14,6 +14,14 @@ whose fragment never reaches the server; the script keeps the key in the tab's
 - ``GET /ui/api/calls/{id}``: one call in full (input, output, error and traceback, the
   steps of its journal when the scheduler keeps it) and the tree of calls it belongs to,
   from its root, with the times of each for a timeline.
+- ``POST /ui/api/calls/{id}/cancel``: cancel the call and its descendants, as
+  ``dispatch-aio cancel``; answers ``{"cancelled": bool, "stopped": n}``.
+- ``POST /ui/api/events`` with ``{"key": ..., "value": <JSON>}`` or ``{"key": ...,
+  "error": "message"}``: resolve a durable event, as ``dispatch-aio send-event``; answers
+  ``{"woken": n}``.
+
+The key travels in a header, never in a cookie, so another site cannot make a browser
+send these requests.
 
 Values are previewed here, without unpickling (see `_preview`): the pages show text, and
 the scheduler never runs code of the application.
@@ -38,10 +46,13 @@ from aiohttp import web
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
+from .._codec import encode_error, encode_value
 from .._status import Status
+from ..errors import PermanentError
 from ..proto.sdk.v1 import call_pb2, error_pb2
 from ..proto.v1 import journal_pb2
-from ._engine import Engine, is_cancelled
+from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
+from ._events import EventAlreadyResolvedError
 from ._preview import preview_input, preview_pickle, preview_value
 from .store import CallQuery, CallRecord, Phase, StateKind, Store, StoreError
 
@@ -129,6 +140,8 @@ def add_ui_routes(app: web.Application, engine: Engine, store: Store, *, api_key
             web.get("/", static),
             web.get("/api/calls", api.list_calls),
             web.get("/api/calls/{dispatch_id}", api.get_call),
+            web.post("/api/calls/{dispatch_id}/cancel", api.cancel),
+            web.post("/api/events", api.send_event),
             web.get("/{name}", static),
         ]
     )
@@ -215,6 +228,47 @@ class _UiApi:
             "now": time.time(),
         }
         return web.json_response(body, headers=_HEADERS)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        dispatch_id = request.match_info["dispatch_id"]
+        try:
+            stopped = await self._engine.cancel(dispatch_id)
+        except LookupError:
+            return _error(404, f"no call with dispatch id {dispatch_id!r}")
+        except EngineClosedError as exc:
+            return _error(503, str(exc))
+        body = {"cancelled": stopped is not None, "stopped": stopped or 0}
+        return web.json_response(body, headers=_HEADERS)
+
+    async def send_event(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        key = body.get("key") if isinstance(body, dict) else None
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(key, str) or not (error is None or isinstance(error, str)):
+            return _error(
+                400, 'send {"key": "...", "value": <any JSON>} or {"key": "...", "error": "..."}'
+            )
+        result = call_pb2.CallResult()
+        if error is not None:  # raised at the waiters' await, as send-event --error does
+            result.error.CopyFrom(encode_error(PermanentError(error)))
+        else:
+            result.output.CopyFrom(encode_value(body.get("value")))
+        try:
+            woken = await self._engine.send_event(key, result)
+        except EventAlreadyResolvedError as exc:
+            return _error(409, str(exc))
+        except InvalidCallError as exc:
+            return _error(400, str(exc))
+        except EngineClosedError as exc:
+            return _error(503, str(exc))
+        return web.json_response({"woken": woken}, headers=_HEADERS)
 
     async def get_call(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

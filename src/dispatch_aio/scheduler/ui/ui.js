@@ -80,6 +80,86 @@
     return body;
   }
 
+  async function post(path, body) {
+    const key = sessionStorage.getItem(KEY) || "";
+    const response = await fetch(path, {
+      method: "POST",
+      headers: { Authorization: "Bearer " + key, "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body || {}),
+      cache: "no-store",
+      credentials: "omit",
+    });
+    if (response.status === 401) throw new Unauthorized("the API key was refused");
+    let answer;
+    try {
+      answer = await response.json();
+    } catch (err) {
+      throw new Error("the scheduler answered HTTP " + response.status);
+    }
+    if (!response.ok) throw new Error(answer.error || "HTTP " + response.status);
+    return answer;
+  }
+
+  // -- actions -----------------------------------------------------------------------
+
+  // Cancelling takes two clicks: the first asks, the second (within 5 s) cancels.
+  async function cancelClicked() {
+    const button = $("cancel");
+    const id = state.selected;
+    if (button.dataset.armed !== id) {
+      button.dataset.armed = id;
+      button.textContent = "Click again to cancel";
+      setTimeout(() => {
+        if (button.dataset.armed === id) {
+          delete button.dataset.armed;
+          button.textContent = "Cancel call";
+        }
+      }, 5000);
+      return;
+    }
+    delete button.dataset.armed;
+    button.textContent = "Cancel call";
+    button.disabled = true;
+    try {
+      const answer = await post("api/calls/" + encodeURIComponent(id) + "/cancel");
+      $("d-action").textContent = answer.cancelled
+        ? "cancelled (" + answer.stopped + " call" + (answer.stopped === 1 ? "" : "s") + " stopped)"
+        : "it had finished already: nothing to cancel";
+    } catch (err) {
+      $("d-action").textContent = "not cancelled: " + err.message;
+    } finally {
+      button.disabled = false;
+    }
+    refresh();
+  }
+
+  async function sendEvent(event) {
+    event.preventDefault();
+    const key = $("ev-key").value.trim();
+    const text = $("ev-value").value.trim();
+    let value = null;
+    if (text) {
+      try {
+        value = JSON.parse(text);
+      } catch (err) {
+        $("ev-result").textContent = "the value is not JSON (a text needs quotes: \"yes\")";
+        return;
+      }
+    }
+    $("ev-send").disabled = true;
+    try {
+      const answer = await post("api/events", { key: key, value: value });
+      $("ev-result").textContent = "event " + JSON.stringify(key) + " resolved; " + answer.woken + " waiting call" + (answer.woken === 1 ? "" : "s") + " resumed";
+      $("ev-key").value = "";
+      $("ev-value").value = "";
+    } catch (err) {
+      $("ev-result").textContent = "not sent: " + err.message;
+    } finally {
+      $("ev-send").disabled = false;
+    }
+    refresh();
+  }
+
   // -- formatting ------------------------------------------------------------------
 
   function now() {
@@ -178,6 +258,7 @@
 
   function select(id) {
     state.selected = id;
+    $("d-action").textContent = "";
     history.replaceState(null, "", location.pathname + location.search + (id ? "#call=" + encodeURIComponent(id) : ""));
     for (const row of $("calls").tBodies[0].rows) row.classList.toggle("selected", row.dataset.id === id);
     $("detail").hidden = !id;
@@ -198,6 +279,7 @@
     const call = data.call;
     $("d-function").textContent = call.function;
     $("d-state").replaceChildren(badge(call));
+    $("cancel").hidden = call.state === "done";
     const facts = [
       ["ID", call.id],
       ["Parent", call.parent ? callLink(call.parent) : "none (top level)"],
@@ -358,6 +440,8 @@
       refresh();
     });
     $("close").addEventListener("click", () => select(""));
+    $("cancel").addEventListener("click", cancelClicked);
+    $("eventform").addEventListener("submit", sendEvent);
     $("signout").addEventListener("click", () => {
       sessionStorage.removeItem(KEY);
       showSignIn("");
