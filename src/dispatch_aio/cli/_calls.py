@@ -303,8 +303,7 @@ async def offline_api(
         await store.open()
     except StoreError as exc:
         raise CliError(
-            f"cannot read {where}: {exc}; if a scheduler runs there, pass --api-url and "
-            "--api-key"
+            f"cannot read {where}: {exc}; if a scheduler runs there, pass --api-url and --api-key"
         ) from None
     key = secrets.token_urlsafe(16)
     runner = None
@@ -315,8 +314,10 @@ async def offline_api(
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        note = f"(read from {where}, not through a scheduler)" if database else (
-            f"(no scheduler runs: read from {where})"
+        note = (
+            f"(read from {where}, not through a scheduler)"
+            if database
+            else f"(no scheduler runs: read from {where})"
         )
         console.line(console.paint(note, Style.DIM, err=True), err=True)
         yield f"http://127.0.0.1:{port}", key

@@ -157,7 +157,6 @@ class CallTracker:
             except Exception:
                 logger.exception("cannot report the end of call %s", rec.id)
 
-
     def _failed_attempt(self, rec: CallRecord) -> None:
         seen, in_a_row = self._failures.get(rec.id, (0, 0))
         if rec.attempts <= seen:
