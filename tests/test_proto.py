@@ -51,6 +51,7 @@ def test_field_numbers() -> None:
         "expiration": 5,
         "version": 6,
         "policy": 1000,  # dispatch_aio's extension, skipped by other schedulers
+        "trace_context": 1001,  # dispatch_aio's extension
     }
     assert {k: v[0] for k, v in _fields(call_pb2.CallResult).items()} == {
         "correlation_id": 1,
@@ -83,6 +84,7 @@ def test_field_numbers() -> None:
         "creation_time": 7,
         "expiration_time": 8,
         "generation": 1000,  # dispatch_aio's extension
+        "trace_context": 1001,  # dispatch_aio's extension
     }
     assert {k: v[0] for k, v in _fields(function_pb2.RunResponse).items()} == {
         "status": 1,

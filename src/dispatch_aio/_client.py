@@ -49,6 +49,7 @@ from ._config import Config
 from ._function import check_function_name
 from ._policy import FunctionPolicy, apply_policy
 from ._schedule_client import ScheduleClient
+from ._telemetry import current_carrier
 from .durable import current_run, in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import control_pb2, inspect_pb2
@@ -144,6 +145,8 @@ class Call:
             call.expiration.FromTimedelta(self.expiration)
         if self.policy is not None:
             apply_policy(call, self.policy)
+        # Submitted while a span is current: the call's spans join that trace.
+        call.trace_context.update(current_carrier())
         return call
 
 

@@ -76,6 +76,7 @@ from ._signature import (
     verify_request,
 )
 from ._status import Status
+from ._telemetry import run_span
 from .durable import Runner
 from .durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from .errors import ConfigurationError, PermanentError
@@ -344,11 +345,8 @@ class Endpoint:
         attempt = request.headers.get(ATTEMPT_HEADER, "").strip()
         # Set in this request's own task: it names the attempt in the run's log records.
         ATTEMPT.set(int(attempt) if attempt.isdigit() else 0)
-        if request.headers.get(CANCEL_HEADER, "").strip() == "1":
-            response = await self._runner().run(run_request, journal_delta=delta, cancel=True)
-        else:
-            response = await self._runner().run(run_request, journal_delta=delta)
-        self._add_policies(response)
+        cancel = request.headers.get(CANCEL_HEADER, "").strip() == "1"
+        response = await self._run(run_request, delta, cancel)
         return Reply(200, response.SerializeToString(), _PROTO)
 
     async def run_in_process(
@@ -364,10 +362,19 @@ class Endpoint:
         """
         if request.function not in self._functions:
             raise LookupError(self._not_found(request.function))
-        if cancel:
-            response = await self._runner().run(request, journal_delta=journal_delta, cancel=True)
-        else:
-            response = await self._runner().run(request, journal_delta=journal_delta)
+        return await self._run(request, journal_delta, cancel)
+
+    async def _run(
+        self, request: function_pb2.RunRequest, journal_delta: bool, cancel: bool
+    ) -> function_pb2.RunResponse:
+        with run_span(request, ATTEMPT.get()) as span:
+            if cancel:
+                response = await self._runner().run(
+                    request, journal_delta=journal_delta, cancel=True
+                )
+            else:
+                response = await self._runner().run(request, journal_delta=journal_delta)
+            span.answered(response)
         self._add_policies(response)
         return response
 

@@ -234,3 +234,22 @@ async def test_a_version_6_database_gains_the_attempts(tmp_path: Path) -> None:
         assert await store.get_events(["k"]) == {}
     finally:
         await store.close()
+
+
+async def test_a_version_7_database_gains_the_trace_context(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for migrate in _sqlite._MIGRATIONS[:7]:
+        migrate(conn)
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        traced = dataclasses.replace(record("t"), trace_context='{"traceparent":"00-ab-cd-01"}')
+        await store.write([InsertCall(traced)])
+        found = await store.get_call("t")
+        assert found is not None and found.trace_context == traced.trace_context
+    finally:
+        await store.close()

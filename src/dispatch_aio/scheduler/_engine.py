@@ -81,6 +81,7 @@ from google.protobuf.message import DecodeError
 from .._logs import ATTEMPT
 from .._policy import RetryPolicy
 from .._status import Status
+from .._telemetry import SchedulerTelemetry, decode_carrier, encode_carrier
 from ..errors import CancelledCallError
 from ..proto.sdk.v1 import call_pb2, error_pb2, function_pb2, poll_pb2
 from ..proto.v1 import journal_pb2
@@ -323,6 +324,7 @@ class Engine:
         self._events: EventWaiters[_Live] = EventWaiters()
         self._event_lookup: asyncio.Task[None] | None = None
         self._events_in_flight: dict[str, asyncio.Future[None]] = {}
+        self._telemetry = SchedulerTelemetry()
         self.schedules_listener: Callable[[], None] | None = None
         """Called when another replica sharing the store changed the schedules."""
 
@@ -352,8 +354,7 @@ class Engine:
         self._seq = snapshot.next_seq
         self._closed = False
         for rec in snapshot.calls:
-            live = self._live[rec.id] = _Live(rec)
-            self._limits.learn(_function_key(rec), live.policy)
+            self._live[rec.id] = self._new_live(rec)
         stale: list[int] = []
         for queued in snapshot.results:
             poller = self._live.get(queued.poller_id)
@@ -489,6 +490,7 @@ class Engine:
             ops.append(PruneIdempotencyKeys(now))
         if self._parts is None:
             await self._store.write(ops)
+            self._created(records)
             for rec in records:
                 self._adopt(rec)
             return ids
@@ -499,6 +501,7 @@ class Engine:
             await self._store.write(ops)
         finally:
             submitting.difference_update(rec.id for rec in records)
+        self._created(records)
         for rec in records:
             # Adopted already if it was loaded with its partition meanwhile.
             if self._parts.adoptable(rec.id) and self._parts.holds(rec.root_id):
@@ -898,13 +901,20 @@ class Engine:
     def _new_live(self, rec: CallRecord) -> _Live:
         live = _Live(rec)
         self._limits.learn(_function_key(rec), live.policy)
+        self._telemetry.loaded(1)
         return live
+
+    def _created(self, records: Sequence[CallRecord]) -> None:
+        """Count calls whose creation was committed."""
+        for rec in records:
+            self._telemetry.created(rec.function)
 
     def _let_go(self, live: _Live) -> None:
         """Forget a call another replica drives from now on."""
         del self._live[live.rec.id]
         self._running.discard(live.rec.id)
         self._limits.forget(_function_key(live.rec), live)
+        self._telemetry.let_go()
         if live.event is not None:
             self._events.discard(live.event, live)
 
@@ -1010,6 +1020,13 @@ class Engine:
                     limit = None
                 ATTEMPT.set(rec.attempts + 1)  # this task's context: names the attempt
                 started = now
+                span = self._telemetry.attempt(
+                    rec.function, rec.id, rec.attempts + 1, rec.trace_context, started
+                )
+                # The endpoint's run span goes under this attempt's span, or, when the
+                # scheduler traces nothing, under the context the call was made in.
+                carrier = span.carrier() or decode_carrier(rec.trace_context)
+                request.trace_context.update(carrier)
                 live.requesting = True  # until the answer: `cancel` may stop the request
                 outcome = await self._invoker.run(
                     self._endpoint(rec), request, timeout, journal_delta=self._delta
@@ -1036,9 +1053,9 @@ class Engine:
                         error=f"the attempt outlived the function's timeout of {limit:.6g} s",
                     )
                 # Written with the change the outcome makes (see `_Live.take_attempt`).
-                live.attempt = record_attempt(
-                    rec.id, rec.attempts + 1, started, self._clock(), outcome
-                )
+                ended = self._clock()
+                live.attempt = record_attempt(rec.id, rec.attempts + 1, started, ended, outcome)
+                self._telemetry.attempted(span, live.attempt.attempt.status, outcome.error, ended)
                 # Set in this task's own context, checked just before the write: with no
                 # other attempt in flight, the loop has nothing to do until it returns.
                 WRITE_ALONE.set(len(self._tasks) == 1)
@@ -1288,6 +1305,7 @@ class Engine:
         await self._store.write(ops)
         live.rec = new
         live.unreachable = 0
+        self._created(children)
         for child in children:
             self._adopt(child)
 
@@ -1461,6 +1479,16 @@ class Engine:
             if self._parts is not None:
                 self._parts.ended(rec.id)
             self._limits.forget(_function_key(rec), live)
+            self._telemetry.let_go()
+            self._telemetry.finished(
+                rec.function,
+                rec.id,
+                rec.trace_context,
+                int(status),
+                final.error.message,
+                rec.created_at,
+                now,
+            )
             if live.event is not None:
                 self._events.discard(live.event, live)
             if live.timer is not None:
@@ -1516,6 +1544,7 @@ class Engine:
             input=call.input.SerializeToString() if call.HasField("input") else b"",
             version=call.version or (parent.version if parent is not None else ""),
             policy=call.policy.SerializeToString() if call.HasField("policy") else b"",
+            trace_context=encode_carrier(call.trace_context),
             created_at=now,
             expires_at=expires_at,
             phase=Phase.PENDING,

@@ -186,6 +186,9 @@ class CallRecord:
     policy: bytes = b""
     """Serialized ``dispatch_aio.v1.FunctionPolicy`` of the current run's function (from
     ``Call.policy``); empty when the call carries none."""
+    trace_context: str = ""
+    """The trace context the call was made in (``Call.trace_context``), as W3C
+    ``traceparent`` and ``tracestate`` on two lines; empty when untraced."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,7 +94,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Version of the schema this module writes (the ``dispatch_schema`` table)."""
 
 INSTALL_HINT = "pip install 'dispatch-aio[postgres]'"
@@ -264,6 +264,8 @@ CREATE TABLE dispatch_attempts (
 );
 CREATE INDEX dispatch_attempts_call ON dispatch_attempts (call_id, number);
 """
+# Version 8: the trace context each call was made in.
+_SCHEMA_V8 = "ALTER TABLE dispatch_calls ADD COLUMN trace_context text NOT NULL DEFAULT ''"
 _MIGRATIONS: tuple[str, ...] = (
     _SCHEMA_V1,
     _SCHEMA_V2,
@@ -272,6 +274,7 @@ _MIGRATIONS: tuple[str, ...] = (
     _SCHEMA_V5,
     _SCHEMA_V6,
     _SCHEMA_V7,
+    _SCHEMA_V8,
 )
 
 _INSERT_CALL = (

@@ -51,6 +51,7 @@ CALL_COLUMNS = (
     "finished_at",
     "divergences",
     "policy",
+    "trace_context",
 )
 """Column order of a call after its ``seq``, shared by inserts, updates and reads."""
 
@@ -104,6 +105,7 @@ def call_params(r: CallRecord, text: Callable[[str], str] = str) -> tuple[Any, .
         r.finished_at,
         r.divergences,
         r.policy,
+        text(r.trace_context),
     )
 
 
@@ -139,4 +141,5 @@ def call_from_row(row: Sequence[Any]) -> tuple[int, CallRecord]:
         finished_at=row[27],
         divergences=row[28],
         policy=bytes(row[29]),
+        trace_context=row[30],
     )

@@ -85,7 +85,7 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Version of the schema this module writes (PRAGMA user_version)."""
 
 _SCHEMA_V1 = """
@@ -202,6 +202,11 @@ def _migrate_6_to_7(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX attempts_call ON attempts (call_id, number)")
 
 
+# Version 8: the trace context each call was made in.
+def _migrate_7_to_8(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE calls ADD COLUMN trace_context TEXT NOT NULL DEFAULT ''")
+
+
 _COMMITS_KEY = "store.commits"  # meta row counting the transactions committed
 _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'"
 _FILE_MODE = 0o600
@@ -216,6 +221,7 @@ _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_4_to_5,
     _migrate_5_to_6,
     _migrate_6_to_7,
+    _migrate_7_to_8,
 )
 
 _COLUMNS = ", ".join(CALL_COLUMNS)

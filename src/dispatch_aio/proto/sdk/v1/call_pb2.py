@@ -28,15 +28,19 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dispatch_aio/proto/sdk/v1/call.proto\x12\x0f\x64ispatch.sdk.v1\x1a%dispatch_aio/proto/sdk/v1/error.proto\x1a\"dispatch_aio/proto/v1/policy.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\xd9\x01\n\x04\x43\x61ll\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x66unction\x18\x03 \x01(\t\x12#\n\x05input\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12-\n\nexpiration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x30\n\x06policy\x18\xe8\x07 \x01(\x0b\x32\x1f.dispatch_aio.v1.FunctionPolicy\"\x86\x01\n\nCallResult\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.dispatch.sdk.v1.Error\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$dispatch_aio/proto/sdk/v1/call.proto\x12\x0f\x64ispatch.sdk.v1\x1a%dispatch_aio/proto/sdk/v1/error.proto\x1a\"dispatch_aio/proto/v1/policy.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\xcf\x02\n\x04\x43\x61ll\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x10\n\x08\x66unction\x18\x03 \x01(\t\x12#\n\x05input\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12-\n\nexpiration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x30\n\x06policy\x18\xe8\x07 \x01(\x0b\x32\x1f.dispatch_aio.v1.FunctionPolicy\x12?\n\rtrace_context\x18\xe9\x07 \x03(\x0b\x32\'.dispatch.sdk.v1.Call.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x01\n\nCallResult\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\x04\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.dispatch.sdk.v1.Error\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.sdk.v1.call_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CALL_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_CALL_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_CALL']._serialized_start=192
-  _globals['_CALL']._serialized_end=409
-  _globals['_CALLRESULT']._serialized_start=412
-  _globals['_CALLRESULT']._serialized_end=546
+  _globals['_CALL']._serialized_end=527
+  _globals['_CALL_TRACECONTEXTENTRY']._serialized_start=476
+  _globals['_CALL_TRACECONTEXTENTRY']._serialized_end=527
+  _globals['_CALLRESULT']._serialized_start=530
+  _globals['_CALLRESULT']._serialized_end=664
 # @@protoc_insertion_point(module_scope)

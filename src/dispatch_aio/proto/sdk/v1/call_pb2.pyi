@@ -3,12 +3,14 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from dispatch_aio.proto.sdk.v1 import error_pb2 as _error_pb2
 from dispatch_aio.proto.v1 import policy_pb2 as _policy_pb2
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -26,6 +28,26 @@ class Call(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
     FUNCTION_FIELD_NUMBER: _builtins.int
@@ -33,6 +55,7 @@ class Call(_message.Message):
     EXPIRATION_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     correlation_id: _builtins.int
     """Opaque value echoed in the matching CallResult (ignored in DispatchRequest)."""
     endpoint: _builtins.str
@@ -57,6 +80,13 @@ class Call(_message.Message):
         unknown; the number is far from upstream's to stay clear of fields it may add.
         """
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extension of dispatch_aio: the trace context the call was made in, as W3C Trace
+        Context fields ("traceparent", "tracestate"), so that the call's spans join the
+        trace of the code that made it. Empty when that code was not traced.
+        """
+
     def __init__(
         self,
         *,
@@ -67,10 +97,11 @@ class Call(_message.Message):
         expiration: _duration_pb2.Duration | None = ...,
         version: _builtins.str = ...,
         policy: _policy_pb2.FunctionPolicy | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expiration", b"expiration", "input", b"input", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "endpoint", b"endpoint", "expiration", b"expiration", "function", b"function", "input", b"input", "policy", b"policy", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "endpoint", b"endpoint", "expiration", b"expiration", "function", b"function", "input", b"input", "policy", b"policy", "trace_context", b"trace_context", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

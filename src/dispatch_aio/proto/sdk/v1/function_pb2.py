@@ -29,17 +29,21 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(dispatch_aio/proto/sdk/v1/function.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/exit.proto\x1a$dispatch_aio/proto/sdk/v1/poll.proto\x1a&dispatch_aio/proto/sdk/v1/status.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x02\n\nRunRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12\x32\n\x0bpoll_result\x18\x03 \x01(\x0b\x32\x1b.dispatch.sdk.v1.PollResultH\x00\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\x12\x1a\n\x12parent_dispatch_id\x18\x05 \x01(\t\x12\x18\n\x10root_dispatch_id\x18\x06 \x01(\t\x12\x31\n\rcreation_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x65xpiration_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\ngeneration\x18\xe8\x07 \x01(\x04\x42\x0b\n\tdirective\"\x91\x01\n\x0bRunResponse\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.dispatch.sdk.v1.Status\x12%\n\x04\x65xit\x18\x02 \x01(\x0b\x32\x15.dispatch.sdk.v1.ExitH\x00\x12%\n\x04poll\x18\x03 \x01(\x0b\x32\x15.dispatch.sdk.v1.PollH\x00\x42\x0b\n\tdirective2S\n\x0f\x46unctionService\x12@\n\x03Run\x12\x1b.dispatch.sdk.v1.RunRequest\x1a\x1c.dispatch.sdk.v1.RunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(dispatch_aio/proto/sdk/v1/function.proto\x12\x0f\x64ispatch.sdk.v1\x1a$dispatch_aio/proto/sdk/v1/exit.proto\x1a$dispatch_aio/proto/sdk/v1/poll.proto\x1a&dispatch_aio/proto/sdk/v1/status.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x03\n\nRunRequest\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x12\x32\n\x0bpoll_result\x18\x03 \x01(\x0b\x32\x1b.dispatch.sdk.v1.PollResultH\x00\x12\x13\n\x0b\x64ispatch_id\x18\x04 \x01(\t\x12\x1a\n\x12parent_dispatch_id\x18\x05 \x01(\t\x12\x18\n\x10root_dispatch_id\x18\x06 \x01(\t\x12\x31\n\rcreation_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x65xpiration_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\ngeneration\x18\xe8\x07 \x01(\x04\x12\x45\n\rtrace_context\x18\xe9\x07 \x03(\x0b\x32-.dispatch.sdk.v1.RunRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\tdirective\"\x91\x01\n\x0bRunResponse\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.dispatch.sdk.v1.Status\x12%\n\x04\x65xit\x18\x02 \x01(\x0b\x32\x15.dispatch.sdk.v1.ExitH\x00\x12%\n\x04poll\x18\x03 \x01(\x0b\x32\x15.dispatch.sdk.v1.PollH\x00\x42\x0b\n\tdirective2S\n\x0f\x46unctionService\x12@\n\x03Run\x12\x1b.dispatch.sdk.v1.RunRequest\x1a\x1c.dispatch.sdk.v1.RunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.sdk.v1.function_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RUNREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_RUNREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_RUNREQUEST']._serialized_start=238
-  _globals['_RUNREQUEST']._serialized_end=572
-  _globals['_RUNRESPONSE']._serialized_start=575
-  _globals['_RUNRESPONSE']._serialized_end=720
-  _globals['_FUNCTIONSERVICE']._serialized_start=722
-  _globals['_FUNCTIONSERVICE']._serialized_end=805
+  _globals['_RUNREQUEST']._serialized_end=696
+  _globals['_RUNREQUEST_TRACECONTEXTENTRY']._serialized_start=632
+  _globals['_RUNREQUEST_TRACECONTEXTENTRY']._serialized_end=683
+  _globals['_RUNRESPONSE']._serialized_start=699
+  _globals['_RUNRESPONSE']._serialized_end=844
+  _globals['_FUNCTIONSERVICE']._serialized_start=846
+  _globals['_FUNCTIONSERVICE']._serialized_end=929
 # @@protoc_insertion_point(module_scope)

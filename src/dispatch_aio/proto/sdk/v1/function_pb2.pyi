@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from dispatch_aio.proto.sdk.v1 import exit_pb2 as _exit_pb2
 from dispatch_aio.proto.sdk.v1 import poll_pb2 as _poll_pb2
 from dispatch_aio.proto.sdk.v1 import status_pb2 as _status_pb2
@@ -10,20 +11,41 @@ from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class RunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     FUNCTION_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
@@ -34,6 +56,7 @@ class RunRequest(_message.Message):
     CREATION_TIME_FIELD_NUMBER: _builtins.int
     EXPIRATION_TIME_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     function: _builtins.str
     dispatch_id: _builtins.str
     parent_dispatch_id: _builtins.str
@@ -57,6 +80,12 @@ class RunRequest(_message.Message):
     def creation_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def expiration_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extension of dispatch_aio: the trace context of this attempt (W3C Trace Context
+        fields), the parent of the spans the endpoint makes for it. Empty when untraced.
+        """
+
     def __init__(
         self,
         *,
@@ -69,10 +98,11 @@ class RunRequest(_message.Message):
         creation_time: _timestamp_pb2.Timestamp | None = ...,
         expiration_time: _timestamp_pb2.Timestamp | None = ...,
         generation: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "directive", b"directive", "expiration_time", b"expiration_time", "input", b"input", "poll_result", b"poll_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "directive", b"directive", "dispatch_id", b"dispatch_id", "expiration_time", b"expiration_time", "function", b"function", "generation", b"generation", "input", b"input", "parent_dispatch_id", b"parent_dispatch_id", "poll_result", b"poll_result", "root_dispatch_id", b"root_dispatch_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "directive", b"directive", "dispatch_id", b"dispatch_id", "expiration_time", b"expiration_time", "function", b"function", "generation", b"generation", "input", b"input", "parent_dispatch_id", b"parent_dispatch_id", "poll_result", b"poll_result", "root_dispatch_id", b"root_dispatch_id", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_directive: _TypeAlias = _typing.Literal["input", "poll_result"]  # noqa: Y015
     _WhichOneofArgType_directive: _TypeAlias = _typing.Literal["directive", b"directive"]  # noqa: Y015
