@@ -144,6 +144,15 @@ async def test_a_call_with_its_tree_error_and_traceback(
     assert "ValueError: <b>child</b> went wrong" in error["traceback"]
     assert error["value"].startswith("<ValueError('<b>child</b> went wrong'")
     assert detail["journal"] is None  # a finished run keeps no journal
+    (attempt,) = detail["attempts"]  # one Run request, which failed
+    assert (attempt["number"], attempt["status"]) == (1, "invalid_argument")
+    assert "<b>child</b> went wrong" in attempt["outcome"]
+    assert attempt["started"] <= attempt["finished"]
+    # The fan-out: its first run, and a resume for each batch of its children's results.
+    runs = data["call"]["attempts"]
+    assert [a["number"] for a in runs] == list(range(1, len(runs) + 1)) and len(runs) >= 2
+    assert runs[0]["outcome"].startswith("suspended, made ")
+    assert runs[-1]["outcome"] == "ok"
 
     assert "no call" in (await get_json(http, url + "nope", 404))["error"]
 

@@ -73,6 +73,7 @@ async def test_the_ui_shows_calls_a_tree_and_escaped_values(
     assert nodes == ["fanout", "square", "square", "square", "explode", "shout"]
     assert await browser.run("return document.querySelectorAll('#d-timeline .bar').length") == 6
     assert await browser.text("#d-input") == "(3)"
+    assert await browser.run("return document.querySelectorAll('#d-attempts tbody tr').length") > 1
     assert SCRIPT in await browser.text("#d-output")
     await browser.screenshot(tmp_path / "2-tree.png")
 

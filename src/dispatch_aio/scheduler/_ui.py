@@ -96,6 +96,7 @@ _MAX_DEPTH = 100
 _SHORT = 160
 _LONG = 20_000
 _MAX_STEPS = 1000
+_MAX_ATTEMPTS = 200  # the latest Run requests of a call shown
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -288,6 +289,16 @@ class _UiApi:
         detail = self._summary(rec, len(children.get(rec.id, [])))
         detail.update(self._payloads(rec, _LONG, traceback=True))
         detail["journal"] = await self._journal(rec)
+        detail["attempts"] = [
+            {
+                "number": a.number,
+                "started": a.started_at,
+                "finished": a.finished_at,
+                "status": _status_name(a.status),
+                "outcome": a.outcome,
+            }
+            for a in (await self._store.list_attempts(rec.id))[-_MAX_ATTEMPTS:]
+        ]
         body = {
             "call": detail,
             "tree": self._tree(root, children),

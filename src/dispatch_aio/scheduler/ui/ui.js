@@ -304,9 +304,27 @@
       $("d-trace-box").hidden = !call.error.traceback;
       $("d-trace").textContent = call.error.traceback || "";
     }
+    renderAttempts(call.attempts || []);
     renderTree(data.tree);
     renderTimeline(data.tree);
     renderJournal(call.journal);
+  }
+
+  // Each Run request of the call: a first run, a retry or a resume, and what came of it.
+  function renderAttempts(list) {
+    $("d-attempts-box").hidden = list.length === 0;
+    const rows = list.map((a) =>
+      el(
+        "tr",
+        { className: a.status === "ok" ? "" : "failed" },
+        el("td", {}, a.number),
+        el("td", {}, when(a.started)),
+        el("td", {}, duration(a.finished - a.started)),
+        el("td", {}, a.status),
+        el("td", { className: "outcome" }, a.outcome),
+      ),
+    );
+    $("d-attempts").tBodies[0].replaceChildren(...rows);
   }
 
   function renderTree(tree) {
