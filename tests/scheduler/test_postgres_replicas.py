@@ -48,6 +48,7 @@ def quiet() -> Handlers:
         reconnected=lambda: None,
         event=lambda key: None,
         schedules=lambda: None,
+        slots=lambda function: None,
     )
 
 
@@ -389,3 +390,35 @@ async def test_replicas_share_the_schedules_and_fire_each_time_once(
     assert len(fired) <= paused + 1  # at most a firing in flight during the pause
     calls = await two._store.list_calls(CallQuery(parent_id=""))
     assert len(calls) == len(fired)  # each firing time made one call, on either replica
+
+
+async def test_a_function_limited_to_2_never_runs_3_across_replicas(
+    pg_url: str, make_scheduler: MakeScheduler, endpoint: ScriptedEndpoint
+) -> None:
+    running = 0
+    peak = 0
+
+    async def limited(req: function_pb2.RunRequest) -> function_pb2.RunResponse:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.1)
+        running -= 1
+        return ok("done")
+
+    endpoint.on("limited", limited)
+    one = await make_scheduler(PostgresStore(pg_url, replica="one"), lease_timeout=0.9)
+    two = await make_scheduler(PostgresStore(pg_url, replica="two"), lease_timeout=0.9)
+    store = one._store
+    assert isinstance(store, PostgresStore)
+    await shared(store.coordination(), {"one": 32, "two": 32}, 5)
+    calls = [call("limited", str(i), endpoint=endpoint.url) for i in range(16)]
+    for c in calls:
+        c.policy.concurrency = 2
+    ids = await one.dispatch(calls)
+    held = one._engine._parts.owned  # type: ignore[union-attr]
+    assert {partition_of(i) in held for i in ids} == {True, False}  # both replicas run some
+    async with asyncio.timeout(30):
+        for i in ids:
+            assert unpack_text((await two.wait(i)).output) == "done"
+    assert peak == 2  # the two replicas together, never more

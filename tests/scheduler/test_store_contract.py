@@ -139,7 +139,9 @@ async def test_fences_and_announcements(store: Store) -> None:
         woken.set()
 
     ignore = lambda *args: None  # noqa: E731
-    await coordination.start(Handlers(calls, ignore, ignore, ignore, ignore, ignore, ignore), 30.0)
+    await coordination.start(
+        Handlers(calls, ignore, ignore, ignore, ignore, ignore, ignore, ignore), 30.0
+    )
     try:
         leases = await coordination.renew()
         epoch = leases.held[0]

@@ -299,6 +299,14 @@ class _TrackingCoordination(Coordination):
         """Ask for a cancellation through the inner coordination."""
         await self._inner.request_cancel(dispatch_id)
 
+    async def take_slot(self, function: str, limit: int, held: Sequence[int]) -> int | None:
+        """Take a slot through the inner coordination."""
+        return await self._inner.take_slot(function, limit, held)
+
+    async def give_slot(self, function: str, slot: int) -> None:
+        """Give a slot back through the inner coordination."""
+        await self._inner.give_slot(function, slot)
+
     async def replicas(self) -> dict[str, int]:
         """List the live replicas through the inner coordination."""
         return await self._inner.replicas()

@@ -1004,7 +1004,9 @@ class Engine:
 
     async def _attempt(self, live: _Live) -> None:
         delivered: list[tuple[int, call_pb2.CallResult]] = []
+        slot: tuple[str, int] | None = None
         try:
+            slot = await self._cluster_slot(live)
             rec = live.rec
             now = self._clock()
             if now >= rec.expires_at:
@@ -1086,7 +1088,25 @@ class Engine:
             live.task = None
             self._running.discard(live.rec.id)
             self._release(live)
+            if slot is not None and self._parts is not None:
+                self._parts.give_slot(*slot)
         self._arm(live)
+
+    async def _cluster_slot(self, live: _Live) -> tuple[str, int] | None:
+        """With replicas, wait for one of the function's slots across all of them.
+
+        The local limit (`_admit`) counts this replica's attempts; this one the
+        replicas' together. Returns the slot taken, or None when none is needed.
+        """
+        limit = live.policy.concurrency if live.policy is not None else None
+        if self._parts is None or limit is None or live.slot is None:
+            return None
+        function = " ".join(live.slot)
+        live.requesting = True  # a cancellation may stop the wait
+        try:
+            return function, await self._parts.take_slot(function, limit)
+        finally:
+            live.requesting = False
 
     def _endpoint(self, rec: CallRecord) -> str:
         """Where to run a call: its version's endpoint, if listed, else its own."""

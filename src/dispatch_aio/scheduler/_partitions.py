@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = ["Moved", "Partitions", "announce"]
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from ._engine import Engine, _Live
 
 logger = logging.getLogger("dispatch_aio.scheduler")
+
+_SLOT_RECHECK = 1.0  # seconds between looks for a slot a dead replica freed
 
 _ENDED_KEPT = 65536  # calls remembered as finished here (see `Partitions.adoptable`)
 _TAKE_SLACK = 0.05  # seconds after another replica's lease expires to renew ours
@@ -80,6 +83,10 @@ class Partitions:
         self._ended: dict[str, None] = {}
         self.submitting: set[str] = set()
         """Calls being submitted here: taken in once their write returns."""
+        # Attempts waiting for a concurrency slot another replica holds, by function.
+        self._slot_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._slots: dict[str, set[int]] = {}  # the slots this replica holds, by function
+        self._slot_lock = asyncio.Lock()  # one take at a time: it reads `_slots`
 
     @property
     def replica(self) -> str:
@@ -100,6 +107,7 @@ class Partitions:
             reconnected=self._reconnected,
             event=self._engine._event_resolved,
             schedules=self._schedules_changed,
+            slots=self._slot_freed,
         )
         await self._coord.start(handlers, self._lease)
         await self._round(first=True)
@@ -438,6 +446,68 @@ class Partitions:
             await self._engine.cancel(dispatch_id)
         except (LookupError, StoreError) as exc:
             logger.warning("could not cancel %s for another replica: %s", dispatch_id, exc)
+
+    async def take_slot(self, function: str, limit: int) -> int:
+        """Wait for one of the `limit` slots `function` has across the replicas; take it.
+
+        Woken when a replica gives one back; a replica that dies frees its slots
+        without a word, so the wait also looks again every second.
+
+        Raises:
+            StoreError: The store cannot be reached.
+        """
+        while True:
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.setdefault(function, []).append(waiter)
+            try:
+                async with self._slot_lock:
+                    held = self._slots.setdefault(function, set())
+                    taking = asyncio.ensure_future(
+                        self._coord.take_slot(function, limit, sorted(held))
+                    )
+                    try:
+                        # A cancellation must not leave a slot taken and not known.
+                        slot = await asyncio.shield(taking)
+                    except asyncio.CancelledError:
+                        taking.add_done_callback(lambda done: self._untaken(function, done))
+                        raise
+                    if slot is not None:
+                        held.add(slot)
+                        return slot
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), _SLOT_RECHECK)
+            finally:
+                waiting = self._slot_waiters.get(function, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                if not waiting:
+                    self._slot_waiters.pop(function, None)
+
+    def give_slot(self, function: str, slot: int) -> None:
+        """Give a slot back (in the background: the attempt that held it has ended)."""
+
+        async def give() -> None:
+            try:
+                await self._coord.give_slot(function, slot)
+            except StoreError as exc:  # the connection ended, and the slot with it
+                logger.info("could not give back a slot of %s: %s", function, exc)
+            finally:
+                self._slots.get(function, set()).discard(slot)
+
+        self._spawn(give())
+
+    def _untaken(self, function: str, taking: asyncio.Future[int | None]) -> None:
+        """Give back a slot taken for an attempt that was cancelled meanwhile."""
+        if not taking.cancelled() and taking.exception() is None:
+            slot = taking.result()
+            if slot is not None:
+                self._slots.setdefault(function, set()).add(slot)
+                self.give_slot(function, slot)
+
+    def _slot_freed(self, function: str) -> None:
+        for waiter in self._slot_waiters.get(function, []):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _schedules_changed(self) -> None:
         listener = self._engine.schedules_listener

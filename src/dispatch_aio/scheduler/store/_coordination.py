@@ -71,6 +71,8 @@ class Handlers:
     """A durable event was resolved (its key): its waiters here may finish."""
     schedules: Callable[[], None]
     """Another replica created, changed or deleted a schedule."""
+    slots: Callable[[str], None]
+    """A replica gave back a concurrency slot of this function."""
 
 
 class Coordination(abc.ABC):
@@ -130,6 +132,22 @@ class Coordination(abc.ABC):
     @abc.abstractmethod
     async def request_cancel(self, dispatch_id: str) -> None:
         """Ask the replica driving a call to cancel it."""
+
+    @abc.abstractmethod
+    async def take_slot(self, function: str, limit: int, held: Sequence[int]) -> int | None:
+        """Take one of the `limit` concurrency slots `function` has across the replicas.
+
+        A slot is held by this replica's connection: it is freed when given back, or
+        when the replica dies (its connection ends). Returns the slot's number, or None
+        when all are held (`held`: those this replica holds).
+
+        Raises:
+            StoreError: The store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def give_slot(self, function: str, slot: int) -> None:
+        """Give back a slot `take_slot` took, and wake the replicas waiting for one."""
 
     @abc.abstractmethod
     async def replicas(self) -> dict[str, int]:

@@ -12,7 +12,12 @@ and LISTENs on it:
 - ``dispatch_leases``: a replica let leases go: the others may take them now;
 - ``dispatch_events``: "KEY", a durable event was resolved (sent by the transaction
   that stored it), for the calls waiting on it here;
-- ``dispatch_schedules``: "ID", a schedule was created, changed or deleted.
+- ``dispatch_schedules``: "ID", a schedule was created, changed or deleted;
+- ``dispatch_slots``: "FUNCTION", a concurrency slot of the function was given back.
+
+A function's concurrency slots across the replicas are PostgreSQL advisory locks
+``(hashtext(function), slot)`` held by the control connection: a replica that dies
+frees its slots with its connection.
 
 Times of leases are the database server's (``now()``), so that the replicas' clocks do
 not matter. Taking a lease over locks its row ``FOR UPDATE``, which waits for (here:
@@ -47,6 +52,7 @@ _CHANNELS = (
     "dispatch_leases",
     "dispatch_events",
     "dispatch_schedules",
+    "dispatch_slots",
 )
 _CONNECT_TIMEOUT = 10.0
 _COMMAND_TIMEOUT = 10.0
@@ -61,6 +67,14 @@ _RENEW = (
     "WHERE owner = $1 RETURNING partition, epoch"
 )
 _LIVE = "SELECT count(*) FROM dispatch_replicas WHERE expires_at > now()"
+_TAKE_SLOT = (
+    # CASE fixes the order: a slot this session holds is never locked again (a session
+    # may lock one twice, and one unlock would then leave it held).
+    "SELECT s FROM generate_series(0, $2::integer - 1) s WHERE CASE "
+    "WHEN s = ANY($3::integer[]) THEN false ELSE pg_try_advisory_lock(hashtext($1), s) END "
+    "LIMIT 1"
+)
+_GIVE_SLOT = "SELECT pg_advisory_unlock(hashtext($1), $2), pg_notify('dispatch_slots', $1)"
 _NEXT_EXPIRY = (
     "SELECT extract(epoch FROM min(expires_at) - now()) FROM dispatch_leases "
     "WHERE owner <> $1 AND owner <> '' AND expires_at > now()"
@@ -215,6 +229,25 @@ class PostgresCoordination(Coordination):
 
         return await self._store.read(read)
 
+    async def take_slot(self, function: str, limit: int, held: Sequence[int]) -> int | None:
+        """Take a free advisory lock among the function's `limit` slots, if any."""
+        async with self._lock:
+            conn = await self._control()
+            # Rows are tried in order and the scan stops at the first lock taken; the
+            # slots this replica holds are skipped (a session may lock one twice).
+            slot: int | None = await self._run(
+                conn.fetchval(_TAKE_SLOT, function, limit, list(held))
+            )
+            return slot
+
+    async def give_slot(self, function: str, slot: int) -> None:
+        """Unlock the slot and notify ``dispatch_slots``."""
+        async with self._lock:
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                return  # the connection ended: its locks went with it
+            await self._run(conn.execute(_GIVE_SLOT, function, slot))
+
     async def request_cancel(self, dispatch_id: str) -> None:
         """Notify ``dispatch_cancel`` with the call's id."""
 
@@ -286,5 +319,7 @@ class PostgresCoordination(Coordination):
                 handlers.event(payload)
             elif channel == "dispatch_schedules":
                 handlers.schedules()
+            elif channel == "dispatch_slots":
+                handlers.slots(payload)
         except Exception:
             logger.exception("could not handle the notification %s %r", channel, payload)
