@@ -176,20 +176,19 @@ async def test_writes_go_to_the_writer_thread_after_a_slow_commit(store: SQLiteS
     assert not await yields_to_the_loop(store.write([InsertCall(record("b"))]), alone=True)
 
 
-async def test_a_version_4_database_gains_the_policy_column(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+@contextlib.asynccontextmanager
+async def opened_from_version(path: Path, version: int) -> AsyncIterator[SQLiteStore]:
+    """Open a store on a database that an older release left at schema `version`."""
     conn = sqlite3.connect(path)
-    for migrate in _sqlite._MIGRATIONS[:4]:
+    for migrate in _sqlite._MIGRATIONS[:version]:
         migrate(conn)
-    conn.execute("PRAGMA user_version = 4")
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.commit()
     conn.close()
     store = SQLiteStore(str(path))
     await store.open()
     try:
-        await store.write([InsertCall(dataclasses.replace(record("p"), policy=b"\x18\x02"))])
-        found = await store.get_call("p")
-        assert found is not None and found.policy == b"\x18\x02"
+        yield store
     finally:
         await store.close()
     conn = sqlite3.connect(path)
@@ -199,57 +198,31 @@ async def test_a_version_4_database_gains_the_policy_column(tmp_path: Path) -> N
         conn.close()
 
 
+async def test_a_version_4_database_gains_the_policy_column(tmp_path: Path) -> None:
+    async with opened_from_version(tmp_path / "old.db", 4) as store:
+        await store.write([InsertCall(dataclasses.replace(record("p"), policy=b"\x18\x02"))])
+        found = await store.get_call("p")
+        assert found is not None and found.policy == b"\x18\x02"
+
+
 async def test_a_version_5_database_gains_events_and_schedules(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    for migrate in _sqlite._MIGRATIONS[:5]:
-        migrate(conn)
-    conn.execute("PRAGMA user_version = 5")
-    conn.commit()
-    conn.close()
-    store = SQLiteStore(str(path))
-    await store.open()
-    try:
+    async with opened_from_version(tmp_path / "old.db", 5) as store:
         await store.write([PutEvent("k", b"result", 1.0)])
         assert await store.get_events(["k", "other"]) == {"k": b"result"}
         assert await store.list_schedules() == []
-    finally:
-        await store.close()
 
 
 async def test_a_version_6_database_gains_the_attempts(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    for migrate in _sqlite._MIGRATIONS[:6]:
-        migrate(conn)
-    conn.execute("PRAGMA user_version = 6")
-    conn.commit()
-    conn.close()
-    store = SQLiteStore(str(path))
-    await store.open()
-    try:
+    async with opened_from_version(tmp_path / "old.db", 6) as store:
         attempt = AttemptRecord("a", 1, 1.0, 2.0, 0, "ok")
         await store.write([InsertCall(record("a")), AddAttempt(attempt)])
         assert await store.list_attempts("a") == [attempt]
         assert await store.get_events(["k"]) == {}
-    finally:
-        await store.close()
 
 
 async def test_a_version_7_database_gains_the_trace_context(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    for migrate in _sqlite._MIGRATIONS[:7]:
-        migrate(conn)
-    conn.execute("PRAGMA user_version = 7")
-    conn.commit()
-    conn.close()
-    store = SQLiteStore(str(path))
-    await store.open()
-    try:
+    async with opened_from_version(tmp_path / "old.db", 7) as store:
         traced = dataclasses.replace(record("t"), trace_context='{"traceparent":"00-ab-cd-01"}')
         await store.write([InsertCall(traced)])
         found = await store.get_call("t")
         assert found is not None and found.trace_context == traced.trace_context
-    finally:
-        await store.close()
