@@ -9,33 +9,16 @@ from pathlib import Path
 import pytest
 from e2e.harness import Server, Starter, start_server
 
-from dispatch_aio import Call, Client
-from dispatch_aio.cli import main
+from dispatch_aio import Call
 from dispatch_aio.errors import CancelledCallError
 
-UNSERVED = "http://127.0.0.1:9"  # the call's endpoint: refused, so the call is retried
-
-
-def client(server: Server) -> Client:
-    return Client(api_key=server.api_key, api_url=server.api_url, endpoint_url=UNSERVED, env={})
+from .against_server import client, result, run
 
 
 async def submit(server: Server) -> str:
     async with client(server) as c:
         (dispatch_id,) = await c.dispatch([Call("f", (1,))])
         return dispatch_id
-
-
-async def result(server: Server, dispatch_id: str) -> object:
-    async with client(server) as c:
-        return await c.result(dispatch_id, timeout=5)
-
-
-def run(capsys: pytest.CaptureFixture[str], server: Server, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = main([*argv, "--api-url", server.api_url, "--api-key", server.api_key])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_cancel_a_call_then_see_it_cancelled(

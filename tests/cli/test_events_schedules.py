@@ -8,34 +8,17 @@ from pathlib import Path
 import pytest
 from e2e.harness import Server, Starter, start_server
 
-from dispatch_aio import Call, Client
+from dispatch_aio import Call
 from dispatch_aio._reserved import WAIT_EVENT
-from dispatch_aio.cli import main
 from dispatch_aio.errors import PermanentError
 
-UNSERVED = "http://127.0.0.1:9"  # never called: event waits are answered by the scheduler
-
-
-def client(server: Server) -> Client:
-    return Client(api_key=server.api_key, api_url=server.api_url, endpoint_url=UNSERVED, env={})
+from .against_server import client, result, run
 
 
 async def wait_on(server: Server, key: str) -> str:
     async with client(server) as c:
         (dispatch_id,) = await c.dispatch([Call(WAIT_EVENT, (key,))])
         return dispatch_id
-
-
-async def result(server: Server, dispatch_id: str) -> object:
-    async with client(server) as c:
-        return await c.result(dispatch_id, timeout=5)
-
-
-def run(capsys: pytest.CaptureFixture[str], server: Server, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = main([*argv, "--api-url", server.api_url, "--api-key", server.api_key])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_send_event_with_a_json_value_or_an_error(
