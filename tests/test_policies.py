@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from dispatch_aio import Dispatch, RateLimit, RetryPolicy, Status
+from dispatch_aio._policy import FunctionPolicy, apply_policy, describe_policy
+from dispatch_aio.cli._console import Console
+from dispatch_aio.cli._inspect import InspectClient, render_tree
 from dispatch_aio.errors import DispatchTimeoutError, PermanentError
 from dispatch_aio.proto.sdk.v1 import call_pb2
 from dispatch_aio.proto.v1 import policy_pb2
@@ -273,3 +278,31 @@ async def test_calls_made_by_a_function_carry_the_policy(tmp_path: Path) -> None
         assert await app.client.result(await fan_out.dispatch(), timeout=10) == list(range(6))
     assert most_at_once(spans) == 2
     assert len(attempts) == 2
+
+
+async def test_show_and_the_ui_say_what_a_call_s_policy_sets(scheduler: Scheduler) -> None:
+    api_url = await scheduler.serve("127.0.0.1", 0)
+    policy = FunctionPolicy(
+        retry=RetryPolicy(max_attempts=3, initial_backoff=1, max_backoff=60, multiplier=2),
+        timeout=30,
+        concurrency=2,
+        rate_limit=RateLimit(per_second=5, burst=10),
+    )
+    call = call_pb2.Call(function="f", endpoint="http://127.0.0.1:9")
+    apply_policy(call, policy)
+    (dispatch_id,) = await scheduler.dispatch([call])
+    expected = (
+        "retry 3 attempts, backoff 1 to 60 s x2; timeout 30 s per attempt; at most 2 at "
+        "once; 5 starts/s (burst 10)"
+    )
+    assert describe_policy(policy.to_proto()) == expected
+    async with InspectClient(api_url, API_KEY) as client:
+        tree = await client.get_call(dispatch_id)
+    assert describe_policy(tree.call.policy) == expected
+    out = io.StringIO()
+    console = Console(out, io.StringIO(), color=False, live=False)
+    assert f"policy: {expected}" in "\n".join(render_tree(tree, console))
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with http.get(f"{api_url}/ui/api/calls/{dispatch_id}", headers=headers) as resp:
+            assert (await resp.json())["call"]["policy"] == expected

@@ -18,7 +18,14 @@ the scheduler takes from the latest policy it saw for the function.
 
 from __future__ import annotations
 
-__all__ = ["FunctionPolicy", "RateLimit", "RetryPolicy", "apply_policy", "seconds"]
+__all__ = [
+    "FunctionPolicy",
+    "RateLimit",
+    "RetryPolicy",
+    "apply_policy",
+    "describe_policy",
+    "seconds",
+]
 
 import math
 import random
@@ -236,3 +243,26 @@ def apply_policy(call: call_pb2.Call, policy: FunctionPolicy) -> None:
     message = policy.to_proto()
     if message.ByteSize():
         call.policy.CopyFrom(message)
+
+
+def describe_policy(message: policy_pb2.FunctionPolicy) -> str:
+    """Say on one line what a call's policy sets ("" when it sets nothing)."""
+    parts: list[str] = []
+    if message.HasField("retry"):
+        retry = message.retry
+        attempts = f"{retry.max_attempts} attempts" if retry.max_attempts else "until it expires"
+        parts.append(
+            f"retry {attempts}, backoff {retry.initial_backoff:g} to {retry.max_backoff:g} s "
+            f"x{retry.multiplier:g}"
+        )
+        if retry.retry_on_given:
+            names = sorted(Status(s).name.lower() for s in retry.retry_on)
+            parts[-1] += " on " + (", ".join(names) or "no status")
+    if message.HasField("timeout"):
+        parts.append(f"timeout {message.timeout.ToNanoseconds() / 1e9:g} s per attempt")
+    if message.concurrency:
+        parts.append(f"at most {message.concurrency} at once")
+    if message.HasField("rate_limit"):
+        rate = message.rate_limit
+        parts.append(f"{rate.per_second:g} starts/s (burst {rate.burst})")
+    return "; ".join(parts)

@@ -27,6 +27,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from .. import __version__
+from .._policy import describe_policy
 from .._status import Status
 from ..proto.sdk.v1 import call_pb2, dispatch_pb2
 from ..proto.v1 import control_pb2, inspect_pb2
@@ -423,6 +424,8 @@ def _node(
         if top and info.HasField("expiration_time"):
             left = _seconds(info.expiration_time) - now
             lines.append(f"{detail}expires in {format_duration(left)}")
+    if top and info.HasField("policy") and (policy := describe_policy(info.policy)):
+        lines.append(f"{detail}policy: {policy}")
     if top and info.attempt_log:
         lines.append(f"{detail}requests:")
         lines.extend(f"{detail}  {line}" for line in _attempt_lines(info, console))

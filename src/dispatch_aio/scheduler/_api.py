@@ -25,6 +25,7 @@ with the matching HTTP status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -463,6 +464,9 @@ class _Service:
             version=rec.version,
             cancelled=is_cancelled(rec),
         )
+        if rec.policy:
+            with contextlib.suppress(DecodeError):  # stored by an older release: left out
+                info.policy.MergeFromString(rec.policy)
         info.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
         info.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
         info.update_time.FromNanoseconds(round(rec.updated_at * 1e9))

@@ -47,10 +47,11 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from .._codec import encode_error, encode_value
+from .._policy import describe_policy
 from .._status import Status
 from ..errors import PermanentError
 from ..proto.sdk.v1 import call_pb2, error_pb2
-from ..proto.v1 import journal_pb2
+from ..proto.v1 import journal_pb2, policy_pb2
 from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
 from ._events import EventAlreadyResolvedError
 from ._preview import preview_input, preview_pickle, preview_value
@@ -289,6 +290,7 @@ class _UiApi:
         detail = self._summary(rec, len(children.get(rec.id, [])))
         detail.update(self._payloads(rec, _LONG, traceback=True))
         detail["journal"] = await self._journal(rec)
+        detail["policy"] = _policy_text(rec.policy)
         detail["attempts"] = [
             {
                 "number": a.number,
@@ -471,6 +473,16 @@ def _any(data: bytes) -> any_pb2.Any:
     except DecodeError:
         value.type_url = "invalid"
     return value
+
+
+def _policy_text(data: bytes) -> str:
+    """The stored policy of a call, in words ("" for none, or an unreadable one)."""
+    if not data:
+        return ""
+    try:
+        return describe_policy(policy_pb2.FunctionPolicy.FromString(data))
+    except (DecodeError, ValueError):
+        return "(unreadable)"
 
 
 def _status_name(status: int) -> str:

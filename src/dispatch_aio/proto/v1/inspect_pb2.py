@@ -24,46 +24,47 @@ _sym_db = _symbol_database.Default()
 
 from dispatch_aio.proto.sdk.v1 import call_pb2 as dispatch__aio_dot_proto_dot_sdk_dot_v1_dot_call__pb2
 from dispatch_aio.proto.sdk.v1 import status_pb2 as dispatch__aio_dot_proto_dot_sdk_dot_v1_dot_status__pb2
+from dispatch_aio.proto.v1 import policy_pb2 as dispatch__aio_dot_proto_dot_v1_dot_policy__pb2
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispatch_aio/proto/v1/inspect.proto\x12\x0f\x64ispatch_aio.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\x1a&dispatch_aio/proto/sdk/v1/status.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf9\x05\n\x08\x43\x61llInfo\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x1a\n\x12parent_dispatch_id\x18\x02 \x01(\t\x12\x18\n\x10root_dispatch_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x10\n\x08\x66unction\x18\x05 \x01(\t\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.dispatch_aio.v1.CallState\x12\'\n\x06status\x18\x07 \x01(\x0e\x32\x17.dispatch.sdk.v1.Status\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\r\n\x05polls\x18\t \x01(\r\x12\x31\n\rcreation_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x65xpiration_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05input\x18\x0e \x01(\x0b\x32\x14.google.protobuf.Any\x12+\n\x06result\x18\x0f \x01(\x0b\x32\x1b.dispatch.sdk.v1.CallResult\x12\x12\n\nlast_error\x18\x10 \x01(\t\x12\x16\n\x0equeued_results\x18\x11 \x01(\r\x12\x16\n\x0e\x63orrelation_id\x18\x12 \x01(\x04\x12\x13\n\x0b\x63hild_count\x18\x13 \x01(\r\x12\x13\n\x0b\x64ivergences\x18\x14 \x01(\r\x12\x0f\n\x07version\x18\x15 \x01(\t\x12\x11\n\tcancelled\x18\x16 \x01(\x08\x12,\n\x08\x64ue_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0b\x61ttempt_log\x18\x18 \x03(\x0b\x32\x18.dispatch_aio.v1.Attempt\"\xb4\x01\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\r\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.dispatch.sdk.v1.Status\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"`\n\x08\x43\x61llTree\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x19.dispatch_aio.v1.CallInfo\x12+\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x19.dispatch_aio.v1.CallTree\".\n\x0bOpaqueValue\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xe8\x01\n\x10ListCallsRequest\x12*\n\x06states\x18\x01 \x03(\x0e\x32\x1a.dispatch_aio.v1.CallState\x12)\n\x08statuses\x18\x02 \x03(\x0e\x32\x17.dispatch.sdk.v1.Status\x12\x18\n\x10root_dispatch_id\x18\x03 \x01(\t\x12\x16\n\x0etop_level_only\x18\x04 \x01(\x08\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x15\n\romit_payloads\x18\x07 \x01(\x08\x12\x11\n\tcancelled\x18\x08 \x01(\x08\"V\n\x11ListCallsResponse\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.dispatch_aio.v1.CallInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x0eGetCallRequest\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\r\":\n\x0fGetCallResponse\x12\'\n\x04tree\x18\x01 \x01(\x0b\x32\x19.dispatch_aio.v1.CallTree\"R\n\x0fWaitCallRequest\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\";\n\x10WaitCallResponse\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x19.dispatch_aio.v1.CallInfo\")\n\x13ListJournalsRequest\x12\x12\n\npage_token\x18\x01 \x01(\t\"a\n\x14ListJournalsResponse\x12\x30\n\x08journals\x18\x01 \x03(\x0b\x32\x1e.dispatch_aio.v1.StoredJournal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\rStoredJournal\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0f\n\x07journal\x18\x03 \x01(\x0c*\x86\x01\n\tCallState\x12\x1a\n\x16\x43\x41LL_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41LL_STATE_PENDING\x10\x01\x12\x16\n\x12\x43\x41LL_STATE_RUNNING\x10\x02\x12\x18\n\x14\x43\x41LL_STATE_SUSPENDED\x10\x03\x12\x13\n\x0f\x43\x41LL_STATE_DONE\x10\x04\x32\xe0\x02\n\x0eInspectService\x12R\n\tListCalls\x12!.dispatch_aio.v1.ListCallsRequest\x1a\".dispatch_aio.v1.ListCallsResponse\x12L\n\x07GetCall\x12\x1f.dispatch_aio.v1.GetCallRequest\x1a .dispatch_aio.v1.GetCallResponse\x12O\n\x08WaitCall\x12 .dispatch_aio.v1.WaitCallRequest\x1a!.dispatch_aio.v1.WaitCallResponse\x12[\n\x0cListJournals\x12$.dispatch_aio.v1.ListJournalsRequest\x1a%.dispatch_aio.v1.ListJournalsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispatch_aio/proto/v1/inspect.proto\x12\x0f\x64ispatch_aio.v1\x1a$dispatch_aio/proto/sdk/v1/call.proto\x1a&dispatch_aio/proto/sdk/v1/status.proto\x1a\"dispatch_aio/proto/v1/policy.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x06\n\x08\x43\x61llInfo\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x1a\n\x12parent_dispatch_id\x18\x02 \x01(\t\x12\x18\n\x10root_dispatch_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x10\n\x08\x66unction\x18\x05 \x01(\t\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.dispatch_aio.v1.CallState\x12\'\n\x06status\x18\x07 \x01(\x0e\x32\x17.dispatch.sdk.v1.Status\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\r\n\x05polls\x18\t \x01(\r\x12\x31\n\rcreation_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x65xpiration_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05input\x18\x0e \x01(\x0b\x32\x14.google.protobuf.Any\x12+\n\x06result\x18\x0f \x01(\x0b\x32\x1b.dispatch.sdk.v1.CallResult\x12\x12\n\nlast_error\x18\x10 \x01(\t\x12\x16\n\x0equeued_results\x18\x11 \x01(\r\x12\x16\n\x0e\x63orrelation_id\x18\x12 \x01(\x04\x12\x13\n\x0b\x63hild_count\x18\x13 \x01(\r\x12\x13\n\x0b\x64ivergences\x18\x14 \x01(\r\x12\x0f\n\x07version\x18\x15 \x01(\t\x12\x11\n\tcancelled\x18\x16 \x01(\x08\x12,\n\x08\x64ue_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x0b\x61ttempt_log\x18\x18 \x03(\x0b\x32\x18.dispatch_aio.v1.Attempt\x12/\n\x06policy\x18\x19 \x01(\x0b\x32\x1f.dispatch_aio.v1.FunctionPolicy\"\xb4\x01\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\r\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.dispatch.sdk.v1.Status\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"`\n\x08\x43\x61llTree\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x19.dispatch_aio.v1.CallInfo\x12+\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x19.dispatch_aio.v1.CallTree\".\n\x0bOpaqueValue\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xe8\x01\n\x10ListCallsRequest\x12*\n\x06states\x18\x01 \x03(\x0e\x32\x1a.dispatch_aio.v1.CallState\x12)\n\x08statuses\x18\x02 \x03(\x0e\x32\x17.dispatch.sdk.v1.Status\x12\x18\n\x10root_dispatch_id\x18\x03 \x01(\t\x12\x16\n\x0etop_level_only\x18\x04 \x01(\x08\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x15\n\romit_payloads\x18\x07 \x01(\x08\x12\x11\n\tcancelled\x18\x08 \x01(\x08\"V\n\x11ListCallsResponse\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.dispatch_aio.v1.CallInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x0eGetCallRequest\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\r\":\n\x0fGetCallResponse\x12\'\n\x04tree\x18\x01 \x01(\x0b\x32\x19.dispatch_aio.v1.CallTree\"R\n\x0fWaitCallRequest\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\";\n\x10WaitCallResponse\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x19.dispatch_aio.v1.CallInfo\")\n\x13ListJournalsRequest\x12\x12\n\npage_token\x18\x01 \x01(\t\"a\n\x14ListJournalsResponse\x12\x30\n\x08journals\x18\x01 \x03(\x0b\x32\x1e.dispatch_aio.v1.StoredJournal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\rStoredJournal\x12\x13\n\x0b\x64ispatch_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0f\n\x07journal\x18\x03 \x01(\x0c*\x86\x01\n\tCallState\x12\x1a\n\x16\x43\x41LL_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41LL_STATE_PENDING\x10\x01\x12\x16\n\x12\x43\x41LL_STATE_RUNNING\x10\x02\x12\x18\n\x14\x43\x41LL_STATE_SUSPENDED\x10\x03\x12\x13\n\x0f\x43\x41LL_STATE_DONE\x10\x04\x32\xe0\x02\n\x0eInspectService\x12R\n\tListCalls\x12!.dispatch_aio.v1.ListCallsRequest\x1a\".dispatch_aio.v1.ListCallsResponse\x12L\n\x07GetCall\x12\x1f.dispatch_aio.v1.GetCallRequest\x1a .dispatch_aio.v1.GetCallResponse\x12O\n\x08WaitCall\x12 .dispatch_aio.v1.WaitCallRequest\x1a!.dispatch_aio.v1.WaitCallResponse\x12[\n\x0cListJournals\x12$.dispatch_aio.v1.ListJournalsRequest\x1a%.dispatch_aio.v1.ListJournalsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatch_aio.proto.v1.inspect_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLSTATE']._serialized_start=2121
-  _globals['_CALLSTATE']._serialized_end=2255
-  _globals['_CALLINFO']._serialized_start=227
-  _globals['_CALLINFO']._serialized_end=988
-  _globals['_ATTEMPT']._serialized_start=991
-  _globals['_ATTEMPT']._serialized_end=1171
-  _globals['_CALLTREE']._serialized_start=1173
-  _globals['_CALLTREE']._serialized_end=1269
-  _globals['_OPAQUEVALUE']._serialized_start=1271
-  _globals['_OPAQUEVALUE']._serialized_end=1317
-  _globals['_LISTCALLSREQUEST']._serialized_start=1320
-  _globals['_LISTCALLSREQUEST']._serialized_end=1552
-  _globals['_LISTCALLSRESPONSE']._serialized_start=1554
-  _globals['_LISTCALLSRESPONSE']._serialized_end=1640
-  _globals['_GETCALLREQUEST']._serialized_start=1642
-  _globals['_GETCALLREQUEST']._serialized_end=1698
-  _globals['_GETCALLRESPONSE']._serialized_start=1700
-  _globals['_GETCALLRESPONSE']._serialized_end=1758
-  _globals['_WAITCALLREQUEST']._serialized_start=1760
-  _globals['_WAITCALLREQUEST']._serialized_end=1842
-  _globals['_WAITCALLRESPONSE']._serialized_start=1844
-  _globals['_WAITCALLRESPONSE']._serialized_end=1903
-  _globals['_LISTJOURNALSREQUEST']._serialized_start=1905
-  _globals['_LISTJOURNALSREQUEST']._serialized_end=1946
-  _globals['_LISTJOURNALSRESPONSE']._serialized_start=1948
-  _globals['_LISTJOURNALSRESPONSE']._serialized_end=2045
-  _globals['_STOREDJOURNAL']._serialized_start=2047
-  _globals['_STOREDJOURNAL']._serialized_end=2118
-  _globals['_INSPECTSERVICE']._serialized_start=2258
-  _globals['_INSPECTSERVICE']._serialized_end=2610
+  _globals['_CALLSTATE']._serialized_start=2206
+  _globals['_CALLSTATE']._serialized_end=2340
+  _globals['_CALLINFO']._serialized_start=263
+  _globals['_CALLINFO']._serialized_end=1073
+  _globals['_ATTEMPT']._serialized_start=1076
+  _globals['_ATTEMPT']._serialized_end=1256
+  _globals['_CALLTREE']._serialized_start=1258
+  _globals['_CALLTREE']._serialized_end=1354
+  _globals['_OPAQUEVALUE']._serialized_start=1356
+  _globals['_OPAQUEVALUE']._serialized_end=1402
+  _globals['_LISTCALLSREQUEST']._serialized_start=1405
+  _globals['_LISTCALLSREQUEST']._serialized_end=1637
+  _globals['_LISTCALLSRESPONSE']._serialized_start=1639
+  _globals['_LISTCALLSRESPONSE']._serialized_end=1725
+  _globals['_GETCALLREQUEST']._serialized_start=1727
+  _globals['_GETCALLREQUEST']._serialized_end=1783
+  _globals['_GETCALLRESPONSE']._serialized_start=1785
+  _globals['_GETCALLRESPONSE']._serialized_end=1843
+  _globals['_WAITCALLREQUEST']._serialized_start=1845
+  _globals['_WAITCALLREQUEST']._serialized_end=1927
+  _globals['_WAITCALLRESPONSE']._serialized_start=1929
+  _globals['_WAITCALLRESPONSE']._serialized_end=1988
+  _globals['_LISTJOURNALSREQUEST']._serialized_start=1990
+  _globals['_LISTJOURNALSREQUEST']._serialized_end=2031
+  _globals['_LISTJOURNALSRESPONSE']._serialized_start=2033
+  _globals['_LISTJOURNALSRESPONSE']._serialized_end=2130
+  _globals['_STOREDJOURNAL']._serialized_start=2132
+  _globals['_STOREDJOURNAL']._serialized_end=2203
+  _globals['_INSPECTSERVICE']._serialized_start=2343
+  _globals['_INSPECTSERVICE']._serialized_end=2695
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from dispatch_aio.proto.sdk.v1 import call_pb2 as _call_pb2
 from dispatch_aio.proto.sdk.v1 import status_pb2 as _status_pb2
+from dispatch_aio.proto.v1 import policy_pb2 as _policy_pb2
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -88,6 +89,7 @@ class CallInfo(_message.Message):
     CANCELLED_FIELD_NUMBER: _builtins.int
     DUE_TIME_FIELD_NUMBER: _builtins.int
     ATTEMPT_LOG_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     dispatch_id: _builtins.str
     parent_dispatch_id: _builtins.str
     """Empty for a top-level call."""
@@ -154,6 +156,12 @@ class CallInfo(_message.Message):
     def attempt_log(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Each attempt, oldest first: set by GetCall for the call asked for only."""
 
+    @_builtins.property
+    def policy(self) -> _policy_pb2.FunctionPolicy:
+        """How the scheduler runs the call (its function's policy, Call field 1000);
+        unset when the call carries none.
+        """
+
     def __init__(
         self,
         *,
@@ -181,10 +189,11 @@ class CallInfo(_message.Message):
         cancelled: _builtins.bool = ...,
         due_time: _timestamp_pb2.Timestamp | None = ...,
         attempt_log: _abc.Iterable[Global___Attempt] | None = ...,
+        policy: _policy_pb2.FunctionPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "due_time", b"due_time", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["creation_time", b"creation_time", "due_time", b"due_time", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "input", b"input", "policy", b"policy", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_log", b"attempt_log", "attempts", b"attempts", "cancelled", b"cancelled", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "divergences", b"divergences", "due_time", b"due_time", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_log", b"attempt_log", "attempts", b"attempts", "cancelled", b"cancelled", "child_count", b"child_count", "correlation_id", b"correlation_id", "creation_time", b"creation_time", "dispatch_id", b"dispatch_id", "divergences", b"divergences", "due_time", b"due_time", "endpoint", b"endpoint", "expiration_time", b"expiration_time", "finish_time", b"finish_time", "function", b"function", "input", b"input", "last_error", b"last_error", "parent_dispatch_id", b"parent_dispatch_id", "policy", b"policy", "polls", b"polls", "queued_results", b"queued_results", "result", b"result", "root_dispatch_id", b"root_dispatch_id", "state", b"state", "status", b"status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -290,6 +290,7 @@
       [call.finished !== null ? "Took" : "Running for", duration(elapsed(call))],
     ];
     if (call.version) facts.push(["Version", call.version]);
+    if (call.policy) facts.push(["Policy", call.policy]);
     if (call.state !== "done") facts.push(["Expires in", duration(call.expires - now())]);
     if (call.failures) facts.push(["Failures in a row", call.failures]);
     if (call.divergences) facts.push(["Diverged from journal", call.divergences + " time" + (call.divergences === 1 ? "" : "s")]);
