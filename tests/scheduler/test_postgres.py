@@ -153,6 +153,32 @@ async def test_the_store_connects_again_after_its_session_ended(
         await store.close()
 
 
+async def test_a_server_that_accepts_no_writes_is_named_with_what_to_do(
+    pg_url: str, admin: asyncpg.Connection
+) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    name = database_name(pg_url)
+    try:
+        await store.write([InsertCall(record("a"))])
+        # New sessions are read-only, as on a standby; the store's end and it reconnects.
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        await terminate_sessions(admin, pg_url)
+        message = ""
+        for _ in range(3):  # a first write may only notice that its session ended
+            with pytest.raises(StoreError) as caught:
+                await store.write([InsertCall(record("b"))])
+            message = str(caught.value)
+            if "accepts no writes" in message:
+                break
+        assert "postgresql://postgres@" in message and "accepts no writes" in message, message
+        assert "point --database at the primary" in message
+        assert await store.get_call("b") is None and await store.get_call("a") is not None
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await store.close()
+
+
 async def test_calls_move_again_once_the_database_is_back(
     endpoint: ScriptedEndpoint,
     make_scheduler: MakeScheduler,

@@ -496,13 +496,27 @@ class _InDoubt(Exception):
         self.token = token
 
 
-def _write_error(exc: BaseException) -> StoreError:
+_DISK_FULL = "53100"
+_READ_ONLY = "25006"  # read_only_sql_transaction: a standby, or default_transaction_read_only
+_READ_ONLY_FIX = "point --database at the primary, not a standby, or end its read-only mode"
+
+
+def _write_error(exc: BaseException, where: str) -> StoreError:
+    """The error of a failed write: what happened on the server `where`, and what to do."""
     state = getattr(exc, "sqlstate", None)
     if state == _FENCED:
         return FencedError(f"the database write was fenced off: {exc}")
     if state == _KEY_TAKEN:
         return KeyTakenError(f"the database write was refused: {exc}")
-    return StoreError(f"the database write failed: {exc}")
+    failed = f"the database write failed on {where}"
+    again = "nothing was written, and the scheduler tries again"
+    if state == _DISK_FULL:
+        return StoreError(
+            f"{failed}: the server's disk is full ({exc}); free space there ({again})"
+        )
+    if state == _READ_ONLY:
+        return StoreError(f"{failed}: the server accepts no writes ({exc}); {_READ_ONLY_FIX}")
+    return StoreError(f"{failed}: {exc}")
 
 
 class PostgresStore(Store):
@@ -811,6 +825,11 @@ class PostgresStore(Store):
             await conn.execute(_ADD_MARK, self._replica)
         except BaseException as exc:
             conn.terminate()
+            if getattr(exc, "sqlstate", None) == _READ_ONLY:
+                raise StoreError(
+                    f"cannot use the database {self._masked}: it accepts no writes ({exc}); "
+                    f"{_READ_ONLY_FIX}"
+                ) from None
             if isinstance(exc, pg.PostgresError | pg.InterfaceError | OSError | TimeoutError):
                 raise StoreError(f"cannot use the database {self._masked}: {exc}") from None
             raise
@@ -944,7 +963,7 @@ class PostgresStore(Store):
                     await self._drop()
                     return [self._connection_lost(exc)] * len(groups)
                 if len(groups) == 1 or attempt:
-                    return [_write_error(exc)] * len(groups)
+                    return [_write_error(exc, self._masked)] * len(groups)
                 errors = []
             except (pg.InterfaceError, OSError, TimeoutError) as exc:
                 await self._drop()
@@ -971,7 +990,7 @@ class PostgresStore(Store):
                     if conn.is_closed():
                         raise
                     await savepoint.rollback()
-                    errors.append(_write_error(exc))
+                    errors.append(_write_error(exc, self._masked))
                 else:
                     await savepoint.commit()
                     errors.append(None)
