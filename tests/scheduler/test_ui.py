@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dispatch_aio.proto.v1 import schedule_pb2
 from dispatch_aio.scheduler._ui import ui_address
 
 from .ui_workload import API_KEY, SCRIPT, Workload, serve_workload
@@ -216,3 +217,43 @@ async def test_actions_need_the_key_and_say_what_was_wrong(
     assert "key" in (await post(events, {"key": ""}, 400))["error"]
     assert await post(events, {"key": "k", "error": "refused"}, 200) == {"woken": 0}
     assert "already resolved" in (await post(events, {"key": "k", "value": 1}, 409))["error"]
+
+
+async def test_schedules_are_listed_and_paused(
+    workload: Workload, http: aiohttp.ClientSession
+) -> None:
+    base = workload.api_url
+    assert (await get_json(http, f"{base}/ui/api/schedules"))["schedules"] == []
+    spec = schedule_pb2.Schedule(
+        id="nightly",
+        function="shout",
+        endpoint=workload.endpoint,
+        missed=schedule_pb2.MISSED_POLICY_ONCE,
+    )
+    spec.cron.expression = "0 2 * * *"
+    spec.cron.time_zone = "Europe/Paris"
+    await workload.scheduler.schedules.create(spec)
+    (listed,) = (await get_json(http, f"{base}/ui/api/schedules"))["schedules"]
+    assert {k: listed[k] for k in ("id", "function", "input", "timing", "missed", "paused")} == {
+        "id": "nightly",
+        "function": "shout",
+        "input": "()",
+        "timing": "cron 0 2 * * * (Europe/Paris)",
+        "missed": "once",
+        "paused": False,
+    }
+    assert listed["next"] > time.time()
+
+    async def post(action: str, expect: int, schedule_id: str = "nightly") -> Any:
+        url = f"{base}/ui/api/schedules/{schedule_id}/{action}"
+        async with http.post(url, headers=AUTH) as resp:
+            assert resp.status == expect, await resp.text()
+            return await resp.json()
+
+    async with http.post(f"{base}/ui/api/schedules/nightly/pause") as resp:
+        assert resp.status == 401  # no key
+    paused = await post("pause", 200)
+    assert (paused["paused"], paused["next"]) == (True, None)
+    assert workload.scheduler.schedules.list()[0].paused
+    assert (await post("resume", 200))["paused"] is False
+    assert "no schedule with id 'none'" in (await post("pause", 404, "none"))["error"]

@@ -13,6 +13,7 @@ import pytest
 from browser import Browser, chromium, find_browser
 
 from dispatch_aio._codec import decode_value
+from dispatch_aio.proto.v1 import schedule_pb2
 from dispatch_aio.scheduler._ui import ui_address
 
 from .ui_workload import API_KEY, SCRIPT, Workload, serve_workload
@@ -174,6 +175,22 @@ async def test_the_ui_sends_an_event_and_cancels_a_call(
     await browser.wait_for("return document.getElementById('cancel').hidden")
     await browser.screenshot(tmp_path / "2-cancelled.png")
     assert not await browser.alert_open()
+
+
+async def test_the_ui_lists_schedules_and_pauses_one(
+    workload: Workload, browser: Browser, tmp_path: Path
+) -> None:
+    spec = schedule_pb2.Schedule(id="reports", function="shout", endpoint=workload.endpoint)
+    spec.interval.FromNanoseconds(3600 * 10**9)
+    await workload.scheduler.schedules.create(spec)
+    await browser.get(ui_address(workload.api_url, API_KEY))
+    row = "document.querySelector('#schedules tr[data-id=\"reports\"]')"
+    await browser.wait_for(f"return {row} !== null")
+    assert "every 3600 s" in await browser.text('#schedules tr[data-id="reports"]')
+    await browser.click('#schedules tr[data-id="reports"] button')
+    await browser.wait_for(f"return {row}.dataset.paused === 'true'")
+    assert workload.scheduler.schedules.list()[0].paused
+    await browser.screenshot(tmp_path / "schedules.png")
 
 
 async def test_a_wrong_key_asks_for_the_key(workload: Workload, browser: Browser) -> None:

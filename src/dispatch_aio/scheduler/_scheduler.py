@@ -227,7 +227,13 @@ class Scheduler:
             self._app = create_app(
                 self._engine, self._store, api_key=self._api_key, schedules=self._schedules
             )
-            add_ui_routes(self._app, self._engine, self._store, api_key=self._api_key)
+            add_ui_routes(
+                self._app,
+                self._engine,
+                self._store,
+                api_key=self._api_key,
+                schedules=self._schedules,
+            )
         except BaseException:
             await self.close()
             raise

@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -51,11 +51,14 @@ from .._policy import describe_policy
 from .._status import Status
 from ..errors import PermanentError
 from ..proto.sdk.v1 import call_pb2, error_pb2
-from ..proto.v1 import journal_pb2, policy_pb2
+from ..proto.v1 import journal_pb2, policy_pb2, schedule_pb2
 from ._engine import Engine, EngineClosedError, InvalidCallError, is_cancelled
 from ._events import EventAlreadyResolvedError
 from ._preview import preview_input, preview_pickle, preview_value
 from .store import CallQuery, CallRecord, Phase, StateKind, Store, StoreError
+
+if TYPE_CHECKING:
+    from ._schedules import Schedules
 
 UI_PATH = "/ui/"
 """Where the UI is served, below the API's base URL."""
@@ -112,7 +115,14 @@ def ui_address(api_url: str, api_key: str) -> str:
     return f"{api_url.rstrip('/')}{UI_PATH}#key={quote(api_key, safe='')}"
 
 
-def add_ui_routes(app: web.Application, engine: Engine, store: Store, *, api_key: str) -> None:
+def add_ui_routes(
+    app: web.Application,
+    engine: Engine,
+    store: Store,
+    *,
+    api_key: str,
+    schedules: Schedules | None = None,
+) -> None:
     """Serve the web UI on `app` at ``/ui/``.
 
     Args:
@@ -120,12 +130,13 @@ def add_ui_routes(app: web.Application, engine: Engine, store: Store, *, api_key
         engine: The engine, for the calls being run now.
         store: The store the calls are read from.
         api_key: The key the UI's data requests must carry.
+        schedules: The scheduler's schedules, when its store keeps them.
     """
     files = {
         name: (resources.files(__package__ or "dispatch_aio.scheduler") / "ui" / name).read_bytes()
         for name in _FILES
     }
-    api = _UiApi(engine, store, api_key)
+    api = _UiApi(engine, store, api_key, schedules)
 
     async def static(request: web.Request) -> web.Response:
         name = request.match_info.get("name") or "index.html"
@@ -144,6 +155,8 @@ def add_ui_routes(app: web.Application, engine: Engine, store: Store, *, api_key
             web.get("/api/calls/{dispatch_id}", api.get_call),
             web.post("/api/calls/{dispatch_id}/cancel", api.cancel),
             web.post("/api/events", api.send_event),
+            web.get("/api/schedules", api.list_schedules),
+            web.post("/api/schedules/{schedule_id}/{action:pause|resume}", api.pause_schedule),
             web.get("/{name}", static),
         ]
     )
@@ -170,10 +183,13 @@ class _BadRequest(Exception):
 
 
 class _UiApi:
-    def __init__(self, engine: Engine, store: Store, api_key: str) -> None:
+    def __init__(
+        self, engine: Engine, store: Store, api_key: str, schedules: Schedules | None
+    ) -> None:
         self._engine = engine
         self._store = store
         self._api_key = api_key.encode()
+        self._schedules = schedules
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -271,6 +287,28 @@ class _UiApi:
         except EngineClosedError as exc:
             return _error(503, str(exc))
         return web.json_response({"woken": woken}, headers=_HEADERS)
+
+    async def list_schedules(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        found = self._schedules.list() if self._schedules is not None else []
+        body = {"schedules": [_schedule_json(s) for s in found], "now": time.time()}
+        return web.json_response(body, headers=_HEADERS)
+
+    async def pause_schedule(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        if self._schedules is None:
+            return _error(404, "this scheduler keeps no schedules")
+        schedule_id = request.match_info["schedule_id"]
+        try:
+            if request.match_info["action"] == "pause":
+                changed = await self._schedules.pause(schedule_id)
+            else:
+                changed = await self._schedules.resume(schedule_id)
+        except LookupError as exc:
+            return _error(404, str(exc))
+        return web.json_response(_schedule_json(changed), headers=_HEADERS)
 
     async def get_call(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -473,6 +511,24 @@ def _any(data: bytes) -> any_pb2.Any:
     except DecodeError:
         value.type_url = "invalid"
     return value
+
+
+def _schedule_json(schedule: schedule_pb2.Schedule) -> dict[str, Any]:
+    """A schedule as the page shows it."""
+    if schedule.WhichOneof("timing") == "cron":
+        timing = f"cron {schedule.cron.expression} ({schedule.cron.time_zone or 'UTC'})"
+    else:
+        timing = f"every {schedule.interval.ToNanoseconds() / 1e9:g} s"
+    missed = schedule_pb2.MissedPolicy.Name(schedule.missed).removeprefix("MISSED_POLICY_")
+    return {
+        "id": schedule.id,
+        "function": schedule.function,
+        "input": preview_input(schedule.input, _SHORT) if schedule.HasField("input") else "()",
+        "timing": timing,
+        "missed": missed.lower(),
+        "paused": schedule.paused,
+        "next": schedule.next_firing.ToNanoseconds() / 1e9 if not schedule.paused else None,
+    }
 
 
 def _policy_text(data: bytes) -> str:

@@ -392,12 +392,42 @@
 
   // -- refreshing ------------------------------------------------------------------
 
+  function renderSchedules(data) {
+    $("schedules-box").hidden = data.schedules.length === 0;
+    const rows = data.schedules.map((s) => {
+      const button = el("button", { type: "button" }, s.paused ? "Resume" : "Pause");
+      button.addEventListener("click", () => toggleSchedule(s.id, s.paused ? "resume" : "pause", button));
+      return el(
+        "tr",
+        { dataset: { id: s.id, paused: String(s.paused) } },
+        el("td", { className: "id" }, s.id),
+        el("td", {}, s.function + s.input),
+        el("td", {}, s.timing),
+        el("td", {}, s.paused ? "paused" : when(s.next)),
+        el("td", {}, s.missed),
+        el("td", {}, button),
+      );
+    });
+    $("schedules").tBodies[0].replaceChildren(...rows);
+  }
+
+  async function toggleSchedule(id, action, button) {
+    button.disabled = true;
+    try {
+      await post("api/schedules/" + encodeURIComponent(id) + "/" + action);
+    } catch (err) {
+      problem("The schedule was not changed: " + err.message);
+    }
+    refresh();
+  }
+
   async function refresh() {
     if (state.busy) return;
     state.busy = true;
     try {
       const list = await api(listQuery());
       renderList(list);
+      renderSchedules(await api("api/schedules"));
       if (state.selected) {
         const id = state.selected;
         try {
