@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import dispatch_aio
 from dispatch_aio import Dispatch, RateLimit, RetryPolicy, Status
 from dispatch_aio._policy import FunctionPolicy, apply_policy, describe_policy
 from dispatch_aio.cli._console import Console
@@ -224,6 +225,36 @@ async def test_the_testing_environment_honours_the_retry_policy() -> None:
         info = await env.run(flaky)
     assert len(attempts) == 3
     assert isinstance(info.error, ConnectionError)
+
+
+async def test_the_testing_environment_honours_concurrency_and_rate() -> None:
+    app = Dispatch(env={})
+    spans: list[tuple[float, float]] = []
+    starts: list[float] = []
+
+    @app.function(concurrency=2)
+    def blocking(x: int) -> int:  # a plain def: its attempt lasts while it sleeps
+        start = time.monotonic()
+        time.sleep(0.05)
+        spans.append((start, time.monotonic()))
+        return x
+
+    @app.function(rate_limit=RateLimit(per_second=1, burst=1))
+    async def tick(i: int) -> int:
+        starts.append(dispatch_aio.now().timestamp())
+        return i
+
+    @app.function
+    async def fan() -> list[int]:
+        firsts = await asyncio.gather(*(blocking(i) for i in range(6)))
+        return firsts + list(await asyncio.gather(*(tick(i) for i in range(3))))
+
+    async with Environment(app) as env:
+        info = await env.run(fan)
+    assert info.output == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    assert most_at_once(spans) == 2 and len(spans) == 6
+    # One start per second of the environment's clock (virtual: no real waiting).
+    assert [round(t - starts[0]) for t in sorted(starts)] == [0, 1, 2]
 
 
 def test_policies_are_checked_at_decoration() -> None:

@@ -21,6 +21,7 @@ from endpoint_driver import Driver, Outcome
 import dispatch_aio
 from dispatch_aio import Dispatch, Status
 from dispatch_aio._signature import public_key_to_base64
+from dispatch_aio.testing import Environment
 
 dispatch = Dispatch(env={}, api_url="http://127.0.0.1:9", endpoint_addr="127.0.0.1:0")
 
@@ -137,3 +138,24 @@ async def test_embedded_dispatch_and_durable_calls_of_thread_and_process_functio
             await app.functions["pid_and_square"].dispatch(5), timeout=30
         )
         assert (square, pid != os.getpid()) == (25, True)
+
+
+async def test_a_blocking_def_finishes_on_the_testing_environment_s_virtual_time() -> None:
+    # The thread's work is invisible to the event loop: virtual time must not jump to the
+    # call's expiration (7 days) while it runs.
+    app = dispatch_aio.Dispatch(env={})
+
+    @app.function
+    def blocking(x: int) -> int:
+        time.sleep(0.05)
+        return x
+
+    @app.function
+    async def fan() -> list[int]:
+        return list(await asyncio.gather(*(blocking(i) for i in range(4))))
+
+    async with Environment(app) as env:
+        before = env.clock.time()
+        info = await env.run(fan)
+        assert env.clock.time() - before < 60
+    assert (info.output, info.error) == ([0, 1, 2, 3], None)

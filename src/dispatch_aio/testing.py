@@ -76,7 +76,15 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 from google.protobuf import any_pb2, timestamp_pb2
@@ -86,6 +94,7 @@ from ._client import Call
 from ._dispatch import Dispatch
 from ._endpoint import DEFAULT_MAX_BODY_SIZE, body_too_large
 from ._function import Function
+from ._policy import FunctionPolicy, RateLimit
 from ._replay_worker import Setup, Target, WorkerError, WorkerPool, locate, module_file
 from ._reserved import WAIT_EVENT
 from ._status import Classifier, Status
@@ -125,6 +134,45 @@ _MAIN_NAMES = ("__main__", "__mp_main__")
 # Per poller: children still running by correlation id, and results not yet delivered.
 _Poller = tuple[dict[int, "asyncio.Future[call_pb2.CallResult]"], list[call_pb2.CallResult]]
 _Target = Dispatch | Iterable[Function[Any, Any]]
+
+
+class _Limits:
+    """The concurrency and rate limits of functions' policies, on the environment's clock."""
+
+    def __init__(self, clock: VirtualClock | _RealClock) -> None:
+        self._clock = clock
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # function: (tokens, at)
+
+    @contextlib.asynccontextmanager
+    async def attempt(
+        self, function: str, policy: FunctionPolicy | None, *, starting: bool
+    ) -> AsyncIterator[None]:
+        """Hold what one attempt of `function` needs: a rate token, a concurrency slot."""
+        if policy is not None and policy.rate_limit is not None and starting:
+            await self._token(function, policy.rate_limit)
+        if policy is None or policy.concurrency is None:
+            yield
+            return
+        slot = self._slots.get(function)
+        if slot is None:
+            slot = self._slots[function] = asyncio.Semaphore(policy.concurrency)
+        async with slot:
+            yield
+
+    async def _token(self, function: str, rate: RateLimit) -> None:
+        """Take a token of the function's bucket, waiting for one on the clock."""
+        tokens, at = self._buckets.get(function, (float(rate.burst), self._clock.time()))
+        while True:
+            now = self._clock.time()
+            tokens = min(float(rate.burst), tokens + (now - at) * rate.per_second)
+            at = now
+            if tokens >= 1.0:
+                self._buckets[function] = (tokens - 1.0, at)
+                return
+            self._buckets[function] = (tokens, at)
+            await self._clock.sleep_until(now + (1.0 - tokens) / rate.per_second)
+            tokens, at = self._buckets[function]
 
 
 class VirtualClock(Clock):
@@ -445,6 +493,7 @@ class Environment:
         self._background: set[asyncio.Task[Any]] = set()
         self._events = EventBoard(self.clock.sleep_until, self.clock.time)
         self._schedules = ScheduleBoard(self.clock.time)
+        self._limits = _Limits(self.clock)
         self.requests: list[function_pb2.RunRequest] = []
         """Every Run request sent, in order."""
         self.responses: list[function_pb2.RunResponse] = []
@@ -673,12 +722,19 @@ class Environment:
         while True:
             if self.clock.time() >= info.expires_at:
                 return self._finish(info, Status.TIMEOUT, _expired(self._expiration))
-            response = await self._send(info, request)
-            if _journal_needed(response) and info.id in self._journals:
-                # The run is not live any more: the same resume, with the whole journal.
-                whole = b"".join(d.segment for d in self._journals[info.id])
-                request.poll_result.typed_coroutine_state.CopyFrom(pack_state(whole))
-                response = await self._send(info, request)
+            registered = self._functions.get(info.function)
+            policy = registered.policy if registered is not None else None
+            # As the scheduler: a first run or a retry takes a rate token; every attempt a
+            # concurrency slot, held while its Run request is in flight.
+            starting = request.WhichOneof("directive") == "input"
+            async with self._limits.attempt(info.function, policy, starting=starting):
+                with self._opaque(registered):
+                    response = await self._send(info, request)
+                    if _journal_needed(response) and info.id in self._journals:
+                        # Not live any more: the same resume, with the whole journal.
+                        whole = b"".join(d.segment for d in self._journals[info.id])
+                        request.poll_result.typed_coroutine_state.CopyFrom(pack_state(whole))
+                        response = await self._send(info, request)
             if response.WhichOneof("directive") == "poll":
                 request = await self._resume(info, request, response.poll)
                 continue
@@ -702,8 +758,7 @@ class Environment:
                 return self._finish(info, status, done.result, nondeterministic=True)
             # As the scheduler's --max-attempts (0 retries until the call expires), or
             # the function's own retry policy: attempts in all, the first included.
-            registered = self._functions.get(info.function)
-            retry = registered.policy.retry if registered is not None else None
+            retry = policy.retry if policy is not None else None
             if retry is not None:
                 limit = retry.max_attempts
                 retried = retry.retries(status)
@@ -718,6 +773,18 @@ class Environment:
                 request = self._first_request(info, info.function, input)
                 continue
             return self._finish(info, status, done.result)
+
+    def _opaque(
+        self, function: Function[Any, Any] | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Keep virtual time still while a plain ``def`` runs in a thread or a process.
+
+        The loop cannot see that work: without this, an idle-looking loop would let the
+        clock jump to the next deadline (the call's expiration) in the middle of it.
+        """
+        if function is not None and function.is_sync and isinstance(self.clock, VirtualClock):
+            return self.clock.hold()
+        return contextlib.nullcontext()
 
     def _finish(
         self,
