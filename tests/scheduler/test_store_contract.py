@@ -176,6 +176,12 @@ async def test_list_calls_filters_and_pages(store: Store) -> None:
     assert [r.id for _, r in first] == ["r1", "k1"]
     assert await ids(after=first[-1][0]) == ["k2", "r2"]
     assert await ids(root_id="r1", parent_id="r1", after=first[-1][0], limit=1) == ["k2"]
+    # The newest first, paging back with `before`.
+    newest = await store.list_calls(CallQuery(newest_first=True, limit=2))
+    assert [r.id for _, r in newest] == ["r2", "k2"]
+    assert await ids(newest_first=True, before=newest[-1][0]) == ["k1", "r1"]
+    assert await ids(newest_first=True, parent_id="", before=newest[0][0]) == ["r1"]
+    assert await ids(before=newest[-1][0]) == ["r1", "k1"]
     assert await store.count_children(["r1", "r2", "k1"]) == {"r1": 2}
     assert await store.count_children([]) == {}
 

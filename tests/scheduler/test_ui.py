@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from dispatch_aio.proto.v1 import schedule_pb2
+from dispatch_aio.scheduler import _ui
 from dispatch_aio.scheduler._ui import ui_address
 
 from .ui_workload import API_KEY, SCRIPT, Workload, serve_workload
@@ -257,3 +258,26 @@ async def test_schedules_are_listed_and_paused(
     assert workload.scheduler.schedules.list()[0].paused
     assert (await post("resume", 200))["paused"] is False
     assert "no schedule with id 'none'" in (await post("pause", 404, "none"))["error"]
+
+
+async def test_pages_read_the_store_in_chunks_from_the_newest(
+    workload: Workload, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_ui, "_SCAN", 2)  # rows per read of the store: many reads here
+    explode = await workload.submit("explode", "x")
+    shouts = [await workload.submit("shout") for _ in range(5)]
+    for dispatch_id in (explode, *shouts):
+        await workload.finish(dispatch_id)
+    url = workload.api_url + "/ui/api/calls"
+    # A match far behind the newest calls is found by reading back chunk after chunk.
+    page = await get_json(http, url, function="expl", top="1")
+    assert [c["id"] for c in page["calls"]] == [explode] and page["next"] == ""
+    seen: list[str] = []
+    before = ""
+    while True:
+        page = await get_json(http, url, function="shout", top="1", limit="2", before=before)
+        seen += [c["id"] for c in page["calls"]]
+        before = page["next"]
+        if not before:
+            break
+    assert seen == shouts[::-1]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 __all__ = ["UI_PATH", "add_ui_routes", "ui_address"]
 
-import collections
 import dataclasses
 import hmac
 import math
@@ -210,39 +209,34 @@ class _UiApi:
             page = _ListFilter.parse(request.query)
         except _BadRequest as exc:
             return _error(400, str(exc))
-        # The store lists in creation order; the newest matches are the last ones, so
-        # the scan keeps a window of them.
-        window: collections.deque[tuple[int, CallRecord]] = collections.deque(maxlen=page.limit + 1)
+        # Newest first, from the page's end back, until a match beyond the page shows
+        # that there is more: the store reads what the page needs, not every call.
+        found: list[tuple[int, CallRecord]] = []
         query = CallQuery(
             phases=page.phases,
             statuses=page.statuses,
             parent_id="" if page.top else None,
+            before=page.before,
+            newest_first=True,
             limit=_SCAN,
         )
-        while True:
+        while len(found) <= page.limit:
             rows = await self._store.list_calls(query)
-            for seq, rec in rows:
-                if page.before and seq >= page.before:
-                    break
-                if page.matches(rec, self._state(rec)):
-                    window.append((seq, rec))
-            else:  # every row was before the page's end: read on, if there are more
-                if len(rows) == _SCAN:
-                    query = dataclasses.replace(query, after=rows[-1][0])
-                    continue
-            break
-        found = list(window)
+            found.extend(row for row in rows if page.matches(row[1], self._state(row[1])))
+            if len(rows) < _SCAN:
+                break
+            query = dataclasses.replace(query, before=rows[-1][0])
         more = len(found) > page.limit
-        found = found[-page.limit :] if more else found
+        found = found[: page.limit]
         counts = await self._store.count_children([rec.id for _, rec in found])
         calls = []
-        for _, rec in reversed(found):
+        for _, rec in found:
             row = self._summary(rec, counts.get(rec.id, 0))
             row.update(self._payloads(rec, _SHORT, traceback=False))
             calls.append(row)
         body = {
             "calls": calls,
-            "next": str(found[0][0]) if more and found else "",
+            "next": str(found[-1][0]) if more and found else "",
             "now": time.time(),
         }
         return web.json_response(body, headers=_HEADERS)

@@ -230,6 +230,10 @@ class CallQuery:
     """"" selects top-level calls."""
     after: int = 0
     """Only calls created after the one with this creation number (paging)."""
+    before: int = 0
+    """Only calls created before the one with this creation number (0: no bound)."""
+    newest_first: bool = False
+    """List the newest calls first (paging back with `before`)."""
     limit: int | None = None
 
 

@@ -668,7 +668,7 @@ class PostgresStore(Store):
         return call_from_row(rows[0])[1] if rows else None
 
     async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
-        """Return the calls matching `query` in creation order."""
+        """Return the calls matching `query` in creation order (or the newest first)."""
         where = ["seq > $1"]
         params: list[Any] = [query.after]
 
@@ -676,6 +676,8 @@ class PostgresStore(Store):
             params.append(value)
             return f"${len(params)}"
 
+        if query.before:
+            where.append(f"seq < {param(query.before)}")
         if query.phases:
             where.append(f"phase = ANY({param([int(p) for p in query.phases])}::integer[])")
         if query.statuses:
@@ -684,7 +686,8 @@ class PostgresStore(Store):
             where.append(f"root_id = {param(query.root_id)}")
         if query.parent_id is not None:
             where.append(f"parent_id = {param(query.parent_id)}")
-        sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY seq"
+        order = "seq DESC" if query.newest_first else "seq"
+        sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY {order}"
         if query.limit is not None:
             sql += f" LIMIT {param(query.limit)}"
         return [call_from_row(row) for row in await self._fetch(sql, *params)]

@@ -412,9 +412,12 @@ class SQLiteStore(Store):
         return call_from_row(rows[0])[1] if rows else None
 
     async def list_calls(self, query: CallQuery) -> list[tuple[int, CallRecord]]:
-        """Return the calls matching `query` in creation order."""
+        """Return the calls matching `query` in creation order (or the newest first)."""
         where = ["seq > ?"]
         params: list[Any] = [query.after]
+        if query.before:
+            where.append("seq < ?")
+            params.append(query.before)
         if query.phases:
             where.append(f"phase IN ({', '.join('?' * len(query.phases))})")
             params.extend(int(p) for p in query.phases)
@@ -427,7 +430,8 @@ class SQLiteStore(Store):
         if query.parent_id is not None:
             where.append("parent_id = ?")
             params.append(query.parent_id)
-        sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY seq"
+        order = "seq DESC" if query.newest_first else "seq"
+        sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY {order}"
         if query.limit is not None:
             sql += " LIMIT ?"
             params.append(query.limit)
