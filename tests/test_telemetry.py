@@ -158,3 +158,16 @@ def test_a_fan_out_is_one_trace_with_a_span_per_call_and_attempt(cache_size: int
     assert started == {"fanout": 1, "square": 4}
     assert sum(c for _, _, c in metrics["dispatch_aio.attempt.duration"]) == 4 + runs
     assert [v for _, v, _ in metrics["dispatch_aio.calls.unfinished"]] == [0]
+
+
+def test_nothing_of_opentelemetry_is_imported_until_the_program_does() -> None:
+    # The API often comes installed unused (FastAPI requires it): importing it would cost
+    # every process time and memory.
+    code = (
+        "import sys, dispatch_aio, dispatch_aio.scheduler, dispatch_aio.testing\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

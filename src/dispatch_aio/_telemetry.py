@@ -1,9 +1,10 @@
-"""OpenTelemetry traces and metrics of calls, when ``opentelemetry-api`` is installed.
+"""OpenTelemetry traces and metrics of calls, when the program uses OpenTelemetry.
 
 Install the ``otel`` extra (``pip install 'dispatch-aio[otel]'``) and configure a
-tracer and meter provider as for any OpenTelemetry program; without the package every
-function here does nothing, and without a configured provider the API's no-op one
-takes the spans.
+tracer and meter provider as for any OpenTelemetry program. This module imports
+nothing of OpenTelemetry until the program has (a provider cannot be set otherwise),
+and makes no span until a tracer provider is set: until then every function here
+does nothing.
 
 A call carries the trace context it was made in (``Call.trace_context``, W3C Trace
 Context fields): `dispatch()` takes the current one, and a durable function's calls
@@ -45,17 +46,13 @@ __all__ = [
 import contextlib
 import dataclasses
 import json
+import sys
 from collections.abc import Iterator, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 from ._status import Status
 from .proto.sdk.v1 import call_pb2, function_pb2
-
-try:
-    from opentelemetry import metrics, propagate, trace
-    from opentelemetry.trace import SpanKind, StatusCode
-except ImportError:  # the otel extra is not installed: nothing is traced
-    trace = None  # type: ignore[assignment]
 
 _NAME = "dispatch_aio"
 
@@ -66,23 +63,43 @@ def _version() -> str:
     return __version__
 
 
-def _tracing() -> bool:
-    """Whether spans go anywhere: OpenTelemetry is installed and a provider is set.
+def _imported(module: str) -> ModuleType | None:
+    """An OpenTelemetry module, if the program imported OpenTelemetry itself.
 
-    Checked at each use (a provider may be set after this module is imported); until
-    one is set, the API's proxy provider would only make spans that record nothing.
+    A provider can only have been set by code that imported the API, so until then
+    this module imports nothing: ``opentelemetry-api`` is often installed unused (it
+    comes with FastAPI), and importing it costs every process time and memory.
     """
-    return trace is not None and not isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider
-    )
+    if module not in sys.modules:
+        return None
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        return None
+
+
+def _tracer_api() -> tuple[Any, Any] | None:
+    """The ``trace`` and ``propagate`` modules when spans go somewhere, else None.
+
+    Checked at each use (a provider may be set at any time); until one is set, the
+    API's proxy provider would only make spans that record nothing.
+    """
+    trace = _imported("opentelemetry.trace")
+    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None
+    propagate = _imported("opentelemetry.propagate")
+    if propagate is None:
+        propagate = __import__("opentelemetry.propagate", fromlist=["_"])
+    return trace, propagate
 
 
 def current_carrier() -> dict[str, str]:
     """The current trace context as W3C fields; empty when nothing is traced."""
-    if not _tracing():
+    api = _tracer_api()
+    if api is None:
         return {}
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    api[1].inject(carrier)
     return carrier
 
 
@@ -123,11 +140,11 @@ def _status_name(status: int) -> str:
 @contextlib.contextmanager
 def run_span(request: function_pb2.RunRequest, attempt: int) -> Iterator[_RunSpan]:
     """Make the endpoint's span of one Run request, current while the run goes on."""
-    if not _tracing():
-        yield _RunSpan(None)
+    api = _tracer_api()
+    if api is None:
+        yield _RunSpan(None, None)
         return
-    parent = propagate.extract(dict(request.trace_context))
-    tracer = trace.get_tracer(_NAME, _version())
+    trace, propagate = api
     attributes: dict[str, Any] = {
         "dispatch_aio.function": request.function,
         "dispatch_aio.dispatch_id": request.dispatch_id,
@@ -135,31 +152,33 @@ def run_span(request: function_pb2.RunRequest, attempt: int) -> Iterator[_RunSpa
     }
     if attempt:
         attributes["dispatch_aio.attempt"] = attempt
-    with tracer.start_as_current_span(
+    with trace.get_tracer(_NAME, _version()).start_as_current_span(
         f"dispatch.run {request.function}",
-        context=parent,
-        kind=SpanKind.SERVER,
+        context=propagate.extract(dict(request.trace_context)),
+        kind=trace.SpanKind.SERVER,
         attributes=attributes,
         record_exception=True,
     ) as span:
-        yield _RunSpan(span)
+        yield _RunSpan(span, api)
 
 
 class _RunSpan:
     """The endpoint's span of a run, to record the run's answer on."""
 
-    def __init__(self, span: Any) -> None:
+    def __init__(self, span: Any, api: tuple[Any, Any] | None) -> None:
         self._span = span
+        self._api = api
 
     def answered(self, response: function_pb2.RunResponse) -> None:
         """Record the answer, and give the calls it makes the run's trace context."""
-        if self._span is None:
+        if self._span is None or self._api is None:
             return
+        trace, propagate = self._api
         self._span.set_attribute("dispatch_aio.status", _status_name(response.status))
         directive = response.WhichOneof("directive") or ""
         self._span.set_attribute("dispatch_aio.answer", directive)
         if int(response.status) not in (Status.OK, Status.UNSPECIFIED):
-            self._span.set_status(StatusCode.ERROR, _status_name(response.status))
+            self._span.set_status(trace.StatusCode.ERROR, _status_name(response.status))
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(self._span))
         if directive == "poll":
@@ -170,72 +189,102 @@ class _RunSpan:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AttemptSpan:
-    """The scheduler's span of one attempt (no span when OpenTelemetry is absent)."""
+    """The scheduler's span of one attempt (no span when nothing is traced)."""
 
     span: Any
     function: str
     started: float
+    api: tuple[Any, Any] | None = None
 
     def carrier(self) -> dict[str, str]:
         """The context the Run request carries: this span's."""
-        if self.span is None:
+        if self.span is None or self.api is None:
             return {}
+        trace, propagate = self.api
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(self.span))
         return carrier
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Instruments:
+    started: Any
+    finished: Any
+    unfinished: Any
+    duration: Any
+
+
 class SchedulerTelemetry:
-    """The scheduler's spans and metrics; no-ops without OpenTelemetry."""
+    """The scheduler's spans and metrics; nothing until the program uses OpenTelemetry."""
 
     def __init__(self) -> None:
-        self._on = trace is not None
-        if not self._on:
-            return
-        meter = metrics.get_meter(_NAME, _version())
-        self._started = meter.create_counter(
-            "dispatch_aio.calls.started", unit="{call}", description="Calls created"
-        )
-        self._finished = meter.create_counter(
-            "dispatch_aio.calls.finished", unit="{call}", description="Calls ended, by status"
-        )
-        self._unfinished = meter.create_up_down_counter(
-            "dispatch_aio.calls.unfinished",
-            unit="{call}",
-            description="Calls not ended yet: the scheduler's queue depth",
-        )
-        self._duration = meter.create_histogram(
-            "dispatch_aio.attempt.duration",
-            unit="s",
-            description="Time from a Run request sent to its outcome",
-        )
+        self._instruments: _Instruments | None = None
+        self._unreported = 0  # unfinished calls counted before the instruments existed
+
+    def _meter(self) -> _Instruments | None:
+        """The instruments, made once the program imported the metrics API."""
+        if self._instruments is None:
+            metrics = _imported("opentelemetry.metrics")
+            if metrics is None:
+                return None
+            meter = metrics.get_meter(_NAME, _version())
+            self._instruments = _Instruments(
+                meter.create_counter(
+                    "dispatch_aio.calls.started", unit="{call}", description="Calls created"
+                ),
+                meter.create_counter(
+                    "dispatch_aio.calls.finished",
+                    unit="{call}",
+                    description="Calls ended, by status",
+                ),
+                meter.create_up_down_counter(
+                    "dispatch_aio.calls.unfinished",
+                    unit="{call}",
+                    description="Calls not ended yet: the scheduler's queue depth",
+                ),
+                meter.create_histogram(
+                    "dispatch_aio.attempt.duration",
+                    unit="s",
+                    description="Time from a Run request sent to its outcome",
+                ),
+            )
+            if self._unreported:
+                self._instruments.unfinished.add(self._unreported)
+        return self._instruments
 
     def created(self, function: str, count: int = 1) -> None:
         """Calls were created (committed)."""
-        if self._on:
-            self._started.add(count, {"dispatch_aio.function": function})
+        meter = self._meter()
+        if meter is not None:
+            meter.started.add(count, {"dispatch_aio.function": function})
 
     def loaded(self, count: int) -> None:
         """Unfinished calls the scheduler took up (created, or loaded at its start)."""
-        if self._on and count:
-            self._unfinished.add(count)
+        self._unfinished(count)
 
     def let_go(self, count: int = 1) -> None:
         """Unfinished calls the scheduler no longer drives (ended, or moved away)."""
-        if self._on and count:
-            self._unfinished.add(-count)
+        self._unfinished(-count)
+
+    def _unfinished(self, change: int) -> None:
+        meter = self._meter()
+        if meter is None:
+            self._unreported += change  # reported once the instruments exist
+        elif change:
+            meter.unfinished.add(change)
 
     def attempt(
         self, function: str, dispatch_id: str, number: int, context: str, started: float
     ) -> AttemptSpan:
         """Start the span of an attempt, under the context the call was made in."""
-        if not _tracing():
+        api = _tracer_api()
+        if api is None:
             return AttemptSpan(None, function, started)
-        tracer = trace.get_tracer(_NAME, _version())
-        span = tracer.start_span(
+        trace, propagate = api
+        span = trace.get_tracer(_NAME, _version()).start_span(
             f"dispatch.attempt {function}",
             context=propagate.extract(decode_carrier(context)),
-            kind=SpanKind.CLIENT,
+            kind=trace.SpanKind.CLIENT,
             attributes={
                 "dispatch_aio.function": function,
                 "dispatch_aio.dispatch_id": dispatch_id,
@@ -243,21 +292,21 @@ class SchedulerTelemetry:
             },
             start_time=round(started * 1e9),
         )
-        return AttemptSpan(span, function, started)
+        return AttemptSpan(span, function, started, api)
 
     def attempted(self, attempt: AttemptSpan, status: int, error: str, ended: float) -> None:
         """End an attempt's span with its outcome."""
-        if not self._on:
-            return
         name = _status_name(status)
-        labels = {"dispatch_aio.function": attempt.function, "dispatch_aio.status": name}
-        self._duration.record(max(ended - attempt.started, 0.0), labels)
-        span = attempt.span
-        if span is None:
+        meter = self._meter()
+        if meter is not None:
+            labels = {"dispatch_aio.function": attempt.function, "dispatch_aio.status": name}
+            meter.duration.record(max(ended - attempt.started, 0.0), labels)
+        if attempt.span is None or attempt.api is None:
             return
+        span = attempt.span
         span.set_attribute("dispatch_aio.status", name)
         if status not in (Status.OK, Status.UNSPECIFIED):
-            span.set_status(StatusCode.ERROR, error or name)
+            span.set_status(attempt.api[0].StatusCode.ERROR, error or name)
         span.end(end_time=round(ended * 1e9))
 
     def finished(
@@ -271,14 +320,15 @@ class SchedulerTelemetry:
         ended: float,
     ) -> None:
         """A call ended: its span, from its creation, and the counters."""
-        if not self._on:
-            return
         name = _status_name(status)
-        self._finished.add(1, {"dispatch_aio.function": function, "dispatch_aio.status": name})
-        if not _tracing():
+        meter = self._meter()
+        if meter is not None:
+            meter.finished.add(1, {"dispatch_aio.function": function, "dispatch_aio.status": name})
+        api = _tracer_api()
+        if api is None:
             return
-        tracer = trace.get_tracer(_NAME, _version())
-        span = tracer.start_span(
+        trace, propagate = api
+        span = trace.get_tracer(_NAME, _version()).start_span(
             f"dispatch.call {function}",
             context=propagate.extract(decode_carrier(context)),
             attributes={
@@ -289,5 +339,5 @@ class SchedulerTelemetry:
             start_time=round(created * 1e9),
         )
         if status != Status.OK:
-            span.set_status(StatusCode.ERROR, error or name)
+            span.set_status(trace.StatusCode.ERROR, error or name)
         span.end(end_time=round(ended * 1e9))
