@@ -18,16 +18,11 @@ from dispatch_aio.durable._journal import CANCEL_HEADER, JOURNAL_TYPE_URL
 from dispatch_aio.errors import CancelledCallError
 from dispatch_aio.proto.sdk.v1 import function_pb2
 from dispatch_aio.scheduler import Scheduler
-from dispatch_aio.scheduler._invoker import CANCEL_HEADER as INVOKER_CANCEL_HEADER
 
 from .scripted import ScriptedEndpoint, call, ok, poll, resumed
 
 CANCELLED = CancelledCallError.error_type
 JOURNAL = any_pb2.Any(type_url=JOURNAL_TYPE_URL, value=b"")
-
-
-def test_both_ends_agree_on_the_header() -> None:
-    assert INVOKER_CANCEL_HEADER == CANCEL_HEADER
 
 
 async def _suspend_and_cancel(

@@ -33,7 +33,6 @@ from dispatch_aio.proto.v1 import journal_pb2
 from dispatch_aio.scheduler import Scheduler
 from dispatch_aio.scheduler._engine import JOURNAL_NEEDED as ENGINE_JOURNAL_NEEDED
 from dispatch_aio.scheduler._engine import _kept_state
-from dispatch_aio.scheduler._invoker import JOURNAL_HEADER as INVOKER_HEADER
 from dispatch_aio.scheduler.store import CallRecord, Phase, StateKind
 from dispatch_aio.scheduler.store._sqlite import _SCHEMA_V1, SCHEMA_VERSION, SQLiteStore
 from dispatch_aio.testing import check_journals
@@ -44,9 +43,6 @@ Exchange = tuple[function_pb2.RunRequest, bool, function_pb2.RunResponse]
 
 
 def test_both_ends_agree_on_the_wire_names() -> None:
-    from dispatch_aio.durable._journal import JOURNAL_HEADER
-
-    assert INVOKER_HEADER == JOURNAL_HEADER
     assert ENGINE_JOURNAL_NEEDED == JOURNAL_NEEDED
 
 

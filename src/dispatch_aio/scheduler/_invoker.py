@@ -47,6 +47,7 @@ from .. import __version__
 from .._logs import ATTEMPT, ATTEMPT_HEADER
 from .._signature import RequestSigner
 from .._status import Status, status_for_http
+from ..durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from ..proto.sdk.v1 import function_pb2
 from ._attempts import connection_failure
 
@@ -65,11 +66,9 @@ logger = logging.getLogger("dispatch_aio.scheduler")
 RUN_PATH = "/dispatch.sdk.v1.FunctionService/Run"
 _PROTO = "application/proto"
 _HEADERS = MappingProxyType({"Content-Type": _PROTO})
-JOURNAL_HEADER = "Dispatch-Aio-Journal"
-"""Announces the journal extension to endpoints of this SDK (see journal.proto)."""
+# The journal extension, and the resume of a call being cancelled, for endpoints of
+# this SDK (the headers are defined beside the endpoint's side of them).
 _DELTA_HEADERS = MappingProxyType({JOURNAL_HEADER: "delta"})
-CANCEL_HEADER = "Dispatch-Aio-Cancel"
-"""Marks the resume of a call being cancelled to endpoints of this SDK."""
 _CANCEL_HEADERS = MappingProxyType({CANCEL_HEADER: "1"})
 _OVERLOAD_HTTP = frozenset({429, 503})
 _UNREACHABLE = frozenset({Status.TCP_ERROR, Status.DNS_ERROR, Status.TLS_ERROR, Status.TIMEOUT})
