@@ -737,7 +737,13 @@ class Engine:
             if await self._store.get_events([key]):
                 raise EventAlreadyResolvedError(key)
             data = result.SerializeToString()
-            woken = await self._wake(key, data, [PutEvent(key, data, self._clock())])
+            try:
+                woken = await self._wake(key, data, [PutEvent(key, data, self._clock())])
+            except StoreError:
+                # Another replica resolved it between the look-up and the write.
+                if await self._store.get_events([key]):
+                    raise EventAlreadyResolvedError(key) from None
+                raise
             # Waiters made while the event was written looked it up too early.
             return woken + await self._wake(key, data)
         finally:
@@ -1039,7 +1045,8 @@ class Engine:
                     segments = await self._store.read_segments(rec.id)
                     state = request.poll_result.typed_coroutine_state
                     state.type_url, state.value = _JOURNAL_URL, b"".join(segments)
-                    timeout = min(self._settings.request_timeout, rec.expires_at - self._clock())
+                    # The same bound as the first send (the function's timeout included).
+                    timeout = min(timeout, rec.expires_at - self._clock())
                     outcome = await self._invoker.run(
                         self._endpoint(rec), request, timeout, journal_delta=self._delta
                     )
