@@ -15,7 +15,6 @@ from __future__ import annotations
 __all__ = ["Moved", "Partitions", "announce"]
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
@@ -474,8 +473,7 @@ class Partitions:
                     if slot is not None:
                         held.add(slot)
                         return slot
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(waiter), _SLOT_RECHECK)
+                await asyncio.wait([waiter], timeout=_SLOT_RECHECK)
             finally:
                 waiting = self._slot_waiters.get(function, [])
                 if waiter in waiting:

@@ -133,6 +133,7 @@ class Schedules:
         # Replicas share the store: other replicas change the schedules too.
         self._shared = store.coordination() is not None
         self._refreshing: asyncio.Task[None] | None = None
+        self._stale = False
 
     async def start(self) -> None:
         """Load the schedules and make the firings that are due (missed ones by policy)."""
@@ -169,14 +170,17 @@ class Schedules:
             await self._load()
 
     def _changed_elsewhere(self) -> None:
+        self._stale = True  # a change told during a reload is read by another round
         if self._closed or self._refreshing is not None:
             return
         self._refreshing = asyncio.get_running_loop().create_task(self._reload_and_arm())
 
     async def _reload_and_arm(self) -> None:
         try:
-            async with self._lock:
-                await self._load()
+            while self._stale and not self._closed:
+                self._stale = False
+                async with self._lock:
+                    await self._load()
         except Exception as exc:
             log_failure(logger, exc, "the schedules changed by another replica could not be read")
         finally:

@@ -19,6 +19,8 @@ whose fragment never reaches the server; the script keeps the key in the tab's
 - ``POST /ui/api/events`` with ``{"key": ..., "value": <JSON>}`` or ``{"key": ...,
   "error": "message"}``: resolve a durable event, as ``dispatch-aio send-event``; answers
   ``{"woken": n}``.
+- ``GET /ui/api/schedules``: the schedules; ``POST /ui/api/schedules/{id}/pause`` (or
+  ``resume``) pauses or resumes one, as ``dispatch-aio schedule pause``.
 
 The key travels in a header, never in a cookie, so another site cannot make a browser
 send these requests.
