@@ -43,7 +43,7 @@ from ..scheduler.store import (
     UpdateCall,
 )
 from ._console import Console, Style
-from ._format import describe_input, describe_result, format_duration, plural
+from ._format import describe_input, describe_result, format_duration, plural, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ class CallTracker:
         self._done = 0
         self._failed = 0
         self._running: frozenset[str] = frozenset()
-        self._retrying: set[str] = set()  # unfinished calls whose last attempt failed
-        # Unfinished calls whose last attempts failed: (attempts seen, failures in a row).
+        # Unfinished calls whose last attempt failed (retrying): (attempts seen, failures
+        # in a row).
         self._failures: dict[str, tuple[int, int]] = {}
         self.on_finished = on_finished
         self.on_retry: Callable[[CallRecord, int], None] | None = None
@@ -97,7 +97,7 @@ class CallTracker:
             if phase is not None:
                 running[phase] += 1
         retrying = {Phase.PENDING: 0, Phase.SUSPENDED: 0}
-        for dispatch_id in self._retrying - self._running:
+        for dispatch_id in self._failures.keys() - self._running:
             retrying[self._phases[dispatch_id]] += 1
         return Counts(
             pending=self._by_phase[Phase.PENDING]
@@ -137,13 +137,10 @@ class CallTracker:
             self._phases[rec.id] = rec.phase
             self._by_phase[rec.phase] += 1
             if rec.last_error and rec.status not in (Status.OK, Status.UNSPECIFIED):
-                self._retrying.add(rec.id)
                 self._failed_attempt(rec)
             else:
-                self._retrying.discard(rec.id)
                 self._failures.pop(rec.id, None)
             return
-        self._retrying.discard(rec.id)
         self._failures.pop(rec.id, None)
         if old is None:
             return  # already counted as finished
@@ -158,7 +155,7 @@ class CallTracker:
                 logger.exception("cannot report the end of call %s", rec.id)
 
     def _failed_attempt(self, rec: CallRecord) -> None:
-        seen, in_a_row = self._failures.get(rec.id, (0, 0))
+        seen, in_a_row = self._failures.setdefault(rec.id, (0, 0))
         if rec.attempts <= seen:
             return  # the same failure, written again with another change
         self._failures[rec.id] = (rec.attempts, in_a_row + 1)
@@ -341,7 +338,7 @@ def retry_line(rec: CallRecord, in_a_row: int, console: Console) -> str:
     """Describe on one line a call whose attempt failed and is retried."""
     args = describe_input(any_pb2.Any.FromString(rec.input), 60) if rec.input else "()"
     tag = console.paint("retry ", Style.YELLOW)
-    error = rec.last_error if len(rec.last_error) <= 160 else rec.last_error[:159] + "…"
+    error = shorten(rec.last_error, 160)
     times = "" if in_a_row == 1 else f" ({in_a_row} in a row)"
     return (
         f"{tag} {rec.function}{args}: attempt failed{times}: {error}; retried  "

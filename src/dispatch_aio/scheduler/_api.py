@@ -465,7 +465,7 @@ class _Service:
             cancelled=is_cancelled(rec),
         )
         if rec.policy:
-            with contextlib.suppress(DecodeError):  # stored by an older release: left out
+            with contextlib.suppress(DecodeError):  # unreadable: left out, the rest is shown
                 info.policy.MergeFromString(rec.policy)
         info.creation_time.FromNanoseconds(round(rec.created_at * 1e9))
         info.expiration_time.FromNanoseconds(round(rec.expires_at * 1e9))
