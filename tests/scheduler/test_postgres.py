@@ -13,8 +13,23 @@ import asyncpg
 import pytest
 
 from dispatch_aio.scheduler import PostgresStore, Scheduler, StoreError
-from dispatch_aio.scheduler.store import InsertCall, Phase, partition_of
-from dispatch_aio.scheduler.store._postgres import _MIGRATIONS, SCHEMA_VERSION, mask_url
+from dispatch_aio.scheduler.store import (
+    AddAttempt,
+    AttemptRecord,
+    InsertCall,
+    Phase,
+    UpdateCall,
+    partition_of,
+)
+from dispatch_aio.scheduler.store._postgres import (
+    _ADD_ATTEMPT,
+    _MIGRATIONS,
+    _UPDATE_CALL,
+    SCHEMA_VERSION,
+    _arrange,
+    _statements,
+    mask_url,
+)
 from dispatch_aio.scheduler.store._rows import CALL_COLUMNS, call_params
 
 from .scripted import ScriptedEndpoint
@@ -290,3 +305,18 @@ async def test_a_version_3_database_is_migrated_with_its_queued_results(pg_url: 
         assert snapshot.next_seq == 9 * 64 + partition + 1
     finally:
         await store.close()
+
+
+def test_attempt_rows_go_last_so_that_updates_share_a_round_trip() -> None:
+    # Writes committed together each update a call and add its attempt: interleaved, every
+    # statement would be its own round trip to the server.
+    attempt = AttemptRecord("a", 1, 1.0, 2.0, 0, "ok")
+    ops = [
+        UpdateCall(record("a")),
+        AddAttempt(attempt),
+        UpdateCall(record("b")),
+        AddAttempt(dataclasses.replace(attempt, call_id="b")),
+    ]
+    arranged = _arrange([statement for op in ops for statement in _statements(op)])
+    assert [sql for sql, _ in arranged] == [_UPDATE_CALL] * 2 + [_ADD_ATTEMPT] * 2
+    assert [params[0] for _, params in arranged[2:]] == ["a", "b"]

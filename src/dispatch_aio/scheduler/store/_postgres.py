@@ -455,10 +455,15 @@ def _arrange(statements: list[_Statement]) -> list[_Statement]:
     """Put a transaction's statements in the order to run them.
 
     Fences first (one per partition and epoch: the first holds the lease row until the
-    commit), then the writes, then the notifications of the markers.
+    commit), then the writes, then the attempt rows, then the notifications of the
+    markers. The attempt rows are an append-only log that no other statement reads:
+    gathered at the end, they go in one round trip, and the writes they sat between
+    (the calls' updates of many writes committed together) run consecutively, also in
+    one round trip each kind (see `_execute`).
     """
     fences: dict[tuple[Any, ...], _Statement] = {}
     body: list[_Statement] = []
+    attempts: list[_Statement] = []
     marked = False
     for statement in statements:
         sql = statement[0]
@@ -466,11 +471,14 @@ def _arrange(statements: list[_Statement]) -> list[_Statement]:
             fences.setdefault(statement[1], statement)
         elif sql is _DONE or sql is _ANNOUNCE:
             marked = True
+        elif sql is _ADD_ATTEMPT:
+            attempts.append(statement)
         else:
             body.append(statement)
-    if not fences and not marked:
+    if not fences and not marked and not attempts:
         return body
-    return [*fences.values(), *body, *(_notifications(statements) if marked else [])]
+    notes = _notifications(statements) if marked else []
+    return [*fences.values(), *body, *attempts, *notes]
 
 
 async def _execute(conn: Any, statements: list[_Statement]) -> None:
