@@ -21,7 +21,12 @@ the ms/step of its last tenth over that of its first tenth, from the times the s
 Ratios are speed-ups against dispatch-py: above 1 we are faster. Progress lines go to
 standard error, the table to standard output.
 
+With ``--base-src DIR`` (the ``src`` folder of another checkout), two more systems run in
+the same rounds: persistent-base and embedded-base, the same with dispatch_aio imported
+from DIR; a second table gives this tree's speed-up against them.
+
     python bench/bench_e2e.py [--repeat 3] [--workloads w1,w2,w3one,w3batch,w4|all]
+    python bench/bench_e2e.py --base-src ../old/src [--workloads w2]
     python bench/bench_e2e.py --profile DIR [--workloads w2]  # cProfile every process
 """
 
@@ -67,6 +72,7 @@ SYSTEMS = ("dispatch-py", "persistent", "in-memory", "embedded")
 # W4 is left out while our chain of 10,000 takes minutes (cost per step grows with it).
 DEFAULT_WORKLOADS = "w1,w2,w3one,w3batch,w4"
 OURS = ("persistent", "in-memory", "embedded")
+BASE_SYSTEMS = ("persistent-base", "embedded-base")  # with --base-src
 EMBEDDED_KEY = "bench-embedded"  # the embedded scheduler's API key (loopback only)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
@@ -355,15 +361,18 @@ class Stack:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start_stack(mode: str, data_root: str | None, profile: str | None = None) -> Stack:
+def start_stack(
+    mode: str, data_root: str | None, profile: str | None = None, src: str | None = None
+) -> Stack:
     """Start ``dispatch-aio server`` and the application; return once both accept requests.
 
     With `profile` (a path prefix), both processes write cProfile stats of what they
     do between SIGUSR1 and SIGUSR2 to ``{profile}-scheduler.prof`` and ``-app.prof``.
+    With `src`, both import dispatch_aio from that folder.
     """
     folder = tempfile.mkdtemp(prefix="bench-e2e-", dir=data_root)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", PROFILE_ENV))}
+    env = child_env(src)
     command = [sys.executable, "-m", "dispatch_aio"]
     server_env = dict(env)
     if profile:  # the same command, run by this file so that it can be profiled
@@ -561,12 +570,24 @@ async def drive(stack: Stack, workload: Workload) -> Sample:
     )
 
 
+def child_env(src: str | None) -> dict[str, str]:
+    """The environment of our processes: no DISPATCH_ settings; with `src`, its sources."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", PROFILE_ENV))}
+    if src is not None:
+        env["PYTHONPATH"] = src
+    return env
+
+
 def run_embedded(
-    workload: Workload, long_chain: int, data_root: str | None, profile: str | None = None
+    workload: Workload,
+    long_chain: int,
+    data_root: str | None,
+    profile: str | None = None,
+    src: str | None = None,
 ) -> Sample:
     """One run of `workload` in a fresh process with the embedded scheduler."""
     folder = tempfile.mkdtemp(prefix="bench-e2e-", dir=data_root)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", PROFILE_ENV))}
+    env = child_env(src)
     if profile:
         env[PROFILE_ENV] = profile
     args = [sys.executable, os.path.abspath(__file__), "--serve-embedded"]
@@ -599,9 +620,13 @@ def run_embedded(
 
 
 def run_ours(
-    workload: Workload, mode: str, data_root: str | None, profile: str | None = None
+    workload: Workload,
+    mode: str,
+    data_root: str | None,
+    profile: str | None = None,
+    src: str | None = None,
 ) -> Sample:
-    stack = start_stack(mode, data_root, profile)
+    stack = start_stack(mode, data_root, profile, src)
     try:
         return asyncio.run(drive(stack, workload))
     except BaseException:
@@ -756,30 +781,64 @@ def table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) 
         "Per run: the range of the figure; medians of the wall time, of the CPU seconds each "
         "process spent during the workload (main thread + other threads) and of its peak RSS "
         "(VmHWM at the end of the run; 'all' adds the peaks).",
-        f"{'workload':<8} {'system':<11} {'min..max':>15} {'wall s':>7} "
+        f"{'workload':<8} {'system':<15} {'min..max':>15} {'wall s':>7} "
         f"{'CPU s: scheduler':>17} {'app':>11} {'peak MB: sched':>15} {'app':>6} {'all':>6}",
     ]
+    ran = [s for s in (*SYSTEMS, *BASE_SYSTEMS) if any((w.key, s) in results for w in chosen)]
     for w in chosen:
-        for system in SYSTEMS:
+        for system in ran:
             runs = results[w.key, system]
             figures = [s.figure for s in runs]
             spread = f"{w.number(min(figures))}..{w.number(max(figures))}"
             names = [system] if system in ("dispatch-py", "embedded") else ["scheduler", "app"]
+            names = ["embedded"] if system == "embedded-base" else names
             cpu = [_cpu([s.usage[n] for s in runs]) for n in names]
             peak = [f"{statistics.median(s.usage[n].peak_rss_mb for s in runs):.1f}" for n in names]
             if len(names) == 1:  # one process: scheduler, app and client
                 cpu, peak = [cpu[0], "(same)"], [peak[0], "(same)"]
             lines.append(
-                f"{w.key:<8} {system:<11} {spread:>15} {_median(runs, lambda s: s.seconds):>7.2f} "
+                f"{w.key:<8} {system:<15} {spread:>15} {_median(runs, lambda s: s.seconds):>7.2f} "
                 f"{cpu[0]:>17} {cpu[1]:>11} {peak[0]:>15} {peak[1]:>6} "
                 f"{_median(runs, lambda s: s.peak_rss_mb):>6.1f}"
             )
     if any(w.key == "w4" for w in chosen):
         lines += ["", "W4 ms/step by tenth of the chain (medians over the runs):"]
-        for system in SYSTEMS:
+        for system in ran:
             tenths = [s.windows() for s in results["w4", system]]
             cells = " ".join(f"{statistics.median(col):6.2f}" for col in zip(*tenths, strict=True))
             lines.append(f"  {system:<11} {cells}")
+    if any((w.key, b) in results for w in chosen for b in BASE_SYSTEMS):
+        lines += ["", *base_table(results, chosen)]
+    return lines
+
+
+def base_table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) -> list[str]:
+    """This tree against the --base-src sources, measured in the same rounds."""
+    lines = [
+        "This tree against the --base-src sources (same rounds; above 1.00x this tree is "
+        "faster, or for memory smaller):",
+        f"{'workload':<28} {'unit':<11} {'persistent':>10} {'base':>9} {'ratio':>7}  "
+        f"{'embedded':>9} {'base':>9} {'ratio':>7}",
+    ]
+    for w in chosen:
+        f = {s: _median(results[w.key, s], lambda x: x.figure) for s in (*OURS, *BASE_SYSTEMS)}
+        lines.append(
+            f"{w.label:<28} {w.unit:<11} {w.number(f['persistent']):>10} "
+            f"{w.number(f['persistent-base']):>9} "
+            f"{w.speedup(f['persistent'], f['persistent-base']):>6.2f}x  "
+            f"{w.number(f['embedded']):>9} {w.number(f['embedded-base']):>9} "
+            f"{w.speedup(f['embedded'], f['embedded-base']):>6.2f}x"
+        )
+    rss = {
+        s: max(_median(results[w.key, s], lambda x: x.peak_rss_mb) for w in chosen)
+        for s in (*OURS, *BASE_SYSTEMS)
+    }
+    lines.append(
+        f"{'peak RSS, all processes':<28} {'MB':<11} {rss['persistent']:>10.1f} "
+        f"{rss['persistent-base']:>9.1f} {rss['persistent-base'] / rss['persistent']:>6.2f}x  "
+        f"{rss['embedded']:>9.1f} {rss['embedded-base']:>9.1f} "
+        f"{rss['embedded-base'] / rss['embedded']:>6.2f}x"
+    )
     return lines
 
 
@@ -845,6 +904,11 @@ def main() -> None:
         help="folder of the cached dispatch-py virtualenv (default: %(default)s)",
     )
     parser.add_argument("--profile", metavar="DIR", help="write and show cProfile stats instead")
+    parser.add_argument(
+        "--base-src",
+        metavar="DIR",
+        help="also run persistent and embedded with dispatch_aio from DIR (a checkout's src)",
+    )
     parser.add_argument("--top", type=int, default=25, help="rows per profile table")
     parser.add_argument("--serve-app", action="store_true", help=argparse.SUPPRESS)
     if sys.argv[1:2] == ["--serve-scheduler"]:
@@ -867,6 +931,11 @@ def main() -> None:
         parser.error(f"unknown workloads {unknown}: choose among {', '.join(table_of)}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    base_src = None
+    if args.base_src:
+        base_src = os.path.abspath(args.base_src)
+        if not os.path.isfile(os.path.join(base_src, "dispatch_aio", "__init__.py")):
+            parser.error(f"--base-src {args.base_src}: no dispatch_aio package in that folder")
     chosen = [table_of[k] for k in keys]
     python = dispatch_py_python(args.venv_root)
     if args.profile:
@@ -877,20 +946,22 @@ def main() -> None:
     results: dict[tuple[str, str], list[Sample]] = collections.defaultdict(list)
     # Interleaved, the order of the systems rotating, so that a change of the machine's
     # load hits them alike.
+    systems = (*SYSTEMS, *BASE_SYSTEMS) if base_src else SYSTEMS
     for run in range(args.repeat):
-        order = SYSTEMS[run % len(SYSTEMS) :] + SYSTEMS[: run % len(SYSTEMS)]
+        order = systems[run % len(systems) :] + systems[: run % len(systems)]
         for w in chosen:
             for system in order:
+                src = base_src if system.endswith("-base") else None
                 if system == "dispatch-py":
                     sample = run_dispatch_py(python, w)
-                elif system == "embedded":
-                    sample = run_embedded(w, args.long_chain, args.data_root)
+                elif system.startswith("embedded"):
+                    sample = run_embedded(w, args.long_chain, args.data_root, src=src)
                 else:
-                    sample = run_ours(w, system, args.data_root)
+                    sample = run_ours(w, system.removesuffix("-base"), args.data_root, src=src)
                 results[w.key, system].append(sample)
                 extra = f", flatness {sample.flatness:.2f}" if sample.marks else ""
                 print(
-                    f"run {run + 1}/{args.repeat} {w.key:<7} {system:<11} "
+                    f"run {run + 1}/{args.repeat} {w.key:<7} {system:<15} "
                     f"{w.number(sample.figure):>7} {w.unit} ({sample.seconds:.2f} s{extra}), "
                     f"peak {sample.peak_rss_mb:.0f} MB",
                     file=sys.stderr,

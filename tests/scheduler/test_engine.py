@@ -828,8 +828,8 @@ async def test_writes_are_marked_alone_only_with_no_other_attempt_in_flight(
         ("parent:PENDING", False),  # a submission: not an attempt
         ("child:PENDING child:PENDING parent:SUSPENDED", True),  # the parent's poll
         ("child:DONE", False),  # a finished while b ran
-        ("child:DONE", True),  # b finished alone
-        ("parent:DONE", True),
+        # b's result resumed the parent at once: b's finish is written with the parent's
+        ("parent:DONE child:DONE", True),
     ]
 
 

@@ -2,8 +2,10 @@
 
 Every unfinished call lives in memory (`_Live`) and every change is written through
 the `Store` before anything depends on it: a child's Run is sent only once the Poll
-that made it is committed, a result is delivered only once it is committed in its
-poller's queue, and a submission is acknowledged only once its calls are committed.
+that made it is committed, a poller's answer to a result is acted on only once that
+result is committed in its queue (with the answer itself, or before it), a result is
+given to those waiting for it only once committed, and a submission is acknowledged
+only once its calls are committed.
 
 A call is PENDING (run from its input at `due_at`), SUSPENDED (polled) or DONE. Each
 attempt sends one RunRequest; its outcome moves the call:
@@ -21,7 +23,15 @@ attempt sends one RunRequest; its outcome moves the call:
 - ``exit`` with status OK, or a non-temporary status: the call is DONE. A non-OK
   result without an error gets one (``type`` is the status's protobuf name, e.g.
   ``STATUS_NOT_FOUND``). The result is queued for the parent with the correlation id
-  the parent gave.
+  the parent gave. When it is the result that makes a suspended parent ready, the
+  parent is resumed with it at once, and the writes that finish the child are
+  carried into the parent's next write: a chain of calls commits once per step, not
+  twice. Nothing the parent's answer asks for (calls, a result, a retry) happens
+  before that joint commit, so a result is never acted on before it is durable; a
+  crash before it loses the round, and the child runs again, as a crash during any
+  round would. A resume slower than `_CARRY_WAIT` does not hold the child's result
+  back: it is committed on its own, and the parent's answer waits for that commit
+  (if it failed, the answer is dropped and the parent resumed again later).
 - a temporary status (and HTTP/network failures): retried after an exponential
   backoff with jitter; INCOMPATIBLE_STATE restarts the call from the input of its
   current run. The call's own policy (``Call.policy``, its function's, see
@@ -159,6 +169,9 @@ NONDETERMINISM = "NondeterminismError"
 journal: with INCOMPATIBLE_STATE the call restarts from its input, with a permanent
 status it ends (the function's divergence policy)."""
 _TIMER_SLACK = 0.001  # fire timers a little late rather than early
+# How long a child's finishing writes wait to be carried into its parent's resume before
+# they are committed on their own: a slow resume does not keep a result at risk.
+_CARRY_WAIT = 0.05
 
 
 class InvalidCallError(ValueError):
@@ -213,6 +226,7 @@ class _Live:
     __slots__ = (
         "attempt",
         "cancelling",
+        "carried",
         "event",
         "policy",
         "queue",
@@ -227,6 +241,7 @@ class _Live:
         "timer_at",
         "unreachable",
         "waiters",
+        "writing",
     )
 
     def __init__(self, rec: CallRecord) -> None:
@@ -252,11 +267,65 @@ class _Live:
         # backoff uses it, so losing it in a restart costs nothing.
         self.unreachable = 0
         self.attempt: AddAttempt | None = None  # the attempt whose outcome is being written
+        # Children's finishing writes carried into this attempt's write (see `_Carried`),
+        # then put into it (`take_attempt`) until it is committed (`committed`).
+        self.carried: list[_Carried] = []
+        self.writing: list[_Carried] = []
 
     def take_attempt(self) -> list[Op]:
-        """Return the write recording the attempt being handled (once), if any."""
+        """Return, once, the writes that go with the change an attempt's outcome makes.
+
+        They are the attempt's record, if any, and the finishing writes of the children
+        whose results the attempt was resumed with, when they are carried into it.
+        """
         attempt, self.attempt = self.attempt, None
-        return [] if attempt is None else [attempt]
+        carried, self.carried = self.carried, []
+        ops: list[Op] = []
+        for c in carried:
+            c.written = True
+            ops.extend(c.ops)
+        self.writing.extend(carried)
+        if attempt is not None:
+            ops.append(attempt)
+        return ops
+
+    def committed(self) -> None:
+        """Finish the children whose writes were committed with the attempt's."""
+        writing, self.writing = self.writing, []
+        for c in writing:
+            c.settle(True)
+
+
+class _Carried:
+    """The writes finishing a child, carried into the write of its parent's resume.
+
+    `outcome` is set by whoever writes them: True once committed, False if that write
+    failed (`error`), None when the parent hands them back unwritten (the child then
+    writes them itself).
+    """
+
+    __slots__ = ("error", "mine", "on_commit", "ops", "outcome", "seq", "taken", "written")
+
+    def __init__(self, ops: list[Op], seq: int, on_commit: Callable[[], None]) -> None:
+        self.ops = ops
+        self.on_commit = on_commit  # run at once when the writes are committed
+        self.seq = seq  # of the result in the parent's queue
+        self.taken = False  # claimed by the parent's attempt or by the child itself
+        self.mine = False  # claimed by the parent's attempt
+        self.written = False  # put into a write by the parent's attempt
+        self.outcome: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self.error: BaseException | None = None
+
+    def settle(self, outcome: bool | None, error: BaseException | None = None) -> None:
+        if not self.outcome.done():
+            self.error = error
+            self.outcome.set_result(outcome)
+            if outcome:
+                self.on_commit()
+
+    @property
+    def committed(self) -> bool:
+        return self.outcome.done() and self.outcome.result() is True
 
 
 class _Ids:
@@ -314,6 +383,8 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = _Ids()
         self._seq = 1
+        # Results handed to their poller before their commit, by queue seq (`_finish`).
+        self._carried: dict[int, _Carried] = {}
         self._closed = True
         # Idempotency keys of submissions being committed: a second submission with one
         # of them waits for the first rather than look it up before it is stored.
@@ -761,7 +832,7 @@ class Engine:
         dones: list[Callable[[], None]] = []
         task = asyncio.current_task()
         for waiter in waiters:
-            finish_ops, finish_done = self._finishing(
+            finish_ops, finish_done, _ = self._finishing(
                 waiter, status, result, "" if status is Status.OK else "the event is an error",
                 [], attempted=False,
             )  # fmt: skip
@@ -1010,6 +1081,7 @@ class Engine:
 
     async def _attempt(self, live: _Live) -> None:
         delivered: list[tuple[int, call_pb2.CallResult]] = []
+        carried: list[_Carried] = []
         slot: tuple[str, int] | None = None
         try:
             slot = await self._cluster_slot(live)
@@ -1020,6 +1092,7 @@ class Engine:
                 await self._expire(live, [], attempted=False)
             else:
                 request, delivered = self._request(live)
+                carried = [c for s, _ in delivered if (c := self._carried.get(s)) is not None]
                 timeout = min(self._settings.request_timeout, rec.expires_at - now)
                 limit = live.policy.timeout if live.policy is not None else None
                 if limit is not None and limit < timeout:
@@ -1051,53 +1124,100 @@ class Engine:
                         self._endpoint(rec), request, timeout, journal_delta=self._delta
                     )
                 live.requesting = False
-                timed_out = (
-                    limit is not None
-                    and outcome.response is None
-                    and outcome.status is Status.TIMEOUT
-                )
-                if timed_out:
-                    outcome = Outcome(
-                        Status.TIMEOUT,
-                        error=f"the attempt outlived the function's timeout of {limit:.6g} s",
+                if carried and not await self._take_carried(live, carried):
+                    # Dropped: the results recorded go back; the others come back through
+                    # their children.
+                    live.queue.extendleft(reversed(_recorded(delivered, carried)))
+                    delivered = []
+                    self._telemetry.attempted(span, int(outcome.status), "", self._clock())
+                else:
+                    timed_out = (
+                        limit is not None
+                        and outcome.response is None
+                        and outcome.status is Status.TIMEOUT
                     )
-                # Written with the change the outcome makes (see `_Live.take_attempt`).
-                ended = self._clock()
-                live.attempt = record_attempt(rec.id, rec.attempts + 1, started, ended, outcome)
-                self._telemetry.attempted(span, live.attempt.attempt.status, outcome.error, ended)
-                # Set in this task's own context, checked just before the write: with no
-                # other attempt in flight, the loop has nothing to do until it returns.
-                WRITE_ALONE.set(len(self._tasks) == 1)
-                generation = rec.generation
-                if not await self._handle(live, outcome, delivered, counted=timed_out):
-                    live.queue.extendleft(reversed(delivered))
-                delivered = []
-                self._cancel_abandoned(rec.id, generation, outcome)
+                    if timed_out:
+                        outcome = Outcome(
+                            Status.TIMEOUT,
+                            error=f"the attempt outlived the function's timeout of {limit:.6g} s",
+                        )
+                    # Written with the change the outcome makes (see `_Live.take_attempt`).
+                    ended = self._clock()
+                    live.attempt = record_attempt(rec.id, rec.attempts + 1, started, ended, outcome)
+                    self._telemetry.attempted(
+                        span, live.attempt.attempt.status, outcome.error, ended
+                    )
+                    # Set in this task's own context, checked just before the write: with
+                    # no other attempt in flight, the loop has nothing to do until it returns.
+                    # The children whose writes it carries only wait for it.
+                    WRITE_ALONE.set(len(self._tasks) == 1 + len(live.carried))
+                    generation = rec.generation
+                    if not await self._handle(live, outcome, delivered, counted=timed_out):
+                        live.queue.extendleft(reversed(delivered))
+                    delivered = []
+                    for c in carried:
+                        if c.mine:
+                            c.settle(True if c.written else None)
+                    self._cancel_abandoned(rec.id, generation, outcome)
             live.stalls = 0
             live.stall_until = 0.0
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            _settle_failed(carried, exc)
             raise
-        except FencedError:
+        except FencedError as exc:
+            _settle_failed(carried, exc)
             if self._parts is None:
                 raise
             self._parts.fenced(live)  # drops the call: `_arm` leaves it alone
         except Exception as exc:
+            _settle_failed(carried, exc)
             live.stalls += 1
             live.stall_until = self._clock() + self._settings.retry.backoff(live.stalls, self._rng)
             log_failure(
                 logger, exc, "call %s: the outcome of an attempt was not recorded", live.rec.id
             )
-            live.queue.extendleft(reversed(delivered))
+            live.queue.extendleft(reversed(_recorded(delivered, carried)))
         finally:
             live.running = False
             live.requesting = False
             live.attempt = None
+            live.carried = []
+            live.writing = []
             live.task = None
             self._running.discard(live.rec.id)
             self._release(live)
             if slot is not None and self._parts is not None:
                 self._parts.give_slot(*slot)
         self._arm(live)
+
+    async def _take_carried(self, live: _Live, carried: list[_Carried]) -> bool:
+        """Take the children's writes carried to this attempt into its own write.
+
+        Those a child is writing itself (the resume was slow) are waited for. Returns
+        False if one of them failed: the attempt's answer acted on a result that was
+        never recorded, so it is dropped, and the writes taken are handed back to their
+        children. The next resume sends the state kept before this attempt; an endpoint
+        holding the run live past it replays it (this SDK's endpoint sees that the
+        `JournalRef` names a round it has left behind).
+        """
+        mine = []
+        for c in carried:
+            if not c.taken:
+                c.taken = c.mine = True
+                mine.append(c)
+        live.carried = mine
+        theirs = [c.outcome for c in carried if not c.mine]
+        if not theirs or all(await asyncio.gather(*map(asyncio.shield, theirs))):
+            return True
+        live.carried = []
+        for c in mine:
+            c.settle(None)
+        logger.info(
+            "call %s: its answer is dropped, it was resumed with a result that could not "
+            "be recorded; it is resumed again once that call has run again",
+            live.rec.id,
+        )
+        return False
 
     async def _cluster_slot(self, live: _Live) -> tuple[str, int] | None:
         """With replicas, wait for one of the function's slots across all of them.
@@ -1239,6 +1359,7 @@ class Engine:
                 updated_at=now,
             )
             await self._store.write([*self._fence(rec), UpdateCall(new), *live.take_attempt()])
+            live.committed()
             live.rec = new
             return False
         await self._finish(
@@ -1330,6 +1451,7 @@ class Engine:
         if delivered:
             ops.append(RemoveResults(tuple(seq for seq, _ in delivered)))
         await self._store.write(ops)
+        live.committed()
         live.rec = new
         live.unreachable = 0
         self._created(children)
@@ -1407,6 +1529,7 @@ class Engine:
         if live.rec.state_kind is StateKind.SEGMENTS:
             ops.append(RemoveSegments(new.id))
         await self._store.write(ops)
+        live.committed()
         live.rec = new
         live.queue.clear()
 
@@ -1438,11 +1561,70 @@ class Engine:
         attempted: bool = True,
         diverged: bool = False,
     ) -> None:
-        ops, done = self._finishing(
+        ops, done, delivery = self._finishing(
             live, status, result, failure, delivered, attempted=attempted, diverged=diverged
         )
-        await self._store.write(ops)
-        done()
+        parent = self._made_ready(live.rec, delivery)
+        if parent is None or delivery is None:
+            await self._store.write(ops)
+            done()
+            return
+        # The parent is resumed now, and these writes go with its own (`_take_carried`).
+        seq = delivery[0]
+        carried = self._carried[seq] = _Carried(ops, seq, lambda: done(delivered=True))
+        parent.queue.append(delivery)
+        self._arm(parent)
+        try:
+            if not parent.running:  # held back (its function's limits): nothing to ride on
+                parent.queue.remove(delivery)
+                carried.taken = True
+                await self._store.write(ops)
+                done()
+                return
+            await asyncio.wait([carried.outcome], timeout=_CARRY_WAIT)
+            if not carried.taken:  # a slow resume: the result is committed on its own
+                carried.taken = True
+                WRITE_ALONE.set(False)  # the parent's attempt is in flight
+                try:
+                    await self._store.write(ops)
+                except BaseException as exc:
+                    carried.settle(False, exc)
+                    raise
+                carried.settle(True)
+            committed = await asyncio.shield(carried.outcome)
+        finally:
+            del self._carried[seq]
+        if committed is None:  # handed back unwritten: write it, then hand the result over
+            await self._store.write(ops)
+            done()
+            return
+        if not committed:
+            if delivery in parent.queue:
+                parent.queue.remove(delivery)
+            assert carried.error is not None
+            raise carried.error
+
+    def _made_ready(
+        self, rec: CallRecord, delivery: tuple[int, call_pb2.CallResult] | None
+    ) -> _Live | None:
+        """The parent that `delivery`, a result for it, makes ready to resume now, if any."""
+        if delivery is None:
+            return None
+        parent = self._live.get(rec.parent_id)
+        if (
+            parent is None
+            or parent.rec.generation != rec.parent_generation
+            or parent.rec.phase is not Phase.SUSPENDED
+            or parent.running
+            or parent.cancelling
+            or parent.rec.failures
+            or parent.unreachable
+            or parent.stall_until > self._clock()
+            or parent.rec.expires_at <= self._clock()
+            or not parent.rec.min_results <= len(parent.queue) + 1 <= parent.rec.max_results
+        ):
+            return None
+        return parent
 
     def _finishing(
         self,
@@ -1454,8 +1636,13 @@ class Engine:
         *,
         attempted: bool = True,
         diverged: bool = False,
-    ) -> tuple[list[Op], Callable[[], None]]:
-        """Return the writes that finish a call, and what to do once they are committed."""
+    ) -> tuple[list[Op], Callable[..., None], tuple[int, call_pb2.CallResult] | None]:
+        """Return the writes finishing a call, what to do after their commit, its result.
+
+        The result is the one queued for its parent (seq and result), if any. Called
+        after the commit, ``done()`` hands that result to the parent, unless
+        ``done(delivered=True)`` says it was handed over already.
+        """
         rec = live.rec
         now = self._clock()
         final = call_pb2.CallResult()
@@ -1499,7 +1686,8 @@ class Engine:
                 seq = self._parts.seq(seq, rec.root_id)
             ops.append(AddResult(QueuedResult(seq, parent.rec.id, rec.parent_generation, data)))
 
-        def done() -> None:
+        def done(*, delivered: bool = False) -> None:
+            live.committed()  # the children whose writes went with these first
             live.rec = new
             live.queue.clear()
             del self._live[rec.id]
@@ -1529,13 +1717,15 @@ class Engine:
                 if not waiter.done():
                     waiter.set_result(new)
             live.waiters.clear()
+            if delivered:
+                return
             # The parent may have moved on while the write was in flight.
             parent = self._live.get(rec.parent_id) if seq else None
             if parent is not None and parent.rec.generation == rec.parent_generation:
                 parent.queue.append((seq, final))
                 self._arm(parent)
 
-        return ops, done
+        return ops, done, (seq, final) if seq else None
 
     # Records.
 
@@ -1577,6 +1767,24 @@ class Engine:
             phase=Phase.PENDING,
             updated_at=now,
         )
+
+
+def _recorded(
+    delivered: list[tuple[int, call_pb2.CallResult]], carried: list[_Carried]
+) -> list[tuple[int, call_pb2.CallResult]]:
+    """The results of `delivered` that are committed: not carried, or carried and written.
+
+    The others go back to their parent through their children (`Engine._finish`).
+    """
+    lost = {c.seq for c in carried if not c.committed}
+    return [d for d in delivered if d[0] not in lost] if lost else delivered
+
+
+def _settle_failed(carried: list[_Carried], error: BaseException) -> None:
+    """Settle the carried writes an attempt took, when it ends with `error`."""
+    for c in carried:
+        if c.mine:
+            c.settle(False if c.written else None, error)
 
 
 def _function_key(rec: CallRecord) -> tuple[str, str]:
