@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 
 from dispatch_aio import Dispatch, Function, Status
 from dispatch_aio._codec import decode_value
+from dispatch_aio._serving import freeze_startup_objects
 from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
@@ -184,6 +185,7 @@ def serve_embedded(key: str, long_chain: int, folder: str) -> None:
             assert server.api_url is not None
             async with InspectClient(server.api_url, EMBEDDED_KEY) as inspect:
                 await app.dispatch.client.result(await app.fan_out.dispatch(4), timeout=60)
+                freeze_startup_objects()  # as dispatch.run() does once started
                 print("ready", flush=True)
                 await loop.run_in_executor(None, sys.stdin.readline)
                 seconds, marks = await workload.run(app, inspect, workload.size)

@@ -14,6 +14,9 @@ Both servers of the package (the function endpoint and the scheduler's API) use 
   the connection limit, not the file limit, is what a flood reaches.
 - Accept errors (``EMFILE`` when the process is out of file descriptors anyway) are logged
   once per minute with a count, instead of a traceback per attempt.
+- `freeze_startup_objects`: once a process that is ours alone (``dispatch.run()``, the
+  ``dispatch-aio`` commands) has started, what it holds is set aside from the cyclic
+  garbage collector, which would otherwise walk it at every full collection.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ __all__ = [
     "IDLE_TIMEOUT",
     "ConnectionGuard",
     "default_connection_limit",
+    "freeze_startup_objects",
     "quiet_accept_errors",
     "raise_file_limit",
 ]
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -59,6 +64,18 @@ def raise_file_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
     return int(soft) if soft != resource.RLIM_INFINITY else _FILE_LIMIT_CAP
+
+
+def freeze_startup_objects() -> None:
+    """Collect the garbage made while starting, then freeze every object left.
+
+    The modules, descriptors and settings a server loads at start live as long as it
+    does, yet a full collection walks them all: tens of thousands of objects, tens of
+    milliseconds each time, several times per thousand calls. Frozen (`gc.freeze`),
+    they are no longer walked; objects made later are collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def default_connection_limit(file_limit: int) -> int:

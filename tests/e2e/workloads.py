@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import sys
 
 import dispatch_aio
@@ -29,6 +30,12 @@ async def double(x: int) -> int:
 async def fan_out(n: int) -> list[int]:
     """Call `double` n times concurrently; return what came back, in order."""
     return list(await asyncio.gather(*(double(i) for i in range(n))))
+
+
+@dispatch.function
+def frozen_objects() -> int:
+    """How many objects dispatch.run() set aside from the garbage collector once started."""
+    return gc.get_freeze_count()
 
 
 @dispatch.function
