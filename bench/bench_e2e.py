@@ -58,9 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import dispatch_aio._serving
 from dispatch_aio import Dispatch, Function, Status
 from dispatch_aio._codec import decode_value
-from dispatch_aio._serving import freeze_startup_objects
 from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
@@ -185,7 +185,11 @@ def serve_embedded(key: str, long_chain: int, folder: str) -> None:
             assert server.api_url is not None
             async with InspectClient(server.api_url, EMBEDDED_KEY) as inspect:
                 await app.dispatch.client.result(await app.fan_out.dispatch(4), timeout=60)
-                freeze_startup_objects()  # as dispatch.run() does once started
+                # As dispatch.run() does once started, in the sources that have it (with
+                # --base-src, older sources may not).
+                freeze = getattr(dispatch_aio._serving, "freeze_startup_objects", None)
+                if freeze is not None:
+                    freeze()
                 print("ready", flush=True)
                 await loop.run_in_executor(None, sys.stdin.readline)
                 seconds, marks = await workload.run(app, inspect, workload.size)

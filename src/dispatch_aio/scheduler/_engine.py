@@ -31,7 +31,9 @@ attempt sends one RunRequest; its outcome moves the call:
   crash before it loses the round, and the child runs again, as a crash during any
   round would. A resume slower than `_CARRY_WAIT` does not hold the child's result
   back: it is committed on its own, and the parent's answer waits for that commit
-  (if it failed, the answer is dropped and the parent resumed again later).
+  (if it failed, the answer is dropped and the parent resumed again later). The
+  result of a top-level call nobody waits for yet is written deferrable
+  (`WRITE_DEFERRABLE`): it may commit with the next write, a submission often.
 - a temporary status (and HTTP/network failures): retried after an exponential
   backoff with jitter; INCOMPATIBLE_STATE restarts the call from the input of its
   current run. The call's own policy (``Call.policy``, its function's, see
@@ -110,6 +112,7 @@ from ._partitions import Moved, Partitions, announce
 from ._validate import call_problem
 from .store import (
     WRITE_ALONE,
+    WRITE_DEFERRABLE,
     AddAttempt,
     AddResult,
     AppendSegment,
@@ -1566,7 +1569,13 @@ class Engine:
         )
         parent = self._made_ready(live.rec, delivery)
         if parent is None or delivery is None:
-            await self._store.write(ops)
+            # A top-level call's result nobody asked for yet may commit with the next
+            # write (a submission, often) rather than alone.
+            token = WRITE_DEFERRABLE.set(not live.rec.parent_id and not live.waiters)
+            try:
+                await self._store.write(ops)
+            finally:
+                WRITE_DEFERRABLE.reset(token)
             done()
             return
         # The parent is resumed now, and these writes go with its own (`_take_carried`).

@@ -7,7 +7,9 @@ calls to rows the same way (`_rows`) and pass the same contract tests.
 
 from ._coordination import PARTITIONS, Coordination, Handlers, Leases, partition_of
 from ._interface import (
+    DEFER_MAX,
     WRITE_ALONE,
+    WRITE_DEFERRABLE,
     AddAttempt,
     AddResult,
     Announce,
@@ -44,8 +46,10 @@ from ._postgres import PostgresStore
 from ._sqlite import SQLiteStore
 
 __all__ = [
+    "DEFER_MAX",
     "PARTITIONS",
     "WRITE_ALONE",
+    "WRITE_DEFERRABLE",
     "AddAttempt",
     "AddResult",
     "Announce",

@@ -13,6 +13,11 @@ The engine tells a store, through the context variable `WRITE_ALONE`, when a wri
 the only thing the scheduler has in flight: a store that hands writes to a thread may
 then commit it on the calling thread instead, since the event loop has nothing else to
 do meanwhile. It is a hint about cost only: what a write guarantees is the same.
+
+Through `WRITE_DEFERRABLE`, it tells a store that nobody waits for a write yet (a
+top-level call finished, its result not asked for): a store that groups writes may
+hold it back for up to `DEFER_MAX` seconds, so that it commits with the next write
+rather than alone. It still returns only once committed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ if TYPE_CHECKING:
     from ._coordination import Coordination
 
 __all__ = [
+    "DEFER_MAX",
     "WRITE_ALONE",
+    "WRITE_DEFERRABLE",
     "AddAttempt",
     "AddResult",
     "Announce",
@@ -65,6 +72,12 @@ __all__ = [
 
 WRITE_ALONE = contextvars.ContextVar("dispatch_aio_scheduler_write_alone", default=False)
 """True while the engine writes with no other attempt in flight (see the module docstring)."""
+
+WRITE_DEFERRABLE = contextvars.ContextVar("dispatch_aio_scheduler_write_deferrable", default=False)
+"""True while the engine writes what nobody waits for yet (see the module docstring)."""
+
+DEFER_MAX = 0.005
+"""Seconds a store may hold back a deferrable write, waiting for another to group it with."""
 
 
 class StoreError(Exception):

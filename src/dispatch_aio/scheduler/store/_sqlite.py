@@ -12,6 +12,10 @@ the event loop's thread instead, when the writer thread is idle and commits are 
 the loop would only wait for it, and the two thread hand-offs cost about as much as a
 small commit. A lock keeps the connection to one thread at a time.
 
+A write nobody waits for yet (`WRITE_DEFERRABLE`) waits in the queue, up to
+`DEFER_MAX`, for another write to start a transaction: submissions made one after the
+other then commit with the result of the call before, one commit each instead of two.
+
 The schema version is kept in `PRAGMA user_version`; `_MIGRATIONS[n]` upgrades a
 database from version n to n + 1, so older databases are migrated on open and newer
 ones are refused.
@@ -42,7 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ._interface import (
+    DEFER_MAX,
     WRITE_ALONE,
+    WRITE_DEFERRABLE,
     AddAttempt,
     AddResult,
     Announce,
@@ -300,6 +306,20 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_ADD_ATTEMPT, row)]
 
 
+def _answer(
+    batch: list[tuple[list[_Statement], asyncio.Future[None], bool]],
+    errors: Sequence[StoreError | None],
+) -> None:
+    """Answer the writers of a transaction: each with its own outcome."""
+    for (_, future, _), outcome in zip(batch, errors, strict=True):
+        if future.done():
+            continue
+        if outcome is None:
+            future.set_result(None)
+        else:
+            future.set_exception(outcome)
+
+
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
     # Consecutive statements with the same SQL go through one executemany.
     i = 0
@@ -327,8 +347,10 @@ class SQLiteStore(Store):
         self._path = path
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        self._pending: list[tuple[list[_Statement], asyncio.Future[None]]] = []
+        # Writes waiting for the next transaction: statements, caller, deferrable.
+        self._pending: list[tuple[list[_Statement], asyncio.Future[None], bool]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._deferred: asyncio.TimerHandle | None = None  # starts a flush of deferred writes
         self._commits = 0
         self._conn_lock = threading.Lock()  # held by whichever thread uses the connection
         self._last_commit = 0.0  # seconds the last transaction took
@@ -364,6 +386,8 @@ class SQLiteStore(Store):
         """Commit pending writes and close the connection and the writer thread."""
         if self._executor is None:
             return
+        if self._pending and self._flusher is None:
+            self._start_flush()  # deferred writes
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
         try:
@@ -383,24 +407,46 @@ class SQLiteStore(Store):
         statements = [s for op in ops for s in _statements(op)]
         if not statements:
             return
+        deferrable = WRITE_DEFERRABLE.get()
         if (
             WRITE_ALONE.get()
-            and self._flusher is None  # no write queued or committing
+            and not deferrable
+            and self._flusher is None  # no write committing (deferred ones may wait)
             and self._last_commit < _INLINE_MAX
             and self._conn_lock.acquire(blocking=False)  # no read running either
         ):
+            # The deferred writes waiting go first, in the same transaction.
+            waiting = self._take_pending()
             try:
-                (error,) = self._commit_sync([statements])
+                errors = self._commit_sync([*(s for s, _, _ in waiting), statements])
             finally:
                 self._conn_lock.release()
+            *theirs, error = errors
+            _answer(waiting, theirs)
             if error is not None:
                 raise error
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((statements, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((statements, future, deferrable))
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            if not deferrable:
+                self._start_flush()
+            elif self._deferred is None:
+                self._deferred = loop.call_later(DEFER_MAX, self._start_flush)
         await future
+
+    def _start_flush(self) -> None:
+        self._deferred = None
+        if self._flusher is None and self._pending:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    def _take_pending(self) -> list[tuple[list[_Statement], asyncio.Future[None], bool]]:
+        batch, self._pending = self._pending, []
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+        return batch
 
     async def load(self) -> Snapshot:
         """Return every unfinished call and the results queued for them."""
@@ -511,22 +557,23 @@ class SQLiteStore(Store):
 
     async def _flush(self) -> None:
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
+            # The first batch goes (a write that cannot wait, or the deferral timer, or
+            # closing started this); deferred writes left alone after it wait again.
+            first = True
+            while self._pending and (first or any(not d for _, _, d in self._pending)):
+                first = False
+                batch = self._take_pending()
                 try:
-                    errors = await self._run(self._commit_sync, [s for s, _ in batch])
+                    errors = await self._run(self._commit_sync, [s for s, _, _ in batch])
                 except Exception as exc:  # the executor itself failed
                     failed: StoreError | None = self._write_error(exc)
                     errors = [failed] * len(batch)
-                for (_, future), outcome in zip(batch, errors, strict=True):
-                    if future.done():
-                        continue
-                    if outcome is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(outcome)
+                _answer(batch, errors)
         finally:
             self._flusher = None
+            if self._pending and self._deferred is None:
+                loop = asyncio.get_running_loop()
+                self._deferred = loop.call_later(DEFER_MAX, self._start_flush)
 
     # Writer-thread side: only these methods touch the connection (`_commit_sync` also on
     # the loop's thread, for a write made alone); always under `_conn_lock`.
