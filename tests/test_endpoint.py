@@ -236,6 +236,59 @@ async def test_body_limit(unsigned: EndpointServer, session: aiohttp.ClientSessi
     assert Status(reply.run_response().status) is Status.OK
 
 
+@pytest.fixture(params=["aiohttp", "asgi"])
+async def signed_small(request: pytest.FixtureRequest) -> AsyncIterator[EndpointServer]:
+    """A verifying endpoint: unchecked bodies up to SMALL_LIMIT, signed ones up to 10x."""
+    dispatch = build_dispatch(
+        verification_key=public_key_to_base64(KEY.public_key()),
+        max_body_size=SMALL_LIMIT,
+        max_signed_body_size=10 * SMALL_LIMIT,
+    )
+    async with served(dispatch, request.param) as server:
+        yield server
+
+
+async def test_a_signed_request_may_be_larger_than_the_body_limit(
+    signed_small: EndpointServer, session: aiohttp.ClientSession
+) -> None:
+    driver = Driver(session, signed_small.url, key=KEY)
+    large = run_request("echo", "x" * (5 * SMALL_LIMIT))
+    reply = await driver.post(large)
+    assert Status(reply.run_response().status) is Status.OK
+
+    # Over the signed limit: refused before the body is read, naming that limit.
+    huge = run_request("echo", "x" * (11 * SMALL_LIMIT))
+    reply = await driver.post(huge)
+    assert connect_error(reply) == (413, "invalid_argument")
+    assert f"limit of {10 * SMALL_LIMIT} bytes".encode() in reply.body
+    assert b"max_signed_body_size" in reply.body
+
+    # Signed by another key, or not signed: the small limit holds.
+    other = Driver(session, signed_small.url, key=OTHER_KEY)
+    reply = await other.post(large)
+    assert connect_error(reply) == (413, "invalid_argument")
+    assert b"does not check out" in reply.body
+    reply = await driver.post(large, {"Content-Type": "application/proto"})
+    assert connect_error(reply) == (413, "invalid_argument")
+
+    # A valid signature over a body that was then swapped: refused once read.
+    headers = driver.signed_headers(large)
+    swapped = run_request("echo", "y" * (5 * SMALL_LIMIT))
+    assert len(swapped) == len(large)
+    reply = await driver.post(swapped, headers)
+    assert connect_error(reply) == (403, "permission_denied")
+
+
+async def test_without_a_key_a_large_body_is_refused_saying_what_would_allow_it(
+    unsigned: EndpointServer, session: aiohttp.ClientSession
+) -> None:
+    driver = Driver(session, unsigned.url)
+    reply = await driver.post(run_request("echo", "x" * (2 * SMALL_LIMIT)))
+    assert connect_error(reply) == (413, "invalid_argument")
+    assert b"whose signature is not checked" in reply.body
+    assert b"verification key" in reply.body
+
+
 async def test_default_body_limit_is_16_mb() -> None:
     async with await build_dispatch(body_timeout=0.3).start() as server:
         head = b"POST " + RUN_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"

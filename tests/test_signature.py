@@ -28,6 +28,7 @@ from dispatch_aio._signature import (
     private_key_to_pem,
     public_key_to_base64,
     sign_request,
+    verify_headers,
     verify_request,
 )
 
@@ -435,6 +436,22 @@ def test_wrong_key_rejected() -> None:
     other = Ed25519PrivateKey.generate().public_key()
     with pytest.raises(InvalidSignatureError, match="signature does not match"):
         verify_request(other, "POST", RUN_URL, run_headers(), RUN_BODY, now=CREATED)
+
+
+def test_headers_are_verified_before_the_body_is_read() -> None:
+    headers = run_headers()
+    verify_headers(PUBLIC_KEY, "POST", RUN_URL, headers, now=CREATED)
+    # Whatever body follows: its digest is checked once it is read.
+    with pytest.raises(InvalidSignatureError, match="digest"):
+        verify_request(PUBLIC_KEY, "POST", RUN_URL, headers, RUN_BODY + b"x", now=CREATED)
+    other = Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(InvalidSignatureError, match="signature does not match"):
+        verify_headers(other, "POST", RUN_URL, headers, now=CREATED)
+    with pytest.raises(InvalidSignatureError, match="too old"):
+        verify_headers(PUBLIC_KEY, "POST", RUN_URL, headers, now=CREATED + 3600)
+    unsigned = {k: v for k, v in headers.items() if k.lower() != "signature"}
+    with pytest.raises(MalformedSignatureError):
+        verify_headers(PUBLIC_KEY, "POST", RUN_URL, unsigned, now=CREATED)
 
 
 def test_sign_request_errors() -> None:

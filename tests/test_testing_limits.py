@@ -1,4 +1,8 @@
-"""The test environment enforces the endpoint's size limit, as the scheduler meets it."""
+"""The test environment enforces the endpoint's size limit, as the scheduler meets it.
+
+A scheduler that signs its requests may send a whole journal up to the endpoint's
+limit for signed requests (1 GB): more than 16 MB of results survive a restart.
+"""
 
 from __future__ import annotations
 
@@ -34,16 +38,23 @@ async def echo(x: int) -> int:
     return x
 
 
-async def test_a_journal_over_the_limit_fails_the_call_and_says_why() -> None:
+async def test_a_journal_over_16_mb_resumes_after_a_restart() -> None:
     # Forced replay resends the whole journal at every resume, as after an app restart:
-    # two 10 MB results no longer fit in one 16 MB Run request.
+    # two 10 MB results make a 20 MB request, within the limit of signed requests.
     async with Environment(dispatch, replay="always") as env:
+        assert await env.call(two_blobs) == 20_000_000
+    assert max(len(r.SerializeToString()) for r in env.requests) > 20_000_000
+
+
+async def test_a_journal_over_the_limit_fails_the_call_and_says_why() -> None:
+    async with Environment(dispatch, replay="always", max_body_size=16_000_000) as env:
         info = await env.run(two_blobs)
     assert info.status is Status.PERMANENT_ERROR
     assert isinstance(info.error, errors.PermanentError)
     message = str(info.error)
     assert "HTTP 413" in message and "exceeds the limit of 16000000 bytes" in message
     assert "journal" in message and "by reference" in message
+    assert "max_signed_body_size" in message
 
 
 async def test_with_the_live_cache_only_new_results_travel() -> None:

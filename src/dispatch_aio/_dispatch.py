@@ -23,6 +23,7 @@ from ._embedded import EmbeddedScheduler
 from ._endpoint import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_SIGNED_BODY_SIZE,
     RUN_PATH,
     Endpoint,
     EndpointServer,
@@ -102,6 +103,9 @@ class Dispatch:
             ``"off"``.
         env: The environment to read instead of `os.environ`.
         max_body_size: Largest accepted Run request body, in bytes (16,000,000).
+        max_signed_body_size: Largest accepted body of a Run request whose signature
+            checks out (verified before the body is read), in bytes (1,000,000,000):
+            a resume carrying a whole journal may exceed `max_body_size`.
         body_timeout: Seconds a client may take to send a Run request body.
         api_timeout: Seconds a request to the Dispatch API may take (5).
         cache_size: Suspended runs kept live in memory, so that they resume without
@@ -142,6 +146,7 @@ class Dispatch:
         scheduler_addr: str | None = None,
         env: Mapping[str, str] | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_signed_body_size: int = DEFAULT_MAX_SIGNED_BODY_SIZE,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         api_timeout: float = DEFAULT_TIMEOUT,
         cache_size: int = 1024,
@@ -178,7 +183,7 @@ class Dispatch:
         }
         self._runner: Runner | None = None
         self._shutdown_timeout = shutdown_timeout
-        self._max_body_size = max_body_size
+        self._max_body_size = max(max_body_size, max_signed_body_size)  # checked per request
         if idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be positive, got {idle_timeout!r}")
         if max_connections is not None and max_connections <= 0:
@@ -195,6 +200,7 @@ class Dispatch:
             self._functions,
             self._get_runner,
             max_body_size=max_body_size,
+            max_signed_body_size=max_signed_body_size,
             body_timeout=body_timeout,
         )
         # A function returning an http.Response reports the status of its HTTP code.

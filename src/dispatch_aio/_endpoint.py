@@ -10,7 +10,7 @@ Problem                                                     HTTP    Connect code
 ``Content-Type`` other than application/proto,              415     invalid_argument
 application/octet-stream or none
 no ``Content-Length`` (e.g. a chunked body)                 411     invalid_argument
-``Content-Length`` over the body limit                      413     invalid_argument
+``Content-Length`` over the body limit (see below)          413     invalid_argument
 body shorter than its ``Content-Length``                    400     invalid_argument
 body not received within the body timeout                   408     deadline_exceeded
 signature missing or malformed (when a key is set)          401     unauthenticated
@@ -23,6 +23,12 @@ function not registered                                     404     not_found
 
 Without a verification key, only peers on this machine (loopback addresses) are served,
 however the endpoint is mounted, unless insecure mode is on.
+
+The body limit is `max_body_size` (the protocol's 16 MB). A request larger than that
+is read only if a verification key is set and its signature, checked before the body
+is read, is valid: its signer is trusted with up to `max_signed_body_size` (1 GB). A
+resume that carries a whole journal (after a restart of the app, on another replica)
+holds every result the call received, so a call may keep more than 16 MB of results.
 
 A scheduler of this SDK announces the journal extension with the header
 ``Dispatch-Aio-Journal: delta``: Polls then carry only what is new in the journal,
@@ -42,6 +48,7 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_SIGNED_BODY_SIZE",
     "RUN_PATH",
     "Endpoint",
     "EndpointServer",
@@ -71,8 +78,10 @@ from ._signature import (
     InvalidSignatureError,
     MalformedSignatureError,
     ReplayGuard,
+    SignatureError,
     load_public_key,
     public_key_to_base64,
+    verify_headers,
     verify_request,
 )
 from ._status import Status
@@ -87,6 +96,8 @@ logger = logging.getLogger(__name__)
 RUN_PATH = "/dispatch.sdk.v1.FunctionService/Run"
 DEFAULT_MAX_BODY_SIZE = 16_000_000
 """The protocol's limit on Run request bodies, in bytes."""
+DEFAULT_MAX_SIGNED_BODY_SIZE = 1_000_000_000
+"""The limit on the body of a Run request whose signature checked out, in bytes."""
 DEFAULT_BODY_TIMEOUT = 30.0
 """Seconds a client may take to send a request body."""
 
@@ -104,14 +115,23 @@ def is_loopback(host: str) -> bool:
         return False  # another host name: it may resolve to any interface
 
 
-def body_too_large(length: int, limit: int) -> str:
-    """Say why a Run request of `length` bytes is refused, and what to do about it."""
+def body_too_large(length: int, limit: int, *, signed: bool = True) -> str:
+    """Say why a Run request of `length` bytes is refused, and what to do about it.
+
+    `signed` says whether `limit` is that of signed requests; else it is that of
+    requests whose signature was not checked (none, or none set to check it with).
+    """
+    if signed:
+        which, raise_it = "", "max_signed_body_size"
+    else:
+        which = " for requests whose signature is not checked"
+        raise_it = "max_body_size, or set the verification key (signed requests may be larger)"
     return (
-        f"the request body of {length} bytes exceeds the limit of {limit} bytes: a resume "
-        "carries the results the function has not consumed yet and, when the endpoint does "
-        "not hold the run live (after a restart, on another replica), its whole journal, "
-        "every earlier result included; return large data by reference (a URL, a key in a "
-        "store) rather than by value, or raise the endpoint's max_body_size"
+        f"the request body of {length} bytes exceeds the limit of {limit} bytes{which}: a "
+        "resume carries the results the function has not consumed yet and, when the "
+        "endpoint does not hold the run live (after a restart, on another replica), its "
+        "whole journal, every earlier result included; return large data by reference (a "
+        f"URL, a key in a store) rather than by value, or raise the endpoint's {raise_it}"
     )
 
 
@@ -167,6 +187,8 @@ class Endpoint:
         functions: The registered functions by name (a live view).
         runner: Returns the runner that executes requests.
         max_body_size: Largest accepted request body, in bytes.
+        max_signed_body_size: Largest accepted body of a request whose signature
+            checked out before it was read, in bytes (see the module docstring).
         body_timeout: Seconds a client may take to send the body.
     """
 
@@ -177,16 +199,20 @@ class Endpoint:
         runner: Callable[[], Runner],
         *,
         max_body_size: int,
+        max_signed_body_size: int = DEFAULT_MAX_SIGNED_BODY_SIZE,
         body_timeout: float,
     ) -> None:
         if max_body_size <= 0:
             raise ValueError(f"max_body_size must be positive, got {max_body_size!r}")
+        if max_signed_body_size <= 0:
+            raise ValueError(f"max_signed_body_size must be positive, got {max_signed_body_size!r}")
         if body_timeout <= 0:
             raise ValueError(f"body_timeout must be positive, got {body_timeout!r}")
         self._config = config
         self._functions = functions
         self._runner = runner
         self._max_body_size = max_body_size
+        self._max_signed_body_size = max(max_signed_body_size, max_body_size)
         self._body_timeout = body_timeout
         self._prepared = False
         self._key: Ed25519PublicKey | None = None
@@ -421,13 +447,29 @@ class Endpoint:
                 unread=True,
             )
         if length > self._max_body_size:
-            return _error(
-                413,
-                "invalid_argument",
-                body_too_large(length, self._max_body_size),
-                unread=True,
-            )
+            return self._check_large(request, length)
         return None
+
+    def _check_large(self, request: Incoming, length: int) -> Reply | None:
+        """Admit a body over `max_body_size` only from a signer whose signature checks out."""
+        key = self._key
+        if key is None:
+            reason = body_too_large(length, self._max_body_size, signed=False)
+        elif length > self._max_signed_body_size:
+            reason = body_too_large(length, self._max_signed_body_size)
+        else:
+            try:
+                verify_headers(key, request.method, request.url, request.headers)
+            except SignatureError as exc:
+                logger.warning("refused a Run request of %d bytes: %s", length, exc)
+                reason = (
+                    f"the request body of {length} bytes exceeds the limit of "
+                    f"{self._max_body_size} bytes, and its signature, which would allow up "
+                    f"to {self._max_signed_body_size}, does not check out: {exc}"
+                )
+            else:
+                return None  # the body is checked against the signed digest once read
+        return _error(413, "invalid_argument", reason, unread=True)
 
     def _verify(self, request: Incoming, body: bytes, key: Ed25519PublicKey) -> Reply | None:
         try:

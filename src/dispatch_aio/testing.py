@@ -92,7 +92,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from . import _codec
 from ._client import Call
 from ._dispatch import Dispatch
-from ._endpoint import DEFAULT_MAX_BODY_SIZE, body_too_large
+from ._endpoint import DEFAULT_MAX_SIGNED_BODY_SIZE, body_too_large
 from ._function import Function
 from ._policy import FunctionPolicy, RateLimit
 from ._replay_worker import Setup, Target, WorkerError, WorkerPool, locate, module_file
@@ -398,11 +398,13 @@ class Environment:
             scheduler does (it takes effect with the live cache only);
             ``"whole"`` the plain protocol, where each Poll carries the whole
             journal and each resume echoes it.
-        max_body_size: Largest Run request, in bytes, as the endpoint's limit: a
-            larger one fails the call with PERMANENT_ERROR and the endpoint's
-            message. With ``replay="always"`` or ``"process"`` every resume carries
-            the whole journal, as after an app restart, so a function whose results
-            would not fit there fails in the test, not in production.
+        max_body_size: Largest Run request, in bytes, as the endpoint's limit on the
+            requests of a scheduler that signs them (``Dispatch(max_signed_body_size=)``,
+            1,000,000,000 bytes by default): a larger one fails the call with
+            PERMANENT_ERROR and the endpoint's message. With ``replay="always"`` or
+            ``"process"`` every resume carries the whole journal, as after an app
+            restart, so a function whose results would not fit there fails in the
+            test, not in production.
         on_divergence: ``"fail"`` (the default here) ends a call that diverges from
             its journal with `errors.NondeterminismError`; ``"restart"`` runs it
             again from its input, as a scheduler does for functions with that
@@ -436,7 +438,7 @@ class Environment:
         expiration: float = DEFAULT_EXPIRATION,
         workers: WorkerPool | None = None,
         journal: Literal["delta", "whole"] = "delta",
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_body_size: int = DEFAULT_MAX_SIGNED_BODY_SIZE,
         on_divergence: DivergencePolicy = "fail",
         nondeterminism: Detection = "fail",
         perturb_time: bool = False,
