@@ -25,6 +25,7 @@ from dispatch_aio._signature import (
     content_digest,
     load_private_key,
     load_public_key,
+    new_private_key_pem,
     private_key_to_pem,
     public_key_to_base64,
     sign_request,
@@ -478,6 +479,16 @@ def test_load_public_key_forms() -> None:
         PUBLIC_KEY,
     ):
         assert public_key_to_base64(load_public_key(value)) == PUBLIC_B64
+
+
+def test_a_key_made_without_cryptography_signs_what_its_public_key_verifies() -> None:
+    pem = new_private_key_pem()
+    key = load_private_key(pem)
+    assert private_key_to_pem(key) == pem  # the very form cryptography writes
+    assert new_private_key_pem() != pem
+    headers = {"Content-Type": "application/proto"}
+    headers |= sign_request(key, "POST", RUN_URL, headers, RUN_BODY)
+    verify_request(key.public_key(), "POST", RUN_URL, headers, RUN_BODY)
 
 
 def test_load_private_key_forms() -> None:

@@ -64,10 +64,9 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._codec import encode_error
 from ._config import INSECURE, VERIFICATION_KEY, Config
@@ -90,6 +89,9 @@ from .durable import Runner
 from .durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from .errors import ConfigurationError, PermanentError
 from .proto.sdk.v1 import call_pb2, exit_pb2, function_pb2, status_pb2
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 logger = logging.getLogger(__name__)
 

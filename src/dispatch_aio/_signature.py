@@ -15,6 +15,10 @@ Verification failures come in two kinds, matching the endpoint's HTTP answers:
   component is missing, unsupported or not valid structured-field syntax (RFC 8941).
 * ``InvalidSignatureError`` (403 ``permission_denied``): the request is well formed but does not
   check out: wrong key id, algorithm or signature, body digest mismatch, stale or expired.
+
+The Ed25519 arithmetic is `cryptography`'s, imported only when a key is loaded: a process
+that never signs nor verifies (an app with its scheduler in process) does without its
+7 to 8 MB. `new_private_key_pem` makes a key without it, to be loaded when first used.
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import sha512
 from types import MappingProxyType
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "InvalidSignatureError",
@@ -48,6 +55,7 @@ __all__ = [
     "content_digest",
     "load_private_key",
     "load_public_key",
+    "new_private_key_pem",
     "private_key_to_pem",
     "public_key_to_base64",
     "sign_request",
@@ -410,11 +418,18 @@ def _fast_verify(
         return None
     if not hmac.compare_digest(claimed, sha512(body).digest()):
         raise InvalidSignatureError(_DIGEST_MISMATCH)
+    _check(key, signature_bytes, base)
+    return Verified(signature_bytes, created)
+
+
+def _check(key: Ed25519PublicKey, signature: bytes, base: str) -> None:
+    """Check an Ed25519 signature of a signature base."""
+    from cryptography.exceptions import InvalidSignature  # loaded with the key already
+
     try:
-        key.verify(signature_bytes, base.encode("ascii"))
+        key.verify(signature, base.encode("ascii"))
     except InvalidSignature:
         raise InvalidSignatureError(_SIGNATURE_MISMATCH) from None
-    return Verified(signature_bytes, created)
 
 
 # --- Signature base (RFC 9421 section 2.5) ------------------------------------------------------
@@ -799,10 +814,7 @@ def _verify(
         raise InvalidSignatureError(f"signature expired {current - expires:.0f} s ago")
     if actual is not None and not hmac.compare_digest(claimed, actual):
         raise InvalidSignatureError(_DIGEST_MISMATCH)
-    try:
-        key.verify(sig_item.value, base.encode("ascii"))
-    except InvalidSignature:
-        raise InvalidSignatureError(_SIGNATURE_MISMATCH) from None
+    _check(key, sig_item.value, base)
     return Verified(sig_item.value, created)
 
 
@@ -905,6 +917,13 @@ def _digests(index: _Index, body: bytes | None, parse: _Parse) -> tuple[bytes, b
 
 
 def _load_key(value: str | bytes, private: bool) -> Ed25519PrivateKey | Ed25519PublicKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
     kind, sizes = ("private", (32, 64)) if private else ("public", (32,))
     if isinstance(value, bytes) and len(value) == 32:
         raw = value
@@ -962,9 +981,11 @@ def load_public_key(value: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
     Raises:
         ValueError: If the value is not an Ed25519 public key in one of those forms.
     """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     if isinstance(value, Ed25519PublicKey):
         return value
-    return cast(Ed25519PublicKey, _load_key(value, private=False))
+    return cast("Ed25519PublicKey", _load_key(value, private=False))
 
 
 def load_private_key(value: str | bytes | Ed25519PrivateKey) -> Ed25519PrivateKey:
@@ -981,9 +1002,11 @@ def load_private_key(value: str | bytes | Ed25519PrivateKey) -> Ed25519PrivateKe
         ValueError: If the value is not an Ed25519 private key in one of those forms. The
             message never contains key material.
     """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     if isinstance(value, Ed25519PrivateKey):
         return value
-    return cast(Ed25519PrivateKey, _load_key(value, private=True))
+    return cast("Ed25519PrivateKey", _load_key(value, private=True))
 
 
 def public_key_to_base64(key: Ed25519PublicKey) -> str:
@@ -991,8 +1014,24 @@ def public_key_to_base64(key: Ed25519PublicKey) -> str:
     return base64.b64encode(key.public_bytes_raw()).decode("ascii")
 
 
+def new_private_key_pem() -> str:
+    """Make a new Ed25519 signing key, as unencrypted PEM PKCS#8, without `cryptography`.
+
+    An Ed25519 private key is 32 random bytes; its PKCS#8 form (RFC 8410) is a fixed
+    16-byte prefix and those bytes. `load_private_key` reads it when it is first needed.
+    """
+    der = _PKCS8_ED25519 + os.urandom(32)
+    body = base64.b64encode(der).decode("ascii")
+    return f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n"
+
+
+_PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
+
+
 def private_key_to_pem(key: Ed25519PrivateKey) -> str:
     """Return the key as unencrypted PEM PKCS#8 (``-----BEGIN PRIVATE KEY-----``)."""
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -38,9 +38,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import aiohttp
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from .. import __version__
@@ -50,6 +50,9 @@ from .._status import Status, status_for_http
 from ..durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from ..proto.sdk.v1 import function_pb2
 from ._attempts import connection_failure
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "CANCEL_HEADER",
@@ -167,7 +170,8 @@ class Invoker:
     """Sends signed RunRequests to endpoints.
 
     Args:
-        key: The scheduler's Ed25519 signing key.
+        key: The scheduler's Ed25519 signing key, or what returns it: called when a
+            request first goes over HTTP (runs handed over in process are not signed).
         max_concurrency: Ceiling of in-flight requests per endpoint.
         initial_concurrency: Starting window per endpoint.
         unreachable_warning: Seconds an endpoint may be unreachable before a warning.
@@ -180,7 +184,7 @@ class Invoker:
 
     def __init__(
         self,
-        key: Ed25519PrivateKey,
+        key: Ed25519PrivateKey | Callable[[], Ed25519PrivateKey],
         *,
         max_concurrency: int = 64,
         initial_concurrency: int = 8,
@@ -375,7 +379,8 @@ class Invoker:
         # Signed after the slot is acquired, so that `created` is the sending time.
         signer = self._signers.get(url)
         if signer is None:
-            signer = self._signers[url] = RequestSigner(self._key, "POST", url, _HEADERS)
+            key = self._key() if callable(self._key) else self._key  # loaded when first used
+            signer = self._signers[url] = RequestSigner(key, "POST", url, _HEADERS)
         headers = {**_HEADERS, **signer.sign(body)}
         if journal_delta:
             headers.update(_DELTA_HEADERS)

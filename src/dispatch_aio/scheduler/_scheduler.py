@@ -8,10 +8,9 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .._serving import (
     IDLE_TIMEOUT,
@@ -20,7 +19,7 @@ from .._serving import (
     quiet_accept_errors,
     raise_file_limit,
 )
-from .._signature import load_private_key, private_key_to_pem, public_key_to_base64
+from .._signature import load_private_key, new_private_key_pem, public_key_to_base64
 from ..proto.sdk.v1 import call_pb2
 from ..proto.v1 import inspect_pb2
 from ._api import STATE_OF_PHASE, create_app
@@ -38,6 +37,9 @@ from ._validate import endpoint_problem
 from .store import Phase, SetMeta, SQLiteStore, Store
 
 __all__ = ["FinishedCall", "Scheduler"]
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _SIGNING_KEY = "signing_key"
 _API_KEY = "api_key"
@@ -186,6 +188,7 @@ class Scheduler:
                 raise ValueError(f"endpoint {endpoint!r} is given no replicas")
         self._replicas = {endpoint: tuple(urls) for endpoint, urls in (replicas or {}).items()}
         self._key: Ed25519PrivateKey | None = None
+        self._key_pem: str | None = None  # the stored key, loaded when first used
         self._engine: Engine | None = None
         self._schedules: Schedules | None = None
         self._invoker: Invoker | None = None
@@ -204,16 +207,18 @@ class Scheduler:
         """
         if self._engine is not None:
             raise RuntimeError("the scheduler is already started")
+        # A key given is checked now; the stored one is loaded when first needed (an app
+        # running its scheduler in process never signs, and never loads `cryptography`).
         key = load_private_key(self._key_arg) if self._key_arg is not None else None
         await self._store.open()
         self._store_open = True
         try:
-            if key is None:
-                key = await self._stored_key()
             self._key = key
+            if key is None:
+                self._key_pem = await self._stored_key()
             self._api_key = self._api_key_arg or await self._stored_api_key()
             self._invoker = Invoker(
-                key,
+                lambda: self.signing_key,
                 max_concurrency=self._max_concurrency,
                 local=self._local,
                 replicas=self._replicas,
@@ -238,16 +243,16 @@ class Scheduler:
             await self.close()
             raise
 
-    async def _stored_key(self) -> Ed25519PrivateKey:
+    async def _stored_key(self) -> str:
+        """The PEM of the signing key kept in the store, made and stored on first start."""
         pem = await self._store.get_meta(_SIGNING_KEY)
         if pem is not None:
-            return load_private_key(pem.decode("ascii"))
-        key = Ed25519PrivateKey.generate()
-        pem = private_key_to_pem(key).encode("ascii")
+            return pem.decode("ascii")
+        pem = new_private_key_pem().encode("ascii")
         await self._store.write([SetMeta(_SIGNING_KEY, pem, keep=True)])
         # Another scheduler on the same database may have stored its key first.
         stored = await self._store.get_meta(_SIGNING_KEY)
-        return load_private_key((stored or pem).decode("ascii"))
+        return (stored or pem).decode("ascii")
 
     async def _stored_api_key(self) -> str:
         stored = await self._store.get_meta(_API_KEY)
@@ -352,7 +357,9 @@ class Scheduler:
     def signing_key(self) -> Ed25519PrivateKey:
         """The key that signs Run requests (known once started)."""
         if self._key is None:
-            raise RuntimeError("the scheduler is not started: the signing key is not loaded")
+            if self._key_pem is None:
+                raise RuntimeError("the scheduler is not started: the signing key is not loaded")
+            self._key = load_private_key(self._key_pem)
         return self._key
 
     @property
