@@ -586,3 +586,37 @@ def test_endpoint_addr_reads_the_configuration() -> None:
     assert _Dispatch(env={}).endpoint_addr() == ("127.0.0.1", 8000)
     assert _Dispatch(env={"DISPATCH_ENDPOINT_ADDR": "[::1]:9000"}).endpoint_addr() == ("::1", 9000)
     assert _Dispatch(endpoint_addr="0.0.0.0:1234", env={}).endpoint_addr() == ("0.0.0.0", 1234)
+
+
+SERVED_ELSEWHERE = """
+import asyncio, sys
+from dispatch_aio import Dispatch
+
+dispatch = Dispatch(env={
+    "DISPATCH_API_URL": "http://127.0.0.1:9", "DISPATCH_API_KEY": "k",
+    "DISPATCH_ENDPOINT_ADDR": "127.0.0.1:0", "DISPATCH_VERIFICATION_KEY": sys.argv[1],
+})
+
+@dispatch.function
+async def double(x: int) -> int:
+    return 2 * x
+
+async def main() -> None:
+    async with await dispatch.start():
+        pass
+    print(sorted(m for m in sys.modules if m.startswith("dispatch_aio.scheduler")))
+
+asyncio.run(main())
+"""
+
+
+async def test_an_app_served_by_another_scheduler_never_loads_the_scheduler() -> None:
+    # Its engine, store, web UI and their dependencies are for programs that run one.
+    key = public_key_to_base64(Ed25519PrivateKey.generate().public_key())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVED_ELSEWHERE, key,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().strip() == "[]"

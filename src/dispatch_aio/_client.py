@@ -53,8 +53,6 @@ from ._telemetry import current_carrier
 from .durable import current_run, in_durable_function, run_on_host
 from .proto.sdk.v1 import call_pb2, dispatch_pb2, status_pb2
 from .proto.v1 import control_pb2, inspect_pb2
-from .scheduler._events import EventAlreadyResolvedError
-from .scheduler.store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -783,7 +781,14 @@ def _event_error(exc: errors.ClientError, key: str, url: str) -> errors.ClientEr
     return exc
 
 
+# The `_local` functions below serve a program that runs its scheduler in process: they
+# import the scheduler's errors when called, so that other programs never load it.
+
+
 async def _send_event_local(local: EmbeddedAPI, request: control_pb2.SendEventRequest) -> int:
+    from .scheduler._events import EventAlreadyResolvedError
+    from .scheduler.store import StoreError
+
     result = call_pb2.CallResult()
     if request.HasField("error"):
         result.error.CopyFrom(request.error)
@@ -809,6 +814,8 @@ async def _on_host(work: Any) -> Any:
 async def _submit_local(
     local: EmbeddedAPI, calls: list[call_pb2.Call], keys: list[str]
 ) -> list[str]:
+    from .scheduler.store import StoreError
+
     try:
         return await local.submit(calls, keys)
     except ValueError as exc:  # the scheduler's InvalidCallError
@@ -854,6 +861,8 @@ async def _wait_local(local: EmbeddedAPI, dispatch_id: str, timeout: float | Non
 
 
 async def _cancel_local(local: EmbeddedAPI, dispatch_id: str) -> bool:
+    from .scheduler.store import StoreError
+
     try:
         return await local.cancel(dispatch_id) is not None
     except LookupError as exc:

@@ -13,13 +13,12 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 from aiohttp import web
 
 from ._client import DEFAULT_TIMEOUT, Call, Client
 from ._config import DATA_DIR, Config
-from ._embedded import EmbeddedScheduler
 from ._endpoint import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY_SIZE,
@@ -45,7 +44,9 @@ from .asgi import ASGIEndpoint
 from .durable import Detection, DivergencePolicy, Runner
 from .errors import ConfigurationError
 from .http import Response, response_status
-from .scheduler.store import StoreError
+
+if TYPE_CHECKING:
+    from ._embedded import EmbeddedScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -536,6 +537,9 @@ class Dispatch:
         return server
 
     async def _start_embedded(self) -> EmbeddedScheduler:
+        # Imported here: an app served by another scheduler never loads this one.
+        from ._embedded import EmbeddedScheduler
+
         if self._embedded is not None:
             raise RuntimeError(
                 "this Dispatch object already runs its scheduler: close the server first"
@@ -616,6 +620,8 @@ class Dispatch:
                 logging.getLogger().removeHandler(handler)
 
     async def _serve_until_signal(self) -> None:
+        from .scheduler.store import StoreError  # loaded by then if it is used
+
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         try:
