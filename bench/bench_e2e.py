@@ -56,13 +56,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dispatch_aio._serving
 from dispatch_aio import Dispatch, Function, Status
 from dispatch_aio._codec import decode_value
-from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
+
+if TYPE_CHECKING:
+    # Imported where used: the served application loads what an application loads.
+    from dispatch_aio.cli._inspect import InspectClient
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peers" / "dispatch_py_bench.py"
@@ -183,6 +186,8 @@ def serve_embedded(key: str, long_chain: int, folder: str) -> None:
         app = build_app(env={}, data_dir=folder, api_key=EMBEDDED_KEY)
         async with await app.dispatch.start() as server:
             assert server.api_url is not None
+            from dispatch_aio.cli._inspect import InspectClient
+
             async with InspectClient(server.api_url, EMBEDDED_KEY) as inspect:
                 await app.dispatch.client.result(await app.fan_out.dispatch(4), timeout=60)
                 # As dispatch.run() does once started, in the sources that have it (with
@@ -560,6 +565,8 @@ class Sample:
 async def drive(stack: Stack, workload: Workload) -> Sample:
     config = stack.config
     app = build_app(**config)
+    from dispatch_aio.cli._inspect import InspectClient
+
     async with app.dispatch, InspectClient(config["api_url"], config["api_key"]) as inspect:
         # Warm-up, not timed: first connections, lazy imports, a first poll.
         await app.dispatch.client.result(await app.fan_out.dispatch(4), timeout=60)

@@ -589,7 +589,7 @@ def test_endpoint_addr_reads_the_configuration() -> None:
 
 
 SERVED_ELSEWHERE = """
-import asyncio, sys
+import os, signal, sys, threading
 from dispatch_aio import Dispatch
 
 dispatch = Dispatch(env={
@@ -601,12 +601,9 @@ dispatch = Dispatch(env={
 async def double(x: int) -> int:
     return 2 * x
 
-async def main() -> None:
-    async with await dispatch.start():
-        pass
-    print(sorted(m for m in sys.modules if m.startswith("dispatch_aio.scheduler")))
-
-asyncio.run(main())
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+dispatch.run()  # until the SIGINT
+print(sorted(m for m in sys.modules if m.startswith("dispatch_aio.scheduler")))
 """
 
 

@@ -620,13 +620,15 @@ class Dispatch:
                 logging.getLogger().removeHandler(handler)
 
     async def _serve_until_signal(self) -> None:
-        from .scheduler.store import StoreError  # loaded by then if it is used
-
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         try:
             server = await self.start()
-        except (ConfigurationError, StoreError, OSError) as exc:
+        except Exception as exc:
+            from .scheduler.store import StoreError  # here: only an app running it loads it
+
+            if not isinstance(exc, ConfigurationError | StoreError | OSError):
+                raise
             # The program cannot start where it runs (its database, its port, its
             # settings): one line that says why, as a command would, not a traceback.
             raise SystemExit(f"dispatch.run(): cannot start: {exc}") from None
