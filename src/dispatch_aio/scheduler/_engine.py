@@ -1597,7 +1597,9 @@ class Engine:
                 try:
                     await self._store.write(ops)
                 except BaseException as exc:
-                    carried.settle(False, exc)
+                    carried.settle(False, exc)  # the parent's answer, if any, is dropped
+                    if delivery in parent.queue:  # not handed over yet: it never will be
+                        parent.queue.remove(delivery)
                     raise
                 carried.settle(True)
             committed = await asyncio.shield(carried.outcome)
