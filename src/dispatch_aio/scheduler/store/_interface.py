@@ -23,6 +23,7 @@ rather than alone. It still returns only once committed.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextvars
 import enum
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ __all__ = [
     "StoreError",
     "StoreInUseError",
     "UpdateCall",
+    "answer_writers",
 ]
 
 
@@ -78,6 +80,19 @@ WRITE_DEFERRABLE = contextvars.ContextVar("dispatch_aio_scheduler_write_deferrab
 
 DEFER_MAX = 0.005
 """Seconds a store may hold back a deferrable write, waiting for another to group it with."""
+
+
+def answer_writers(
+    futures: Sequence[asyncio.Future[None]], outcomes: Sequence[StoreError | None]
+) -> None:
+    """Answer the writers of one transaction, each with its own outcome (stores' helper)."""
+    for future, outcome in zip(futures, outcomes, strict=True):
+        if future.done():
+            continue
+        if outcome is None:
+            future.set_result(None)
+        else:
+            future.set_exception(outcome)
 
 
 class StoreError(Exception):

@@ -81,6 +81,7 @@ from ._interface import (
     Store,
     StoreError,
     UpdateCall,
+    answer_writers,
 )
 from ._rows import (
     CALL_COLUMNS,
@@ -930,13 +931,7 @@ class PostgresStore(Store):
                 except Exception as exc:  # never leave a writer waiting
                     logger.exception("database write failed")
                     outcomes = [StoreError(f"the database write failed: {exc}")] * len(batch)
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue
-                    if outcome is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(outcome)
+                answer_writers([future for _, future in batch], outcomes)
         finally:
             self._flusher = None
 

@@ -76,6 +76,7 @@ from ._interface import (
     StoreError,
     StoreInUseError,
     UpdateCall,
+    answer_writers,
 )
 from ._rows import (
     CALL_COLUMNS,
@@ -306,20 +307,6 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_ADD_ATTEMPT, row)]
 
 
-def _answer(
-    batch: list[tuple[list[_Statement], asyncio.Future[None], bool]],
-    errors: Sequence[StoreError | None],
-) -> None:
-    """Answer the writers of a transaction: each with its own outcome."""
-    for (_, future, _), outcome in zip(batch, errors, strict=True):
-        if future.done():
-            continue
-        if outcome is None:
-            future.set_result(None)
-        else:
-            future.set_exception(outcome)
-
-
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
     # Consecutive statements with the same SQL go through one executemany.
     i = 0
@@ -422,7 +409,7 @@ class SQLiteStore(Store):
             finally:
                 self._conn_lock.release()
             *theirs, error = errors
-            _answer(waiting, theirs)
+            answer_writers([f for _, f, _ in waiting], theirs)
             if error is not None:
                 raise error
             return
@@ -568,7 +555,7 @@ class SQLiteStore(Store):
                 except Exception as exc:  # the executor itself failed
                     failed: StoreError | None = self._write_error(exc)
                     errors = [failed] * len(batch)
-                _answer(batch, errors)
+                answer_writers([f for _, f, _ in batch], errors)
         finally:
             self._flusher = None
             if self._pending and self._deferred is None:
