@@ -65,6 +65,8 @@ from dispatch_aio.proto.v1 import inspect_pb2
 
 if TYPE_CHECKING:
     # Imported where used: the served application loads what an application loads.
+    import floor
+
     from dispatch_aio.cli._inspect import InspectClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -855,6 +857,41 @@ def base_table(results: dict[tuple[str, str], list[Sample]], chosen: list[Worklo
     return lines
 
 
+def floor_table(
+    results: dict[tuple[str, str], list[Sample]],
+    chosen: list[Workload],
+    samples: list[floor.Components],
+) -> list[str]:
+    """The floor of each workload, from components measured in the same rounds."""
+    import floor
+
+    components = floor.median(samples)
+    lines = [
+        "",
+        "Floors: the best figure each workload could reach if our code cost nothing beyond "
+        "these components, measured in each round with no dispatch-aio code (bench/floor.py; "
+        f"medians): {floor.describe(components)}.",
+        "A target above the best ratio is out of reach with these components on this machine.",
+        f"{'workload':<28} {'system':<11} {'floor':>9} {'unit':<11} {'best ratio':>10} "
+        f"{'measured':>9} {'target':>7} {'':<12}  formula",
+    ]
+    by_key = {w.key: w for w in chosen}
+    for f in floor.floors(components):
+        w = by_key.get(f.workload)
+        if w is None:
+            continue
+        base = _median(results[w.key, "dispatch-py"], lambda s: s.figure)
+        ours = _median(results[w.key, f.system], lambda s: s.figure)
+        best = w.speedup(f.figure, base)
+        target = "" if w.target is None else f"{w.target:.1f}x"
+        reach = "" if w.target is None else "out of reach" if best < w.target else "in reach"
+        lines.append(
+            f"{w.label:<28} {f.system:<11} {w.number(f.figure):>9} {w.unit:<11} {best:>9.2f}x "
+            f"{w.speedup(ours, base):>8.2f}x {target:>7} {reach:<12}  {f.formula}"
+        )
+    return lines
+
+
 def _cpu(usages: list[Usage]) -> str:
     main = statistics.median(u.cpu_main for u in usages)
     other = statistics.median(u.cpu_other for u in usages)
@@ -957,6 +994,9 @@ def main() -> None:
     lines = header(args.repeat, args.data_root, python)
     load_start = loadavg()
     results: dict[tuple[str, str], list[Sample]] = collections.defaultdict(list)
+    import floor
+
+    floors: list[floor.Components] = []  # one measurement per round
     # Interleaved, the order of the systems rotating, so that a change of the machine's
     # load hits them alike.
     systems = (*SYSTEMS, *BASE_SYSTEMS) if base_src else SYSTEMS
@@ -980,8 +1020,9 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
+        floors.append(floor.measure(args.data_root))
     lines.insert(1, f"load average (1, 5, 15 min): {load_start} at start, {loadavg()} at end")
-    print("\n".join([*lines, *table(results, chosen)]))
+    print("\n".join([*lines, *table(results, chosen), *floor_table(results, chosen, floors)]))
 
 
 if __name__ == "__main__":
