@@ -172,6 +172,7 @@ def serve() -> None:
     app.router.add_post("/run", run)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # before the port is printed: the client connects at once
     print(sock.getsockname()[1], flush=True)
     web.run_app(app, sock=sock, print=None, access_log=None, handle_signals=True)
 
