@@ -75,6 +75,33 @@ async def test_a_key_submitted_twice_makes_one_call(
     assert len(await api.calls()) == 5
 
 
+async def test_a_new_key_costs_the_submission_no_lookup(
+    make_scheduler: Callable[..., Awaitable[Scheduler]],
+    endpoint: ScriptedEndpoint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Clients key every submission for their retries: a new key is the common case, and
+    # the write that stores it is what finds a key taken.
+    endpoint.on("echo", lambda req: ok("done"))
+    scheduler = await make_scheduler()
+    store = scheduler._store
+    lookups: list[list[str]] = []
+    find = store.find_idempotency_keys
+
+    async def counted(keys: list[str], now: float) -> dict[str, str]:
+        lookups.append(list(keys))
+        return await find(keys, now)
+
+    monkeypatch.setattr(store, "find_idempotency_keys", counted)
+    echo = [call("echo", "a", endpoint=endpoint.url)]
+    first = await scheduler.dispatch(echo, idempotency_keys=["k1"])
+    second = await scheduler.dispatch(echo, idempotency_keys=["k2"])
+    assert lookups == []
+    assert await scheduler.dispatch(echo, idempotency_keys=["k1"]) == first
+    assert lookups == [["k1"]]
+    assert first != second
+
+
 async def test_concurrent_submissions_of_one_key_make_one_call(
     serve: Callable[..., Awaitable[Api]],
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 
 import pytest
@@ -22,6 +23,7 @@ from dispatch_aio.scheduler.store import (
     FencedError,
     Handlers,
     InsertCall,
+    KeyTakenError,
     Phase,
     PruneIdempotencyKeys,
     PutEvent,
@@ -289,6 +291,31 @@ async def test_idempotency_keys_expire_and_are_pruned(store: Store) -> None:
     # An expired key may be given to a new call.
     await store.write([PutIdempotencyKey("k1", "c", expires_at=90.0)])
     assert await store.find_idempotency_keys(["k1"], now=60.0) == {"k1": "c"}
+
+
+async def test_a_live_key_of_another_call_fails_the_write(store: Store) -> None:
+    # What a submission sent again meets: its key was stored with its first call.
+    now = time.time()
+    far = now + 3600
+    await store.write([InsertCall(record("a")), PutIdempotencyKey("k", "a", far, now=now)])
+    with pytest.raises(KeyTakenError, match="idempotency key k is held by another call"):
+        await store.write([InsertCall(record("b")), PutIdempotencyKey("k", "b", far, now=now)])
+    assert await store.get_call("b") is None
+    assert await store.find_idempotency_keys(["k"], now) == {"k": "a"}
+    await store.write([PutIdempotencyKey("k", "a", far + 1, now=now)])  # its own call's key
+    # Writes grouped with the refused one still commit.
+    await asyncio.gather(
+        store.write([InsertCall(record("c"))]),
+        asyncio.gather(
+            store.write([InsertCall(record("d")), PutIdempotencyKey("k", "d", far, now=now)]),
+            return_exceptions=True,
+        ),
+    )
+    assert await store.get_call("c") is not None
+    assert await store.get_call("d") is None
+    await store.write([PutIdempotencyKey("old", "a", 10.0, now=now)])
+    await store.write([PutIdempotencyKey("old", "b", far, now=now)])  # expired: replaced
+    assert await store.find_idempotency_keys(["old"], now) == {"old": "b"}
 
 
 async def test_events_are_resolved_once_with_their_waiters(store: Store) -> None:

@@ -513,6 +513,12 @@ class Engine:
             self._keys_in_flight[key] = done
         try:
             keys = {i: k for k, i in keyed.items()}
+            try:
+                # Most keys are new (clients key every submission, for their retries):
+                # the write that stores them finds any taken, with no lookup first.
+                return await self._create(calls, keys, with_ops=with_ops)
+            except KeyTakenError:
+                pass  # submitted before: the calls found below are the answer
             for attempt in range(3):
                 known = await self._store.find_idempotency_keys(list(keyed), self._clock())
                 try:
@@ -555,7 +561,7 @@ class Engine:
             ops.append(InsertCall(rec))
             if key:
                 expires = now + self._settings.idempotency_retention
-                ops.append(PutIdempotencyKey(key, dispatch_id, expires))
+                ops.append(PutIdempotencyKey(key, dispatch_id, expires, now))
         ops.extend(with_ops)
         if not ops:
             return ids

@@ -335,15 +335,19 @@ class SetMeta:
 class PutIdempotencyKey:
     """Remember that a submission with idempotency key `key` created call `dispatch_id`.
 
-    A key already stored (an expired one: the engine never reuses a live key) is replaced.
-    A store that several schedulers share fails the write with `KeyTakenError` when the
-    key is live for another call (another scheduler stored it meanwhile).
+    A key stored for the same call, or expired, is replaced. A key still live for another
+    call fails the whole write with `KeyTakenError`, writing nothing: the submission was
+    made before (or, with replicas, by another scheduler meanwhile), and its first call
+    is the answer. So the write itself checks a new key, with no lookup before it.
     """
 
     key: str
     dispatch_id: str
     expires_at: float
     """Unix seconds after which the key is forgotten."""
+    now: float | None = None
+    """The submission's time, which a stored key's expiry is compared with (None: the
+    store's clock). PostgreSQL always uses its own clock."""
 
 
 @dataclass(frozen=True, slots=True)

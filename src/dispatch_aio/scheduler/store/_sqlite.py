@@ -59,6 +59,7 @@ from ._interface import (
     DeleteSchedule,
     Fence,
     InsertCall,
+    KeyTakenError,
     MoveSchedule,
     Op,
     PruneIdempotencyKeys,
@@ -250,7 +251,13 @@ _KEEP_META = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"
 _SELECT_CALLS = f"SELECT seq, {_COLUMNS} FROM calls"
 _APPEND_SEGMENT = "INSERT INTO segments (call_id, polls, data) VALUES (?, ?, ?)"
 _REMOVE_SEGMENTS = "DELETE FROM segments WHERE call_id = ?"
-_PUT_KEY = "INSERT OR REPLACE INTO idempotency_keys (key, dispatch_id, expires_at) VALUES (?, ?, ?)"
+# Changes no row when the key is live for another call: `_execute` refuses the write then.
+_PUT_KEY = (
+    "INSERT INTO idempotency_keys (key, dispatch_id, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET dispatch_id = excluded.dispatch_id, "
+    "expires_at = excluded.expires_at WHERE idempotency_keys.dispatch_id = excluded.dispatch_id "
+    "OR idempotency_keys.expires_at < ?"
+)
 _PRUNE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at < ?"
 _SELECT_SEGMENTS = "SELECT data FROM segments WHERE call_id = ? ORDER BY polls"
 # A plain INSERT: a key resolved already fails the whole write.
@@ -288,8 +295,8 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_APPEND_SEGMENT, (call_id, polls, data))]
         case RemoveSegments(call_id):
             return [(_REMOVE_SEGMENTS, (call_id,))]
-        case PutIdempotencyKey(key, dispatch_id, expires_at):
-            return [(_PUT_KEY, (key, dispatch_id, expires_at))]
+        case PutIdempotencyKey(key, dispatch_id, expires_at, now):
+            return [(_PUT_KEY, (key, dispatch_id, expires_at, time.time() if now is None else now))]
         case PruneIdempotencyKeys(before):
             return [(_PRUNE_KEYS, (before,))]
         case Fence() | Announce():
@@ -307,11 +314,21 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_ADD_ATTEMPT, row)]
 
 
+class _KeyTaken(sqlite3.IntegrityError):
+    """A `PutIdempotencyKey` met the live key of another call (`StoreError`: KeyTakenError)."""
+
+
 def _execute(conn: sqlite3.Connection, statements: list[_Statement]) -> None:
     # Consecutive statements with the same SQL go through one executemany.
     i = 0
     while i < len(statements):
         sql = statements[i][0]
+        if sql is _PUT_KEY:
+            params = statements[i][1]
+            if conn.execute(sql, params).rowcount == 0:
+                raise _KeyTaken(f"idempotency key {params[0]} is held by another call")
+            i += 1
+            continue
         j = i + 1
         while j < len(statements) and statements[j][0] == sql:
             j += 1
@@ -736,6 +753,8 @@ class SQLiteStore(Store):
 
     def _write_error(self, exc: BaseException) -> StoreError:
         """The error of a failed write: the file, what happened, and what to do."""
+        if isinstance(exc, _KeyTaken):
+            return KeyTakenError(f"the database write was refused: {exc}")
         code = getattr(exc, "sqlite_errorcode", None)
         where = f"cannot write to the database {self._path!r}"
         if code == sqlite3.SQLITE_FULL:
