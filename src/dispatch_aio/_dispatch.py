@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 from aiohttp import web
 
+from ._batch import BATCH_PATH
 from ._client import DEFAULT_TIMEOUT, Call, Client
 from ._config import DATA_DIR, Config
 from ._endpoint import (
@@ -379,7 +380,7 @@ class Dispatch:
     # -- serving ----------------------------------------------------------------------
 
     def routes(self, prefix: str = "") -> list[web.RouteDef]:
-        """Return the endpoint's route, to mount in an aiohttp application.
+        """Return the endpoint's routes, to mount in an aiohttp application.
 
         ::
 
@@ -387,14 +388,16 @@ class Dispatch:
             app.add_routes(dispatch.routes())
             app.cleanup_ctx.append(dispatch.cleanup_ctx)
 
-        The route is ``POST {prefix}/dispatch.sdk.v1.FunctionService/Run``; the endpoint
-        URL given to the scheduler (``DISPATCH_ENDPOINT_URL``) must then end with the
-        prefix. Mounting in a sub-application (``app.add_subapp("/dispatch", sub)``)
-        works too. Appending `cleanup_ctx` checks the configuration at startup and
-        releases this object's resources at cleanup. Middlewares of the application must
-        leave the request body unread. A mounted endpoint cannot know the address it is
-        served on, so without a verification key it only logs a warning (`start` also
-        refuses a non-loopback address).
+        The routes are ``POST {prefix}/dispatch.sdk.v1.FunctionService/Run`` and, for this
+        SDK's scheduler, ``POST {prefix}/dispatch_aio.v1.FunctionService/RunBatch`` (several
+        Run requests in one exchange); the endpoint URL given to the scheduler
+        (``DISPATCH_ENDPOINT_URL``) must then end with the prefix. Mounting in a
+        sub-application (``app.add_subapp("/dispatch", sub)``) works too. Appending
+        `cleanup_ctx` checks the configuration at startup and releases this object's
+        resources at cleanup. Middlewares of the application must leave the request body
+        unread. A mounted endpoint cannot know the address it is served on, so without a
+        verification key it only logs a warning (`start` also refuses a non-loopback
+        address).
 
         Args:
             prefix: A path prefix such as ``"/dispatch"``, or ``""``.
@@ -407,7 +410,10 @@ class Dispatch:
                 f"invalid route prefix {prefix!r}: it must start with '/' and not end with "
                 "one, e.g. '/dispatch'"
             )
-        return [web.post(prefix + RUN_PATH, self._endpoint.handle)]
+        return [
+            web.post(prefix + RUN_PATH, self._endpoint.handle),
+            web.post(prefix + BATCH_PATH, self._endpoint.handle_batch),
+        ]
 
     async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """An aiohttp cleanup context: ``app.cleanup_ctx.append(dispatch.cleanup_ctx)``.

@@ -30,6 +30,12 @@ is read, is valid: its signer is trusted with up to `max_signed_body_size` (1 GB
 resume that carries a whole journal (after a restart of the app, on another replica)
 holds every result the call received, so a call may keep more than 16 MB of results.
 
+Beside it, ``POST .../dispatch_aio.v1.FunctionService/RunBatch`` takes several Run
+requests in one exchange from a scheduler of this SDK (see ``RunBatch`` in batch.proto):
+the batch is checked as one request is, then each item is answered as it would be alone,
+streamed as soon as its run ends. Run responses announce the route with the header
+``Dispatch-Aio-Batch: 1``.
+
 A scheduler of this SDK announces the journal extension with the header
 ``Dispatch-Aio-Journal: delta``: Polls then carry only what is new in the journal,
 and resumes name it by reference (see ``JournalDelta`` in journal.proto). The
@@ -68,6 +74,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from aiohttp import web
 
+from ._batch import BATCH_HEADER, BATCH_TYPE, frame
 from ._codec import encode_error
 from ._config import INSECURE, VERIFICATION_KEY, Config
 from ._logs import ATTEMPT, ATTEMPT_HEADER
@@ -89,6 +96,7 @@ from .durable import Runner
 from .durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from .errors import ConfigurationError, PermanentError
 from .proto.sdk.v1 import call_pb2, exit_pb2, function_pb2, status_pb2
+from .proto.v1 import batch_pb2
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -286,22 +294,78 @@ class Endpoint:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Handle ``POST .../dispatch.sdk.v1.FunctionService/Run`` (aiohttp)."""
-        # The URL as the client addressed it: behind a proxy, the Host header must be the
-        # one that was signed.
-        url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
-        incoming = Incoming(
-            request.method, url, request.headers, request.remote, request.content.readexactly
-        )
-        reply = await self.respond(incoming)
-        response = web.Response(
-            status=reply.status, body=reply.body, content_type=reply.content_type
-        )
-        if reply.close:
-            response.force_close()
+        response = _http_response(await self.respond(_incoming(request)))
+        # This handler is mounted with `handle_batch` beside it (`Dispatch.routes`).
+        response.headers[BATCH_HEADER] = "1"
         return response
+
+    async def handle_batch(self, request: web.Request) -> web.StreamResponse:
+        """Handle ``POST .../dispatch_aio.v1.FunctionService/RunBatch`` (aiohttp).
+
+        The batch is checked as a Run request is (headers, size, signature); then its
+        items run concurrently, and each answer is streamed as soon as its run ends.
+        """
+        body = await self._admit(_incoming(request))
+        if isinstance(body, Reply):
+            return _http_response(body)
+        try:
+            batch = batch_pb2.RunBatch.FromString(body)
+        except Exception as exc:
+            return _http_response(
+                _error(400, "invalid_argument", f"the request body is not a RunBatch ({exc})")
+            )
+        response = web.StreamResponse()
+        response.content_type = BATCH_TYPE
+        await response.prepare(request)
+        # Tasks of their own: a client that goes away does not tear the runs.
+        pending = {
+            asyncio.ensure_future(self._answer_item(item)): i for i, item in enumerate(batch.items)
+        }
+        connected = True
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            # The answers ready together go in one write.
+            data = b"".join(frame(self._batch_answer(t, pending.pop(t))) for t in done)
+            if connected:
+                try:
+                    await response.write(data)
+                except ConnectionError:
+                    # The runs go on to their end (the scheduler sends what it did
+                    # not get an answer for again), but their answers are lost.
+                    connected = False
+        if connected:
+            await response.write_eof()
+        return response
+
+    async def _answer_item(self, item: batch_pb2.BatchItem) -> Reply:
+        return await self._answer(item.request, item.journal_delta, item.cancel, item.attempt)
+
+    @staticmethod
+    def _batch_answer(task: asyncio.Future[Reply], index: int) -> batch_pb2.BatchAnswer:
+        try:
+            reply = task.result()
+        except Exception as exc:  # a bug: said as the request alone would have got it
+            logger.error("cannot answer a Run request of a batch", exc_info=exc)
+            reply = _error(500, "internal", f"the endpoint failed: {exc!r}")
+        return batch_pb2.BatchAnswer(
+            index=index, status=reply.status, body=reply.body, content_type=reply.content_type
+        )
 
     async def respond(self, request: Incoming) -> Reply:
         """Check and run a Run request; return the answer (see the module docstring)."""
+        body = await self._admit(request)
+        if isinstance(body, Reply):
+            return body
+        attempt = request.headers.get(ATTEMPT_HEADER, "").strip()
+        return await self._answer(
+            body,
+            request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta",
+            request.headers.get(CANCEL_HEADER, "").strip() == "1",
+            int(attempt) if attempt.isdigit() else 0,
+        )
+
+    async def _admit(self, request: Incoming) -> bytes | Reply:
+        """Check a request's headers, read its body and verify it: the body, or the refusal."""
         try:
             self.prepare()
         except ConfigurationError as exc:
@@ -348,6 +412,10 @@ class Endpoint:
                 f"so that signed requests are verified, or set {INSECURE}=1 (insecure=True) to "
                 "serve unsigned requests from anywhere",
             )
+        return body
+
+    async def _answer(self, body: bytes, delta: bool, cancel: bool, attempt: int) -> Reply:
+        """Run a verified request body; the flags are those its headers carry."""
         try:
             run_request = function_pb2.RunRequest.FromString(body)
         except Exception as exc:
@@ -369,11 +437,8 @@ class Endpoint:
             run_request.dispatch_id,
             run_request.WhichOneof("directive") or "no directive",
         )
-        delta = request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta"
-        attempt = request.headers.get(ATTEMPT_HEADER, "").strip()
         # Set in this request's own task: it names the attempt in the run's log records.
-        ATTEMPT.set(int(attempt) if attempt.isdigit() else 0)
-        cancel = request.headers.get(CANCEL_HEADER, "").strip() == "1"
+        ATTEMPT.set(attempt)
         response = await self._run(run_request, delta, cancel)
         return Reply(200, response.SerializeToString(), _PROTO)
 
@@ -512,6 +577,22 @@ def _events_unsupported() -> function_pb2.RunResponse:
         status=status_pb2.Status.ValueType(Status.PERMANENT_ERROR),
         exit=exit_pb2.Exit(result=result),
     )
+
+
+def _incoming(request: web.Request) -> Incoming:
+    # The URL as the client addressed it: behind a proxy, the Host header must be the
+    # one that was signed.
+    url = f"{request.scheme}://{request.host}{request.rel_url.raw_path_qs}"
+    return Incoming(
+        request.method, url, request.headers, request.remote, request.content.readexactly
+    )
+
+
+def _http_response(reply: Reply) -> web.Response:
+    response = web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
+    if reply.close:
+        response.force_close()
+    return response
 
 
 def _from_loopback(request: Incoming) -> bool:

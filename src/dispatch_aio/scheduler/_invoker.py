@@ -23,6 +23,14 @@ application) are given as `LocalHandler`s: their Run requests are handed over in
 memory, with no HTTP, signature or size limit, but with the same window, time limit and
 outcomes as over HTTP.
 
+An endpoint of this SDK announces the batch route (``Dispatch-Aio-Batch: 1`` on its Run
+responses). From then on, the Run requests of an event-loop iteration to that endpoint
+(each still holding its own window slot) leave in one signed ``RunBatch`` exchange, whose
+answers stream back as the runs end; a request larger than `_BATCH_ITEM_MAX`, or alone
+in its iteration, goes as a plain Run request. A batch answered 404 or 405 (the route is
+no longer mounted) was not run: its requests go alone, and so do later ones to that
+endpoint, until the scheduler restarts.
+
 A resume that cancels a call (see `Invoker.run`) carries the ``Dispatch-Aio-Cancel``
 header (a flag for local handlers), which endpoints of other SDKs ignore.
 """
@@ -36,7 +44,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -44,11 +52,13 @@ import aiohttp
 from google.protobuf.message import DecodeError
 
 from .. import __version__
+from .._batch import BATCH_HEADER, BATCH_PATH, BATCH_TYPE, FRAME_HEADER, frame_length
 from .._logs import ATTEMPT, ATTEMPT_HEADER
 from .._signature import RequestSigner
 from .._status import Status, status_for_http
 from ..durable._journal import CANCEL_HEADER, JOURNAL_HEADER
 from ..proto.sdk.v1 import function_pb2
+from ..proto.v1 import batch_pb2
 from ._attempts import connection_failure
 
 if TYPE_CHECKING:
@@ -76,6 +86,10 @@ _CANCEL_HEADERS = MappingProxyType({CANCEL_HEADER: "1"})
 _OVERLOAD_HTTP = frozenset({429, 503})
 _UNREACHABLE = frozenset({Status.TCP_ERROR, Status.DNS_ERROR, Status.TLS_ERROR, Status.TIMEOUT})
 _BODY_EXCERPT = 300
+# A batch holds at most this many requests and bytes; a larger request goes alone.
+_BATCH_ITEMS = 64
+_BATCH_BYTES = 1_000_000
+_BATCH_ITEM_MAX = 64_000
 
 LocalHandler = Callable[[function_pb2.RunRequest, bool, bool], Awaitable[function_pb2.RunResponse]]
 """Runs a request in this process; the flags announce the journal extension and mark the
@@ -209,6 +223,10 @@ class Invoker:
         self._replica_backoff = replica_backoff
         self._passed_over: dict[str, float] = {}  # replica URL -> monotonic time
         self._local_tasks: set[asyncio.Task[function_pb2.RunResponse]] = set()
+        self._batching: set[str] = set()  # endpoints that announced the batch route
+        self._batch_refused: set[str] = set()  # endpoints that answered a batch 404/405
+        self._batches: dict[str, _Batch] = {}  # by endpoint: the batch leaving next
+        self._batch_tasks: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Create the HTTP client session (inside the running loop)."""
@@ -226,6 +244,8 @@ class Invoker:
             self._session = None
         for task in list(self._local_tasks):  # runs given up on after their time limit
             task.cancel()
+        for batch_task in list(self._batch_tasks):
+            batch_task.cancel()
 
     def concurrency(self, endpoint: str) -> float:
         """Return the current concurrency window of an endpoint."""
@@ -304,7 +324,7 @@ class Invoker:
                 outcome = await self._hand_over(local, request, time_limit, journal_delta, cancel)
             else:
                 outcome = await self._send(
-                    session, run_url(endpoint), body, time_limit, journal_delta, cancel
+                    session, endpoint, body, time_limit, journal_delta, cancel
                 )
         finally:
             window.release(
@@ -370,23 +390,49 @@ class Invoker:
     async def _send(
         self,
         session: aiohttp.ClientSession,
-        url: str,
+        endpoint: str,
         body: bytes,
         time_limit: float,
         journal_delta: bool,
         cancel: bool,
     ) -> Outcome:
+        attempt = ATTEMPT.get()
+        if endpoint in self._batching and len(body) <= _BATCH_ITEM_MAX:
+            item = batch_pb2.BatchItem(
+                request=body, journal_delta=journal_delta, cancel=cancel, attempt=attempt
+            )
+            outcome = await self._send_batched(session, endpoint, item, time_limit)
+            if outcome is not None:
+                return outcome
+        return await self._send_alone(
+            session, endpoint, body, time_limit, journal_delta, cancel, attempt
+        )
+
+    def _signed(self, url: str, body: bytes) -> dict[str, str]:
         # Signed after the slot is acquired, so that `created` is the sending time.
         signer = self._signers.get(url)
         if signer is None:
             key = self._key() if callable(self._key) else self._key  # loaded when first used
             signer = self._signers[url] = RequestSigner(key, "POST", url, _HEADERS)
-        headers = {**_HEADERS, **signer.sign(body)}
+        return {**_HEADERS, **signer.sign(body)}
+
+    async def _send_alone(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: str,
+        body: bytes,
+        time_limit: float,
+        journal_delta: bool,
+        cancel: bool,
+        attempt: int,
+    ) -> Outcome:
+        url = run_url(endpoint)
+        headers = self._signed(url, body)
         if journal_delta:
             headers.update(_DELTA_HEADERS)
         if cancel:
             headers.update(_CANCEL_HEADERS)
-        if attempt := ATTEMPT.get():
+        if attempt:
             headers[ATTEMPT_HEADER] = str(attempt)
         try:
             async with session.post(
@@ -397,43 +443,168 @@ class Invoker:
                 allow_redirects=False,
             ) as resp:
                 content = await resp.read()
-                code = resp.status
-                content_type = resp.content_type
+                if resp.headers.get(BATCH_HEADER) == "1" and endpoint not in self._batch_refused:
+                    self._batching.add(endpoint)
+                return _http_outcome(resp.status, content, resp.content_type)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return _failure(exc, time_limit)
+
+    async def _send_batched(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: str,
+        item: batch_pb2.BatchItem,
+        time_limit: float,
+    ) -> Outcome | None:
+        """Send a request in the batch leaving at the end of this loop iteration.
+
+        Returns None when the endpoint no longer takes batches: the request was not
+        run, and goes alone.
+        """
+        batch = self._batches.get(endpoint)
+        size = item.ByteSize()
+        if batch is None or len(batch.items) >= _BATCH_ITEMS or batch.size + size > _BATCH_BYTES:
+            batch = self._batches[endpoint] = _Batch()
+            asyncio.get_running_loop().call_soon(self._start_batch, session, endpoint, batch)
+        future = batch.add(item, size, time_limit)
+        try:
+            async with asyncio.timeout(max(time_limit, 0.001)):
+                # Shielded: the others' answers still come if this attempt gives up.
+                return await asyncio.shield(future)
         except TimeoutError:
             return Outcome(Status.TIMEOUT, error=f"no response within {time_limit:.3g} s")
-        except aiohttp.ClientConnectorDNSError as exc:
-            return Outcome(
-                Status.DNS_ERROR, error=f"cannot resolve the endpoint: {exc}", unsent=True
+
+    def _start_batch(self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch) -> None:
+        if self._batches.get(endpoint) is batch:
+            del self._batches[endpoint]
+        task = asyncio.ensure_future(self._post_batch(session, endpoint, batch))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
+    async def _post_batch(
+        self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch
+    ) -> None:
+        if len(batch.items) == 1:
+            batch.answer(0, None)  # alone, it goes the plain way
+            return
+        url = endpoint.rstrip("/") + BATCH_PATH
+        body = batch_pb2.RunBatch(items=batch.items).SerializeToString()
+        failure: Outcome | None = None
+        try:
+            async with session.post(
+                url,
+                data=body,
+                headers=self._signed(url, body),
+                timeout=aiohttp.ClientTimeout(total=max(batch.time_limit, 0.001)),
+                allow_redirects=False,
+            ) as resp:
+                if resp.status in (404, 405):
+                    # Served without the batch route now (a route mounted by hand, a
+                    # redeploy): nothing ran, and the requests go alone from now on.
+                    self._batching.discard(endpoint)
+                    self._batch_refused.add(endpoint)
+                    batch.answer_all(None)
+                    return
+                if resp.status != 200 or resp.content_type != BATCH_TYPE:
+                    content = await resp.read()
+                    batch.answer_all(_http_outcome(resp.status, content, resp.content_type))
+                    return
+                while batch.unanswered:
+                    length = frame_length(await resp.content.readexactly(FRAME_HEADER))
+                    answer = batch_pb2.BatchAnswer.FromString(
+                        await resp.content.readexactly(length)
+                    )
+                    if answer.index < len(batch.items):
+                        batch.answer(
+                            answer.index,
+                            _http_outcome(answer.status, answer.body, answer.content_type),
+                        )
+        except asyncio.IncompleteReadError:
+            failure = Outcome(
+                Status.TCP_ERROR, error="the connection closed before the batch was answered"
             )
-        except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as exc:
-            return Outcome(Status.TLS_ERROR, error=f"TLS error: {exc}")
-        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
-            return Outcome(Status.TCP_ERROR, error=connection_failure(exc), unsent=True)
-        except aiohttp.ClientConnectionError as exc:
-            return Outcome(Status.TCP_ERROR, error=connection_failure(exc))
-        except aiohttp.ClientError as exc:
-            return Outcome(Status.HTTP_ERROR, error=f"HTTP error: {type(exc).__name__}: {exc}")
-        if code == 200 and content_type == _PROTO:
-            try:
-                return _response(function_pb2.RunResponse.FromString(content))
-            except DecodeError as exc:
-                return Outcome(
-                    Status.INVALID_RESPONSE,
-                    error=f"the RunResponse cannot be decoded: {exc}",
-                    http_status=200,
-                )
-        if code == 200:
+        except DecodeError as exc:
+            failure = Outcome(
+                Status.INVALID_RESPONSE, error=f"a batch answer cannot be decoded: {exc}"
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = _failure(exc, batch.time_limit)
+        finally:
+            batch.answer_all(
+                failure or Outcome(Status.TCP_ERROR, error="the batch was interrupted")
+            )
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Run requests to one endpoint that leave together, and their answers to come."""
+
+    items: list[batch_pb2.BatchItem] = field(default_factory=list)
+    futures: list[asyncio.Future[Outcome | None]] = field(default_factory=list)
+    size: int = 0
+    time_limit: float = 0.0
+    unanswered: int = 0
+
+    def add(
+        self, item: batch_pb2.BatchItem, size: int, time_limit: float
+    ) -> asyncio.Future[Outcome | None]:
+        future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        self.items.append(item)
+        self.futures.append(future)
+        self.size += size
+        self.time_limit = max(self.time_limit, time_limit)
+        self.unanswered += 1
+        return future
+
+    def answer(self, index: int, outcome: Outcome | None) -> None:
+        future = self.futures[index]
+        if not future.done():
+            future.set_result(outcome)
+            self.unanswered -= 1
+
+    def answer_all(self, outcome: Outcome | None) -> None:
+        for i in range(len(self.futures)):
+            self.answer(i, outcome)
+
+
+def _http_outcome(code: int, content: bytes, content_type: str) -> Outcome:
+    """What an HTTP answer to a Run request says."""
+    if code == 200 and content_type == _PROTO:
+        try:
+            return _response(function_pb2.RunResponse.FromString(content))
+        except DecodeError as exc:
             return Outcome(
                 Status.INVALID_RESPONSE,
-                error=f"HTTP 200 with Content-Type {content_type!r}, expected {_PROTO!r}",
+                error=f"the RunResponse cannot be decoded: {exc}",
                 http_status=200,
             )
-        status = status_for_http(code)
-        if status in (Status.OK, Status.UNSPECIFIED):
-            status = Status.INVALID_RESPONSE if status is Status.OK else Status.HTTP_ERROR
+    if code == 200:
         return Outcome(
-            status, error=f"HTTP {code}{_describe_body(content, content_type)}", http_status=code
+            Status.INVALID_RESPONSE,
+            error=f"HTTP 200 with Content-Type {content_type!r}, expected {_PROTO!r}",
+            http_status=200,
         )
+    status = status_for_http(code)
+    if status in (Status.OK, Status.UNSPECIFIED):
+        status = Status.INVALID_RESPONSE if status is Status.OK else Status.HTTP_ERROR
+    return Outcome(
+        status, error=f"HTTP {code}{_describe_body(content, content_type)}", http_status=code
+    )
+
+
+def _failure(exc: TimeoutError | aiohttp.ClientError, time_limit: float) -> Outcome:
+    """What an exchange that failed without an answer says."""
+    if isinstance(exc, TimeoutError):
+        return Outcome(Status.TIMEOUT, error=f"no response within {time_limit:.3g} s")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return Outcome(Status.DNS_ERROR, error=f"cannot resolve the endpoint: {exc}", unsent=True)
+    if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
+        return Outcome(Status.TLS_ERROR, error=f"TLS error: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):  # no connection: nothing was sent
+        return Outcome(Status.TCP_ERROR, error=connection_failure(exc), unsent=True)
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return Outcome(Status.TCP_ERROR, error=connection_failure(exc))
+    return Outcome(Status.HTTP_ERROR, error=f"HTTP error: {type(exc).__name__}: {exc}")
 
 
 def _response(response: function_pb2.RunResponse) -> Outcome:

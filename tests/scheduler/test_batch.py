@@ -1,0 +1,213 @@
+"""The batch extension: Run requests made together travel in one exchange.
+
+A real scheduler on a SQLite file sends to a Dispatch app mounted in an aiohttp
+application of the test's own, whose middleware records the path of every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dispatch_aio import Call, Dispatch
+from dispatch_aio._batch import BATCH_HEADER, BATCH_PATH
+from dispatch_aio._codec import encode_input
+from dispatch_aio._endpoint import RUN_PATH
+from dispatch_aio._signature import sign_request
+from dispatch_aio.proto.sdk.v1 import function_pb2
+from dispatch_aio.proto.v1 import batch_pb2
+from dispatch_aio.scheduler import Scheduler
+
+from .scripted import API_KEY, FAST_RETRY
+
+
+class Served:
+    """A Dispatch app mounted in an aiohttp application, and the paths it was sent."""
+
+    def __init__(self, dispatch: Dispatch, url: str) -> None:
+        self.dispatch = dispatch
+        self.url = url
+        self.paths: list[str] = []
+
+    def count(self, path: str) -> int:
+        return sum(1 for p in self.paths if p == path)
+
+
+Serve = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def serve(signing_key: Ed25519PrivateKey, tmp_path: Path) -> AsyncIterator[Serve]:
+    """Start a scheduler and an app whose routes are `mount(dispatch.routes())`."""
+    cleanups: list[Callable[[], Awaitable[Any]]] = []
+
+    async def make(
+        register: Callable[[Dispatch], None], mount: Callable[[list[Any]], list[Any]] = list
+    ) -> Served:
+        scheduler = Scheduler(
+            str(tmp_path / "db"), api_key=API_KEY, signing_key=signing_key, retry=FAST_RETRY
+        )
+        await scheduler.start()
+        cleanups.append(scheduler.close)
+        api_url = await scheduler.serve("127.0.0.1", 0)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        dispatch = Dispatch(
+            api_key=API_KEY,
+            api_url=api_url,
+            endpoint_url=url,
+            verification_key=scheduler.verification_key,
+        )
+        register(dispatch)
+        served = Served(dispatch, url)
+
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            served.paths.append(request.path)
+            return await handler(request)  # type: ignore[no-any-return]
+
+        app = web.Application(middlewares=[record])
+        app.add_routes(mount(dispatch.routes()))
+        app.cleanup_ctx.append(dispatch.cleanup_ctx)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        cleanups.append(runner.cleanup)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return served
+
+    yield make
+    for cleanup in reversed(cleanups):
+        await cleanup()
+
+
+def _fan_out(dispatch: Dispatch) -> None:
+    @dispatch.function(name="square")
+    async def square(i: int) -> int:
+        return i * i
+
+    @dispatch.function(name="fan_out")
+    async def fan_out(n: int) -> int:
+        return sum(await asyncio.gather(*(square(i) for i in range(n))))
+
+
+async def test_children_of_a_gather_travel_in_batches(serve: Serve) -> None:
+    served = await serve(_fan_out)
+    dispatch_id = (await served.dispatch.client.dispatch([Call("fan_out", (100,))]))[0]
+    assert await served.dispatch.client.result(dispatch_id, timeout=30) == sum(
+        i * i for i in range(100)
+    )
+    # The first answer announces the route; the children go together after that.
+    assert served.count(BATCH_PATH) >= 1
+    assert served.count(RUN_PATH) < 50, served.paths
+
+
+async def test_answers_of_a_batch_come_as_their_runs_end(serve: Serve) -> None:
+    gate = asyncio.Event()
+
+    def register(dispatch: Dispatch) -> None:
+        @dispatch.function(name="quick")
+        async def quick(i: int) -> int:
+            return i
+
+        @dispatch.function(name="slow")
+        async def slow(i: int) -> int:
+            await gate.wait()
+            return -i
+
+    served = await serve(register)
+    client = served.dispatch.client
+    [warm_up] = await client.dispatch([Call("quick", (0,))])
+    assert await client.result(warm_up, timeout=10) == 0  # learns the route
+    before = len(served.paths)
+    ids = await client.dispatch([Call("slow", (1,)), *(Call("quick", (i,)) for i in range(1, 6))])
+    # The quick ones are answered while the slow one, sent with them, still runs.
+    assert [await client.result(i, timeout=10) for i in ids[1:]] == [1, 2, 3, 4, 5]
+    assert served.paths[before:] == [BATCH_PATH]
+    gate.set()
+    assert await client.result(ids[0], timeout=10) == -1
+
+
+async def test_an_app_without_the_batch_route_gets_plain_requests(serve: Serve) -> None:
+    served = await serve(_fan_out, mount=lambda routes: routes[:1])
+    for n in (30, 30):
+        [dispatch_id] = await served.dispatch.client.dispatch([Call("fan_out", (n,))])
+        assert await served.dispatch.client.result(dispatch_id, timeout=30) == sum(
+            i * i for i in range(n)
+        )
+    # One batch learns that the route is missing; nothing is lost, and none is sent again.
+    assert served.count(BATCH_PATH) == 1
+    assert served.count(RUN_PATH) >= 2 * (1 + 30 + 1)  # each child alone
+
+
+async def test_a_batch_is_signed_and_runs_once(
+    serve: Serve, signing_key: Ed25519PrivateKey
+) -> None:
+    runs: list[int] = []
+
+    def register(dispatch: Dispatch) -> None:
+        @dispatch.function(name="effect")
+        async def effect(i: int) -> int:
+            runs.append(i)
+            return i
+
+    served = await serve(register)
+    url = served.url + BATCH_PATH
+    items = [
+        batch_pb2.BatchItem(request=_run_request("effect", i).SerializeToString()) for i in (1, 2)
+    ]
+    body = batch_pb2.RunBatch(items=items).SerializeToString()
+    headers = {"Content-Type": "application/proto"}
+    async with aiohttp.ClientSession() as session:
+
+        async def post(signed: dict[str, str]) -> tuple[int, bytes]:
+            async with session.post(url, data=body, headers=signed) as resp:
+                return resp.status, await resp.read()
+
+        assert (await post(headers))[0] == 401
+        other = Ed25519PrivateKey.generate()
+        assert (await post({**headers, **sign_request(other, "POST", url, headers, body)}))[
+            0
+        ] == 403
+        signed = {**headers, **sign_request(signing_key, "POST", url, headers, body)}
+        status, content = await post(signed)
+        assert status == 200
+        answers = _answers(content)
+        assert sorted(a.index for a in answers) == [0, 1]
+        assert all(a.status == 200 for a in answers)
+        replayed, content = await post(signed)
+        assert replayed == 403 and b"already received" in content
+    assert sorted(runs) == [1, 2]
+
+
+def _run_request(function: str, value: int) -> function_pb2.RunRequest:
+    return function_pb2.RunRequest(
+        function=function, input=encode_input((value,), {}), dispatch_id=f"id-{value}"
+    )
+
+
+def _answers(content: bytes) -> list[batch_pb2.BatchAnswer]:
+    answers = []
+    while content:
+        length = int.from_bytes(content[:4], "big")
+        answers.append(batch_pb2.BatchAnswer.FromString(content[4 : 4 + length]))
+        content = content[4 + length :]
+    return answers
+
+
+async def test_run_responses_announce_the_batch_route(serve: Serve) -> None:
+    served = await serve(_fan_out)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(served.url + RUN_PATH, data=b"") as resp,
+    ):
+        assert resp.headers.get(BATCH_HEADER) == "1"
