@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 _REFRESH = 0.25  # seconds between redraws of the status line
 _RUNNING_EVERY = 2  # redraws between two questions about running calls
+# Finished-call lines per second at most: past that, a burst is one line that counts it
+# (thousands of lines a second are read by no one, and their formatting is most of the
+# scheduler's work per call).
+_LINES_PER_SECOND = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +360,9 @@ def _status_name(status: int) -> str:
 class Progress:
     """Shows a scheduler's calls: a line per finished top-level call, a live status line.
 
+    At most `_LINES_PER_SECOND` finished calls get a line each second; those past it are
+    counted, and one line says how many at the end of that second.
+
     Args:
         console: Where to write.
         tracker: The scheduler's call tracker (its `on_finished` is set here).
@@ -376,6 +383,10 @@ class Progress:
         self._prefix = prefix
         self._running = running
         self._started = time.monotonic()
+        self._second = 0.0  # when the current second of finished lines began
+        self._lines = 0  # finished lines written in it
+        self._held = [0, 0]  # finished calls past the budget: done, failed
+        self._flush: asyncio.TimerHandle | None = None
         tracker.on_finished = self._finished
         tracker.on_retry = self._retried
 
@@ -386,9 +397,36 @@ class Progress:
             self._console.line(self._prefix + retry_line(rec, in_a_row, self._console))
 
     def _finished(self, rec: CallRecord) -> None:
-        self._console.line(self._prefix + finished_line(rec, self._console))
+        now = time.monotonic()
+        if now - self._second >= 1.0:
+            self._second, self._lines = now, 0
+        if self._lines < _LINES_PER_SECOND:
+            self._lines += 1
+            self._console.line(self._prefix + finished_line(rec, self._console))
+        else:
+            self._held[rec.status != Status.OK] += 1
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(
+                    self._second + 1.0 - now, self._write_held
+                )
         if self._console.live:  # the counts changed too
             self._console.status(self.status_text(self._tracker.counts()))
+
+    def _write_held(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        done, failed = self._held
+        if not done and not failed:
+            return
+        self._held = [0, 0]
+        parts = [self._console.paint(f"{done} done", Style.GREEN)] if done else []
+        if failed:
+            parts.append(self._console.paint(f"{failed} failed", Style.RED))
+        self._console.line(
+            f"{self._prefix}... and {plural(done + failed, 'more call')} finished "
+            f"({', '.join(parts)}); 'dispatch-aio calls' lists them"
+        )
 
     def status_text(self, counts: Counts) -> str:
         """Return the status line for `counts`."""
@@ -430,7 +468,11 @@ class Progress:
             self._console.close()
 
     def summary(self) -> str:
-        """Return the closing line: calls done, failed and left unfinished."""
+        """Return the closing line: calls done, failed and left unfinished.
+
+        Calls held back from the lines of the last second are written first.
+        """
+        self._write_held()
         counts = self._tracker.counts()
         parts = [f"{counts.done} done", f"{counts.failed} failed"]
         text = "calls: " + ", ".join(parts)
