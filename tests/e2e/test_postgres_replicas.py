@@ -162,15 +162,19 @@ class Cluster:
             await conn.close()
 
     async def running_step(self, pid: int) -> None:
-        """Wait until process `pid` runs a step (begun, not ended)."""
+        """Wait until process `pid` runs a step begun so lately that a kill now cuts it."""
         async with asyncio.timeout(10):
             for _ in itertools.count():
-                open_runs: set[str] = set()
+                open_runs: dict[str, float] = {}
                 for line in self.log.read_text().splitlines():
-                    what, _key, run, _at, by = line.split()
+                    what, _key, run, at, by = line.split()
                     if by == str(pid):
-                        (open_runs.add if what == "begin" else open_runs.discard)(run)
-                if open_runs:
+                        if what == "begin":
+                            open_runs[run] = float(at)
+                        else:
+                            open_runs.pop(run, None)
+                # A step takes 50 ms: one begun within 20 ms is still running at the kill.
+                if open_runs and time.monotonic() - max(open_runs.values()) < 0.02:
                     return
                 await asyncio.sleep(0.005)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from dispatch_aio import Call, Dispatch
 from dispatch_aio._batch import BATCH_HEADER, BATCH_PATH
 from dispatch_aio._codec import encode_input
 from dispatch_aio._endpoint import RUN_PATH
+from dispatch_aio._policy import FunctionPolicy
 from dispatch_aio._signature import sign_request
 from dispatch_aio.proto.sdk.v1 import function_pb2
 from dispatch_aio.proto.v1 import batch_pb2
@@ -32,7 +34,8 @@ from .scripted import API_KEY, FAST_RETRY
 class Served:
     """A Dispatch app mounted in an aiohttp application, and the paths it was sent."""
 
-    def __init__(self, dispatch: Dispatch, url: str) -> None:
+    def __init__(self, scheduler: Scheduler, dispatch: Dispatch, url: str) -> None:
+        self.scheduler = scheduler
         self.dispatch = dispatch
         self.url = url
         self.paths: list[str] = []
@@ -69,7 +72,7 @@ async def serve(signing_key: Ed25519PrivateKey, tmp_path: Path) -> AsyncIterator
             verification_key=scheduler.verification_key,
         )
         register(dispatch)
-        served = Served(dispatch, url)
+        served = Served(scheduler, dispatch, url)
 
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -211,3 +214,36 @@ async def test_run_responses_announce_the_batch_route(serve: Serve) -> None:
         session.post(served.url + RUN_PATH, data=b"") as resp,
     ):
         assert resp.headers.get(BATCH_HEADER) == "1"
+
+
+async def test_an_attempt_that_times_out_in_a_batch_leaves_the_others_answered(
+    serve: Serve,
+) -> None:
+    attempts: list[int] = []
+
+    def register(dispatch: Dispatch) -> None:
+        @dispatch.function(name="quick")
+        async def quick(i: int) -> int:
+            await asyncio.sleep(0.6)  # answered after the slow one's attempt gave up
+            return i
+
+        @dispatch.function(name="slow")
+        async def slow(i: int) -> int:
+            attempts.append(i)
+            if len(attempts) == 1:
+                await asyncio.to_thread(time.sleep, 0.8)
+            return -i
+
+    served = await serve(register)
+    client = served.dispatch.client
+    [warm_up] = await client.dispatch([Call("quick", (0,))])
+    assert await client.result(warm_up, timeout=10) == 0
+    before = len(served.paths)
+    slow = Call("slow", (1,), policy=FunctionPolicy(timeout=0.3))
+    ids = await client.dispatch([slow, *(Call("quick", (i,)) for i in (1, 2))])
+    assert [await client.result(i, timeout=10) for i in ids] == [-1, 1, 2]
+    assert served.paths[before] == BATCH_PATH
+    # Its first attempt was given up on; the retry got the run's result.
+    info = await served.scheduler.progress(ids[0])
+    assert info is not None and info.attempts >= 2, info
+    assert len(attempts) >= 2

@@ -469,14 +469,17 @@ class Invoker:
         future = batch.add(item, size, time_limit)
         try:
             async with asyncio.timeout(max(time_limit, 0.001)):
-                # Shielded: the others' answers still come if this attempt gives up.
-                return await asyncio.shield(future)
+                # Given up on, the future is cancelled; the others' answers still come.
+                return await future
         except TimeoutError:
             return Outcome(Status.TIMEOUT, error=f"no response within {time_limit:.3g} s")
 
     def _start_batch(self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch) -> None:
         if self._batches.get(endpoint) is batch:
             del self._batches[endpoint]
+        if len(batch.items) == 1:
+            batch.answer(0, None)  # alone, it goes the plain way
+            return
         task = asyncio.ensure_future(self._post_batch(session, endpoint, batch))
         self._batch_tasks.add(task)
         task.add_done_callback(self._batch_tasks.discard)
@@ -484,9 +487,6 @@ class Invoker:
     async def _post_batch(
         self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch
     ) -> None:
-        if len(batch.items) == 1:
-            batch.answer(0, None)  # alone, it goes the plain way
-            return
         url = endpoint.rstrip("/") + BATCH_PATH
         body = batch_pb2.RunBatch(items=batch.items).SerializeToString()
         failure: Outcome | None = None
@@ -540,7 +540,7 @@ class _Batch:
     """Run requests to one endpoint that leave together, and their answers to come."""
 
     items: list[batch_pb2.BatchItem] = field(default_factory=list)
-    futures: list[asyncio.Future[Outcome | None]] = field(default_factory=list)
+    futures: list[asyncio.Future[Outcome | None] | None] = field(default_factory=list)
     size: int = 0
     time_limit: float = 0.0
     unanswered: int = 0
@@ -558,9 +558,11 @@ class _Batch:
 
     def answer(self, index: int, outcome: Outcome | None) -> None:
         future = self.futures[index]
-        if not future.done():
-            future.set_result(outcome)
+        if future is not None:  # the first answer counts
+            self.futures[index] = None
             self.unanswered -= 1
+            if not future.done():  # else its attempt gave up waiting
+                future.set_result(outcome)
 
     def answer_all(self, outcome: Outcome | None) -> None:
         for i in range(len(self.futures)):
