@@ -200,7 +200,7 @@ class Invoker:
         self,
         key: Ed25519PrivateKey | Callable[[], Ed25519PrivateKey],
         *,
-        max_concurrency: int = 64,
+        max_concurrency: int = 256,
         initial_concurrency: int = 8,
         unreachable_warning: float = 10.0,
         local: Mapping[str, LocalHandler] | None = None,

@@ -90,7 +90,8 @@ class Scheduler:
             default; an endpoint that cannot be reached is retried until the call
             expires). See `RetryPolicy`.
         max_concurrency: Ceiling of the adaptive number of concurrent Run requests to
-            one endpoint.
+            one endpoint (256; the window grows to it only while the endpoint shows no
+            sign of overload). A function's ``concurrency`` policy bounds its own calls.
         rng: Source of the backoff jitter (seed it for reproducible delays).
         local: Endpoints served by this process, by URL: their Run requests are handed
             to the handler in memory instead of sent over HTTP (see `LocalHandler`).
@@ -131,7 +132,7 @@ class Scheduler:
         max_expiration: float | None = None,
         request_timeout: float = 300.0,
         retry: RetryPolicy | None = None,
-        max_concurrency: int = 64,
+        max_concurrency: int = 256,
         rng: random.Random | None = None,
         local: Mapping[str, LocalHandler] | None = None,
         replicas: Mapping[str, Sequence[str]] | None = None,
