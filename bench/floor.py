@@ -11,7 +11,10 @@ guarantees pays for, each measured alone:
   row, in the folder of the benchmark's databases (the commit every accepted call and
   every step waits for);
 - an Ed25519 signature and its verification of a 300-byte message (every Run request
-  is signed by the scheduler and verified by the application).
+  is signed by the scheduler and verified by the application);
+- the peak RSS of a Python process that has only imported aiohttp, protobuf and
+  cryptography, which each of our processes needs (the scheduler and the application
+  are two under `dispatch-aio run`, one embedded).
 
 From them, the best figure each workload could reach if our code cost nothing beyond
 them (`floors`), and so the best ratio to dispatch-py: a target above that ratio is out
@@ -51,6 +54,7 @@ class Components:
     commit: float  # wall time of one synchronous=FULL transaction
     sign: float
     verify: float
+    process_rss: float  # MB: peak RSS of a process with our dependencies imported
 
 
 @dataclass(frozen=True)
@@ -102,15 +106,26 @@ def describe(c: Components) -> str:
         f"aiohttp exchange on loopback {c.exchange:.3f} ms (CPU: client "
         f"{c.exchange_client_cpu:.3f}, server {c.exchange_server_cpu:.3f}); SQLite "
         f"synchronous=FULL commit {c.commit:.3f} ms; Ed25519 sign {c.sign:.3f}, verify "
-        f"{c.verify:.3f} ms"
+        f"{c.verify:.3f} ms; a Python process with aiohttp, protobuf and cryptography "
+        f"imported {c.process_rss:.1f} MB peak RSS"
     )
+
+
+def rss_floors(c: Components) -> list[tuple[str, float, str]]:
+    """The least peak RSS (MB) of all the processes of each system: system, MB, formula."""
+    return [
+        ("persistent", 2 * c.process_rss, "2 processes, each with the dependencies imported"),
+        ("embedded", c.process_rss, "1 process with the dependencies imported"),
+    ]
 
 
 def measure(data_root: str | None) -> Components:
     """Measure the components once (about a second)."""
     exchange, client_cpu, server_cpu = _exchange()
     sign, verify = _signature()
-    return Components(exchange, client_cpu, server_cpu, _commit(data_root), sign, verify)
+    return Components(
+        exchange, client_cpu, server_cpu, _commit(data_root), sign, verify, _process_rss()
+    )
 
 
 def median(samples: list[Components]) -> Components:
@@ -185,6 +200,21 @@ def serve() -> None:
     sock.listen(128)  # before the port is printed: the client connects at once
     print(sock.getsockname()[1], flush=True)
     web.run_app(app, sock=sock, print=None, access_log=None, handle_signals=True)
+
+
+_IMPORTS = (
+    "import aiohttp, google.protobuf.message, sqlite3\n"
+    "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
+    "print(next(line.split()[1] for line in open('/proc/self/status') "
+    "if line.startswith('VmHWM:')))"
+)
+
+
+def _process_rss() -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout) / 1024  # kB to MB
 
 
 def _commit(data_root: str | None) -> float:
