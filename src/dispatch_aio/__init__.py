@@ -14,7 +14,7 @@ from ._dispatch import Batch, Dispatch
 from ._endpoint import EndpointServer
 from ._events import wait_event
 from ._function import Function
-from ._policy import RateLimit, RetryPolicy
+from ._policy import FunctionPolicy, RateLimit, RetryPolicy
 from ._schedule_client import Schedule
 from ._status import Status
 from .durable import (
@@ -35,6 +35,7 @@ __all__ = [
     "Dispatch",
     "EndpointServer",
     "Function",
+    "FunctionPolicy",
     "RateLimit",
     "RetryPolicy",
     "Schedule",

@@ -191,7 +191,9 @@ class RateLimit:
 class FunctionPolicy:
     """Everything ``@dispatch.function`` declares about how its calls run.
 
-    Built by `Dispatch.function` from its arguments; see there for their meaning.
+    Built by `Dispatch.function` from its arguments (see there for their meaning) and
+    carried by each call of the function. A call built by hand may carry one of its own:
+    ``Call("charge", (order,), policy=FunctionPolicy(timeout=5.0))``.
     """
 
     retry: RetryPolicy | None = None

@@ -18,11 +18,10 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dispatch_aio import Call, Dispatch
+from dispatch_aio import Call, Dispatch, FunctionPolicy
 from dispatch_aio._batch import BATCH_HEADER, BATCH_PATH
 from dispatch_aio._codec import encode_input
 from dispatch_aio._endpoint import RUN_PATH
-from dispatch_aio._policy import FunctionPolicy
 from dispatch_aio._signature import sign_request
 from dispatch_aio.proto.sdk.v1 import function_pb2
 from dispatch_aio.proto.v1 import batch_pb2
