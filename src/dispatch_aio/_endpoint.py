@@ -295,7 +295,8 @@ class Endpoint:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Handle ``POST .../dispatch.sdk.v1.FunctionService/Run`` (aiohttp)."""
         response = _http_response(await self.respond(_incoming(request)))
-        # This handler is mounted with `handle_batch` beside it (`Dispatch.routes`).
+        # `Dispatch.routes` mounts `handle_batch` beside this handler. Mounted alone (a
+        # slice of the routes), a batch gets 404 once and the scheduler stops sending them.
         response.headers[BATCH_HEADER] = "1"
         return response
 

@@ -67,3 +67,14 @@ async def test_calls_held_back_are_written_before_the_summary() -> None:
     )
     await asyncio.sleep(1.1)  # written once
     assert len(out.getvalue().splitlines()) == _LINES_PER_SECOND + 1
+
+
+def test_outside_an_event_loop_a_call_past_the_budget_is_counted_at_once() -> None:
+    out = StringIO()
+    progress = Progress(Console(out, StringIO(), color=False, live=False), CallTracker())
+    _finish(progress._tracker, [_call(i) for i in range(_LINES_PER_SECOND + 2)], failed={0})
+    assert (
+        out.getvalue().splitlines()[_LINES_PER_SECOND:]
+        == ["... and 1 more call finished (1 done); 'dispatch-aio calls' lists them"] * 2
+    )
+    assert progress.summary() == f"calls: {_LINES_PER_SECOND + 1} done, 1 failed"

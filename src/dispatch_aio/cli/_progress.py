@@ -406,9 +406,12 @@ class Progress:
         else:
             self._held[rec.status != Status.OK] += 1
             if self._flush is None:
-                self._flush = asyncio.get_running_loop().call_later(
-                    self._second + 1.0 - now, self._write_held
-                )
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # told outside an event loop: nothing to wait with
+                    self._write_held()
+                else:
+                    self._flush = loop.call_later(self._second + 1.0 - now, self._write_held)
         if self._console.live:  # the counts changed too
             self._console.status(self.status_text(self._tracker.counts()))
 

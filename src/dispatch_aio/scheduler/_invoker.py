@@ -97,9 +97,9 @@ resume of a call being cancelled (as the headers do over HTTP). It raises
 `LookupError` (with the message to report) for a function it does not serve."""
 
 
-def run_url(endpoint: str) -> str:
-    """Return the URL of FunctionService.Run under an endpoint URL."""
-    return endpoint.rstrip("/") + RUN_PATH
+def run_url(endpoint: str, path: str = RUN_PATH) -> str:
+    """Return the URL of FunctionService.Run (or another `path`) under an endpoint URL."""
+    return endpoint.rstrip("/") + path
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,7 +487,7 @@ class Invoker:
     async def _post_batch(
         self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch
     ) -> None:
-        url = endpoint.rstrip("/") + BATCH_PATH
+        url = run_url(endpoint, BATCH_PATH)
         body = batch_pb2.RunBatch(items=batch.items).SerializeToString()
         failure: Outcome | None = None
         try:
