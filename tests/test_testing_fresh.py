@@ -1,8 +1,8 @@
-"""dispatch_aio.testing with replay="process": every Run request in a new interpreter.
+"""dispatch_aio.testing with replay="process": every Run request in a new process.
 
 Replaying in the same process proves nothing about what survives a restart: there,
 cloudpickle hands back the original class of a value pickled by value. These tests
-run each request in a new Python interpreter, as a scheduler that restarts the app
+run each request in a new Python process, as a scheduler that restarts the app
 before every resume would, and check what the program sees there.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -80,7 +81,68 @@ async def blocked(path: str) -> None:
     await asyncio.to_thread(time.sleep, 60)
 
 
-async def test_every_request_runs_in_a_new_interpreter(dispatch_workers: WorkerPool) -> None:
+_RUNS: list[str] = []  # a new process starts with it empty
+
+
+@dispatch.function
+async def where(name: str) -> dict[str, Any]:
+    _RUNS.append(name)
+    return {
+        "runs": len(_RUNS),
+        "hash": hash(name),
+        "pid": os.getpid(),
+        "value": os.environ.get("FRESH_TEST_VALUE"),
+        "cwd": os.getcwd(),
+    }
+
+
+async def _views(pool: WorkerPool, count: int) -> list[dict[str, Any]]:
+    async with Environment(dispatch, replay="process", workers=pool) as env:
+        return [await env.call(where, "same string") for _ in range(count)]
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+async def test_each_worker_is_a_new_process_with_the_parents_environment_at_the_time(
+    method: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if method == "forkserver" and sys.platform != "linux":
+        pytest.skip("fork servers are Linux only")
+    monkeypatch.setenv("FRESH_TEST_VALUE", "before")
+    with WorkerPool(spares=0, method=method) as pool:
+        before = await _views(pool, 1)
+        monkeypatch.setenv("FRESH_TEST_VALUE", "after")
+        monkeypatch.chdir(tmp_path)
+        after = await _views(pool, 4)
+        assert pool.started == 5
+    assert before[0]["value"] == "before"
+    assert [v["value"] for v in after] == ["after"] * 4
+    assert {v["cwd"] for v in after} == {str(tmp_path)}
+    assert [v["runs"] for v in before + after] == [1] * 5  # the module loaded afresh each time
+    assert len({v["pid"] for v in before + after} | {os.getpid()}) == 6
+    if "PYTHONHASHSEED" not in os.environ:
+        # As restarted apps: consecutive requests hash strings differently.
+        hashes = [v["hash"] for v in after]
+        assert all(a != b for a, b in itertools.pairwise(hashes)), hashes
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork servers are Linux only")
+async def test_workers_are_new_interpreters_once_the_fork_servers_die() -> None:
+    with WorkerPool(spares=0, method="forkserver") as pool:
+        first = await _views(pool, 1)
+        for server in pool._servers:
+            server._process.kill()
+            server._process.wait()
+        second = await _views(pool, 2)
+    assert [v["runs"] for v in first + second] == [1, 1, 1]
+    assert len({v["pid"] for v in first + second}) == 3
+
+
+def test_an_unknown_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="'forkserver' or 'spawn', not 'fork'"):
+        WorkerPool(method="fork")  # type: ignore[arg-type]
+
+
+async def test_every_request_runs_in_a_new_process(dispatch_workers: WorkerPool) -> None:
     interpreters = dispatch_workers.started
     async with Environment(dispatch, replay="process", workers=dispatch_workers) as env:
         started = env.time()

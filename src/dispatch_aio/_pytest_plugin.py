@@ -13,9 +13,9 @@ Replay checking for a whole session: ``pytest --dispatch-replay=always
 shuffle=True, split=True)``. Options given to the factory win over both.
 
 ``pytest --dispatch-replay=process`` runs every Run request of every call in a
-new Python interpreter, as a scheduler that restarts the app before every
+new Python process, as a scheduler that restarts the app before every
 resume would: values and errors then cross a process boundary at each round.
-The session's environments share the spare interpreters of one
+The session's environments share the spare workers of one
 `dispatch_aio.testing.WorkerPool`, the ``dispatch_workers`` fixture, which
 tests can also pass to environments they make themselves::
 
@@ -45,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("cached", "always", "process"),
         default=None,
         help="replay durable functions from their journal at every round ('always'), "
-        "in a new Python interpreter at every round ('process'), "
+        "in a new Python process at every round ('process'), "
         "or keep suspended runs live ('cached', the default)",
     )
     group.addoption(
@@ -83,7 +83,7 @@ def dispatch_workers() -> Iterator[WorkerPool]:
     """Return the session's pool of interpreters for environments with ``replay="process"``."""
     from .testing import WorkerPool
 
-    with WorkerPool() as pool:
+    with WorkerPool(preload=["pytest"]) as pool:  # test modules import it
         yield pool
 
 

@@ -22,7 +22,7 @@ seeds and checks that the results agree.
 
 Replay in one process cannot show what a restart changes: there, a value pickled
 by value comes back as the very class it was made of. ``replay="process"`` runs
-every Run request of every call in a new Python interpreter that knows nothing
+every Run request of every call in a new Python process that knows nothing
 but the request, as a scheduler that restarts the app before every resume would::
 
     async with Environment(dispatch, replay="process") as env:
@@ -32,7 +32,7 @@ A value, error or journal then crosses a process boundary at every round: a clas
 rebuilt as a look-alike makes ``isinstance`` and ``except`` fail as they would in
 production. What the mode needs and does:
 
-- The new interpreter imports the functions by reference: the module-level name
+- The new process imports the functions by reference: the module-level name
   of the `Dispatch` (or of each `Function`) in the module that defines them, on
   the parent's ``sys.path``. The parent's main script is loaded as
   ``__mp_main__`` and stands in for ``__main__``, as multiprocessing's spawn does,
@@ -46,9 +46,11 @@ production. What the mode needs and does:
 - The worker's log records are handled again by the test's loggers (``caplog``
   sees them); what it prints goes to stderr. A worker that crashes fails the call
   with `WorkerError` and the worker's stderr.
-- A new interpreter costs a few tenths of a second of CPU. A `WorkerPool` keeps
-  spare interpreters started ahead; pass one pool to many environments
-  (``workers=``) to share them. Under pytest the ``dispatch_workers`` fixture is
+- On Linux a worker is forked from a server that has imported the SDK and
+  nothing of the program (see `WorkerPool`): milliseconds of CPU, where a new
+  interpreter costs a few tenths of a second. A `WorkerPool` also keeps spare
+  workers started ahead; pass one pool to many environments (``workers=``) to
+  share them. Under pytest the ``dispatch_workers`` fixture is
   the session's pool, and ``pytest --dispatch-replay=process`` runs the
   ``dispatch_env`` environments of a whole suite this way.
 
@@ -373,7 +375,7 @@ class Environment:
         target: A `Dispatch`, or the functions to run.
         replay: ``"cached"`` keeps suspended runs live, as an endpoint does;
             ``"always"`` replays every round from the journal;
-            ``"process"`` runs every Run request in a new Python interpreter
+            ``"process"`` runs every Run request in a new Python process
             (see the module docstring).
         shuffle: Deliver the results of concurrent calls in random order.
         split: Deliver results over several rounds (between the Poll's

@@ -10,7 +10,7 @@ from dispatch_aio.testing import Environment, WorkerPool
 
 # Every durable test runs with the live cache, with forced replay at each round,
 # with shuffled delivery split over several rounds, and with every Run request in
-# a new Python interpreter (values cross a process boundary at each resume).
+# a new Python process (values cross a process boundary at each resume).
 MODES: dict[str, dict[str, Any]] = {
     "live": {},
     "replay": {"replay": "always"},
@@ -18,25 +18,14 @@ MODES: dict[str, dict[str, Any]] = {
     "process": {"replay": "process"},
 }
 
-# Tests left out of the "process" mode, and why. A new interpreter costs about 0.2 s of
-# CPU per Run request, so tests of many requests whose idiom is covered in that mode
-# elsewhere stay in process; functions made inside a test cannot be imported by name.
+# Tests left out of the "process" mode: functions made inside a test cannot be
+# imported by name in a new process.
 NOT_IN_NEW_PROCESSES: dict[str, str] = {
-    # Functions made inside the test (closures over its objects).
     "test_io.py::test_host_loop_object": "closures",
     "test_io.py::test_host_loop_error_names_what_was_awaited": "closures",
     "test_io.py::test_an_open_connection_does_not_hold_back_calls": "closures",
     "test_io_surface.py::test_sendfile": "closures",
     "test_io_threads.py::test_a_thread_started_as_another_ends_is_waited_for": "closures",
-    # Many requests; the idiom runs in new processes in workflows.mixed (wait,
-    # as_completed, gather, tasks, timeout) and in test_idioms.
-    "test_basics.py::test_sequential": "costly",
-    "test_basics.py::test_gather": "costly",
-    "test_concurrency.py::test_gather_of_coroutines_making_calls": "costly",
-    "test_concurrency.py::test_nested_gather_in_tasks": "costly",
-    "test_concurrency.py::test_create_task": "costly",
-    "test_concurrency.py::test_wait": "costly",
-    "test_concurrency.py::test_as_completed": "costly",
 }
 
 EnvFactory = Callable[..., Environment]

@@ -42,7 +42,8 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 if "process" in typing.get_args(testing.Replay):
-    # A new interpreter for every Run request: some 0.3 s each, most of this file's time.
+    # A new process for every Run request: forked (milliseconds) on Linux, a new
+    # interpreter (some 0.3 s of CPU) elsewhere.
     MODES["process"] = {"replay": "process"}
 SLOW_MODES = {"process"}
 
