@@ -1,0 +1,110 @@
+"""End to end: the batch transport between `dispatch-aio server` and an app, two processes.
+
+The app mounts the endpoint in its own aiohttp application, under a prefix, behind a
+middleware that counts the requests by path (and leaves the bodies unread, as
+`Dispatch.routes` asks). A fan-out then reaches it in fewer requests than it has
+children, most of them batches: the two processes negotiated the extension over
+real HTTP, each with its own key, signature and replay guard.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from dispatch_aio import Call, Client
+from dispatch_aio._codec import decode_value
+from dispatch_aio._status import Status
+from dispatch_aio.cli._inspect import InspectClient
+from dispatch_aio.proto.v1 import inspect_pb2
+
+from .harness import PYTHON, Starter, free_port, start_server, wait_for_port
+
+APP = textwrap.dedent(
+    """
+    import asyncio
+    import collections
+    import sys
+
+    from aiohttp import web
+
+    from dispatch_aio import Dispatch
+
+    dispatch = Dispatch()
+    SEEN: collections.Counter[str] = collections.Counter()
+
+
+    @web.middleware
+    async def count(request, handler):
+        SEEN[request.path] += 1
+        return await handler(request)
+
+
+    @dispatch.function
+    async def double(x: int) -> int:
+        return 2 * x
+
+
+    @dispatch.function
+    async def fan_out(n: int) -> list[int]:
+        return list(await asyncio.gather(*(double(i) for i in range(n))))
+
+
+    @dispatch.function
+    async def requests_seen() -> dict[str, int]:
+        return dict(SEEN)
+
+
+    app = web.Application(middlewares=[count])
+    app.add_routes(dispatch.routes(prefix="/durable"))
+    app.cleanup_ctx.append(dispatch.cleanup_ctx)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    """
+)
+
+RUN = "/durable/dispatch.sdk.v1.FunctionService/Run"
+BATCH = "/durable/dispatch_aio.v1.FunctionService/RunBatch"
+
+
+async def _call(client: Client, inspect: InspectClient, function: str, *args: object) -> object:
+    (dispatch_id,) = await client.dispatch([Call(function, args)])
+    info = await inspect.wait_call(dispatch_id, 60)
+    assert info.state == inspect_pb2.CALL_STATE_DONE, info
+    assert info.status == Status.OK, info
+    return decode_value(info.result.output)
+
+
+async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_path: Path) -> None:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/durable"
+    server = start_server(
+        procs,
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--endpoint",
+        f"127.0.0.1:{port}",
+    )
+    script = tmp_path / "mounted_app.py"
+    script.write_text(APP)
+    app = procs([PYTHON, str(script), str(port)], env=server.app_env())
+    wait_for_port(port, proc=app)
+
+    n = 300
+    async with (
+        Client(
+            api_key=server.api_key, api_url=server.api_url, endpoint_url=endpoint, env={}
+        ) as client,
+        InspectClient(server.api_url, server.api_key) as inspect,
+    ):
+        assert await _call(client, inspect, "fan_out", n) == [2 * i for i in range(n)]
+        seen = await _call(client, inspect, "requests_seen")
+    assert isinstance(seen, dict)
+    # The run of requests_seen itself is counted only once it returns: not here.
+    plain, batches = seen.get(RUN, 0), seen.get(BATCH, 0)
+    assert set(seen) <= {RUN, BATCH}, seen
+    assert batches >= 1, seen
+    # fan_out's first run and resumes, and its n children: far fewer exchanges.
+    assert plain + batches < n // 2, seen
+    assert app.poll() is None, app.dump()
