@@ -19,11 +19,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from dispatch_aio import Dispatch
-from dispatch_aio.asgi import RUN_PATH
+from dispatch_aio.asgi import PATHS
 
 dispatch = Dispatch()
 app = FastAPI(lifespan=dispatch.lifespan)
-app.add_route(RUN_PATH, dispatch.asgi(), methods=["POST"])
+endpoint = dispatch.asgi()
+for path in PATHS:  # Run requests, and batches of them from dispatch-aio's scheduler
+    app.add_route(path, endpoint, methods=["POST"])
 
 
 @dispatch.function

@@ -24,11 +24,11 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve_asgi(app: Any, *, lifespan: str = "on") -> AsyncIterator[Served]:
-    """Serve `app` with uvicorn on a free loopback port until the block ends."""
+async def serve_asgi(app: Any, *, lifespan: str = "on", port: int = 0) -> AsyncIterator[Served]:
+    """Serve `app` with uvicorn on loopback (a free port by default) until the block ends."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -1,11 +1,11 @@
 """The batch extension: several Run requests to one endpoint in one HTTP exchange.
 
-Between dispatch_aio's scheduler and an aiohttp endpoint of this SDK, Run requests made
-at the same moment to the same endpoint travel together (see ``RunBatch`` in
+Between dispatch_aio's scheduler and an endpoint of this SDK (aiohttp or ASGI), Run
+requests made at the same moment to the same endpoint travel together (see ``RunBatch`` in
 batch.proto): one signature, one request and one response instead of one each. The
 endpoint announces the route on its Run responses with ``Dispatch-Aio-Batch: 1``; the
 scheduler sends batches only after that, and plain Run requests to any other endpoint
-(another SDK, an ASGI mount, a route mounted by hand, where a batch gets 404 once).
+(another SDK, a Run route mounted alone, where a batch gets 404 once).
 """
 
 from __future__ import annotations

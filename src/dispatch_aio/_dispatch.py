@@ -452,15 +452,18 @@ class Dispatch:
     def asgi(self) -> ASGIEndpoint:
         """Return the endpoint as an ASGI application.
 
-        It serves ``POST .../dispatch.sdk.v1.FunctionService/Run`` with the checks of
-        `routes` (signatures, limits, Connect errors) and answers 404 elsewhere. Served
-        alone (``uvicorn app:endpoint`` with ``endpoint = dispatch.asgi()``) it runs
-        `lifespan` itself. In FastAPI or Starlette, add it as the route of that path and
-        pass `lifespan` to the application, which does not forward lifespan events to
-        routes::
+        It serves the paths of `routes` (``POST .../dispatch.sdk.v1.FunctionService/Run``
+        and the batch route of this SDK's scheduler) with their checks (signatures,
+        limits, Connect errors) and answers 404 elsewhere. Served alone (``uvicorn
+        app:endpoint`` with ``endpoint = dispatch.asgi()``) it runs `lifespan` itself. In
+        FastAPI or Starlette, add it as the route of those paths (or mount it under a
+        prefix) and pass `lifespan` to the application, which does not forward lifespan
+        events to routes::
 
             app = FastAPI(lifespan=dispatch.lifespan)
-            app.add_route(dispatch_aio.asgi.RUN_PATH, dispatch.asgi(), methods=["POST"])
+            endpoint = dispatch.asgi()
+            for path in dispatch_aio.asgi.PATHS:
+                app.add_route(path, endpoint, methods=["POST"])
 
         Returns:
             The ASGI application.

@@ -68,7 +68,7 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -301,42 +301,50 @@ class Endpoint:
         return response
 
     async def handle_batch(self, request: web.Request) -> web.StreamResponse:
-        """Handle ``POST .../dispatch_aio.v1.FunctionService/RunBatch`` (aiohttp).
-
-        The batch is checked as a Run request is (headers, size, signature); then its
-        items run concurrently, and each answer is streamed as soon as its run ends.
-        """
-        body = await self._admit(_incoming(request))
-        if isinstance(body, Reply):
-            return _http_response(body)
-        try:
-            batch = batch_pb2.RunBatch.FromString(body)
-        except Exception as exc:
-            return _http_response(
-                _error(400, "invalid_argument", f"the request body is not a RunBatch ({exc})")
-            )
+        """Handle ``POST .../dispatch_aio.v1.FunctionService/RunBatch`` (aiohttp)."""
+        answers = await self.respond_batch(_incoming(request))
+        if isinstance(answers, Reply):
+            return _http_response(answers)
         response = web.StreamResponse()
         response.content_type = BATCH_TYPE
         await response.prepare(request)
-        # Tasks of their own: a client that goes away does not tear the runs.
-        pending = {
-            asyncio.ensure_future(self._answer_item(item)): i for i, item in enumerate(batch.items)
-        }
         connected = True
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            # The answers ready together go in one write.
-            data = b"".join(frame(self._batch_answer(t, pending.pop(t))) for t in done)
+        async for data in answers:
             if connected:
                 try:
                     await response.write(data)
                 except ConnectionError:
-                    # The runs go on to their end (the scheduler sends what it did
-                    # not get an answer for again), but their answers are lost.
-                    connected = False
+                    connected = False  # see respond_batch: the runs go on
         if connected:
             await response.write_eof()
         return response
+
+    async def respond_batch(self, request: Incoming) -> Reply | AsyncIterator[bytes]:
+        """Check a RunBatch request, then run its items; the refusal, or the answers.
+
+        The batch is checked as a Run request is (headers, size, signature). Its items
+        then run concurrently, and the iterator yields the framed answers as their runs
+        end (those ready together in one chunk). A server whose client went away keeps
+        iterating without sending: the runs go on to their end (the scheduler sends
+        again what it got no answer for), only their answers are lost.
+        """
+        body = await self._admit(request)
+        if isinstance(body, Reply):
+            return body
+        try:
+            batch = batch_pb2.RunBatch.FromString(body)
+        except Exception as exc:
+            return _error(400, "invalid_argument", f"the request body is not a RunBatch ({exc})")
+        return self._batch_answers(batch)
+
+    async def _batch_answers(self, batch: batch_pb2.RunBatch) -> AsyncIterator[bytes]:
+        # Tasks of their own: a client that goes away does not tear the runs.
+        pending = {
+            asyncio.ensure_future(self._answer_item(item)): i for i, item in enumerate(batch.items)
+        }
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            yield b"".join(frame(self._batch_answer(t, pending.pop(t))) for t in done)
 
     async def _answer_item(self, item: batch_pb2.BatchItem) -> Reply:
         return await self._answer(item.request, item.journal_delta, item.cancel, item.attempt)

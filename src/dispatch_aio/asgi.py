@@ -2,16 +2,24 @@
 
 `ASGIEndpoint` answers ``POST .../dispatch.sdk.v1.FunctionService/Run`` with the same
 checks, signature verification and error mapping as the aiohttp endpoint (it calls
-the same `Endpoint.respond`), and 404 for any other path. It handles the ``lifespan``
-protocol when it is the server's application; mounted in a framework, which does not
-pass lifespan events to mounted applications, use the framework's own lifespan hook
-(``FastAPI(lifespan=dispatch.lifespan)``)::
+the same `Endpoint.respond`), ``POST .../dispatch_aio.v1.FunctionService/RunBatch``
+(several Run requests of dispatch_aio's scheduler in one exchange, answered as their
+runs end) as the aiohttp endpoint does, and 404 for any other path. It handles the
+``lifespan`` protocol when it is the server's application; mounted in a framework,
+which does not pass lifespan events to mounted applications, use the framework's own
+lifespan hook (``FastAPI(lifespan=dispatch.lifespan)``)::
 
     from fastapi import FastAPI
-    from dispatch_aio.asgi import RUN_PATH
+    from dispatch_aio.asgi import PATHS
 
     app = FastAPI(lifespan=dispatch.lifespan)
-    app.add_route(RUN_PATH, dispatch.asgi(), methods=["POST"])
+    endpoint = dispatch.asgi()
+    for path in PATHS:  # Run, and RunBatch
+        app.add_route(path, endpoint, methods=["POST"])
+
+Or ``app.mount("/dispatch", dispatch.asgi())``, with an endpoint URL that ends with
+``/dispatch``. A framework that routes only `RUN_PATH` here answers batches 404: the
+scheduler then sends that endpoint plain Run requests only.
 
 The URL a signature covers is the one the client addressed: the scheme, the ``Host``
 header and the raw request path, whatever prefix a framework has stripped.
@@ -19,18 +27,22 @@ header and the raw request path, whatever prefix a framework has stripped.
 
 from __future__ import annotations
 
-__all__ = ["RUN_PATH", "ASGIEndpoint"]
+__all__ = ["BATCH_PATH", "PATHS", "RUN_PATH", "ASGIEndpoint"]
 
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from multidict import CIMultiDict
 
+from ._batch import BATCH_HEADER, BATCH_PATH, BATCH_TYPE
 from ._endpoint import RUN_PATH, Endpoint, Incoming, Reply
+
+PATHS = (RUN_PATH, BATCH_PATH)
+"""The paths the endpoint serves, each with POST."""
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,17 +74,23 @@ class ASGIEndpoint:
         if kind == "lifespan":
             await self._serve_lifespan(receive, send)
         elif kind == "http":
-            reply = await self._http(scope, receive)
-            await _send_reply(send, reply)
+            answer = await self._http(scope, receive)
+            if isinstance(answer, Reply):
+                # Announces the batch route to dispatch_aio's scheduler; where a framework
+                # routes only RUN_PATH here, its first batch gets 404 and it sends no more.
+                await _send_reply(send, answer, ((BATCH_HEADER.encode(), b"1"),))
+            else:
+                await _send_stream(send, answer)
         # Other scopes (websocket) are not served: returning closes them.
 
-    async def _http(self, scope: Scope, receive: Receive) -> Reply:
+    async def _http(self, scope: Scope, receive: Receive) -> Reply | AsyncIterator[bytes]:
         raw_path = scope.get("raw_path") or (scope.get("root_path", "") + scope["path"]).encode()
         path = bytes(raw_path).decode("latin-1")
-        if not path.endswith(RUN_PATH):
+        route = next((p for p in PATHS if path.endswith(p)), None)
+        if route is None:
             return _json(404, "not_found", f"no route for {path[:200]}: POST {RUN_PATH}")
         if scope["method"] != "POST":
-            return _json(405, "unimplemented", f"{RUN_PATH} is called with POST")
+            return _json(405, "unimplemented", f"{route} is called with POST")
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in scope["headers"]:
             headers.add(name.decode("latin-1"), value.decode("latin-1"))
@@ -86,6 +104,8 @@ class ASGIEndpoint:
         incoming = Incoming(
             "POST", url, headers, client[0] if client else None, _BodyReader(receive).read
         )
+        if route == BATCH_PATH:
+            return await self._endpoint.respond_batch(incoming)
         return await self._endpoint.respond(incoming)
 
     async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
@@ -136,12 +156,31 @@ def _json(status: int, code: str, message: str) -> Reply:
     return Reply(status, body, "application/json")
 
 
-async def _send_reply(send: Send, reply: Reply) -> None:
+async def _send_reply(
+    send: Send, reply: Reply, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     headers = [
         (b"content-type", reply.content_type.encode()),
         (b"content-length", str(len(reply.body)).encode()),
+        *extra,
     ]
     if reply.close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _send_stream(send: Send, chunks: AsyncIterator[bytes]) -> None:
+    """Send a batch's answers as they come (no length: the server chunks them)."""
+    headers = [(b"content-type", BATCH_TYPE.encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    connected = True
+    async for data in chunks:
+        if connected:
+            try:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            except OSError:
+                connected = False  # the runs go on (see Endpoint.respond_batch)
+    if connected:
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b""})

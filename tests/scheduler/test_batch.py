@@ -1,12 +1,14 @@
 """The batch extension: Run requests made together travel in one exchange.
 
 A real scheduler on a SQLite file sends to a Dispatch app mounted in an aiohttp
-application of the test's own, whose middleware records the path of every request.
+application of the test's own, or served as ASGI by uvicorn, behind a middleware that
+records the path of every request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from asgi_server import serve_asgi
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dispatch_aio import Call, Dispatch, FunctionPolicy
@@ -46,14 +49,15 @@ class Served:
 Serve = Callable[..., Awaitable[Served]]
 
 
-@pytest.fixture
-async def serve(signing_key: Ed25519PrivateKey, tmp_path: Path) -> AsyncIterator[Serve]:
-    """Start a scheduler and an app whose routes are `mount(dispatch.routes())`."""
+@pytest.fixture(params=["aiohttp", "asgi"])
+async def serve(
+    request: pytest.FixtureRequest, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> AsyncIterator[Serve]:
+    """Start a scheduler and an app, with the batch route unless told otherwise."""
     cleanups: list[Callable[[], Awaitable[Any]]] = []
+    stack = contextlib.AsyncExitStack()
 
-    async def make(
-        register: Callable[[Dispatch], None], mount: Callable[[list[Any]], list[Any]] = list
-    ) -> Served:
+    async def make(register: Callable[[Dispatch], None], *, batch_route: bool = True) -> Served:
         scheduler = Scheduler(
             str(tmp_path / "db"), api_key=API_KEY, signing_key=signing_key, retry=FAST_RETRY
         )
@@ -72,6 +76,12 @@ async def serve(signing_key: Ed25519PrivateKey, tmp_path: Path) -> AsyncIterator
         )
         register(dispatch)
         served = Served(scheduler, dispatch, url)
+        if request.param == "asgi":
+            await stack.enter_async_context(
+                serve_asgi(_recording(served, dispatch.asgi(), batch_route), port=port)
+            )
+            cleanups.append(stack.aclose)
+            return served
 
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -79,7 +89,8 @@ async def serve(signing_key: Ed25519PrivateKey, tmp_path: Path) -> AsyncIterator
             return await handler(request)  # type: ignore[no-any-return]
 
         app = web.Application(middlewares=[record])
-        app.add_routes(mount(dispatch.routes()))
+        routes = dispatch.routes()
+        app.add_routes(routes if batch_route else routes[:1])  # the Run route comes first
         app.cleanup_ctx.append(dispatch.cleanup_ctx)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
@@ -90,6 +101,23 @@ async def serve(signing_key: Ed25519PrivateKey, tmp_path: Path) -> AsyncIterator
     yield make
     for cleanup in reversed(cleanups):
         await cleanup()
+
+
+def _recording(served: Served, endpoint: Any, batch_route: bool) -> Any:
+    """The ASGI endpoint behind a recorder; without `batch_route`, as a framework
+    that routes only the Run path to it."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            served.paths.append(scope["path"])
+            if not batch_route and scope["path"] != RUN_PATH:
+                start = {"type": "http.response.start", "status": 404, "headers": []}
+                await send(start)
+                await send({"type": "http.response.body", "body": b"Not Found"})
+                return
+        await endpoint(scope, receive, send)
+
+    return app
 
 
 def _fan_out(dispatch: Dispatch) -> None:
@@ -140,7 +168,7 @@ async def test_answers_of_a_batch_come_as_their_runs_end(serve: Serve) -> None:
 
 
 async def test_an_app_without_the_batch_route_gets_plain_requests(serve: Serve) -> None:
-    served = await serve(_fan_out, mount=lambda routes: routes[:1])
+    served = await serve(_fan_out, batch_route=False)
     for n in (30, 30):
         [dispatch_id] = await served.dispatch.client.dispatch([Call("fan_out", (n,))])
         assert await served.dispatch.client.result(dispatch_id, timeout=30) == sum(
