@@ -296,8 +296,10 @@ class SchedulerTelemetry:
 
     def attempted(self, attempt: AttemptSpan, status: int, error: str, ended: float) -> None:
         """End an attempt's span with its outcome."""
-        name = _status_name(status)
         meter = self._meter()
+        if meter is None and attempt.span is None:
+            return  # nothing observes it (the common case: cheap)
+        name = _status_name(status)
         if meter is not None:
             labels = {"dispatch_aio.function": attempt.function, "dispatch_aio.status": name}
             meter.duration.record(max(ended - attempt.started, 0.0), labels)
@@ -320,11 +322,13 @@ class SchedulerTelemetry:
         ended: float,
     ) -> None:
         """A call ended: its span, from its creation, and the counters."""
-        name = _status_name(status)
         meter = self._meter()
+        api = _tracer_api()
+        if meter is None and api is None:
+            return  # nothing observes it (the common case: cheap)
+        name = _status_name(status)
         if meter is not None:
             meter.finished.add(1, {"dispatch_aio.function": function, "dispatch_aio.status": name})
-        api = _tracer_api()
         if api is None:
             return
         trace, propagate = api
