@@ -22,15 +22,14 @@ from .harness import PYTHON, Starter, free_port, start_server, wait_for_port
 
 APP = textwrap.dedent(
     """
-    import asyncio
     import collections
     import sys
 
     from aiohttp import web
 
-    from dispatch_aio import Dispatch
+    sys.path.insert(0, sys.argv[2])
+    from workloads import dispatch  # fan_out and double, as the other end-to-end tests
 
-    dispatch = Dispatch()
     SEEN: collections.Counter[str] = collections.Counter()
 
 
@@ -38,16 +37,6 @@ APP = textwrap.dedent(
     async def count(request, handler):
         SEEN[request.path] += 1
         return await handler(request)
-
-
-    @dispatch.function
-    async def double(x: int) -> int:
-        return 2 * x
-
-
-    @dispatch.function
-    async def fan_out(n: int) -> list[int]:
-        return list(await asyncio.gather(*(double(i) for i in range(n))))
 
 
     @dispatch.function
@@ -88,7 +77,8 @@ async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_pa
     )
     script = tmp_path / "mounted_app.py"
     script.write_text(APP)
-    app = procs([PYTHON, str(script), str(port)], env=server.app_env())
+    here = str(Path(__file__).parent)
+    app = procs([PYTHON, str(script), str(port), here], env=server.app_env())
     wait_for_port(port, proc=app)
 
     n = 300
