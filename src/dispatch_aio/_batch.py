@@ -15,6 +15,7 @@ __all__ = ["BATCH_HEADER", "BATCH_PATH", "BATCH_TYPE", "FRAME_HEADER", "frame", 
 from .proto.v1 import batch_pb2
 
 BATCH_PATH = "/dispatch_aio.v1.FunctionService/RunBatch"
+"""Path of the batch route, under the endpoint URL (beside the Run route)."""
 BATCH_HEADER = "Dispatch-Aio-Batch"
 """On a Run response: "1" when the endpoint serves `BATCH_PATH` beside it."""
 BATCH_TYPE = "application/x-dispatch-aio-batch"

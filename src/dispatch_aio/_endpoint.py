@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -178,9 +179,14 @@ class Reply:
     content_type: str
     close: bool = False
     """Close the connection instead of reading the rest of an unwanted body."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """More response headers, for the server to send as they are."""
 
 
 _PROTO = "application/proto"
+# On every answer of the Run route: both servers serve the batch route beside it. Where
+# the Run route is mounted alone, the scheduler's first batch gets 404 and it sends no more.
+_ANNOUNCE_BATCH = ((BATCH_HEADER, "1"),)
 
 
 def _error(status: int, code: str, message: str, *, unread: bool = False) -> Reply:
@@ -294,11 +300,7 @@ class Endpoint:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Handle ``POST .../dispatch.sdk.v1.FunctionService/Run`` (aiohttp)."""
-        response = _http_response(await self.respond(_incoming(request)))
-        # `Dispatch.routes` mounts `handle_batch` beside this handler. Mounted alone (a
-        # slice of the routes), a batch gets 404 once and the scheduler stops sending them.
-        response.headers[BATCH_HEADER] = "1"
-        return response
+        return _http_response(await self.respond(_incoming(request)))
 
     async def handle_batch(self, request: web.Request) -> web.StreamResponse:
         """Handle ``POST .../dispatch_aio.v1.FunctionService/RunBatch`` (aiohttp)."""
@@ -361,17 +363,21 @@ class Endpoint:
         )
 
     async def respond(self, request: Incoming) -> Reply:
-        """Check and run a Run request; return the answer (see the module docstring)."""
+        """Check and run a Run request; return the answer (see the module docstring).
+
+        Every answer announces the batch route (``Dispatch-Aio-Batch: 1``).
+        """
         body = await self._admit(request)
         if isinstance(body, Reply):
-            return body
+            return dataclasses.replace(body, headers=_ANNOUNCE_BATCH)
         attempt = request.headers.get(ATTEMPT_HEADER, "").strip()
-        return await self._answer(
+        reply = await self._answer(
             body,
             request.headers.get(JOURNAL_HEADER, "").strip().lower() == "delta",
             request.headers.get(CANCEL_HEADER, "").strip() == "1",
             int(attempt) if attempt.isdigit() else 0,
         )
+        return dataclasses.replace(reply, headers=_ANNOUNCE_BATCH)
 
     async def _admit(self, request: Incoming) -> bytes | Reply:
         """Check a request's headers, read its body and verify it: the body, or the refusal."""
@@ -598,7 +604,9 @@ def _incoming(request: web.Request) -> Incoming:
 
 
 def _http_response(reply: Reply) -> web.Response:
-    response = web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
+    response = web.Response(
+        status=reply.status, body=reply.body, content_type=reply.content_type, headers=reply.headers
+    )
     if reply.close:
         response.force_close()
     return response

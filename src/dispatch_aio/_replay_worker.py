@@ -265,8 +265,6 @@ class _Process(Protocol):
 
     @property
     def stdin(self) -> IO[bytes] | None: ...
-    @property
-    def returncode(self) -> int | Any: ...
     def poll(self) -> int | None: ...
     def wait(self) -> int: ...
     def kill(self) -> None: ...
@@ -456,7 +454,7 @@ class WorkerPool:
         finally:
             with self._lock:
                 self._running.discard(process)
-        return process.returncode, out, err
+        return process.wait(), out, err  # ended: communicate() waited for it
 
     def _take(self, setup: Setup) -> _Process | None:
         stale = []

@@ -38,7 +38,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from ._batch import BATCH_HEADER, BATCH_PATH, BATCH_TYPE
+from ._batch import BATCH_PATH, BATCH_TYPE
 from ._endpoint import RUN_PATH, Endpoint, Incoming, Reply
 
 PATHS = (RUN_PATH, BATCH_PATH)
@@ -76,9 +76,7 @@ class ASGIEndpoint:
         elif kind == "http":
             answer = await self._http(scope, receive)
             if isinstance(answer, Reply):
-                # Announces the batch route to dispatch_aio's scheduler; where a framework
-                # routes only RUN_PATH here, its first batch gets 404 and it sends no more.
-                await _send_reply(send, answer, ((BATCH_HEADER.encode(), b"1"),))
+                await _send_reply(send, answer)
             else:
                 await _send_stream(send, answer)
         # Other scopes (websocket) are not served: returning closes them.
@@ -156,13 +154,11 @@ def _json(status: int, code: str, message: str) -> Reply:
     return Reply(status, body, "application/json")
 
 
-async def _send_reply(
-    send: Send, reply: Reply, extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
+async def _send_reply(send: Send, reply: Reply) -> None:
     headers = [
         (b"content-type", reply.content_type.encode()),
         (b"content-length", str(len(reply.body)).encode()),
-        *extra,
+        *((name.lower().encode(), value.encode()) for name, value in reply.headers),
     ]
     if reply.close:
         headers.append((b"connection", b"close"))

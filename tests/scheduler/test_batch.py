@@ -55,7 +55,6 @@ async def serve(
 ) -> AsyncIterator[Serve]:
     """Start a scheduler and an app, with the batch route unless told otherwise."""
     cleanups: list[Callable[[], Awaitable[Any]]] = []
-    stack = contextlib.AsyncExitStack()
 
     async def make(register: Callable[[Dispatch], None], *, batch_route: bool = True) -> Served:
         scheduler = Scheduler(
@@ -77,6 +76,7 @@ async def serve(
         register(dispatch)
         served = Served(scheduler, dispatch, url)
         if request.param == "asgi":
+            stack = contextlib.AsyncExitStack()
             await stack.enter_async_context(
                 serve_asgi(_recording(served, dispatch.asgi(), batch_route), port=port)
             )
