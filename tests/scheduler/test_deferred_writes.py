@@ -33,9 +33,9 @@ class CountingStore(SQLiteStore):
             self.deferred.set()
         await super().write(ops)
 
-    def _commit_sync(self, groups: list[Any]) -> Any:
+    def _apply(self, conn: Any, groups: list[Any]) -> Any:  # once per transaction
         self.transactions.append(len(groups))
-        return super()._commit_sync(groups)
+        return super()._apply(conn, groups)
 
 
 async def test_calls_submitted_one_by_one_commit_once_each(

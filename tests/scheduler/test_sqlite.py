@@ -226,3 +226,19 @@ async def test_a_version_7_database_gains_the_trace_context(tmp_path: Path) -> N
         await store.write([InsertCall(traced)])
         found = await store.get_call("t")
         assert found is not None and found.trace_context == traced.trace_context
+
+
+async def test_reads_queued_for_the_writer_thread_never_block_a_commit(
+    store: SQLiteStore,
+) -> None:
+    # A read handed to the writer thread may wait there for the connection while the
+    # loop applies a write: the loop must never hold the connection across an await then.
+    async with asyncio.timeout(30):
+        for i in range(200):
+            found, _, _ = await asyncio.gather(
+                store.get_call(f"c{i - 1}"),  # committed the round before
+                store.write([InsertCall(record(f"c{i}"))]),
+                store.get_call(f"c{i}"),  # before or after this round's write
+            )
+            assert i == 0 or found is not None
+    assert len(await store.list_calls(CallQuery())) == 200

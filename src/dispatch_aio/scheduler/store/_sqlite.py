@@ -10,7 +10,12 @@ transaction has committed.
 A write the engine makes with nothing else in flight (`WRITE_ALONE`) is committed on
 the event loop's thread instead, when the writer thread is idle and commits are fast:
 the loop would only wait for it, and the two thread hand-offs cost about as much as a
-small commit. A lock keeps the connection to one thread at a time.
+small commit. Another small transaction is applied on the loop's thread as well, and
+only its COMMIT, which waits for the disk with the interpreter lock released, goes to
+the writer thread: the loop waits until the writer thread has begun it, so that the
+disk works while the loop goes on (a thread left to wait for the interpreter lock
+behind a busy loop would begin only once the loop next idles). A lock keeps the
+connection to one thread at a time.
 
 A write nobody waits for yet (`WRITE_DEFERRABLE`) waits in the queue, up to
 `DEFER_MAX`, for another write to start a transaction: submissions made one after the
@@ -220,6 +225,10 @@ _COUNT_COMMIT = f"UPDATE meta SET value = value + 1 WHERE key = '{_COMMITS_KEY}'
 _FILE_MODE = 0o600
 
 _INLINE_MAX = 0.002  # seconds: a slower last commit sends writes to the writer thread
+# Statements: a larger transaction is applied on the writer thread, whose statements
+# run mostly without the interpreter lock, leaving the loop's thread to the rest.
+_SPLIT_MAX = 16
+_HANDOVER_MAX = 0.002  # seconds the loop waits at most for the writer thread to begin
 
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_0_to_1,
@@ -357,6 +366,7 @@ class SQLiteStore(Store):
         self._deferred: asyncio.TimerHandle | None = None  # starts a flush of deferred writes
         self._commits = 0
         self._conn_lock = threading.Lock()  # held by whichever thread uses the connection
+        self._jobs = 0  # jobs handed to the writer thread whose futures are not done
         self._last_commit = 0.0  # seconds the last transaction took
         self._counted = 0  # transactions the database holds, as of the last commit
         self._mark: int | None = None  # file descriptor of the mark file
@@ -557,7 +567,18 @@ class SQLiteStore(Store):
         if self._executor is None:
             raise StoreError("the store is not open")
         job = functools.partial(self._locked, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        done = asyncio.get_running_loop().run_in_executor(self._executor, job)
+        self._count_job(done)
+        return await done
+
+    def _count_job(self, done: asyncio.Future[Any]) -> None:
+        # Until its future is done, a job may be queued for the writer thread, and
+        # then waits for `_conn_lock`: the loop must not hold it across an await.
+        self._jobs += 1
+        done.add_done_callback(self._job_done)
+
+    def _job_done(self, _: asyncio.Future[Any]) -> None:
+        self._jobs -= 1
 
     async def _flush(self) -> None:
         try:
@@ -567,8 +588,16 @@ class SQLiteStore(Store):
             while self._pending and (first or any(not d for _, _, d in self._pending)):
                 first = False
                 batch = self._take_pending()
+                groups = [s for s, _, _ in batch]
                 try:
-                    errors = await self._run(self._commit_sync, [s for s, _, _ in batch])
+                    if (
+                        not self._jobs  # none queued for the writer thread: it is free
+                        and sum(map(len, groups)) <= _SPLIT_MAX
+                        and self._conn_lock.acquire(blocking=False)
+                    ):
+                        errors = await self._commit_handed_over(groups)
+                    else:
+                        errors = await self._run(self._commit_sync, groups)
                 except Exception as exc:  # the executor itself failed
                     failed: StoreError | None = self._write_error(exc)
                     errors = [failed] * len(batch)
@@ -731,22 +760,74 @@ class SQLiteStore(Store):
             os.fsync(self._mark)
             self._close_mark()
 
-    def _commit_sync(self, groups: list[list[_Statement]]) -> list[StoreError | None]:
-        """Commit all groups in one transaction.
+    async def _commit_handed_over(self, groups: list[list[_Statement]]) -> list[StoreError | None]:
+        """Apply `groups` on the loop's thread, COMMIT on the writer thread.
 
-        If a group fails, the batch is applied again in one transaction with a
-        savepoint per group, so that only the failing groups are left out.
+        Called with `_conn_lock` held, which the writer thread releases once committed.
         """
-        conn = self._require()
+        start = time.perf_counter()
         try:
-            self._transaction(conn, [[s for group in groups for s in group]])
+            conn = self._require()
+            errors = self._apply(conn, groups)
+        except BaseException:
+            self._conn_lock.release()
+            raise
+        if not conn.in_transaction:
+            self._conn_lock.release()
+            return errors
+        started = threading.Event()
+        assert self._executor is not None
+        done = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._commit_released, conn, start, started
+        )
+        self._count_job(done)
+        started.wait(_HANDOVER_MAX)  # the interpreter lock goes to the writer thread
+        # Shielded: cancelled before it ran, the job would never release the lock.
+        error = await asyncio.shield(done)
+        return errors if error is None else [error] * len(groups)
+
+    def _commit_released(
+        self, conn: sqlite3.Connection, start: float, started: threading.Event
+    ) -> StoreError | None:
+        try:
+            started.set()
+            self._commit(conn, start)
+        except sqlite3.Error as exc:
+            return self._write_error(exc)
+        finally:
+            self._conn_lock.release()
+        return None
+
+    def _commit_sync(self, groups: list[list[_Statement]]) -> list[StoreError | None]:
+        """Commit all groups in one transaction (`_apply`)."""
+        start = time.perf_counter()
+        conn = self._require()
+        errors = self._apply(conn, groups)
+        if conn.in_transaction:
+            try:
+                self._commit(conn, start)
+            except sqlite3.Error as exc:
+                return [self._write_error(exc)] * len(groups)
+        return errors
+
+    def _apply(
+        self, conn: sqlite3.Connection, groups: list[list[_Statement]]
+    ) -> list[StoreError | None]:
+        """Begin a transaction and apply all groups in it.
+
+        If a group fails, the batch is applied again with a savepoint per group, so that
+        only the failing groups are left out. The transaction is left open for `_commit`
+        unless nothing could be applied.
+        """
+        try:
+            self._begin(conn, [[s for group in groups for s in group]])
             return [None] * len(groups)
         except sqlite3.Error as exc:
             if len(groups) == 1:
                 return [self._write_error(exc)]
         errors: list[StoreError | None] = []
         try:
-            self._transaction(conn, groups, errors)
+            self._begin(conn, groups, errors)
         except sqlite3.Error as exc:
             return [self._write_error(exc)] * len(groups)
         return errors
@@ -776,14 +857,13 @@ class SQLiteStore(Store):
             )
         return StoreError(f"{where}: {exc}")
 
-    def _transaction(
+    def _begin(
         self,
         conn: sqlite3.Connection,
         groups: list[list[_Statement]],
         errors: list[StoreError | None] | None = None,
     ) -> None:
-        """Apply `groups` in one transaction; with `errors`, each group in a savepoint."""
-        start = time.perf_counter()
+        """Open a transaction and apply `groups`; with `errors`, each group in a savepoint."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             for group in groups:
@@ -800,6 +880,14 @@ class SQLiteStore(Store):
                     errors.append(None)
                 conn.execute("RELEASE grp")
             conn.execute(_COUNT_COMMIT)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _commit(self, conn: sqlite3.Connection, start: float) -> None:
+        """Commit the transaction `_begin` opened (`start`: when it began)."""
+        try:
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
