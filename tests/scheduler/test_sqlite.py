@@ -22,6 +22,7 @@ from dispatch_aio.scheduler.store import (
     AttemptRecord,
     CallQuery,
     InsertCall,
+    Phase,
     PutEvent,
     _sqlite,
 )
@@ -242,3 +243,31 @@ async def test_reads_queued_for_the_writer_thread_never_block_a_commit(
             )
             assert i == 0 or found is not None
     assert len(await store.list_calls(CallQuery())) == 200
+
+
+async def test_unfinished_calls_are_found_by_their_index_whatever_the_history(
+    store: SQLiteStore,
+) -> None:
+    # Listing what is still running (the CLI, the web UI) reads the few unfinished
+    # calls, not every top-level call or every call of a tree ever made.
+    await store.write(
+        [InsertCall(record(f"d{i}", phase=Phase.DONE)) for i in range(50)]
+        + [InsertCall(record(f"k{i}", root_id="d0", parent_id="d0")) for i in range(3)]
+        + [InsertCall(record("p"))]
+    )
+    statements: list[str] = []
+    assert store._conn is not None
+    store._conn.set_trace_callback(statements.append)
+    pending = (Phase.PENDING, Phase.SUSPENDED)
+    for query in (
+        CallQuery(phases=pending, parent_id="", limit=1),
+        CallQuery(phases=pending, root_id="d0"),
+        CallQuery(phases=pending, parent_id="d0", newest_first=True),
+    ):
+        statements.clear()
+        found = await store.list_calls(query)
+        assert found
+        [select] = [s for s in statements if s.startswith("SELECT")]
+        plan = " ".join(row[3] for row in store._conn.execute(f"EXPLAIN QUERY PLAN {select}"))
+        assert "calls_unfinished" in plan, (query, plan)
+    store._conn.set_trace_callback(None)

@@ -173,6 +173,10 @@ async def test_list_calls_filters_and_pages(store: Store) -> None:
     assert await ids(parent_id="") == ["r1", "r2"]
     assert await ids(root_id="r1") == ["r1", "k1", "k2"]
     assert await ids(phases=(Phase.PENDING, Phase.SUSPENDED)) == ["k2", "r2"]
+    assert await ids(phases=(Phase.PENDING, Phase.SUSPENDED), parent_id="") == ["r2"]
+    assert await ids(phases=(Phase.SUSPENDED,), root_id="r1", parent_id="r1") == ["k2"]
+    assert await ids(phases=(Phase.DONE, Phase.PENDING), parent_id="") == ["r1", "r2"]
+    assert await ids(phases=(Phase.PENDING,), newest_first=True, limit=1) == ["r2"]
     assert await ids(statuses=(7,)) == ["k1"]
     first = await store.list_calls(CallQuery(limit=2))
     assert [r.id for _, r in first] == ["r1", "k1"]

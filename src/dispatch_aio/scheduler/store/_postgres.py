@@ -689,6 +689,8 @@ class PostgresStore(Store):
             where.append(f"seq < {param(query.before)}")
         if query.phases:
             where.append(f"phase = ANY({param([int(p) for p in query.phases])}::integer[])")
+            if Phase.DONE not in query.phases:
+                where.append("phase <> 4")  # the condition of the index of unfinished calls
         if query.statuses:
             where.append(f"phase = 4 AND status = ANY({param(list(query.statuses))}::integer[])")
         if query.root_id:

@@ -67,6 +67,7 @@ from ._interface import (
     KeyTakenError,
     MoveSchedule,
     Op,
+    Phase,
     PruneIdempotencyKeys,
     PutEvent,
     PutIdempotencyKey,
@@ -478,17 +479,24 @@ class SQLiteStore(Store):
         if query.before:
             where.append("seq < ?")
             params.append(query.before)
+        # Unfinished calls are few next to the history: when only they are asked for,
+        # their index serves, and SQLite is told so (it does not infer the index's
+        # condition from the list of phases, and would walk a tree's or all top-level
+        # calls instead).
+        unfinished = bool(query.phases) and Phase.DONE not in query.phases
         if query.phases:
             where.append(f"phase IN ({', '.join('?' * len(query.phases))})")
             params.extend(int(p) for p in query.phases)
+            if unfinished:
+                where.append("phase != 4")
         if query.statuses:
             where.append(f"phase = 4 AND status IN ({', '.join('?' * len(query.statuses))})")
             params.extend(query.statuses)
         if query.root_id:
-            where.append("root_id = ?")
+            where.append("+root_id = ?" if unfinished else "root_id = ?")
             params.append(query.root_id)
         if query.parent_id is not None:
-            where.append("parent_id = ?")
+            where.append("+parent_id = ?" if unfinished else "parent_id = ?")
             params.append(query.parent_id)
         order = "seq DESC" if query.newest_first else "seq"
         sql = f"{_SELECT_CALLS} WHERE {' AND '.join(where)} ORDER BY {order}"
