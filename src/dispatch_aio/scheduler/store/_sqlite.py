@@ -784,10 +784,15 @@ class SQLiteStore(Store):
             self._conn_lock.release()
             return errors
         started = threading.Event()
-        assert self._executor is not None
-        done = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._commit_released, conn, start, started
-        )
+        try:
+            assert self._executor is not None
+            done = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._commit_released, conn, start, started
+            )
+        except BaseException:  # the executor itself failed: nothing was written
+            conn.execute("ROLLBACK")
+            self._conn_lock.release()
+            raise
         self._count_job(done)
         started.wait(_HANDOVER_MAX)  # the interpreter lock goes to the writer thread
         # Shielded: cancelled before it ran, the job would never release the lock.
