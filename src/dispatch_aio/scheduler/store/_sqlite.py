@@ -229,7 +229,7 @@ _INLINE_MAX = 0.002  # seconds: a slower last commit sends writes to the writer 
 # Statements: a larger transaction is applied on the writer thread, whose statements
 # run mostly without the interpreter lock, leaving the loop's thread to the rest.
 _SPLIT_MAX = 16
-_HANDOVER_MAX = 0.002  # seconds the loop waits at most for the writer thread to begin
+_HANDOVER_MAX = 0.0002  # seconds the loop waits at most for the writer thread to begin
 
 _MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_0_to_1,
