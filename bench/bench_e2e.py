@@ -828,21 +828,36 @@ def table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) 
 
 
 def base_table(results: dict[tuple[str, str], list[Sample]], chosen: list[Workload]) -> list[str]:
-    """This tree against the --base-src sources, measured in the same rounds."""
+    """This tree against the --base-src sources, measured in the same rounds.
+
+    Besides the ratio of the medians, the ratios of the runs of each round, taken in
+    pairs (their median, and in how many rounds this tree was the faster): two runs of
+    one round share the machine's load of the moment, which the medians of the runs
+    taken apart do not cancel.
+    """
     lines = [
         "This tree against the --base-src sources (same rounds; above 1.00x this tree is "
-        "faster, or for memory smaller):",
-        f"{'workload':<28} {'unit':<11} {'persistent':>10} {'base':>9} {'ratio':>7}  "
-        f"{'embedded':>9} {'base':>9} {'ratio':>7}",
+        "faster, or for memory smaller; paired: the median of the rounds' ratios, and the "
+        "rounds this tree won):",
+        f"{'workload':<28} {'unit':<11} {'persistent':>10} {'base':>9} {'ratio':>7} "
+        f"{'paired':>12}  {'embedded':>9} {'base':>9} {'ratio':>7} {'paired':>12}",
     ]
+
+    def paired(w: Workload, system: str) -> str:
+        pairs = zip(results[w.key, system], results[w.key, f"{system}-base"], strict=True)
+        ratios = [w.speedup(ours.figure, base.figure) for ours, base in pairs]
+        won = sum(r > 1 for r in ratios)
+        return f"{statistics.median(ratios):.2f}x {won}/{len(ratios)}"
+
     for w in chosen:
         f = {s: _median(results[w.key, s], lambda x: x.figure) for s in (*OURS, *BASE_SYSTEMS)}
         lines.append(
             f"{w.label:<28} {w.unit:<11} {w.number(f['persistent']):>10} "
             f"{w.number(f['persistent-base']):>9} "
-            f"{w.speedup(f['persistent'], f['persistent-base']):>6.2f}x  "
+            f"{w.speedup(f['persistent'], f['persistent-base']):>6.2f}x "
+            f"{paired(w, 'persistent'):>12}  "
             f"{w.number(f['embedded']):>9} {w.number(f['embedded-base']):>9} "
-            f"{w.speedup(f['embedded'], f['embedded-base']):>6.2f}x"
+            f"{w.speedup(f['embedded'], f['embedded-base']):>6.2f}x {paired(w, 'embedded'):>12}"
         )
     rss = {
         s: max(_median(results[w.key, s], lambda x: x.peak_rss_mb) for w in chosen)
@@ -850,8 +865,8 @@ def base_table(results: dict[tuple[str, str], list[Sample]], chosen: list[Worklo
     }
     lines.append(
         f"{'peak RSS, all processes':<28} {'MB':<11} {rss['persistent']:>10.1f} "
-        f"{rss['persistent-base']:>9.1f} {rss['persistent-base'] / rss['persistent']:>6.2f}x  "
-        f"{rss['embedded']:>9.1f} {rss['embedded-base']:>9.1f} "
+        f"{rss['persistent-base']:>9.1f} {rss['persistent-base'] / rss['persistent']:>6.2f}x "
+        f"{'':>12}  {rss['embedded']:>9.1f} {rss['embedded-base']:>9.1f} "
         f"{rss['embedded-base'] / rss['embedded']:>6.2f}x"
     )
     return lines
