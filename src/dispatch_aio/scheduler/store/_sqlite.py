@@ -616,8 +616,9 @@ class SQLiteStore(Store):
                 loop = asyncio.get_running_loop()
                 self._deferred = loop.call_later(DEFER_MAX, self._start_flush)
 
-    # Writer-thread side: only these methods touch the connection (`_commit_sync` also on
-    # the loop's thread, for a write made alone); always under `_conn_lock`.
+    # Writer-thread side: only these methods touch the connection, always under
+    # `_conn_lock` (`_commit_sync` also on the loop's thread, for a write made alone, and
+    # `_apply` for a small transaction that the writer thread commits).
 
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
         with self._conn_lock:
@@ -794,7 +795,7 @@ class SQLiteStore(Store):
             self._conn_lock.release()
             raise
         self._count_job(done)
-        started.wait(_HANDOVER_MAX)  # the interpreter lock goes to the writer thread
+        started.wait(_HANDOVER_MAX)  # lets the writer thread take the interpreter lock
         # Shielded: cancelled before it ran, the job would never release the lock.
         error = await asyncio.shield(done)
         return errors if error is None else [error] * len(groups)
