@@ -402,6 +402,8 @@ class DurableLoop(asyncio.AbstractEventLoop):
         start_time: Durable time (unix seconds) at which the run started.
         monotonic_offset: Unix time minus monotonic time when the run started;
             ``time()`` is durable time minus it (see ``time()``).
+        hash_seed: A random number of the run (its seed), which sets the high bits of
+            the hashes of the loop's tasks and futures; by default, a new one.
     """
 
     def __init__(
@@ -410,6 +412,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         clock: Clock,
         start_time: float,
         monotonic_offset: float = 0.0,
+        hash_seed: int | None = None,
     ) -> None:
         self._host = host
         self._clock = clock
@@ -422,9 +425,13 @@ class DurableLoop(asyncio.AbstractEventLoop):
         # them iterate alike on replay) plus a random base in high bits (so that the
         # tasks of many live runs do not collide in asyncio's process-wide task set).
         # Set slots and early probes depend only on the low bits, hence not on the base.
-        self._hash_base = int.from_bytes(os.urandom(2), "big") % _HASH_BASES << _HASH_SHIFT
+        if hash_seed is None:
+            hash_seed = int.from_bytes(os.urandom(2), "big")
+        self._hash_base = hash_seed % _HASH_BASES << _HASH_SHIFT
         self._tasks: weakref.WeakSet[DurableTask[Any]] = weakref.WeakSet()
-        self._asyncgens: weakref.WeakSet[AsyncGenerator[Any, Any]] = weakref.WeakSet()
+        # Made when the run first iterates an async generator: most never do, and a
+        # WeakSet costs more to make than a trivial function takes to run.
+        self._asyncgens: weakref.WeakSet[AsyncGenerator[Any, Any]] | None = None
         self._orphans = 0
         self._io_tasks = 0
         # Top-level packages whose code is the program's even when installed
@@ -437,9 +444,10 @@ class DurableLoop(asyncio.AbstractEventLoop):
         self._debug = False
         self._exception_handler: Callable[..., object] | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
-        # Threads the function started, and executor workers, which are not its own.
-        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self._executor_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # Threads the function started (pruned once ended), and executor workers,
+        # which are not its own.
+        self._threads: set[threading.Thread] = set()
+        self._executor_threads: set[threading.Thread] = set()
         # Forwarded operations whose results were delivered here, and results held
         # back by a replay until its next epoch (see set_completion_limit()).
         self.completed = 0
@@ -517,7 +525,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         asyncio.events._set_running_loop(self)
         # Async generators first iterated here are finalized here, not on the host loop.
         hooks = sys.get_asyncgen_hooks()
-        sys.set_asyncgen_hooks(firstiter=self._asyncgens.add, finalizer=self._finalize_asyncgen)
+        sys.set_asyncgen_hooks(firstiter=self._first_iter, finalizer=self._finalize_asyncgen)
         self._stepping = True
         self._step_frame = sys._getframe()
         threads = threading.enumerate()
@@ -561,9 +569,15 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._threads.discard(thread)
         return len(self._threads)
 
+    def _first_iter(self, agen: AsyncGenerator[Any, Any]) -> None:
+        if self._asyncgens is None:
+            self._asyncgens = weakref.WeakSet()
+        self._asyncgens.add(agen)
+
     def _finalize_asyncgen(self, agen: AsyncGenerator[Any, Any]) -> None:
         # Called when an unfinished async generator is garbage collected.
-        self._asyncgens.discard(agen)
+        if self._asyncgens is not None:
+            self._asyncgens.discard(agen)
         if not self._closed:
             self.call_soon_threadsafe(self.create_task, agen.aclose())
 
@@ -1122,9 +1136,9 @@ class DurableLoop(asyncio.AbstractEventLoop):
 
     async def shutdown_asyncgens(self) -> None:
         """Close, on this loop, the async generators of the run that are still open."""
-        for agen in list(self._asyncgens):
+        agens, self._asyncgens = self._asyncgens, None
+        for agen in list(agens or ()):
             self.create_task(agen.aclose())
-        self._asyncgens.clear()
 
     async def shutdown_default_executor(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Nothing to do: the executor belongs to the host loop."""

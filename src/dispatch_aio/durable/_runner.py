@@ -171,12 +171,11 @@ class Run:
         self.start_time = start_time
         self.monotonic_offset = monotonic_offset
         self.loop = DurableLoop(
-            asyncio.get_running_loop(), runner.clock, start_time, monotonic_offset
+            asyncio.get_running_loop(), runner.clock, start_time, monotonic_offset, seed
         )
         self.loop.owner = self
         # The function's own package is the program, even when it is installed.
         self.loop.program_packages = frozenset({getattr(fn, "__module__", "").partition(".")[0]})
-        self.random = random.Random(seed)
         self.calls: list[_Call] = []
         self.by_identity: dict[str, _Call] = {}
         self.epochs_applied = 0
@@ -220,6 +219,11 @@ class Run:
             self.watch = Watch(
                 self.loop.is_program_frame, offset, detect=detect, sources=runner.sources()
             )
+
+    @functools.cached_property
+    def random(self) -> random.Random:
+        """The run's generator of random numbers, seeded from the journal (made on use)."""
+        return random.Random(self.seed)
 
     @property
     def state(self) -> bytes:
@@ -992,8 +996,8 @@ class Runner:
             request.function,
             fn,
             request.input,
-            os.urandom(16),
-            int.from_bytes(os.urandom(8), "big"),
+            (ids := os.urandom(24))[:16],  # the run's id, then its seed
+            int.from_bytes(ids[16:], "big"),
             now,
             now - time.monotonic(),
         )
