@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
+import re
 import socket
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
@@ -17,6 +20,7 @@ from dispatch_aio import Dispatch, errors
 from dispatch_aio._status import status_for_http
 from dispatch_aio.proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, status_pb2
 from dispatch_aio.scheduler import DEFAULT_EXPIRATION, RetryPolicy, Scheduler, SQLiteStore
+from dispatch_aio.scheduler._engine import _Ids
 from dispatch_aio.scheduler.store import (
     WRITE_ALONE,
     CallQuery,
@@ -901,3 +905,27 @@ async def test_callee_cancelled_is_an_error_the_caller_catches_at_once(app: Disp
     dispatch_id = await caller.dispatch()
     assert await app.client.result(dispatch_id, timeout=20) == "caught CancelledError"
     assert len(attempts) == 1  # asyncio does not restart a cancelled task; neither do we
+
+
+def test_dispatch_ids_are_ordered_unique_and_not_shared_with_a_forked_process() -> None:
+    ids = _Ids()
+    made = [ids.next() for _ in range(1000)]  # several draws of random bytes
+    assert len(set(made)) == 1000
+    assert made == sorted(made)  # milliseconds, then a counter
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in made)
+    if not hasattr(os, "fork"):
+        return
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # The child only writes to a pipe and exits: no lock of another thread matters.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: its next id, from what its parent drew before the fork
+        os.write(write, ids.next()[16:].encode())
+        os._exit(0)
+    os.close(write)
+    theirs = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(theirs) == 16
+    assert theirs != ids.next()[16:]
