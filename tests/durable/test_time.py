@@ -128,6 +128,27 @@ async def test_deterministic_helpers(make_env: EnvFactory) -> None:
     assert u1 != u2 and u1.version == 4
 
 
+async def _draws_before_a_call() -> list[int]:
+    # Drawn before the call and drawn again by every replay of this run, in whichever
+    # process resumes it: the call's input is the first draw, its result comes back in
+    # a later round, so the two agree only if every replay draws what the first did.
+    drawn = [int(durable.random() * 1e9), durable.uuid4().int % 10**9]
+    sent = await asyncio.gather(*(double(n) for n in drawn))
+    return [*drawn, *sent]
+
+
+draws_before_a_call = Function(_draws_before_a_call, name="draws_before_a_call")
+
+
+async def test_random_values_drawn_before_a_call_are_drawn_again_on_resume(
+    make_env: EnvFactory,
+) -> None:
+    env = make_env(double, draws_before_a_call)
+    r, u, r2, u2 = await env.call(draws_before_a_call)
+    assert [r2, u2] == [2 * r, 2 * u]
+    assert r != u
+
+
 async def _observes_replay() -> list[object]:
     seen = [durable.now().timestamp(), durable.random()]
     await asyncio.sleep(5)
