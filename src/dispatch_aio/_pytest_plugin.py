@@ -80,7 +80,7 @@ def _defaults(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def dispatch_workers() -> Iterator[WorkerPool]:
-    """Return the session's pool of interpreters for environments with ``replay="process"``."""
+    """Return the session's pool of workers for environments with ``replay="process"``."""
     from .testing import WorkerPool
 
     with WorkerPool(preload=["pytest"]) as pool:  # test modules import it

@@ -471,8 +471,8 @@ class Invoker:
             async with asyncio.timeout(max(time_limit, 0.001)):
                 # Given up on, the future is cancelled; the others' answers still come.
                 return await future
-        except TimeoutError:
-            return Outcome(Status.TIMEOUT, error=f"no response within {time_limit:.3g} s")
+        except TimeoutError as exc:
+            return _failure(exc, time_limit)
 
     def _start_batch(self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch) -> None:
         if self._batches.get(endpoint) is batch:
