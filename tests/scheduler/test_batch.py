@@ -243,9 +243,12 @@ async def test_run_responses_announce_the_batch_route(serve: Serve) -> None:
         assert resp.headers.get(BATCH_HEADER) == "1"
 
 
+@pytest.mark.parametrize("slow_at", [0, 2], ids=["first", "last"])
 async def test_an_attempt_that_times_out_in_a_batch_leaves_the_others_answered(
-    serve: Serve,
+    serve: Serve, slow_at: int
 ) -> None:
+    # The batch's one timer is set for its earliest deadline: the slow call's, whether
+    # the batch's first request or one after requests with a longer limit.
     attempts: list[int] = []
 
     def register(dispatch: Dispatch) -> None:
@@ -266,11 +269,14 @@ async def test_an_attempt_that_times_out_in_a_batch_leaves_the_others_answered(
     [warm_up] = await client.dispatch([Call("quick", (0,))])
     assert await client.result(warm_up, timeout=10) == 0
     before = len(served.paths)
-    slow = Call("slow", (1,), policy=FunctionPolicy(timeout=0.3))
-    ids = await client.dispatch([slow, *(Call("quick", (i,)) for i in (1, 2))])
-    assert [await client.result(i, timeout=10) for i in ids] == [-1, 1, 2]
+    calls = [Call("quick", (i,)) for i in (1, 2)]
+    calls.insert(slow_at, Call("slow", (1,), policy=FunctionPolicy(timeout=0.3)))
+    ids = await client.dispatch(calls)
+    expected = [1, 2]
+    expected.insert(slow_at, -1)
+    assert [await client.result(i, timeout=10) for i in ids] == expected
     assert served.paths[before] == BATCH_PATH
     # Its first attempt was given up on; the retry got the run's result.
-    info = await served.scheduler.progress(ids[0])
+    info = await served.scheduler.progress(ids[slow_at])
     assert info is not None and info.attempts >= 2, info
     assert len(attempts) >= 2

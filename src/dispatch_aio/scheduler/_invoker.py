@@ -466,13 +466,9 @@ class Invoker:
         if batch is None or len(batch.items) >= _BATCH_ITEMS or batch.size + size > _BATCH_BYTES:
             batch = self._batches[endpoint] = _Batch()
             asyncio.get_running_loop().call_soon(self._start_batch, session, endpoint, batch)
-        future = batch.add(item, size, time_limit)
-        try:
-            async with asyncio.timeout(max(time_limit, 0.001)):
-                # Given up on, the future is cancelled; the others' answers still come.
-                return await future
-        except TimeoutError as exc:
-            return _failure(exc, time_limit)
+        # Past its time limit, the batch answers the request with a time-out (one timer
+        # for the batch); the others' answers still come.
+        return await batch.add(item, size, max(time_limit, 0.001))
 
     def _start_batch(self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch) -> None:
         if self._batches.get(endpoint) is batch:
@@ -537,23 +533,38 @@ class Invoker:
 
 @dataclass(slots=True)
 class _Batch:
-    """Run requests to one endpoint that leave together, and their answers to come."""
+    """Run requests to one endpoint that leave together, and their answers to come.
+
+    Each request has its own time limit. Rather than a timer per request, the batch
+    keeps one, set for the earliest deadline of the requests not answered yet: the
+    requests of a batch mostly share their limit, so it fires only for a late batch.
+    """
 
     items: list[batch_pb2.BatchItem] = field(default_factory=list)
     futures: list[asyncio.Future[Outcome | None] | None] = field(default_factory=list)
+    limits: list[float] = field(default_factory=list)
     size: int = 0
     time_limit: float = 0.0
     unanswered: int = 0
+    started: float = 0.0
+    timer: asyncio.TimerHandle | None = None
 
     def add(
         self, item: batch_pb2.BatchItem, size: int, time_limit: float
     ) -> asyncio.Future[Outcome | None]:
-        future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome | None] = loop.create_future()
+        if not self.items:
+            self.started = loop.time()
         self.items.append(item)
         self.futures.append(future)
+        self.limits.append(time_limit)
         self.size += size
         self.time_limit = max(self.time_limit, time_limit)
         self.unanswered += 1
+        deadline = self.started + time_limit
+        if self.timer is None or deadline < self.timer.when():
+            self._set_timer(loop, deadline)
         return future
 
     def answer(self, index: int, outcome: Outcome | None) -> None:
@@ -563,6 +574,31 @@ class _Batch:
             self.unanswered -= 1
             if not future.done():  # else its attempt gave up waiting
                 future.set_result(outcome)
+            if not self.unanswered and self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    def _set_timer(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        """Answer the requests past their time limit with a time-out; wait for the rest."""
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        later: float | None = None
+        for i, limit in enumerate(self.limits):
+            if self.futures[i] is None:
+                continue
+            deadline = self.started + limit
+            if deadline <= now:
+                self.answer(i, _failure(TimeoutError(), limit))
+            elif later is None or deadline < later:
+                later = deadline
+        if later is not None:
+            self._set_timer(loop, later)
 
     def answer_all(self, outcome: Outcome | None) -> None:
         for i in range(len(self.futures)):
