@@ -255,7 +255,7 @@ def test_each_retry_is_a_line_and_an_outage_stays_readable() -> None:
 
 
 def _fields(rec: CallRecord) -> dict[str, object]:
-    return {name: getattr(rec, name) for name in rec.__dataclass_fields__}
+    return rec._asdict()
 
 
 def _clean_env() -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from io import StringIO
 
 from dispatch_aio import Status
@@ -25,8 +24,7 @@ def _finish(tracker: CallTracker, calls: list[CallRecord], failed: set[int]) -> 
     tracker.applied(
         [
             UpdateCall(
-                dataclasses.replace(
-                    c,
+                c._replace(
                     phase=Phase.DONE,
                     status=Status.PERMANENT_ERROR if i in failed else Status.OK,
                     finished_at=2.0,

@@ -9,7 +9,6 @@ whole journal joined from the segments. Real HTTP, real SQLite files, a real end
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -326,7 +325,7 @@ def test_a_delta_must_continue_the_journal_kept() -> None:
     # After the whole journal went (plain protocol, or a cache miss), it becomes a segment.
     journal = journal_pb2.Journal(run_id=run, polls=3, function="f")
     whole = any_pb2.Any(type_url=JOURNAL_TYPE_URL, value=journal.SerializeToString())
-    rec = dataclasses.replace(rec, state_kind=StateKind.TYPED, state=whole.SerializeToString())
+    rec = rec._replace(state_kind=StateKind.TYPED, state=whole.SerializeToString())
     converted = _kept_state(
         rec, _poll(journal_pb2.JournalDelta(run_id=run, polls_before=3, polls=4, segment=b"s"))
     )

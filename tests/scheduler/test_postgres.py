@@ -263,7 +263,7 @@ async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
     store = PostgresStore(pg_url)
     await store.open()
     try:
-        await store.write([InsertCall(dataclasses.replace(record("x"), divergences=3))])
+        await store.write([InsertCall(record("x")._replace(divergences=3))])
         found = await store.get_call("x")
         assert found is not None and found.divergences == 3
         assert await store.get_events(["k"]) == {}

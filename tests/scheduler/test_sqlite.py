@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable
@@ -201,7 +200,7 @@ async def opened_from_version(path: Path, version: int) -> AsyncIterator[SQLiteS
 
 async def test_a_version_4_database_gains_the_policy_column(tmp_path: Path) -> None:
     async with opened_from_version(tmp_path / "old.db", 4) as store:
-        await store.write([InsertCall(dataclasses.replace(record("p"), policy=b"\x18\x02"))])
+        await store.write([InsertCall(record("p")._replace(policy=b"\x18\x02"))])
         found = await store.get_call("p")
         assert found is not None and found.policy == b"\x18\x02"
 
@@ -223,7 +222,7 @@ async def test_a_version_6_database_gains_the_attempts(tmp_path: Path) -> None:
 
 async def test_a_version_7_database_gains_the_trace_context(tmp_path: Path) -> None:
     async with opened_from_version(tmp_path / "old.db", 7) as store:
-        traced = dataclasses.replace(record("t"), trace_context='{"traceparent":"00-ab-cd-01"}')
+        traced = record("t")._replace(trace_context='{"traceparent":"00-ab-cd-01"}')
         await store.write([InsertCall(traced)])
         found = await store.get_call("t")
         assert found is not None and found.trace_context == traced.trace_context

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -27,7 +26,7 @@ async def test_a_version_2_database_gains_the_divergence_count(tmp_path: Path) -
             expires_at=2.0, phase=Phase.PENDING, updated_at=1.0,
         )  # fmt: skip
         await store.write([InsertCall(rec)])
-        await store.write([UpdateCall(dataclasses.replace(rec, divergences=2, version="v2"))])
+        await store.write([UpdateCall(rec._replace(divergences=2, version="v2"))])
         (loaded,) = (await store.load()).calls
         assert (loaded.divergences, loaded.version) == (2, "v2")
     finally:

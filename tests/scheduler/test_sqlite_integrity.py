@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import stat
@@ -166,7 +165,7 @@ async def test_a_full_disk_fails_the_write_in_words_and_loses_nothing(tmp_path: 
         # does when the disk is full.
         pages = store._locked(lambda: conn.execute("PRAGMA page_count").fetchone()[0])
         store._locked(conn.execute, f"PRAGMA max_page_count = {pages}")
-        big = dataclasses.replace(record("big"), input=b"x" * 200_000)
+        big = record("big")._replace(input=b"x" * 200_000)
         with pytest.raises(StoreError, match="its disk is full; free space there") as caught:
             await store.write([InsertCall(big)])
         assert str(db) in str(caught.value)

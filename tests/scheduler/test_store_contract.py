@@ -86,8 +86,7 @@ async def test_records_round_trip(store: Store) -> None:
     )
     await store.write([InsertCall(full)])
     assert await store.get_call("a") == full
-    done = dataclasses.replace(
-        full,
+    done = full._replace(
         phase=Phase.DONE,
         result=b"res",
         finished_at=9.0,
@@ -325,12 +324,12 @@ async def test_a_live_key_of_another_call_fails_the_write(store: Store) -> None:
 async def test_events_are_resolved_once_with_their_waiters(store: Store) -> None:
     waiter = record("w", function="dispatch_aio.wait_event")
     await store.write([InsertCall(waiter)])
-    done = dataclasses.replace(waiter, phase=Phase.DONE, result=b"value")
+    done = waiter._replace(phase=Phase.DONE, result=b"value")
     await store.write([PutEvent("order-1", b"value", 3.0), UpdateCall(done)])
     assert await store.get_events(["order-1", "order-2"]) == {"order-1": b"value"}
     assert await store.get_events([]) == {}
     # Resolving again fails the whole write: the waiter update with it is not applied.
-    again = dataclasses.replace(done, last_error="changed")
+    again = done._replace(last_error="changed")
     with pytest.raises(StoreError):
         await store.write([UpdateCall(again), PutEvent("order-1", b"other", 4.0)])
     assert await store.get_events(["order-1"]) == {"order-1": b"value"}

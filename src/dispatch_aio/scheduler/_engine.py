@@ -1367,8 +1367,7 @@ class Engine:
                 )
                 return True
             logger.debug("call %s: attempt failed (%s), retrying", rec.id, failure)
-            new = dataclasses.replace(
-                rec,
+            new = rec._replace(
                 due_at=due,
                 attempts=rec.attempts + 1,
                 failures=failures,
@@ -1445,8 +1444,7 @@ class Engine:
             poll_error = error.SerializeToString()
         state_kind, state, journal_ops = kept
         max_wait = poll.max_wait.ToNanoseconds() / 1e9 if poll.HasField("max_wait") else 0.0
-        new = dataclasses.replace(
-            rec,
+        new = rec._replace(
             phase=Phase.SUSPENDED,
             state_kind=state_kind,
             state=state,
@@ -1493,8 +1491,7 @@ class Engine:
             await self._finish(live, Status.INVALID_ARGUMENT, None, failure, delivered)
             return
         logger.debug("call %s: tail call to %s", rec.id, tail.function)
-        new = dataclasses.replace(
-            _fresh_run(rec),
+        new = _fresh_run(rec)._replace(
             endpoint=tail.endpoint or rec.endpoint,
             function=tail.function,
             version=tail.version or rec.version,
@@ -1526,8 +1523,7 @@ class Engine:
         rec = live.rec
         if not diverged:  # a divergence was reported with its report
             logger.info("call %s: incompatible state, restarting from its input", rec.id)
-        new = dataclasses.replace(
-            _fresh_run(rec),
+        new = _fresh_run(rec)._replace(
             divergences=rec.divergences + int(diverged),
             due_at=due,
             attempts=rec.attempts + 1,
@@ -1683,8 +1679,7 @@ class Engine:
                 message = f"function {rec.function!r}: {failure}"
             final.error.CopyFrom(error_pb2.Error(type=status.proto_name, message=message))
         data = final.SerializeToString()
-        new = dataclasses.replace(
-            rec,
+        new = rec._replace(
             phase=Phase.DONE,
             due_at=None,
             state_kind=StateKind.NONE,
@@ -1862,8 +1857,7 @@ def _keyed(
 
 def _fresh_run(rec: CallRecord) -> CallRecord:
     """Return `rec` reset to start a new run of the same call (restart or tail call)."""
-    return dataclasses.replace(
-        rec,
+    return rec._replace(
         phase=Phase.PENDING,
         generation=rec.generation + 1,
         state_kind=StateKind.NONE,

@@ -28,7 +28,7 @@ import contextvars
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from ._coordination import Coordination
@@ -154,12 +154,12 @@ class StateKind(enum.IntEnum):
     the `dispatch_aio.v1.JournalRef` that a resume sends in its place."""
 
 
-@dataclass(frozen=True, slots=True)
-class CallRecord:
+class CallRecord(NamedTuple):
     """Everything the scheduler knows about one call.
 
-    Records are immutable: the engine makes a changed copy (`dataclasses.replace`),
-    writes it, and only then uses it.
+    Records are immutable: the engine makes a changed copy (`_replace`), writes it, and
+    only then uses it. A named tuple rather than a frozen dataclass: the engine makes
+    one or two per attempt, and a tuple is made or copied about five times faster.
     """
 
     id: str
