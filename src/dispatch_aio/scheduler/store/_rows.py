@@ -21,46 +21,16 @@ from typing import Any
 
 from ._interface import CallRecord, Phase, StateKind
 
-CALL_COLUMNS = (
-    "id",
-    "root_id",
-    "parent_id",
-    "correlation_id",
-    "parent_generation",
-    "endpoint",
-    "function",
-    "input",
-    "version",
-    "created_at",
-    "expires_at",
-    "phase",
-    "updated_at",
-    "generation",
-    "due_at",
-    "state_kind",
-    "state",
-    "min_results",
-    "max_results",
-    "poll_error",
-    "attempts",
-    "failures",
-    "polls",
-    "status",
-    "last_error",
-    "result",
-    "finished_at",
-    "divergences",
-    "policy",
-    "trace_context",
-)
-"""Column order of a call after its ``seq``, shared by inserts, updates and reads."""
+CALL_COLUMNS: tuple[str, ...] = CallRecord._fields
+"""Column order of a call after its ``seq``, shared by inserts, updates and reads: the
+record's own fields, so that a record is the row of its values, in order."""
 
 _FIXED = frozenset({"id", "root_id", "parent_id", "correlation_id", "parent_generation"})
 _FIXED |= {"created_at", "expires_at"}
 MUTABLE_COLUMNS = tuple(c for c in CALL_COLUMNS if c not in _FIXED)
 """The columns an update writes: all but the call's identity and its creation."""
 MUTABLE_AT = tuple(CALL_COLUMNS.index(c) for c in MUTABLE_COLUMNS)
-"""Where each mutable column sits in `call_params`."""
+"""Where each mutable column sits in a record, and in `call_params`."""
 
 
 def signed(value: int) -> int:

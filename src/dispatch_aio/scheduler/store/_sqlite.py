@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -90,7 +91,7 @@ from ._rows import (
     MUTABLE_AT,
     MUTABLE_COLUMNS,
     call_from_row,
-    call_params,
+    signed,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -282,29 +283,42 @@ _DELETE_SCHEDULE = "DELETE FROM schedules WHERE id = ?"
 _Statement = tuple[str, tuple[Any, ...]]
 
 
+# The record's fields are the table's columns, in order (`CALL_COLUMNS`); its enums
+# bind as integers.
+_MUTABLE = operator.itemgetter(*MUTABLE_AT)
+
+
+def _insert_params(r: CallRecord) -> tuple[Any, ...]:
+    if r.correlation_id < 1 << 63:
+        return r
+    return r._replace(correlation_id=signed(r.correlation_id))
+
+
 def _update_params(r: CallRecord) -> tuple[Any, ...]:
-    values = call_params(r)
-    return (*(values[i] for i in MUTABLE_AT), r.id)
+    return (*_MUTABLE(r), r.id)
 
 
 def _statements(op: Op) -> list[_Statement]:
-    match op:
-        case InsertCall(record):
-            return [(_INSERT_CALL, call_params(record))]
+    match op:  # the ops of every attempt first
         case UpdateCall(record):
             return [(_UPDATE_CALL, _update_params(record))]
+        case AddAttempt(a):
+            row = (a.call_id, a.number, a.started_at, a.finished_at, a.status, a.outcome)
+            return [(_ADD_ATTEMPT, row)]
+        case InsertCall(record):
+            return [(_INSERT_CALL, _insert_params(record))]
         case AddResult(q):
             return [(_ADD_RESULT, (q.seq, q.poller_id, q.generation, q.result))]
         case RemoveResults(seqs):
             return [(_REMOVE_RESULT, (s,)) for s in seqs]
         case RemovePollerResults(poller_id):
             return [(_REMOVE_POLLER_RESULTS, (poller_id,))]
-        case SetMeta(key, value, keep):
-            return [(_KEEP_META if keep else _SET_META, (key, value))]
         case AppendSegment(call_id, polls, data):
             return [(_APPEND_SEGMENT, (call_id, polls, data))]
         case RemoveSegments(call_id):
             return [(_REMOVE_SEGMENTS, (call_id,))]
+        case SetMeta(key, value, keep):
+            return [(_KEEP_META if keep else _SET_META, (key, value))]
         case PutIdempotencyKey(key, dispatch_id, expires_at, now):
             return [(_PUT_KEY, (key, dispatch_id, expires_at, time.time() if now is None else now))]
         case PruneIdempotencyKeys(before):
@@ -319,9 +333,6 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_MOVE_SCHEDULE, (next_at, schedule_id))]
         case DeleteSchedule(schedule_id):
             return [(_DELETE_SCHEDULE, (schedule_id,))]
-        case AddAttempt(a):
-            row = (a.call_id, a.number, a.started_at, a.finished_at, a.status, a.outcome)
-            return [(_ADD_ATTEMPT, row)]
 
 
 class _KeyTaken(sqlite3.IntegrityError):
