@@ -377,12 +377,17 @@ def _update_params(r: CallRecord) -> tuple[Any, ...]:
 
 
 def _statements(op: Op) -> list[_Statement]:
-    match op:
-        case InsertCall(record):
-            return [(_INSERT_CALL, call_params(record, _text))]
+    match op:  # the ops of every attempt first
+        case Fence(partition, replica, epoch):
+            return [(_FENCE, (partition, replica, epoch))]
         case UpdateCall(record):
             update = (_UPDATE_CALL, _update_params(record))
             return [update, (_DONE, (record.id,))] if record.phase is Phase.DONE else [update]
+        case AddAttempt(a):
+            row = (a.call_id, a.number, a.started_at, a.finished_at, a.status, _text(a.outcome))
+            return [(_ADD_ATTEMPT, row)]
+        case InsertCall(record):
+            return [(_INSERT_CALL, call_params(record, _text))]
         case AddResult(q):
             return [(_ADD_RESULT, (q.seq, q.poller_id, q.generation, q.result))]
         case RemoveResults(seqs):
@@ -399,8 +404,6 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_PUT_KEY, (key, dispatch_id, expires_at))]
         case PruneIdempotencyKeys(before):
             return [(_PRUNE_KEYS, (before,))]
-        case Fence(partition, replica, epoch):
-            return [(_FENCE, (partition, replica, epoch))]
         case Announce(partition, ids):
             return [(_ANNOUNCE, (partition, ids))] if ids else []
         case PutEvent(key, result, resolved_at):
@@ -417,9 +420,6 @@ def _statements(op: Op) -> list[_Statement]:
         case DeleteSchedule(schedule_id):
             changed = (_NOTIFY, ("dispatch_schedules", schedule_id))
             return [(_DELETE_SCHEDULE, (schedule_id,)), changed]
-        case AddAttempt(a):
-            row = (a.call_id, a.number, a.started_at, a.finished_at, a.status, _text(a.outcome))
-            return [(_ADD_ATTEMPT, row)]
 
 
 def _notifications(statements: list[_Statement]) -> list[_Statement]:
