@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 from google.protobuf import any_pb2
 
 from dispatch_aio import Dispatch, Status
-from dispatch_aio._codec import encode_input
+from dispatch_aio._codec import encode_input, encode_value
 from dispatch_aio.durable import Runner
 from dispatch_aio.durable._journal import (
     JOURNAL_DELTA_TYPE_URL,
@@ -13,7 +15,7 @@ from dispatch_aio.durable._journal import (
     JOURNAL_REF_TYPE_URL,
     JOURNAL_TYPE_URL,
 )
-from dispatch_aio.proto.sdk.v1 import function_pb2, poll_pb2
+from dispatch_aio.proto.sdk.v1 import call_pb2, function_pb2, poll_pb2
 from dispatch_aio.proto.v1 import journal_pb2
 from dispatch_aio.testing import Environment
 
@@ -23,6 +25,22 @@ dispatch = Dispatch()
 @dispatch.function
 async def step(i: int) -> int:
     return i
+
+
+class Blob:
+    """A result whose copies the tests count."""
+
+
+@dispatch.function
+async def make_blob() -> Blob:
+    return Blob()
+
+
+@dispatch.function
+async def drop_blobs(n: int) -> int:
+    for _ in range(n):
+        assert isinstance(await make_blob(), Blob)
+    return n
 
 
 @dispatch.function
@@ -123,3 +141,56 @@ async def test_a_reference_continues_only_the_round_it_names() -> None:
 
 def _int(value: int) -> any_pb2.Any:
     return encode_input((value,), {}, function="chain")
+
+
+def _resumed(
+    function: str, delta: journal_pb2.JournalDelta, *results: call_pb2.CallResult
+) -> function_pb2.RunRequest:
+    ref = journal_pb2.JournalRef(run_id=delta.run_id, polls=delta.polls, tag=delta.tag)
+    request = _resume(JOURNAL_REF_TYPE_URL, ref.SerializeToString())
+    request.function = function
+    request.poll_result.results.extend(results)
+    return request
+
+
+async def test_a_live_run_keeps_no_result_it_has_consumed() -> None:
+    # Its journal is kept by the scheduler, and each result is the function's once
+    # delivered: a long run holds what its code holds, not its whole history.
+    runner = Runner({"drop_blobs": drop_blobs.fn, "make_blob": make_blob.fn}.get)
+    try:
+        request = function_pb2.RunRequest(
+            function="drop_blobs", input=encode_input((3,), {}, function="drop_blobs")
+        )
+        answer = await runner.run(request, journal_delta=True)
+        for correlation_id in (1, 2):
+            delta = journal_pb2.JournalDelta.FromString(answer.poll.typed_coroutine_state.value)
+            result = call_pb2.CallResult(correlation_id=correlation_id, output=encode_value(Blob()))
+            answer = await runner.run(_resumed("drop_blobs", delta, result), journal_delta=True)
+            assert answer.HasField("poll"), answer
+            gc.collect()
+            assert not [o for o in gc.get_objects() if isinstance(o, Blob)]
+    finally:
+        await runner.aclose()
+
+
+async def test_a_reference_without_the_extension_asks_for_the_whole_journal() -> None:
+    # The journal went out in deltas: the run cannot answer with the whole journal, so
+    # it asks for it (without running any code), then replays it.
+    runner = Runner({"chain": chain.fn, "step": step.fn}.get)
+    try:
+        first = await runner.run(
+            function_pb2.RunRequest(function="chain", input=_int(2)), journal_delta=True
+        )
+        delta = journal_pb2.JournalDelta.FromString(first.poll.typed_coroutine_state.value)
+        result = call_pb2.CallResult(correlation_id=1, output=encode_value(5))
+        answer = await runner.run(_resumed("chain", delta, result))
+        assert Status(answer.status) is Status.INCOMPATIBLE_STATE
+        assert answer.exit.result.error.type == JOURNAL_NEEDED
+        whole = _resume(JOURNAL_TYPE_URL, delta.segment)
+        whole.poll_result.results.append(result)
+        answer = await runner.run(whole)
+        assert answer.poll.typed_coroutine_state.type_url == JOURNAL_TYPE_URL
+        journal = journal_pb2.Journal.FromString(answer.poll.typed_coroutine_state.value)
+        assert journal.polls == 2 and [c.poll for c in journal.calls] == [1, 2]
+    finally:
+        await runner.aclose()

@@ -14,7 +14,9 @@ round's new segment of the journal, and a resume names the journal by a
 ``JournalRef``: the live run it names continues, and if the cache does not
 hold it the answer is the ``JOURNAL_NEEDED`` signal, upon which the scheduler
 sends the whole journal. So a round trip costs what the round changed, not
-the length of the history.
+the length of the history. Since the scheduler keeps the journal, a live run
+keeps no copy of it, nor the results it delivered to its code: what grows with
+its history is a small record per call.
 
 A function's end is its root task's end. Tasks it started and left running
 are cancelled then, as ``asyncio.run()`` does (their ``finally:`` blocks run,
@@ -112,7 +114,10 @@ class _Call:
     input: any_pb2.Any | None = None  # kept until sent
     endpoint: str = ""
     expiration: float = 0.0  # seconds the scheduler gives the call; 0: its default
-    future: DurableFuture[Any] | None = None  # None: not made (yet) in this process
+    made: bool = False  # made in this process (a journal's calls are made again in replay)
+    # The future the code awaits; dropped once resolved, so that a long run does not keep
+    # every result it had.
+    future: DurableFuture[Any] | None = None
     resolved: bool = False
 
     def describe(self) -> str:
@@ -177,14 +182,17 @@ class Run:
         # The function's own package is the program, even when it is installed.
         self.loop.program_packages = frozenset({getattr(fn, "__module__", "").partition(".")[0]})
         self.calls: list[_Call] = []
-        self.by_identity: dict[str, _Call] = {}
+        self.by_identity: dict[str, _Call] = {}  # the journal's calls, while replaying
         self.epochs_applied = 0
         self.polls = 0
         self.sent = 0  # calls[:sent] went out in Polls
         self.outstanding = 0  # sent and not resolved
         self.open_calls = 0  # made (in this process) and not resolved
-        # The journal as of the last Poll, in segments (joined on demand: see `state`).
-        self.segments: list[bytes] = []
+        # The serialized journal as of the last Poll (empty before the first); None once
+        # a Poll carried only its new segment: the scheduler keeps the journal then, and
+        # this process holds no copy of it.
+        self.journal: bytes | None = b""
+        self.headed = False  # the journal's first segment, with its header, went out
         self.tag = b""  # random tag of the last Poll, named by a JournalRef
         self.new_epochs: list[journal_pb2.Epoch] = []
         self.replaying = False
@@ -224,13 +232,6 @@ class Run:
     def random(self) -> random.Random:
         """The run's generator of random numbers, seeded from the journal (made on use)."""
         return random.Random(self.seed)
-
-    @property
-    def state(self) -> bytes:
-        """The serialized journal as of the last Poll (empty before the first)."""
-        if len(self.segments) > 1:
-            self.segments = [b"".join(self.segments)]
-        return self.segments[0] if self.segments else b""
 
     # -- inside the function ----------------------------------------------------
 
@@ -275,6 +276,7 @@ class Run:
             elif call.function != function or call.digest != digest:
                 self._diverge(f"the journal has {call.describe()}, but the code now makes {here}")
             assert call is not None
+            call.made = True
             call.future = future
             future.add_done_callback(functools.partial(self._abandon, call))
             self.open_calls += 1
@@ -289,10 +291,10 @@ class Run:
             input=input,
             endpoint=endpoint,
             expiration=expiration,
+            made=True,
             future=future,
         )
-        self.calls.append(call)
-        self.by_identity[identity] = call
+        self.calls.append(call)  # live: no replay looks it up by identity
         future.add_done_callback(functools.partial(self._abandon, call))
         self.open_calls += 1
         return future
@@ -358,9 +360,9 @@ class Run:
         call.resolved = True
         if call.poll:
             self.outstanding -= 1
-        if call.future is not None:
+        if call.made:
             self.open_calls -= 1
-        future = call.future
+        future, call.future = call.future, None
         if future is None or future.done():
             return  # cancelled while waiting: the late result is ignored
         if error is not None:
@@ -436,7 +438,7 @@ class Run:
                     f"the journal has a result for unknown call {res.correlation_id}"
                 )
             call = self.calls[index]
-            if call.future is None:
+            if not call.made:
                 self._diverge(f"the journal has {call.describe()}, which the code no longer makes")
             self._resolve(
                 call,
@@ -550,7 +552,7 @@ class Run:
         for call in calls[self._verified :]:
             if number is not None and call.epoch > number:
                 break
-            if call.future is None:
+            if not call.made:
                 return False
         if epoch is None:
             return True
@@ -558,7 +560,7 @@ class Run:
             kind = event.WhichOneof("kind")
             if kind == "result":
                 index = event.result.correlation_id - 1
-                if 0 <= index < len(calls) and calls[index].future is None:
+                if 0 <= index < len(calls) and not calls[index].made:
                     return False
             elif kind == "timer" and self.loop.durable_timer(event.timer) is None:
                 return False
@@ -657,7 +659,8 @@ class Run:
                 for c in new_calls
             ],
         )
-        if not self.segments:
+        if not self.headed:
+            self.headed = True
             added.version = JOURNAL_VERSION
             added.function = self.function
             added.input.CopyFrom(self.input)
@@ -668,10 +671,10 @@ class Run:
             added.app_version = self.app_version
         segment = added.SerializeToString()
         self.new_patches = []
-        self.segments.append(segment)
         self.tag = os.urandom(8)
         self.new_epochs = []
         if delta:
+            self.journal = None  # the scheduler appends the segment to the journal it keeps
             state = pack_delta(
                 journal_pb2.JournalDelta(
                     run_id=self.run_id,
@@ -682,7 +685,11 @@ class Run:
                 )
             )
         else:
-            state = pack_state(self.state)
+            # A run whose journal went out in deltas is resumed by a JournalRef only, and
+            # a resume without the extension replays it (see `Runner._resume`).
+            assert self.journal is not None
+            self.journal += segment
+            state = pack_state(self.journal)
         poll = poll_pb2.Poll(
             typed_coroutine_state=state,
             min_results=1,
@@ -963,7 +970,7 @@ class Runner:
         directive = request.WhichOneof("directive")
         if directive == "poll_result":
             try:
-                run = await self._resume(request, fn)
+                run = await self._resume(request, fn, delta)
             except JournalNeeded as exc:
                 logger.debug("%s: %s; asking for the whole journal", request.function, exc)
                 return _failure(Status.INCOMPATIBLE_STATE, JOURNAL_NEEDED, str(exc))
@@ -1006,10 +1013,15 @@ class Runner:
         return run
 
     async def _resume(
-        self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]]
+        self, request: function_pb2.RunRequest, fn: Callable[..., Awaitable[Any]], delta: bool
     ) -> Run:
         ref = journal_ref(request.poll_result)
         run = await self._take(request) if ref is None else await self._take_ref(request, ref)
+        if run is not None and run.journal is None and not delta:
+            # Its journal went out in deltas, and this resume wants the whole journal back
+            # (a JournalRef without the extension's header): only the scheduler has it.
+            await self._let_go(run)
+            raise JournalNeeded(f"run {run.run_id.hex()} sent its journal in deltas")
         if run is None:
             journal, state = decode_state(request.poll_result, request.function)
             run = await self._replay(journal, state, fn, request)
@@ -1141,7 +1153,8 @@ class Runner:
         run.sent = len(run.calls)
         run.outstanding = run.sent
         run.polls = journal.polls
-        run.segments = [state]
+        run.journal = state
+        run.headed = bool(state)
         try:
             run.start(args, kwargs)
             for number, epoch in enumerate(journal.epochs):
@@ -1171,6 +1184,7 @@ class Runner:
             await self._let_go(run)
             raise
         run.replaying = run.loop.replaying = False
+        run.by_identity.clear()  # only a replay looks calls up by their identity
         return run
 
     def _check_replay(self, run: Run, epoch: int | None) -> None:
@@ -1180,7 +1194,7 @@ class Runner:
         calls = run.calls
         while run._verified < len(calls) and (epoch is None or calls[run._verified].epoch <= epoch):
             call = calls[run._verified]
-            if call.future is None:
+            if not call.made:
                 run.divergence = (
                     f"function {run.function!r} diverged from its journal: the journal has "
                     f"{call.describe()}, which the code no longer makes"
@@ -1236,7 +1250,7 @@ class Runner:
         run = None if run_id is None else self._cache.pop(run_id, None)
         if run is None:
             return None
-        if run.state != state or run.function != request.function:
+        if run.journal != state or run.function != request.function:
             # Another round of the same run (a retry, another replica's state): replay.
             await self._let_go(run)
             return None
