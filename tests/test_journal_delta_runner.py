@@ -155,20 +155,25 @@ def _resumed(
 
 async def test_a_live_run_keeps_no_result_it_has_consumed() -> None:
     # Its journal is kept by the scheduler, and each result is the function's once
-    # delivered: a long run holds what its code holds, not its whole history.
+    # delivered: a long run holds what its code holds, and one record of the call it
+    # waits for, whatever the length of its history.
     runner = Runner({"drop_blobs": drop_blobs.fn, "make_blob": make_blob.fn}.get)
     try:
         request = function_pb2.RunRequest(
-            function="drop_blobs", input=encode_input((3,), {}, function="drop_blobs")
+            function="drop_blobs", input=encode_input((5,), {}, function="drop_blobs")
         )
         answer = await runner.run(request, journal_delta=True)
-        for correlation_id in (1, 2):
+        for correlation_id in range(1, 5):
             delta = journal_pb2.JournalDelta.FromString(answer.poll.typed_coroutine_state.value)
             result = call_pb2.CallResult(correlation_id=correlation_id, output=encode_value(Blob()))
             answer = await runner.run(_resumed("drop_blobs", delta, result), journal_delta=True)
             assert answer.HasField("poll"), answer
             gc.collect()
             assert not [o for o in gc.get_objects() if isinstance(o, Blob)]
+            # The call waited for, and the one record of the calls delivered.
+            [run] = runner._cache.values()
+            assert len(run.calls) == correlation_id + 1
+            assert len({id(call) for call in run.calls}) == 2
     finally:
         await runner.aclose()
 

@@ -181,7 +181,13 @@ class Run:
         self.loop.owner = self
         # The function's own package is the program, even when it is installed.
         self.loop.program_packages = frozenset({getattr(fn, "__module__", "").partition(".")[0]})
-        self.calls: list[_Call] = []
+        self.calls: list[_Call] = []  # by correlation id - 1
+        # Stands for every call delivered live: a live run reads only the flags of a
+        # call once delivered, so it keeps one record for all of them (see `_resolve`).
+        self._delivered = _Call(
+            index=-1, identity="", function="", digest=b"", site="", epoch=0, made=True
+        )
+        self._delivered.resolved = True
         self.by_identity: dict[str, _Call] = {}  # the journal's calls, while replaying
         self.epochs_applied = 0
         self.polls = 0
@@ -363,6 +369,8 @@ class Run:
         if call.made:
             self.open_calls -= 1
         future, call.future = call.future, None
+        if not self.replaying:  # a replay still checks the journal's calls one by one
+            self.calls[call.index] = self._delivered
         if future is None or future.done():
             return  # cancelled while waiting: the late result is ignored
         if error is not None:
@@ -1185,6 +1193,7 @@ class Runner:
             raise
         run.replaying = run.loop.replaying = False
         run.by_identity.clear()  # only a replay looks calls up by their identity
+        run.calls = [run._delivered if c.resolved else c for c in run.calls]
         return run
 
     def _check_replay(self, run: Run, epoch: int | None) -> None:
