@@ -103,11 +103,11 @@ async def test_a_run_lost_from_the_cache_resumes_from_the_whole_journal() -> Non
     assert needed and len(whole) == len(needed)
 
 
-def _resume(state_url: str, value: bytes) -> function_pb2.RunRequest:
+def _resume(state_url: str, value: bytes, function: str = "chain") -> function_pb2.RunRequest:
     result = poll_pb2.PollResult()
     result.typed_coroutine_state.type_url = state_url
     result.typed_coroutine_state.value = value
-    return function_pb2.RunRequest(function="chain", poll_result=result)
+    return function_pb2.RunRequest(function=function, poll_result=result)
 
 
 async def test_a_reference_continues_only_the_round_it_names() -> None:
@@ -147,8 +147,7 @@ def _resumed(
     function: str, delta: journal_pb2.JournalDelta, *results: call_pb2.CallResult
 ) -> function_pb2.RunRequest:
     ref = journal_pb2.JournalRef(run_id=delta.run_id, polls=delta.polls, tag=delta.tag)
-    request = _resume(JOURNAL_REF_TYPE_URL, ref.SerializeToString())
-    request.function = function
+    request = _resume(JOURNAL_REF_TYPE_URL, ref.SerializeToString(), function)
     request.poll_result.results.extend(results)
     return request
 
