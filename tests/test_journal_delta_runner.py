@@ -162,6 +162,7 @@ async def test_a_live_run_keeps_no_result_it_has_consumed() -> None:
             function="drop_blobs", input=encode_input((5,), {}, function="drop_blobs")
         )
         answer = await runner.run(request, journal_delta=True)
+        segments: list[bytes] = []
         for correlation_id in range(1, 5):
             delta = journal_pb2.JournalDelta.FromString(answer.poll.typed_coroutine_state.value)
             result = call_pb2.CallResult(correlation_id=correlation_id, output=encode_value(Blob()))
@@ -173,8 +174,25 @@ async def test_a_live_run_keeps_no_result_it_has_consumed() -> None:
             [run] = runner._cache.values()
             assert len(run.calls) == correlation_id + 1
             assert len({id(call) for call in run.calls}) == 2
+            segments.append(delta.segment)
     finally:
         await runner.aclose()
+    # Another process (a new runner) resumes the run from the whole journal of its
+    # first four rounds: replayed, then live again, it keeps no more than the first did.
+    other = Runner({"drop_blobs": drop_blobs.fn, "make_blob": make_blob.fn}.get)
+    try:
+        whole = _resume(JOURNAL_TYPE_URL, b"".join(segments), "drop_blobs")
+        whole.poll_result.results.append(
+            call_pb2.CallResult(correlation_id=4, output=encode_value(Blob()))
+        )
+        answer = await other.run(whole, journal_delta=True)
+        assert [c.correlation_id for c in answer.poll.calls] == [5], answer
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, Blob)]
+        [run] = other._cache.values()
+        assert len(run.calls) == 5 and len({id(call) for call in run.calls}) == 2
+    finally:
+        await other.aclose()
 
 
 async def test_a_reference_without_the_extension_asks_for_the_whole_journal() -> None:

@@ -185,9 +185,15 @@ class Run:
         # Stands for every call delivered live: a live run reads only the flags of a
         # call once delivered, so it keeps one record for all of them (see `_resolve`).
         self._delivered = _Call(
-            index=-1, identity="", function="", digest=b"", site="", epoch=0, made=True
+            index=-1,
+            identity="",
+            function="",
+            digest=b"",
+            site="",
+            epoch=0,
+            made=True,
+            resolved=True,
         )
-        self._delivered.resolved = True
         self.by_identity: dict[str, _Call] = {}  # the journal's calls, while replaying
         self.epochs_applied = 0
         self.polls = 0
@@ -198,7 +204,6 @@ class Run:
         # a Poll carried only its new segment: the scheduler keeps the journal then, and
         # this process holds no copy of it.
         self.journal: bytes | None = b""
-        self.headed = False  # the journal's first segment, with its header, went out
         self.tag = b""  # random tag of the last Poll, named by a JournalRef
         self.new_epochs: list[journal_pb2.Epoch] = []
         self.replaying = False
@@ -667,8 +672,7 @@ class Run:
                 for c in new_calls
             ],
         )
-        if not self.headed:
-            self.headed = True
+        if not polls_before:  # the journal's first segment: its header goes with it
             added.version = JOURNAL_VERSION
             added.function = self.function
             added.input.CopyFrom(self.input)
@@ -1162,7 +1166,6 @@ class Runner:
         run.outstanding = run.sent
         run.polls = journal.polls
         run.journal = state
-        run.headed = bool(state)
         try:
             run.start(args, kwargs)
             for number, epoch in enumerate(journal.epochs):

@@ -544,7 +544,6 @@ class _Batch:
     futures: list[asyncio.Future[Outcome | None] | None] = field(default_factory=list)
     limits: list[float] = field(default_factory=list)
     size: int = 0
-    time_limit: float = 0.0
     unanswered: int = 0
     started: float = 0.0
     timer: asyncio.TimerHandle | None = None
@@ -560,12 +559,16 @@ class _Batch:
         self.futures.append(future)
         self.limits.append(time_limit)
         self.size += size
-        self.time_limit = max(self.time_limit, time_limit)
         self.unanswered += 1
         deadline = self.started + time_limit
         if self.timer is None or deadline < self.timer.when():
             self._set_timer(loop, deadline)
         return future
+
+    @property
+    def time_limit(self) -> float:
+        """The longest time limit of the batch's requests: the exchange's own."""
+        return max(self.limits, default=0.0)
 
     def answer(self, index: int, outcome: Outcome | None) -> None:
         future = self.futures[index]
