@@ -117,8 +117,10 @@ async def test_the_ui_shows_calls_a_tree_and_escaped_values(
     workload.release.set()
     await workload.finish(waiting)
     started = time.monotonic()
+    # The list and the open call's detail refresh from separate requests: wait for both.
     await browser.wait_for(
         f"return document.querySelector('#calls tr[data-id=\"{waiting}\"]').dataset.state === 'ok'"
+        " && document.getElementById('d-state').textContent === 'ok'"
     )
     assert time.monotonic() - started < 5  # refreshed by itself, about every second
     assert await browser.text("#d-output") == "'w'"
