@@ -66,7 +66,8 @@ def test_a_damaged_database_is_one_line_that_says_what_to_do(
     if how == "server":
         proc = run([*CLI, "server", "--data-dir", str(damaged), "--port", "0"], tmp_path)
     elif how == "run":
-        args = [*CLI, "run", "--data-dir", str(damaged), "--", PYTHON, "app.py"]
+        args = [*CLI, "run", "--data-dir", str(damaged), "--endpoint", "127.0.0.1:0"]
+        args += ["--", PYTHON, "app.py"]
         proc = run(args, tmp_path)
     else:
         env = {"DISPATCH_DATA_DIR": str(damaged), "DISPATCH_ENDPOINT_ADDR": "127.0.0.1:0"}
