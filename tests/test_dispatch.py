@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -72,6 +73,13 @@ def test_function_is_registered_under_its_qualified_name_or_the_given_one() -> N
 
     assert isinstance(plain, Function)
     assert plain.name.endswith("<locals>.plain")
+    # Introspected as the function it decorates.
+    assert (plain.__name__, plain.__qualname__, plain.__module__) == (
+        "plain",
+        plain.name,
+        __name__,
+    )
+    assert list(inspect.signature(plain).parameters) == ["x"]
     assert other.name == "renamed.v2"
     assert dict(dispatch.functions) == {plain.name: plain, "renamed.v2": other}
     with pytest.raises(TypeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import sys
@@ -70,6 +71,9 @@ class Function(Generic[P, R]):
     call runs it again from the start.
     """
 
+    __wrapped__: Callable[..., Any]
+    """The decorated function, as written."""
+
     def __init__(
         self,
         fn: Callable[P, Coroutine[Any, Any, R]] | Callable[P, R],
@@ -109,8 +113,9 @@ class Function(Generic[P, R]):
         self._owner = owner
         self._on_divergence: DivergencePolicy | None = on_divergence
         self._policy = policy or FunctionPolicy()
-        self.__doc__ = fn.__doc__
-        self.__wrapped__ = fn
+        # Named, documented and introspected as the function it wraps (`inspect.signature`
+        # follows `__wrapped__`); its own attributes are left alone.
+        functools.update_wrapper(self, fn, updated=())
 
     @property
     def name(self) -> str:
