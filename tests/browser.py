@@ -12,13 +12,13 @@ import base64
 import json
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from ports import free_port
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C key of an element reference
 
@@ -42,12 +42,6 @@ def find_browser() -> tuple[str, str] | str:
             "(or set CHROMIUM and CHROMEDRIVER) to run the browser tests"
         )
     return browser, driver
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Browser:
@@ -133,7 +127,7 @@ async def chromium(
     browser: str, driver: str, *, width: int = 1500, height: int = 1000
 ) -> AsyncIterator[Browser]:
     """Start chromedriver and a headless Chromium session; stop both on exit."""
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         driver,
         f"--port={port}",

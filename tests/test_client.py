@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from endpoint_driver import DISPATCH_PATH, FakeAPI, fake_api
+from ports import free_port
 
 from dispatch_aio import Call, Client, Dispatch, Status, errors
 from dispatch_aio._codec import decode_input
@@ -42,12 +43,6 @@ def answer(status: int, body: bytes | str, content_type: str = "application/json
         return web.Response(status=status, body=data, content_type=content_type)
 
     return respond
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_request_headers_and_body(api: FakeAPI) -> None:

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from ports import free_port
 
 from dispatch_aio import Dispatch
 from dispatch_aio.errors import ClientError, DispatchTimeoutError, PermanentError
 from dispatch_aio.scheduler import Scheduler
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def app() -> AsyncIterator[Dispatch]:
     async with Scheduler(":memory:", api_key="test-key") as scheduler:
         api_url = await scheduler.serve("127.0.0.1", 0)
-        port = _free_port()
+        port = free_port()
         dispatch = Dispatch(
             api_key="test-key",
             api_url=api_url,

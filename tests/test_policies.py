@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import io
 import itertools
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from ports import free_port
 
 import dispatch_aio
 from dispatch_aio import Dispatch, RateLimit, RetryPolicy, Status
@@ -47,13 +47,6 @@ async def until(predicate: object, seconds: float = 10) -> None:
     async with asyncio.timeout(seconds):
         while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_app(scheduler: Scheduler, api_url: str, port: int) -> Dispatch:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from e2e.harness import CLI, PYTHON, Starter, start_server
+from ports import free_port
 
 from .apps import EXAMPLE_APP, write_app
-from .test_server import inspect, socket_port
+from .test_server import inspect
 
 
 def test_a_call_made_while_the_app_is_down_shows_why_then_runs(
@@ -24,7 +25,7 @@ def test_a_call_made_while_the_app_is_down_shows_why_then_runs(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    port = socket_port()
+    port = free_port()
     data = str(tmp_path / "data")
     server = start_server(
         procs, "--port", "0", "--data-dir", data, "--endpoint", f"127.0.0.1:{port}"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from e2e.conftest import Stack
-from e2e.harness import PYTHON, Starter, free_port, start_server, wait_for_port
+from e2e.harness import PYTHON, Starter, start_server, wait_for_port
+from ports import free_port
 
 from dispatch_aio.cli import main
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from e2e.harness import CLI, PYTHON, Starter, start_server
+from ports import free_port
 
 from dispatch_aio.cli import main
 
@@ -106,7 +107,7 @@ def test_the_data_folder_defaults_to_dot_dispatch(procs: Starter, tmp_path: Path
 def test_unfinished_calls_are_picked_up_by_the_next_run(procs: Starter, tmp_path: Path) -> None:
     # The application exits while its call sleeps durably; the next run finishes it.
     app = write_app(tmp_path, EXAMPLE_APP)
-    options = ["--data-dir", str(tmp_path / "data"), "--endpoint", f"127.0.0.1:{socket_port()}"]
+    options = ["--data-dir", str(tmp_path / "data"), "--endpoint", f"127.0.0.1:{free_port()}"]
     command = [*CLI, "run", *options, "--", PYTHON, str(app)]
     first = procs(command, cwd=tmp_path, env=env(APP_PAUSE="2", APP_MODE="submit"))
     assert first.wait(60) == 0, first.dump()
@@ -119,12 +120,6 @@ def test_unfinished_calls_are_picked_up_by_the_next_run(procs: Starter, tmp_path
     second.wait_for(r"^dispatch \| done   total\(10\) -> 90", timeout=30)
     second.send(signal.SIGINT)
     assert second.wait(10) == 0, second.dump()  # dispatch.run() stops cleanly on SIGINT
-
-
-def socket_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from e2e.harness import CLI, PYTHON, READY_LINE, Server, Starter, start_server, wait_for_port
+from ports import free_port
 
 from dispatch_aio.cli import main
 
@@ -19,7 +20,7 @@ from .apps import EXAMPLE_APP, write_app
 @pytest.fixture
 def server(procs: Starter, tmp_path: Path) -> Server:
     """A server on a free port, and the example app run once against it."""
-    port = socket_port()
+    port = free_port()
     server = start_server(
         procs,
         "--port",
@@ -32,12 +33,6 @@ def server(procs: Starter, tmp_path: Path) -> Server:
     app = procs([PYTHON, str(write_app(tmp_path, EXAMPLE_APP))], env=server.app_env())
     assert app.wait(60) == 0, app.dump()
     return server
-
-
-def socket_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def inspect(
@@ -189,7 +184,7 @@ def test_inspection_errors_say_what_to_do(
     assert status == 1
     assert "rejected the API key" in err
     status, _, err = inspect(
-        capsys, None, "calls", "--api-url", f"http://127.0.0.1:{socket_port()}", "--api-key", "k"
+        capsys, None, "calls", "--api-url", f"http://127.0.0.1:{free_port()}", "--api-key", "k"
     )
     assert status == 1
     assert "cannot reach the scheduler" in err

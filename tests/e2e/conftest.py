@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from dispatch_aio import Call, Client
 from dispatch_aio.cli._inspect import InspectClient
@@ -18,7 +19,6 @@ from .harness import (
     Proc,
     Server,
     Starter,
-    free_port,
     procs,
     start_server,
     started_procs,

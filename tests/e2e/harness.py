@@ -27,13 +27,6 @@ PYTHON = sys.executable
 CLI = [PYTHON, "-m", "dispatch_aio"]
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (on 127.0.0.1)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for_port(port: int, timeout: float = 15.0, proc: Proc | None = None) -> None:
     """Wait until something accepts connections on 127.0.0.1:`port`."""
     deadline = time.monotonic() + timeout

@@ -14,8 +14,10 @@ import re
 import textwrap
 from pathlib import Path
 
+from ports import free_ports
+
 from .conftest import Stack
-from .harness import CLI, PYTHON, Starter, free_port, start_server, wait_for_port
+from .harness import CLI, PYTHON, Starter, start_server, wait_for_port
 from .test_workloads import output
 
 ENDPOINT = "http://app.invalid:8000"  # what the calls name; the scheduler maps it
@@ -54,7 +56,7 @@ async def test_resumes_follow_their_replica_and_survive_its_loss(
 ) -> None:
     script = tmp_path / "app.py"
     script.write_text(APP)
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     server = start_server(
         procs, "--port", "0", "--data-dir", str(tmp_path / "data"),

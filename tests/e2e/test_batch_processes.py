@@ -12,13 +12,15 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from ports import free_port
+
 from dispatch_aio import Call, Client
 from dispatch_aio._codec import decode_value
 from dispatch_aio._status import Status
 from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
-from .harness import PYTHON, Starter, free_port, start_server, wait_for_port
+from .harness import PYTHON, Starter, start_server, wait_for_port
 
 APP = textwrap.dedent(
     """

@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ports import free_ports
+
 from dispatch_aio import Call, Client
 from dispatch_aio._codec import decode_input, decode_value
 from dispatch_aio._status import Status
@@ -16,7 +18,7 @@ from dispatch_aio.proto.v1 import inspect_pb2
 from dispatch_aio.scheduler import SQLiteStore
 
 from .conftest import Stack, start_app
-from .harness import Starter, free_port, start_server
+from .harness import Starter, start_server
 from .workloads import expected_rounds
 
 ROOTS_FIRST = 20
@@ -36,10 +38,10 @@ async def test_no_accepted_call_is_lost_or_answered_twice_across_kills(
     seed = random.randrange(1 << 32)
     print(f"crash test seed: {seed}")
     rng = random.Random(seed)
-    app_port = free_port()
+    app_port, api_port = free_ports(2)
     args = [
         "--port",
-        str(free_port()),  # the same port at every restart: clients keep their URL
+        str(api_port),  # the same port at every restart: clients keep their URL
         "--data-dir",
         str(tmp_path / "data"),
         "--api-key",

@@ -12,12 +12,14 @@ import os
 import time
 from pathlib import Path
 
+from ports import free_port
+
 from dispatch_aio import Call, Client
 from dispatch_aio._reserved import WAIT_EVENT
 from dispatch_aio.proto.v1 import inspect_pb2
 
 from .conftest import Stack, start_app
-from .harness import Starter, free_port, start_server
+from .harness import Starter, start_server
 from .test_workloads import output
 
 WAITERS = 10_000

@@ -13,10 +13,12 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+from ports import free_ports
+
 from dispatch_aio.proto.v1 import inspect_pb2
 
 from .conftest import Stack
-from .harness import CLI, PYTHON, Starter, free_port, start_server, wait_for_port
+from .harness import CLI, PYTHON, Starter, start_server, wait_for_port
 from .test_workloads import output
 
 APP = textwrap.dedent(
@@ -54,7 +56,7 @@ async def test_an_event_reaches_a_waiter_across_scheduler_and_app_restarts(
 ) -> None:
     script = tmp_path / "app.py"
     script.write_text(APP)
-    app_port, api_port = free_port(), free_port()
+    app_port, api_port = free_ports(2)
     data = str(tmp_path / "data")
 
     def server_args() -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from durable import test_idioms as idioms
+from ports import free_port
 
 from dispatch_aio._codec import decode_value
 from dispatch_aio._function import Function
@@ -24,7 +25,7 @@ from dispatch_aio.proto.v1 import inspect_pb2
 from dispatch_aio.testing import Environment
 
 from .conftest import Stack
-from .harness import PYTHON, Starter, free_port, start_server, wait_for_port
+from .harness import PYTHON, Starter, start_server, wait_for_port
 
 TESTS = Path(__file__).parents[1]
 APP = textwrap.dedent(

@@ -11,10 +11,12 @@ import asyncio
 import textwrap
 from pathlib import Path
 
+from ports import free_port
+
 from dispatch_aio.proto.v1 import inspect_pb2
 
 from .conftest import Stack
-from .harness import PYTHON, Starter, free_port, start_server, wait_for_port
+from .harness import PYTHON, Starter, start_server, wait_for_port
 from .test_workloads import output
 
 APP = textwrap.dedent(

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import asyncpg
+from ports import free_ports
 
 from dispatch_aio import Call, Client
 from dispatch_aio._codec import decode_input, decode_value
@@ -16,7 +17,7 @@ from dispatch_aio._status import Status
 from dispatch_aio.proto.v1 import inspect_pb2
 
 from .conftest import Stack, start_app
-from .harness import Starter, free_port, start_server
+from .harness import Starter, start_server
 from .test_crash import CALLS_PER_ROOT, UNFINISHED
 from .workloads import expected_rounds
 
@@ -31,10 +32,10 @@ async def test_no_accepted_call_is_lost_across_scheduler_kills_on_postgres(
     seed = random.randrange(1 << 32)
     print(f"postgres crash test seed: {seed}")
     rng = random.Random(seed)
-    app_port = free_port()
+    app_port, api_port = free_ports(2)
     args = [
         "--port",
-        str(free_port()),  # the same port at every restart: clients keep their URL
+        str(api_port),  # the same port at every restart: clients keep their URL
         "--database",
         pg_url,
         "--api-key",

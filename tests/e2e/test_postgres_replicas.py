@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import asyncpg
+from ports import free_ports
 
 from dispatch_aio import Call, Client
 from dispatch_aio._codec import decode_value
@@ -30,7 +31,7 @@ from dispatch_aio._status import Status
 from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
-from .harness import PYTHON, Proc, Server, Starter, free_port, start_server, wait_for_port
+from .harness import PYTHON, Proc, Server, Starter, start_server, wait_for_port
 
 JOBS = 1000
 STEPS = 3
@@ -84,7 +85,7 @@ class Cluster:
         self.log = tmp_path / "steps.log"
         self.log.touch()
         self.cut_short = 0
-        self.app_ports = [free_port(), free_port()]
+        self.app_ports = free_ports(2)
         urls = ",".join(f"http://127.0.0.1:{port}" for port in self.app_ports)
         self.servers: list[Server] = []
         for n in range(2):

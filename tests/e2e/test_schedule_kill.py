@@ -15,14 +15,16 @@ import subprocess
 import time
 from pathlib import Path
 
+from ports import free_ports
+
 from .conftest import start_app
-from .harness import CLI, Starter, free_port, start_server
+from .harness import CLI, Starter, start_server
 
 
 async def test_every_second_exactly_once_across_a_scheduler_kill(
     procs: Starter, tmp_path: Path
 ) -> None:
-    app_port, api_port = free_port(), free_port()
+    app_port, api_port = free_ports(2)
     data = tmp_path / "data"
     args = ["--port", str(api_port), "--data-dir", str(data), "--endpoint", f"127.0.0.1:{app_port}"]
     server = start_server(procs, *args)

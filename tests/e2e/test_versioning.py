@@ -14,11 +14,13 @@ import re
 import textwrap
 from pathlib import Path
 
+from ports import free_port
+
 from dispatch_aio import Call, Client
 from dispatch_aio._codec import decode_value
 from dispatch_aio.proto.v1 import inspect_pb2
 
-from .harness import CLI, PYTHON, Server, Starter, free_port, start_server, wait_for_port
+from .harness import CLI, PYTHON, Server, Starter, start_server, wait_for_port
 
 COMMON = """
 import asyncio

@@ -11,12 +11,14 @@ import signal
 import time
 import uuid
 
+from ports import free_port
+
 from dispatch_aio._codec import decode_value
 from dispatch_aio._status import Status
 from dispatch_aio.proto.v1 import inspect_pb2
 
 from .conftest import Stack, start_app
-from .harness import Starter, free_port
+from .harness import Starter
 
 DONE = inspect_pb2.CALL_STATE_DONE
 

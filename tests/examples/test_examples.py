@@ -22,7 +22,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from e2e.harness import Starter, free_port
+from e2e.harness import Starter
+from ports import free_port
 
 from dispatch_aio.errors import NondeterminismError
 from dispatch_aio.testing import Environment, check_determinism

@@ -18,12 +18,13 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from ports import free_port
 
 from dispatch_aio._codec import decode_error, decode_value
 from dispatch_aio.proto.sdk.v1 import call_pb2
@@ -215,13 +216,6 @@ class Peer:
 
 API_KEY = "interop-api-key"
 FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.2)
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (on 127.0.0.1)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

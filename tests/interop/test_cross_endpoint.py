@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ports import free_port
 
 from dispatch_aio import Call, Client, Dispatch
 from dispatch_aio.interop import call_dispatch_py, dispatch_py_input
 from dispatch_aio.proto.sdk.v1 import call_pb2
 from dispatch_aio.scheduler import Scheduler
 
-from .harness import API_KEY, StartPeer, free_port, outcome, start_app
+from .harness import API_KEY, StartPeer, outcome, start_app
 
 pytestmark = pytest.mark.timeout(300)  # the first test may create the virtualenv
 

@@ -19,12 +19,13 @@ import time
 
 import aiohttp
 import pytest
+from ports import free_port
 
 from dispatch_aio import Call, Client, Dispatch
 from dispatch_aio.interop import call_at
 from dispatch_aio.proto.sdk.v1 import call_pb2
 
-from .harness import DISPATCH_PY_TEST_API_KEY, Peer, StartPeer, free_port, outcome
+from .harness import DISPATCH_PY_TEST_API_KEY, Peer, StartPeer, outcome
 
 pytestmark = pytest.mark.timeout(300)  # the first test may create the virtualenv
 
