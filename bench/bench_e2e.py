@@ -661,7 +661,9 @@ def default_venv_root() -> Path:
 
 
 # Imported where used, not at the top: the served application (this file) stays lean.
-sys.path.insert(0, str(ROOT))  # for tests.interop.harness, which builds the virtualenv
+# For tests.interop.harness, which builds the virtualenv, and the test helpers it imports
+# as pytest puts them on the path (tests/ports.py).
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def dispatch_py_python(root: Path) -> Path:

@@ -11,6 +11,7 @@ from its own slice so that two workers never pick the same one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import socket
@@ -59,7 +60,8 @@ def free_ports(count: int) -> list[int]:
     """`count` different ports, each as `free_port` gives one."""
     ports = _worker_slice()
     if ports is not None:
-        found = [port for port in random.sample(ports, 50) if _bindable(port)][:count]
+        bindable = (port for port in random.sample(ports, 50) if _bindable(port))
+        found = list(itertools.islice(bindable, count))
         if len(found) == count:
             return found
     # No room below the ephemeral range: the kernel's picks, all bound at once.

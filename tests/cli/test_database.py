@@ -65,20 +65,8 @@ async def test_server_on_postgresql_from_the_environment(
 
 def test_run_keeps_the_calls_in_postgresql(procs: Starter, pg_url: str, tmp_path: Path) -> None:
     password_url = pg_url.replace("postgresql://postgres@", "postgresql://postgres:pw@")
-    app = procs(
-        [
-            *CLI,
-            "run",
-            "--data-dir",
-            str(tmp_path),
-            "--database",
-            password_url,
-            *ANY_PORT,
-            "--",
-            *PRINT_OK,
-        ],
-        env=dict(os.environ, NO_COLOR="1"),
-    )
+    options = ["--data-dir", str(tmp_path), "--database", password_url, *ANY_PORT]
+    app = procs([*CLI, "run", *options, "--", *PRINT_OK], env=dict(os.environ, NO_COLOR="1"))
     assert app.wait(30) == 0, app.dump()
     masked = pg_url.replace("postgresql://postgres@", "postgresql://postgres:***@")
     assert f"calls kept in {masked}" in app.stdout
@@ -112,19 +100,9 @@ def test_calls_and_show_read_postgresql_when_no_scheduler_runs(
     procs: Starter, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "app.py").write_text(APP)
+    options = ["--data-dir", str(tmp_path), "--database", pg_url, *ANY_PORT]
     app = procs(
-        [
-            *CLI,
-            "run",
-            "--data-dir",
-            str(tmp_path),
-            "--database",
-            pg_url,
-            *ANY_PORT,
-            "--",
-            PYTHON,
-            "app.py",
-        ],
+        [*CLI, "run", *options, "--", PYTHON, "app.py"],
         cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")},
     )
