@@ -34,7 +34,10 @@ Beside it, ``POST .../dispatch_aio.v1.FunctionService/RunBatch`` takes several R
 requests in one exchange from a scheduler of this SDK (see ``RunBatch`` in batch.proto):
 the batch is checked as one request is, then each item is answered as it would be alone,
 streamed as soon as its run ends. Run responses announce the route with the header
-``Dispatch-Aio-Batch: 1``.
+``Dispatch-Aio-Batch: 1``. An item may carry the resume of its caller (``then``): when
+the item's run returns and the caller's run is held here awaiting that call alone, the
+caller is resumed with the result at once, and its answer follows in the same stream:
+a chain of ``await f(x)`` costs one exchange a step instead of two.
 
 A scheduler of this SDK announces the journal extension with the header
 ``Dispatch-Aio-Journal: delta``: Polls then carry only what is new in the journal,
@@ -69,11 +72,12 @@ import dataclasses
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from aiohttp import web
+from google.protobuf.message import DecodeError
 
 from ._batch import BATCH_HEADER, BATCH_TYPE, frame
 from ._codec import encode_error
@@ -341,25 +345,76 @@ class Endpoint:
 
     async def _batch_answers(self, batch: batch_pb2.RunBatch) -> AsyncIterator[bytes]:
         # Tasks of their own: a client that goes away does not tear the runs.
-        pending = {
+        pending: dict[asyncio.Future[Reply], int] = {
             asyncio.ensure_future(self._answer_item(item)): i for i, item in enumerate(batch.items)
         }
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            yield b"".join(frame(self._batch_answer(t, pending.pop(t))) for t in done)
+        resumes: dict[asyncio.Future[Reply], int] = {}  # items' `then` runs
+        while pending or resumes:
+            done, _ = await asyncio.wait([*pending, *resumes], return_when=asyncio.FIRST_COMPLETED)
+            answers = []
+            for task in done:
+                if task in resumes:
+                    answers.append(self._batch_answer(task, resumes.pop(task), then=True))
+                    continue
+                index = pending.pop(task)
+                answer = self._batch_answer(task, index)
+                answers.append(answer)
+                resume = self._then(batch.items[index], answer)
+                if resume is not None:
+                    resumes[asyncio.ensure_future(resume)] = index
+                elif batch.items[index].then:
+                    answers.append(batch_pb2.BatchAnswer(index=index, then=True))  # not run
+            yield b"".join(map(frame, answers))
+
+    def _then(
+        self, item: batch_pb2.BatchItem, answer: batch_pb2.BatchAnswer
+    ) -> Coroutine[Any, Any, Reply] | None:
+        """The run of the item's `then` resume, if its request's answer lets it go."""
+        if not item.then or answer.status != 200 or answer.content_type != _PROTO:
+            return None
+        response = function_pb2.RunResponse.FromString(answer.body)
+        if (
+            response.status != status_pb2.STATUS_OK
+            or response.WhichOneof("directive") != "exit"
+            or response.exit.HasField("tail_call")
+        ):
+            return None
+        try:
+            resume = function_pb2.RunRequest.FromString(item.then)
+            child = function_pb2.RunRequest.FromString(item.request)
+        except DecodeError:
+            return None
+        if resume.function not in self._functions or not self._runner().awaits_only(
+            resume, item.then_correlation_id
+        ):
+            return None  # a resume that would replay: the scheduler sends it alone
+        # The result as the scheduler records it (see BatchItem.then).
+        result = resume.poll_result.results.add()
+        result.CopyFrom(response.exit.result)
+        result.correlation_id = item.then_correlation_id
+        result.dispatch_id = child.dispatch_id
+        return self._answer(
+            resume.SerializeToString(), item.journal_delta, False, item.then_attempt
+        )
 
     async def _answer_item(self, item: batch_pb2.BatchItem) -> Reply:
         return await self._answer(item.request, item.journal_delta, item.cancel, item.attempt)
 
     @staticmethod
-    def _batch_answer(task: asyncio.Future[Reply], index: int) -> batch_pb2.BatchAnswer:
+    def _batch_answer(
+        task: asyncio.Future[Reply], index: int, *, then: bool = False
+    ) -> batch_pb2.BatchAnswer:
         try:
             reply = task.result()
         except Exception as exc:  # a bug: said as the request alone would have got it
             logger.error("cannot answer a Run request of a batch", exc_info=exc)
             reply = _error(500, "internal", f"the endpoint failed: {exc!r}")
         return batch_pb2.BatchAnswer(
-            index=index, status=reply.status, body=reply.body, content_type=reply.content_type
+            index=index,
+            status=reply.status,
+            body=reply.body,
+            content_type=reply.content_type,
+            then=then,
         )
 
     async def respond(self, request: Incoming) -> Reply:

@@ -273,6 +273,10 @@ class SchedulerTelemetry:
         elif change:
             meter.unfinished.add(change)
 
+    def traces(self) -> bool:
+        """Whether attempts get spans (the program set a tracer provider)."""
+        return _tracer_api() is not None
+
     def attempt(
         self, function: str, dispatch_id: str, number: int, context: str, started: float
     ) -> AttemptSpan:

@@ -280,3 +280,51 @@ async def test_an_attempt_that_times_out_in_a_batch_leaves_the_others_answered(
     info = await served.scheduler.progress(ids[slow_at])
     assert info is not None and info.attempts >= 2, info
     assert len(attempts) >= 2
+
+
+def _chain(dispatch: Dispatch) -> None:
+    @dispatch.function(name="inc")
+    async def inc(i: int) -> int:
+        return i + 1
+
+    @dispatch.function(name="chain")
+    async def chain(n: int) -> int:
+        x = 0
+        for _ in range(n):
+            x = await inc(x)
+        return x
+
+    @dispatch.function(name="fail")
+    async def fail(i: int) -> int:
+        raise ValueError(f"no {i}")
+
+    @dispatch.function(name="catch")
+    async def catch(n: int) -> int:
+        caught = 0
+        for i in range(n):
+            try:
+                await fail(i)
+            except ValueError:
+                caught += 1
+        return caught
+
+
+async def test_a_chain_of_awaits_takes_one_exchange_a_step(serve: Serve) -> None:
+    served = await serve(_chain)
+    [dispatch_id] = await served.dispatch.client.dispatch([Call("chain", (20,))])
+    assert await served.dispatch.client.result(dispatch_id, timeout=30) == 20
+    # The first run is a plain request (it learns the batch route); then each step is
+    # one batch: the child's run, and the parent's resume with its result. Two a step
+    # without it, and more if a resume was run anyway and had to replay.
+    assert served.paths == [RUN_PATH] + [BATCH_PATH] * 20, served.paths
+    info = await served.scheduler.progress(dispatch_id)
+    assert info is not None and info.attempts == 21, info
+
+
+async def test_a_resume_goes_alone_when_the_child_fails(serve: Serve) -> None:
+    served = await serve(_chain)
+    [dispatch_id] = await served.dispatch.client.dispatch([Call("catch", (5,))])
+    assert await served.dispatch.client.result(dispatch_id, timeout=30) == 5
+    # The endpoint runs a resume only after a child that returned: each failure's
+    # resume went alone, with the error as the scheduler recorded it.
+    assert served.paths == [RUN_PATH] + [BATCH_PATH, RUN_PATH] * 5, served.paths

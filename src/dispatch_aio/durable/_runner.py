@@ -1268,6 +1268,29 @@ class Runner:
             return None
         return run
 
+    def awaits_only(self, request: function_pb2.RunRequest, correlation_id: int) -> bool:
+        """Whether `request` resumes a run held live here that awaits one call alone.
+
+        True when the run its JournalRef names is in the cache at that very round, and
+        the call `correlation_id` is the only one it sent and has no result for yet:
+        then that call's result is all its resume can carry.
+        """
+        try:
+            ref = journal_ref(request.poll_result)
+        except IncompatibleState:
+            return False
+        run = None if ref is None else self._cache.get(ref.run_id)
+        if (
+            ref is None
+            or run is None
+            or (run.polls, run.tag, run.function) != (ref.polls, ref.tag, request.function)
+            or run.outstanding != 1
+            or not 0 < correlation_id <= len(run.calls)
+        ):
+            return False
+        call = run.calls[correlation_id - 1]
+        return call.poll > 0 and not call.resolved
+
     async def _take_ref(self, request: function_pb2.RunRequest, ref: journal_pb2.JournalRef) -> Run:
         """Return the live run a JournalRef names.
 

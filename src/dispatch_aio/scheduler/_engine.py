@@ -106,7 +106,7 @@ from ._events import (
     event_timeout_result,
 )
 from ._failures import log_failure
-from ._invoker import Invoker, Outcome
+from ._invoker import Invoker, Outcome, Resume
 from ._limits import Admission, CallPolicy, Limits, parse_policy, policy_problem
 from ._partitions import Moved, Partitions, announce
 from ._validate import call_problem
@@ -230,6 +230,8 @@ class _Live:
         "attempt",
         "cancelling",
         "carried",
+        "chained",
+        "children",
         "event",
         "policy",
         "queue",
@@ -274,6 +276,10 @@ class _Live:
         # then put into it (`take_attempt`) until it is committed (`committed`).
         self.carried: list[_Carried] = []
         self.writing: list[_Carried] = []
+        # Unfinished children its Polls made in this process (not counted after a
+        # restart: only whether it is 1 matters, to choose `_Chained` resumes).
+        self.children = 0
+        self.chained: _Chained | None = None  # its resume, sent with its child's request
 
     def take_attempt(self) -> list[Op]:
         """Return, once, the writes that go with the change an attempt's outcome makes.
@@ -329,6 +335,23 @@ class _Carried:
     @property
     def committed(self) -> bool:
         return self.outcome.done() and self.outcome.result() is True
+
+
+@dataclass(frozen=True, slots=True)
+class _Chained:
+    """A call's resume that went with its child's request (`Resume`), and its answer.
+
+    The endpoint ran it with the child's result as the scheduler records it, so its
+    answer stands for the very request the call's next attempt would send: the attempt
+    takes it instead of sending, once it has checked that it has that request.
+    """
+
+    resume: bytes
+    """The resume sent, without results (deterministic serialization)."""
+    result: bytes
+    """The child's CallResult it was resumed with (deterministic serialization)."""
+    answer: asyncio.Future[Outcome | None]
+    """Its answer, to come; None when the endpoint did not run it."""
 
 
 class _Ids:
@@ -1127,9 +1150,9 @@ class Engine:
                 carrier = span.carrier() or decode_carrier(rec.trace_context)
                 request.trace_context.update(carrier)
                 live.requesting = True  # until the answer: `cancel` may stop the request
-                outcome = await self._invoker.run(
-                    self._endpoint(rec), request, timeout, journal_delta=self._delta
-                )
+                outcome = await self._chained_answer(live, request, delivered, timeout)
+                if outcome is None:
+                    outcome = await self._send(live, request, timeout)
                 if rec.state_kind is StateKind.SEGMENTS and _journal_needed(outcome):
                     # The endpoint does not hold the run live (it restarted, another
                     # replica answered, the run was evicted): the whole journal goes.
@@ -1207,6 +1230,106 @@ class Engine:
             if slot is not None and self._parts is not None:
                 self._parts.give_slot(*slot)
         self._arm(live)
+
+    async def _chained_answer(
+        self,
+        live: _Live,
+        request: function_pb2.RunRequest,
+        delivered: list[tuple[int, call_pb2.CallResult]],
+        time_limit: float,
+    ) -> Outcome | None:
+        """The answer to `request` that came with a child's, if any (see `_Chained`)."""
+        chained, live.chained = live.chained, None
+        if (
+            chained is None
+            or len(delivered) != 1
+            or delivered[0][1].SerializeToString(deterministic=True) != chained.result
+        ):
+            return None
+        sent = function_pb2.RunRequest()
+        sent.CopyFrom(request)
+        del sent.poll_result.results[:]
+        if sent.SerializeToString(deterministic=True) != chained.resume:
+            return None
+        done, _ = await asyncio.wait((chained.answer,), timeout=max(time_limit, 0.001))
+        if not done:
+            return Outcome(Status.TIMEOUT, error=f"no response within {time_limit:.3g} s")
+        return chained.answer.result()  # None: not run, the request goes now
+
+    async def _send(
+        self, live: _Live, request: function_pb2.RunRequest, time_limit: float
+    ) -> Outcome:
+        """Send an attempt's request, with its parent's resume when that may save one."""
+        rec = live.rec
+        parent = self._chain_parent(live)
+        if parent is None:
+            return await self._invoker.run(
+                self._endpoint(rec), request, time_limit, journal_delta=self._delta
+            )
+        resume, _ = self._request(parent)  # its queue is empty: it takes no result
+        # As its attempt would send it (no attempt span: `_chain_parent`).
+        resume.trace_context.update(decode_carrier(parent.rec.trace_context))
+        limit = min(self._settings.request_timeout, parent.rec.expires_at - self._clock())
+        if parent.policy is not None and parent.policy.timeout is not None:
+            limit = min(limit, parent.policy.timeout)
+        then = Resume(
+            resume.SerializeToString(deterministic=True),
+            rec.correlation_id,
+            parent.rec.attempts + 1,
+            max(limit, 0.001),
+        )
+        outcome = await self._invoker.run(
+            self._endpoint(rec), request, time_limit, journal_delta=self._delta, then=then
+        )
+        response = outcome.response
+        if (
+            outcome.resumed is not None
+            and response is not None
+            and outcome.status is Status.OK
+            and response.WhichOneof("directive") == "exit"
+            and not response.exit.HasField("tail_call")
+            and self._live.get(rec.parent_id) is parent
+        ):
+            # The result as `_finishing` records it, and as the endpoint resumed with.
+            result = call_pb2.CallResult()
+            result.CopyFrom(response.exit.result)
+            result.correlation_id = rec.correlation_id
+            result.dispatch_id = rec.id
+            parent.chained = _Chained(
+                then.request, result.SerializeToString(deterministic=True), outcome.resumed
+            )
+        return outcome
+
+    def _chain_parent(self, live: _Live) -> _Live | None:
+        """The parent whose resume may go with `live`'s request (see `Resume`), if any.
+
+        One that waits for this child's result and nothing else, at the same endpoint
+        (one that takes batches: not one in this process), with its journal kept here
+        (its resume names it by a JournalRef), and whose resume is not traced (its
+        attempt span would change the request).
+        """
+        rec = live.rec
+        parent = self._live.get(rec.parent_id) if rec.parent_id else None
+        if (
+            parent is None
+            or parent.children != 1
+            or parent.rec.generation != rec.parent_generation
+            or parent.rec.phase is not Phase.SUSPENDED
+            or parent.rec.state_kind is not StateKind.SEGMENTS
+            or parent.queue
+            or parent.running
+            or parent.cancelling
+            or parent.rec.failures
+            or parent.unreachable
+            or parent.rec.poll_error
+            or parent.rec.due_at is not None
+            or parent.event is not None
+            or self._endpoint(parent.rec) != self._endpoint(rec)
+            or not self._invoker.takes_resumes(self._endpoint(rec))
+            or self._telemetry.traces()
+        ):
+            return None
+        return parent
 
     async def _take_carried(self, live: _Live, carried: list[_Carried]) -> bool:
         """Take the children's writes carried to this attempt into its own write.
@@ -1468,6 +1591,8 @@ class Engine:
             ops.append(RemoveResults(tuple(seq for seq, _ in delivered)))
         await self._store.write(ops)
         live.committed()
+        # A first run (or a run started anew) has no children of its own yet.
+        live.children = len(children) + (live.children if rec.phase is Phase.SUSPENDED else 0)
         live.rec = new
         live.unreachable = 0
         self._created(children)
@@ -1712,6 +1837,9 @@ class Engine:
             live.rec = new
             live.queue.clear()
             del self._live[rec.id]
+            caller = self._live.get(rec.parent_id) if rec.parent_id else None
+            if caller is not None and caller.rec.generation == rec.parent_generation:
+                caller.children = max(caller.children - 1, 0)
             if self._parts is not None:
                 self._parts.ended(rec.id)
             self._limits.forget(_function_key(rec), live)

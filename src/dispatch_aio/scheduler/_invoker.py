@@ -31,6 +31,11 @@ in its iteration, goes as a plain Run request. A batch answered 404 or 405 (the 
 no longer mounted) was not run: its requests go alone, and so do later ones to that
 endpoint, until the scheduler restarts.
 
+A request may carry the resume of its caller (`Resume`, sent as ``BatchItem.then``, in
+a batch even alone): the endpoint runs it right after the request's run when that run
+returns and the caller awaits nothing else, and its answer comes in the same stream
+(`Outcome.resumed`). The engine takes it in place of sending that very resume.
+
 A resume that cancels a call (see `Invoker.run`) carries the ``Dispatch-Aio-Cancel``
 header (a flag for local handlers), which endpoints of other SDKs ignore.
 """
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -71,6 +77,7 @@ __all__ = [
     "Invoker",
     "LocalHandler",
     "Outcome",
+    "Resume",
     "run_url",
 ]
 
@@ -116,6 +123,23 @@ class Outcome:
     """The HTTP status code, when the endpoint answered at all."""
     unsent: bool = False
     """The request provably never reached the endpoint (no connection was made)."""
+    resumed: asyncio.Future[Outcome | None] | None = None
+    """With a `Resume` sent along: its answer, to come; None if it was not run (or its
+    answer was lost)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The resume of a request's caller, sent with the request (``BatchItem.then``)."""
+
+    request: bytes
+    """The serialized RunRequest of the resume, without results."""
+    correlation_id: int
+    """The request's call in its caller: its result is the resume's."""
+    attempt: int
+    """The resume's attempt number."""
+    time_limit: float
+    """Seconds the resume's run may take, after the request's."""
 
 
 class _Window:
@@ -247,6 +271,13 @@ class Invoker:
         for batch_task in list(self._batch_tasks):
             batch_task.cancel()
 
+    def takes_resumes(self, endpoint: str) -> bool:
+        """Whether a `Resume` may go with requests to `endpoint` (it takes batches)."""
+        replicas = self._replicas.get(endpoint)
+        if replicas is None:
+            return endpoint in self._batching
+        return any(replica in self._batching for replica in replicas)
+
     def concurrency(self, endpoint: str) -> float:
         """Return the current concurrency window of an endpoint."""
         window = self._windows.get(endpoint)
@@ -260,6 +291,7 @@ class Invoker:
         *,
         journal_delta: bool = False,
         cancel: bool = False,
+        then: Resume | None = None,
     ) -> Outcome:
         """Make one Run attempt.
 
@@ -272,6 +304,9 @@ class Invoker:
             cancel: Mark the resume of a call being cancelled: an endpoint of this SDK
                 raises ``CancelledError`` at the function's pending await (endpoints
                 of other SDKs ignore the header and resume it as usual).
+            then: The resume of the request's caller, to run after the request if the
+                endpoint takes batches (see `Resume`); its answer comes as
+                `Outcome.resumed`.
 
         Returns:
             The outcome; network and HTTP failures are outcomes too, never exceptions.
@@ -280,10 +315,11 @@ class Invoker:
             raise RuntimeError("the invoker is not open")
         replicas = self._replicas.get(endpoint)
         if replicas is None:
-            return await self._attempt(endpoint, request, time_limit, journal_delta, cancel)
+            return await self._attempt(endpoint, request, time_limit, journal_delta, cancel, then)
         ranking = self._ranking(replicas, request.dispatch_id)
         for i, replica in enumerate(ranking):
-            outcome = await self._attempt(replica, request, time_limit, journal_delta, cancel)
+            # The resume runs only where the caller is held live: harmless elsewhere.
+            outcome = await self._attempt(replica, request, time_limit, journal_delta, cancel, then)
             if outcome.unsent or _is_overload(outcome):
                 self._passed_over[replica] = time.monotonic() + self._replica_backoff
             if not outcome.unsent or i == len(ranking) - 1:
@@ -309,6 +345,7 @@ class Invoker:
         time_limit: float,
         journal_delta: bool,
         cancel: bool,
+        then: Resume | None,
     ) -> Outcome:
         session = self._session
         assert session is not None  # checked by `run`
@@ -324,7 +361,7 @@ class Invoker:
                 outcome = await self._hand_over(local, request, time_limit, journal_delta, cancel)
             else:
                 outcome = await self._send(
-                    session, endpoint, body, time_limit, journal_delta, cancel
+                    session, endpoint, body, time_limit, journal_delta, cancel, then
                 )
         finally:
             window.release(
@@ -395,13 +432,18 @@ class Invoker:
         time_limit: float,
         journal_delta: bool,
         cancel: bool,
+        then: Resume | None,
     ) -> Outcome:
         attempt = ATTEMPT.get()
         if endpoint in self._batching and len(body) <= _BATCH_ITEM_MAX:
             item = batch_pb2.BatchItem(
                 request=body, journal_delta=journal_delta, cancel=cancel, attempt=attempt
             )
-            outcome = await self._send_batched(session, endpoint, item, time_limit)
+            if then is not None:
+                item.then = then.request
+                item.then_correlation_id = then.correlation_id
+                item.then_attempt = then.attempt
+            outcome = await self._send_batched(session, endpoint, item, time_limit, then)
             if outcome is not None:
                 return outcome
         return await self._send_alone(
@@ -455,6 +497,7 @@ class Invoker:
         endpoint: str,
         item: batch_pb2.BatchItem,
         time_limit: float,
+        then: Resume | None,
     ) -> Outcome | None:
         """Send a request in the batch leaving at the end of this loop iteration.
 
@@ -468,12 +511,17 @@ class Invoker:
             asyncio.get_running_loop().call_soon(self._start_batch, session, endpoint, batch)
         # Past its time limit, the batch answers the request with a time-out (one timer
         # for the batch); the others' answers still come.
-        return await batch.add(item, size, max(time_limit, 0.001))
+        answer = batch.add(item, size, max(time_limit, 0.001))
+        resumed = None if then is None else batch.add_resume(then.time_limit)
+        outcome = await answer
+        if outcome is not None and resumed is not None:
+            outcome = dataclasses.replace(outcome, resumed=resumed)
+        return outcome
 
     def _start_batch(self, session: aiohttp.ClientSession, endpoint: str, batch: _Batch) -> None:
         if self._batches.get(endpoint) is batch:
             del self._batches[endpoint]
-        if len(batch.items) == 1:
+        if len(batch.items) == 1 and not batch.resumes:
             batch.answer(0, None)  # alone, it goes the plain way
             return
         task = asyncio.ensure_future(self._post_batch(session, endpoint, batch))
@@ -505,12 +553,19 @@ class Invoker:
                     content = await resp.read()
                     batch.answer_all(_http_outcome(resp.status, content, resp.content_type))
                     return
-                while batch.unanswered:
+                while batch.unanswered or batch.resumes:
                     length = frame_length(await resp.content.readexactly(FRAME_HEADER))
                     answer = batch_pb2.BatchAnswer.FromString(
                         await resp.content.readexactly(length)
                     )
-                    if answer.index < len(batch.items):
+                    if answer.then:
+                        batch.answer_resume(
+                            answer.index,
+                            _http_outcome(answer.status, answer.body, answer.content_type)
+                            if answer.status
+                            else None,
+                        )
+                    elif answer.index < len(batch.items):
                         batch.answer(
                             answer.index,
                             _http_outcome(answer.status, answer.body, answer.content_type),
@@ -529,6 +584,8 @@ class Invoker:
             batch.answer_all(
                 failure or Outcome(Status.TCP_ERROR, error="the batch was interrupted")
             )
+            for index in list(batch.resumes):  # not run, or their answers are lost
+                batch.answer_resume(index, None)
 
 
 @dataclass(slots=True)
@@ -547,6 +604,9 @@ class _Batch:
     unanswered: int = 0
     started: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    # The answers to come to the items' resumes (`Resume`), by index.
+    resumes: dict[int, asyncio.Future[Outcome | None]] = field(default_factory=dict)
+    resume_limit: float = 0.0  # the longest time limit of the resumes
 
     def add(
         self, item: batch_pb2.BatchItem, size: int, time_limit: float
@@ -565,10 +625,22 @@ class _Batch:
             self._set_timer(loop, deadline)
         return future
 
+    def add_resume(self, time_limit: float) -> asyncio.Future[Outcome | None]:
+        """Expect an answer to the resume of the item added last."""
+        future: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        self.resumes[len(self.items) - 1] = future
+        self.resume_limit = max(self.resume_limit, time_limit)
+        return future
+
     @property
     def time_limit(self) -> float:
-        """The longest time limit of the batch's requests: the exchange's own."""
-        return max(self.limits, default=0.0)
+        """The exchange's own: the longest time limit of its requests, then of a resume."""
+        return max(self.limits, default=0.0) + self.resume_limit
+
+    def answer_resume(self, index: int, outcome: Outcome | None) -> None:
+        future = self.resumes.pop(index, None)
+        if future is not None and not future.done():
+            future.set_result(outcome)
 
     def answer(self, index: int, outcome: Outcome | None) -> None:
         future = self.futures[index]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!dispatch_aio/proto/v1/batch.proto\x12\x0f\x64ispatch_aio.v1\"5\n\x08RunBatch\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.dispatch_aio.v1.BatchItem\"T\n\tBatchItem\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x15\n\rjournal_delta\x18\x02 \x01(\x08\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"P\n\x0b\x42\x61tchAnswer\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!dispatch_aio/proto/v1/batch.proto\x12\x0f\x64ispatch_aio.v1\"5\n\x08RunBatch\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.dispatch_aio.v1.BatchItem\"\x95\x01\n\tBatchItem\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x15\n\rjournal_delta\x18\x02 \x01(\x08\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0c\n\x04then\x18\x05 \x01(\x0c\x12\x1b\n\x13then_correlation_id\x18\x06 \x01(\x04\x12\x14\n\x0cthen_attempt\x18\x07 \x01(\r\"^\n\x0b\x42\x61tchAnswer\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0c\n\x04then\x18\x05 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNBATCH']._serialized_start=54
   _globals['_RUNBATCH']._serialized_end=107
-  _globals['_BATCHITEM']._serialized_start=109
-  _globals['_BATCHITEM']._serialized_end=193
-  _globals['_BATCHANSWER']._serialized_start=195
-  _globals['_BATCHANSWER']._serialized_end=275
+  _globals['_BATCHITEM']._serialized_start=110
+  _globals['_BATCHITEM']._serialized_end=259
+  _globals['_BATCHANSWER']._serialized_start=261
+  _globals['_BATCHANSWER']._serialized_end=355
 # @@protoc_insertion_point(module_scope)

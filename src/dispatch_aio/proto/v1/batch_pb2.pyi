@@ -59,6 +59,9 @@ class BatchItem(_message.Message):
     JOURNAL_DELTA_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    THEN_FIELD_NUMBER: _builtins.int
+    THEN_CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    THEN_ATTEMPT_FIELD_NUMBER: _builtins.int
     request: _builtins.bytes
     """A serialized dispatch.sdk.v1.RunRequest."""
     journal_delta: _builtins.bool
@@ -67,6 +70,21 @@ class BatchItem(_message.Message):
     """The resume cancels the run (header Dispatch-Aio-Cancel: 1)."""
     attempt: _builtins.int
     """The attempt's number (header Dispatch-Aio-Attempt); 0 when unknown."""
+    then: _builtins.bytes
+    """The resume of the call that made this one (its caller), without results: a
+    serialized dispatch.sdk.v1.RunRequest whose state is a JournalRef. Set when the
+    caller waits for this call's result and nothing else. If this request's run ends
+    with status OK and an exit without a tail call, and the endpoint holds the caller's
+    run live at that very round awaiting this call alone, the endpoint adds the result
+    as the scheduler records it (the exit's result, with `then_correlation_id` and this
+    request's dispatch id) and runs the resume; else it does not run it. Either way it
+    answers it (BatchAnswer.then). The scheduler takes that answer only for the very
+    resume it would send, and commits nothing of it before this call's end.
+    """
+    then_correlation_id: _builtins.int
+    """The correlation id of this call in its caller."""
+    then_attempt: _builtins.int
+    """The attempt number of the resume (as `attempt` is for the request)."""
     def __init__(
         self,
         *,
@@ -74,10 +92,13 @@ class BatchItem(_message.Message):
         journal_delta: _builtins.bool = ...,
         cancel: _builtins.bool = ...,
         attempt: _builtins.int = ...,
+        then: _builtins.bytes = ...,
+        then_correlation_id: _builtins.int = ...,
+        then_attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel", b"cancel", "journal_delta", b"journal_delta", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel", b"cancel", "journal_delta", b"journal_delta", "request", b"request", "then", b"then", "then_attempt", b"then_attempt", "then_correlation_id", b"then_correlation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -93,6 +114,7 @@ class BatchAnswer(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    THEN_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the item in RunBatch.items."""
     status: _builtins.int
@@ -101,6 +123,10 @@ class BatchAnswer(_message.Message):
     """The answer's body: a serialized RunResponse, or a Connect error."""
     content_type: _builtins.str
     """The answer's Content-Type."""
+    then: _builtins.bool
+    """This is the answer to the item's `then` resume, which follows the item's own
+    answer; status 0 says the resume was not run.
+    """
     def __init__(
         self,
         *,
@@ -108,10 +134,11 @@ class BatchAnswer(_message.Message):
         status: _builtins.int = ...,
         body: _builtins.bytes = ...,
         content_type: _builtins.str = ...,
+        then: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_type", b"content_type", "index", b"index", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content_type", b"content_type", "index", b"index", "status", b"status", "then", b"then"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
