@@ -74,8 +74,8 @@ BATCH = 64
 def floors(c: Components) -> list[Floor]:
     """The floors of the workloads whose costs are the components' (ms in, figures out).
 
-    A chain (W2) waits for each step's two exchanges (the child's run, the parent's
-    resume), their signatures and one commit. Submissions one by one (W3one) wait each
+    A chain (W2) waits for each step's exchange (the child's run, with the parent's
+    resume in the same exchange), its signature and one commit. Submissions one by one (W3one) wait each
     for an exchange with the scheduler and a commit; embedded, for the commit alone. A
     fan-out (W1, W3 in one batch) is bounded by the busier process; its Run requests go
     in batches of up to `BATCH` calls, each batch one exchange and one signature, so these
@@ -85,7 +85,7 @@ def floors(c: Components) -> list[Floor]:
     app = c.exchange_server_cpu + c.verify
     scheduler = c.exchange_client_cpu + c.sign
     busier = max(app, scheduler)
-    w2 = 2 * (c.exchange + signed) + c.commit
+    w2 = c.exchange + signed + c.commit
     return [
         Floor(
             "w1",
@@ -93,7 +93,7 @@ def floors(c: Components) -> list[Floor]:
             BATCH * 1000 / busier,
             f"{BATCH} / max(app CPU, scheduler CPU) (batches of {BATCH})",
         ),
-        Floor("w2", "persistent", w2, "2 x (exchange + sign + verify) + commit"),
+        Floor("w2", "persistent", w2, "exchange + sign + verify + commit"),
         Floor("w3one", "persistent", 1000 / (c.exchange + c.commit), "1 / (exchange + commit)"),
         Floor("w3batch", "persistent", BATCH * 1000 / busier, "as W1"),
         Floor("w2", "embedded", c.commit, "commit"),
