@@ -75,11 +75,11 @@ def floors(c: Components) -> list[Floor]:
     """The floors of the workloads whose costs are the components' (ms in, figures out).
 
     A chain (W2) waits for each step's exchange (the child's run, with the parent's
-    resume in the same exchange), its signature and one commit. Submissions one by one (W3one) wait each
-    for an exchange with the scheduler and a commit; embedded, for the commit alone. A
-    fan-out (W1, W3 in one batch) is bounded by the busier process; its Run requests go
-    in batches of up to `BATCH` calls, each batch one exchange and one signature, so these
-    components bound it far above what the rest of the work allows.
+    resume in it), its signature and one commit. Submissions one by one (W3one) wait
+    each for an exchange with the scheduler and a commit; embedded, for the commit
+    alone. A fan-out (W1, W3 in one batch) is bounded by the busier process; its Run
+    requests go in batches of up to `BATCH` calls, each batch one exchange and one
+    signature, so these components bound it far above what the rest of the work allows.
     """
     signed = c.sign + c.verify
     app = c.exchange_server_cpu + c.verify

@@ -4,7 +4,8 @@ The app mounts the endpoint in its own aiohttp application, under a prefix, behi
 middleware that counts the requests by path (and leaves the bodies unread, as
 `Dispatch.routes` asks). A fan-out then reaches it in fewer requests than it has
 children, most of them batches: the two processes negotiated the extension over
-real HTTP, each with its own key, signature and replay guard.
+real HTTP, each with its own key, signature and replay guard. A chain of awaits
+reaches it in one batch a step, on a connection kept from one exchange to the next.
 """
 
 from __future__ import annotations
@@ -33,17 +34,23 @@ APP = textwrap.dedent(
     from workloads import dispatch  # fan_out and double, as the other end-to-end tests
 
     SEEN: collections.Counter[str] = collections.Counter()
+    PEERS = set()  # the scheduler's end of each connection
 
 
     @web.middleware
     async def count(request, handler):
         SEEN[request.path] += 1
+        PEERS.add(request.transport.get_extra_info("peername"))
         return await handler(request)
 
 
     @dispatch.function
-    async def requests_seen() -> dict[str, int]:
-        return dict(SEEN)
+    async def requests_seen() -> tuple[dict[str, int], int]:
+        # The requests by path, and the connections they came on, since the last call.
+        seen = dict(SEEN), len(PEERS)
+        SEEN.clear()
+        PEERS.clear()
+        return seen
 
 
     app = web.Application(middlewares=[count])
@@ -91,12 +98,20 @@ async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_pa
         InspectClient(server.api_url, server.api_key) as inspect,
     ):
         assert await _call(client, inspect, "fan_out", n) == [2 * i for i in range(n)]
-        seen = await _call(client, inspect, "requests_seen")
-    assert isinstance(seen, dict)
-    # The run of requests_seen itself is counted only once it returns: not here.
-    plain, batches = seen.get(RUN, 0), seen.get(BATCH, 0)
-    assert set(seen) <= {RUN, BATCH}, seen
-    assert batches >= 1, seen
-    # fan_out's first run and resumes, and its n children: far fewer exchanges.
-    assert plain + batches < n // 2, seen
+        seen, _ = await _call(client, inspect, "requests_seen")  # type: ignore[misc]
+        plain, batches = seen.get(RUN, 0), seen.get(BATCH, 0)
+        assert set(seen) <= {RUN, BATCH}, seen
+        assert batches >= 1, seen
+        # fan_out's first run and resumes, and its n children: far fewer exchanges.
+        assert plain + batches < n // 2, seen
+
+        # A chain: one batch a step (the child's run and the caller's resume), each
+        # read to its end so that its connection serves the next exchange.
+        assert await _call(client, inspect, "chain", 300) == 300
+        seen, connections = await _call(client, inspect, "requests_seen")  # type: ignore[misc]
+    # The chain's first run, its 50 steps, and the request of requests_seen itself.
+    assert seen == {RUN: 2, BATCH: 300}, seen
+    # A stream left unread to its end closes its connection: about one exchange in
+    # five made a new one.
+    assert connections <= 3, connections
     assert app.poll() is None, app.dump()

@@ -570,6 +570,10 @@ class Invoker:
                             answer.index,
                             _http_outcome(answer.status, answer.body, answer.content_type),
                         )
+                if not batch.expired:
+                    # The stream ends with the last answer: read its end, so that the
+                    # connection is kept for the next exchange instead of closed.
+                    await resp.content.read()
         except asyncio.IncompleteReadError:
             failure = Outcome(
                 Status.TCP_ERROR, error="the connection closed before the batch was answered"
@@ -607,6 +611,7 @@ class _Batch:
     # The answers to come to the items' resumes (`Resume`), by index.
     resumes: dict[int, asyncio.Future[Outcome | None]] = field(default_factory=dict)
     resume_limit: float = 0.0  # the longest time limit of the resumes
+    expired: bool = False  # a request was answered with a time-out: answers may follow
 
     def add(
         self, item: batch_pb2.BatchItem, size: int, time_limit: float
@@ -669,6 +674,7 @@ class _Batch:
                 continue
             deadline = self.started + limit
             if deadline <= now:
+                self.expired = True
                 self.answer(i, _failure(TimeoutError(), limit))
             elif later is None or deadline < later:
                 later = deadline
