@@ -109,9 +109,10 @@ async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_pa
         # read to its end so that its connection serves the next exchange.
         assert await _call(client, inspect, "chain", 300) == 300
         seen, connections = await _call(client, inspect, "requests_seen")  # type: ignore[misc]
-    # The chain's first run, its 50 steps, and the request of requests_seen itself.
+    # The chain's first run, its 300 steps, and the request of requests_seen itself.
     assert seen == {RUN: 2, BATCH: 300}, seen
-    # A stream left unread to its end closes its connection: about one exchange in
-    # five made a new one.
-    assert connections <= 3, connections
+    # Connections are kept: a few, as the next exchange may leave while the last one's
+    # stream is read to its end. A stream left unread closes its connection: about
+    # one exchange in five made a new one then (60 or more here).
+    assert connections <= 10, connections
     assert app.poll() is None, app.dump()
