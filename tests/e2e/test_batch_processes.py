@@ -5,12 +5,15 @@ middleware that counts the requests by path (and leaves the bodies unread, as
 `Dispatch.routes` asks). A fan-out then reaches it in fewer requests than it has
 children, most of them batches: the two processes negotiated the extension over
 real HTTP, each with its own key, signature and replay guard. A chain of awaits
-reaches it in one batch a step, on a connection kept from one exchange to the next.
+reaches it in one batch a step, on a connection kept from one exchange to the next,
+and goes on so in a new interpreter after the app is killed mid-chain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 from ports import free_port
@@ -21,7 +24,7 @@ from dispatch_aio._status import Status
 from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
-from .harness import PYTHON, Starter, start_server, wait_for_port
+from .harness import PYTHON, Proc, Server, Starter, start_server, wait_for_port
 
 APP = textwrap.dedent(
     """
@@ -72,9 +75,9 @@ async def _call(client: Client, inspect: InspectClient, function: str, *args: ob
     return decode_value(info.result.output)
 
 
-async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_path: Path) -> None:
+def _serve(procs: Starter, tmp_path: Path) -> tuple[Server, Callable[[], Proc], str]:
+    """A `dispatch-aio server`, a way to start the app (again), and the app's endpoint."""
     port = free_port()
-    endpoint = f"http://127.0.0.1:{port}/durable"
     server = start_server(
         procs,
         "--port",
@@ -87,9 +90,18 @@ async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_pa
     script = tmp_path / "mounted_app.py"
     script.write_text(APP)
     here = str(Path(__file__).parent)
-    app = procs([PYTHON, str(script), str(port), here], env=server.app_env())
-    wait_for_port(port, proc=app)
 
+    def start_app() -> Proc:
+        app = procs([PYTHON, str(script), str(port), here], env=server.app_env())
+        wait_for_port(port, proc=app)
+        return app
+
+    return server, start_app, f"http://127.0.0.1:{port}/durable"
+
+
+async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_path: Path) -> None:
+    server, start_app, endpoint = _serve(procs, tmp_path)
+    app = start_app()
     n = 300
     async with (
         Client(
@@ -115,4 +127,39 @@ async def test_a_fan_out_reaches_a_mounted_app_in_batches(procs: Starter, tmp_pa
     # stream is read to its end. A stream left unread closes its connection: about
     # one exchange in five made a new one then (60 or more here).
     assert connections <= 10, connections
+    assert app.poll() is None, app.dump()
+
+
+async def test_a_chain_goes_on_one_batch_a_step_in_a_restarted_app(
+    procs: Starter, tmp_path: Path
+) -> None:
+    server, start_app, endpoint = _serve(procs, tmp_path)
+    app = start_app()
+    unfinished = inspect_pb2.ListCallsRequest(
+        states=[inspect_pb2.CALL_STATE_PENDING, inspect_pb2.CALL_STATE_SUSPENDED],
+        top_level_only=True,
+        omit_payloads=True,
+    )
+    async with (
+        Client(
+            api_key=server.api_key, api_url=server.api_url, endpoint_url=endpoint, env={}
+        ) as client,
+        InspectClient(server.api_url, server.api_key) as inspect,
+    ):
+        (dispatch_id,) = await client.dispatch([Call("chain", (3000,))])
+        await asyncio.sleep(1.0)
+        running = [c.dispatch_id for c in (await inspect.list_calls(unfinished)).calls]
+        assert running == [dispatch_id], "the kill must hit the chain mid-way"
+        app.kill()
+        # A new interpreter: the caller is not held live there, so the resume that
+        # comes with the next child is not run; the caller's own resume asks for the
+        # whole journal and replays, and the steps after are one batch each again.
+        app = start_app()
+        info = await inspect.wait_call(dispatch_id, 120)
+        assert info.state == inspect_pb2.CALL_STATE_DONE, info
+        assert decode_value(info.result.output) == 3000, info
+        seen, _ = await _call(client, inspect, "requests_seen")  # type: ignore[misc]
+    plain, batches = seen.get(RUN, 0), seen.get(BATCH, 0)
+    assert plain <= 5, seen  # a few around the replay, and requests_seen's own
+    assert batches >= 100, seen  # the steps left after the kill (about 2,000 here)
     assert app.poll() is None, app.dump()
