@@ -1134,12 +1134,7 @@ class Engine:
             else:
                 request, delivered = self._request(live)
                 carried = [c for s, _ in delivered if (c := self._carried.get(s)) is not None]
-                timeout = min(self._settings.request_timeout, rec.expires_at - now)
-                limit = live.policy.timeout if live.policy is not None else None
-                if limit is not None and limit < timeout:
-                    timeout = limit
-                else:
-                    limit = None
+                timeout, limit = self._time_limit(live, now)
                 ATTEMPT.set(rec.attempts + 1)  # this task's context: names the attempt
                 started = now
                 span = self._telemetry.attempt(
@@ -1231,6 +1226,14 @@ class Engine:
                 self._parts.give_slot(*slot)
         self._arm(live)
 
+    def _time_limit(self, live: _Live, now: float) -> tuple[float, float | None]:
+        """Seconds an attempt of `live` may take, and its function's timeout if that binds."""
+        limit = min(self._settings.request_timeout, live.rec.expires_at - now)
+        timeout = live.policy.timeout if live.policy is not None else None
+        if timeout is not None and timeout < limit:
+            return timeout, timeout
+        return limit, None
+
     async def _chained_answer(
         self,
         live: _Live,
@@ -1269,14 +1272,11 @@ class Engine:
         resume, _ = self._request(parent)  # its queue is empty: it takes no result
         # As its attempt would send it (no attempt span: `_chain_parent`).
         resume.trace_context.update(decode_carrier(parent.rec.trace_context))
-        limit = min(self._settings.request_timeout, parent.rec.expires_at - self._clock())
-        if parent.policy is not None and parent.policy.timeout is not None:
-            limit = min(limit, parent.policy.timeout)
         then = Resume(
             resume.SerializeToString(deterministic=True),
             rec.correlation_id,
             parent.rec.attempts + 1,
-            max(limit, 0.001),
+            max(self._time_limit(parent, self._clock())[0], 0.001),
         )
         outcome = await self._invoker.run(
             self._endpoint(rec), request, time_limit, journal_delta=self._delta, then=then
