@@ -136,7 +136,11 @@ async def test_a_chain_goes_on_one_batch_a_step_in_a_restarted_app(
     server, start_app, endpoint = _serve(procs, tmp_path)
     app = start_app()
     unfinished = inspect_pb2.ListCallsRequest(
-        states=[inspect_pb2.CALL_STATE_PENDING, inspect_pb2.CALL_STATE_SUSPENDED],
+        states=[
+            inspect_pb2.CALL_STATE_PENDING,
+            inspect_pb2.CALL_STATE_RUNNING,
+            inspect_pb2.CALL_STATE_SUSPENDED,
+        ],
         top_level_only=True,
         omit_payloads=True,
     )
