@@ -204,6 +204,10 @@ async def test_bad_requests_get_connect_errors(
     reply = await driver.post(run_request(""))
     assert connect_error(reply) == (400, "invalid_argument")
     assert connect_error(await driver.post(b"\xff\xff\xff")) == (400, "invalid_argument")
+    # An empty body is read as such (an empty RunRequest names no function).
+    reply = await driver.post(b"")
+    assert connect_error(reply) == (400, "invalid_argument")
+    assert b"function" in reply.body and b"ended after" not in reply.body, reply.body
 
     async with session.get(driver.url) as resp:
         assert resp.status == 405

@@ -315,24 +315,24 @@ class Endpoint:
         response.content_type = BATCH_TYPE
         await response.prepare(request)
         connected = True
-        async for data in answers:
+        async for data, more in answers:
             if connected:
                 try:
-                    await response.write(data)
+                    # The last answers go with the stream's end, in one write.
+                    await (response.write(data) if more else response.write_eof(data))
                 except ConnectionError:
                     connected = False  # see respond_batch: the runs go on
-        if connected:
-            await response.write_eof()
         return response
 
-    async def respond_batch(self, request: Incoming) -> Reply | AsyncIterator[bytes]:
+    async def respond_batch(self, request: Incoming) -> Reply | AsyncIterator[tuple[bytes, bool]]:
         """Check a RunBatch request, then run its items; the refusal, or the answers.
 
         The batch is checked as a Run request is (headers, size, signature). Its items
         then run concurrently, and the iterator yields the framed answers as their runs
-        end (those ready together in one chunk). A server whose client went away keeps
-        iterating without sending: the runs go on to their end (the scheduler sends
-        again what it got no answer for), only their answers are lost.
+        end (those ready together in one chunk), each chunk with whether more follow. A
+        server whose client went away keeps iterating without sending: the runs go on
+        to their end (the scheduler sends again what it got no answer for), only their
+        answers are lost.
         """
         body = await self._admit(request)
         if isinstance(body, Reply):
@@ -343,12 +343,14 @@ class Endpoint:
             return _error(400, "invalid_argument", f"the request body is not a RunBatch ({exc})")
         return self._batch_answers(batch)
 
-    async def _batch_answers(self, batch: batch_pb2.RunBatch) -> AsyncIterator[bytes]:
+    async def _batch_answers(self, batch: batch_pb2.RunBatch) -> AsyncIterator[tuple[bytes, bool]]:
         # Tasks of their own: a client that goes away does not tear the runs.
         pending: dict[asyncio.Future[Reply], int] = {
             asyncio.ensure_future(self._answer_item(item)): i for i, item in enumerate(batch.items)
         }
         resumes: dict[asyncio.Future[Reply], int] = {}  # items' `then` runs
+        if not pending:
+            yield b"", False
         while pending or resumes:
             done, _ = await asyncio.wait([*pending, *resumes], return_when=asyncio.FIRST_COMPLETED)
             answers = []
@@ -364,7 +366,7 @@ class Endpoint:
                     resumes[asyncio.ensure_future(resume)] = index
                 elif batch.items[index].then:
                     answers.append(batch_pb2.BatchAnswer(index=index, then=True))  # not run
-            yield b"".join(map(frame, answers))
+            yield b"".join(map(frame, answers)), bool(pending or resumes)
 
     def _then(
         self, item: batch_pb2.BatchItem, answer: batch_pb2.BatchAnswer
@@ -448,7 +450,8 @@ class Endpoint:
         assert length is not None  # checked above
         try:
             async with asyncio.timeout(self._body_timeout):
-                body = await request.read(length)
+                # aiohttp's reader of an empty body refuses even a read of 0 bytes.
+                body = await request.read(length) if length else b""
         except asyncio.IncompleteReadError as exc:
             return _error(
                 400,

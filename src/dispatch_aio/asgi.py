@@ -81,7 +81,9 @@ class ASGIEndpoint:
                 await _send_stream(send, answer)
         # Other scopes (websocket) are not served: returning closes them.
 
-    async def _http(self, scope: Scope, receive: Receive) -> Reply | AsyncIterator[bytes]:
+    async def _http(
+        self, scope: Scope, receive: Receive
+    ) -> Reply | AsyncIterator[tuple[bytes, bool]]:
         raw_path = scope.get("raw_path") or (scope.get("root_path", "") + scope["path"]).encode()
         path = bytes(raw_path).decode("latin-1")
         route = next((p for p in PATHS if path.endswith(p)), None)
@@ -166,17 +168,14 @@ async def _send_reply(send: Send, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": reply.body})
 
 
-async def _send_stream(send: Send, chunks: AsyncIterator[bytes]) -> None:
+async def _send_stream(send: Send, chunks: AsyncIterator[tuple[bytes, bool]]) -> None:
     """Send a batch's answers as they come (no length: the server chunks them)."""
     headers = [(b"content-type", BATCH_TYPE.encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     connected = True
-    async for data in chunks:
+    async for data, more in chunks:
         if connected:
             try:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                await send({"type": "http.response.body", "body": data, "more_body": more})
             except OSError:
                 connected = False  # the runs go on (see Endpoint.respond_batch)
-    if connected:
-        with contextlib.suppress(OSError):
-            await send({"type": "http.response.body", "body": b""})

@@ -219,6 +219,20 @@ async def test_a_batch_is_signed_and_runs_once(
     assert sorted(runs) == [1, 2]
 
 
+async def test_an_empty_batch_gets_an_empty_stream(
+    serve: Serve, signing_key: Ed25519PrivateKey
+) -> None:
+    served = await serve(_fan_out)
+    url = served.url + BATCH_PATH
+    headers = {"Content-Type": "application/proto"}
+    signed = {**headers, **sign_request(signing_key, "POST", url, headers, b"")}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=b"", headers={**signed, "Content-Length": "0"}) as resp,
+    ):
+        assert (resp.status, await resp.read()) == (200, b"")
+
+
 def _run_request(function: str, value: int) -> function_pb2.RunRequest:
     return function_pb2.RunRequest(
         function=function, input=encode_input((value,), {}), dispatch_id=f"id-{value}"
