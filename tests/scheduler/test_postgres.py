@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -15,9 +16,16 @@ import pytest
 from dispatch_aio.scheduler import PostgresStore, Scheduler, StoreError
 from dispatch_aio.scheduler.store import (
     AddAttempt,
+    AddResult,
+    AppendSegment,
     AttemptRecord,
+    CallQuery,
     InsertCall,
+    Op,
     Phase,
+    QueuedResult,
+    RemoveResults,
+    RemoveSegments,
     UpdateCall,
     partition_of,
 )
@@ -320,3 +328,97 @@ def test_attempt_rows_go_last_so_that_updates_share_a_round_trip() -> None:
     arranged = _arrange([statement for op in ops for statement in _statements(op)])
     assert [sql for sql, _ in arranged] == [_UPDATE_CALL] * 2 + [_ADD_ATTEMPT] * 2
     assert [params[0] for _, params in arranged[2:]] == ["a", "b"]
+
+
+class Statements:
+    """The statements the store's writing connection sends, counted per write (not
+    asyncpg's own queries of the catalog, made once per type it meets)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.sent: list[str] = []
+        store._conn.add_query_logger(self._log)
+
+    def _log(self, logged: Any) -> None:
+        if "dispatch_" in logged.query or logged.query in ("BEGIN;", "COMMIT;"):
+            self.sent.append(logged.query)
+
+    async def write(self, ops: list[Op]) -> int:
+        before = len(self.sent)
+        await self.store.write(ops)
+        return len(self.sent) - before
+
+
+async def test_a_chain_step_commits_in_one_statement(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    listener = await asyncpg.connect(pg_url)
+    done: list[str] = []
+    notified = asyncio.Event()
+
+    def heard(*args: object) -> None:
+        done.append(str(args[3]))
+        notified.set()
+
+    await listener.add_listener("dispatch_done", heard)
+    try:
+        parent = record("p", phase=Phase.SUSPENDED)
+        await store.write(
+            [
+                InsertCall(parent),
+                InsertCall(record("c1", root_id="p", parent_id="p")),
+                AddResult(QueuedResult(1, "p", 0, b"r1")),
+            ]
+        )
+        statements = Statements(store)
+        # A child's end and its caller's next Poll, as the engine writes them together.
+        step: list[Op] = [
+            UpdateCall(record("c1", root_id="p", parent_id="p", phase=Phase.DONE, status=1)),
+            InsertCall(record("c2", root_id="p", parent_id="p")),
+            AppendSegment("p", 1, b"segment 1"),
+            UpdateCall(parent._replace(polls=1, attempts=2)),
+            AddAttempt(AttemptRecord("c1", 1, 1.0, 2.0, 1, "")),
+            AddAttempt(AttemptRecord("p", 2, 1.5, 2.5, 1, "")),
+            # The child's result, queued and delivered at once: neither happens.
+            AddResult(QueuedResult(2, "p", 0, b"r2")),
+            RemoveResults((1, 2)),
+        ]
+        assert await statements.write(step) == 1, statements.sent
+        assert (await store.get_call("c1")).phase is Phase.DONE  # type: ignore[union-attr]
+        assert (await store.get_call("p")).polls == 1  # type: ignore[union-attr]
+        assert await store.get_call("c2") is not None
+        assert await store.read_segments("p") == [b"segment 1"]
+        assert [a.number for a in await store.list_attempts("p")] == [2]
+        assert [a.number for a in await store.list_attempts("c1")] == [1]
+        assert (await store.load()).results == []
+        async with asyncio.timeout(5):
+            await notified.wait()
+        assert done == ["c1"]  # notified at the commit, as from a transaction
+    finally:
+        await listener.close()
+        await store.close()
+
+
+async def test_writes_that_change_a_row_twice_go_statement_by_statement(pg_url: str) -> None:
+    # In one statement an update would not see the row inserted by its neighbour, nor a
+    # removal the segment appended: such writes keep the order of their operations.
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        statements = Statements(store)
+        suspended = record("a", phase=Phase.SUSPENDED)
+        assert await statements.write([InsertCall(record("a")), UpdateCall(suspended)]) > 1
+        assert (await store.get_call("a")).phase is Phase.SUSPENDED  # type: ignore[union-attr]
+        ops: list[Op] = [AppendSegment("a", 1, b"s"), RemoveSegments("a")]
+        assert await statements.write(ops) > 1
+        assert await store.read_segments("a") == []
+        added = [RemoveResults((7,)), AddResult(QueuedResult(7, "a", 0, b"r"))]
+        assert await statements.write(added) > 1
+        assert [r.seq for r in (await store.load()).results] == [7]
+        # Calls inserted together keep their order (their seq): one statement would not.
+        ops = [InsertCall(record(f"k{i}")) for i in range(3)]
+        assert await statements.write(ops) > 1
+        listed = [rec.id for _, rec in await store.list_calls(CallQuery())]
+        assert listed == ["a", "k0", "k1", "k2"]
+    finally:
+        await store.close()

@@ -43,10 +43,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -331,6 +333,31 @@ _ANNOUNCE = "-- announce"
 
 _Statement = tuple[str, tuple[Any, ...]]
 
+# The statements a write may combine into one (`_combined`), each split around its
+# parameters (text, number, text, ...) to number them anew; the SELECTs among them.
+# Other kinds (meta, keys, events, schedules: rare writes) go one by one.
+_PARTS = MappingProxyType(
+    {
+        sql: tuple(re.split(r"\$(\d+)", sql))
+        for sql in (
+            _FENCE,
+            _NOTIFY,
+            _INSERT_CALL,
+            _UPDATE_CALL,
+            _ADD_RESULT,
+            _REMOVE_RESULTS,
+            _REMOVE_POLLER_RESULTS,
+            _APPEND_SEGMENT,
+            _REMOVE_SEGMENTS,
+            _ADD_ATTEMPT,
+            _MARK_COMMIT,
+        )
+    }
+)
+_SELECTS = (_FENCE, _NOTIFY)
+_COMBINE_MAX = 32  # statements; a larger write (a gather's children) goes by executemany
+_ID_AT = CALL_COLUMNS.index("id")
+
 
 def mask_url(url: str) -> str:
     """Return a database URL with its password (in the user part or the query) masked."""
@@ -480,6 +507,113 @@ def _arrange(statements: list[_Statement]) -> list[_Statement]:
         return body
     notes = _notifications(statements) if marked else []
     return [*fences.values(), *body, *attempts, *notes]
+
+
+def _combined(statements: list[_Statement], token: int, replica: str) -> _Statement | None:
+    """One statement that makes all of `statements` and the commit mark, if it may.
+
+    A statement of data-modifying WITH queries commits on its own, in one round trip
+    to the server, where a transaction takes one per statement and two more (BEGIN,
+    COMMIT): a step of a chain of awaits took about ten. Its parts all see the
+    database as it was before the statement, in no set order, and PostgreSQL cannot
+    change a row twice in one statement: they may go together only if no part
+    touches a row another part writes, which the keys below check (a call's id among
+    the calls inserted and updated; a result's seq, and its poller, among results
+    added and removed; a call's segments appended and removed). Rows numbered in the
+    order of their inserts (a call's seq, an attempt's) must not depend on it: one
+    call inserted at most, and one attempt of each number of a call. None if not,
+    if a kind is not combinable, or for a large write.
+
+    A result queued and then removed in the same write (a child's result delivered
+    to its caller at once: every step of a chain) is neither.
+    """
+    arranged = _delivered_at_once(_arrange(statements))
+    if len(arranged) > _COMBINE_MAX:
+        return None
+    inserted = False
+    attempts: set[tuple[str, int]] = set()
+    calls: set[str] = set()
+    added: set[int] = set()
+    removed: set[int] = set()
+    pollers: set[str] = set()
+    cleared: set[str] = set()
+    appended: set[str] = set()
+    dropped: set[str] = set()
+    for sql, params in arranged:
+        if sql not in _PARTS:
+            return None
+        if sql is _UPDATE_CALL or sql is _INSERT_CALL:
+            call_id = params[-1] if sql is _UPDATE_CALL else params[_ID_AT]
+            if call_id in calls or (inserted and sql is _INSERT_CALL):
+                return None
+            calls.add(call_id)
+            inserted = inserted or sql is _INSERT_CALL
+        elif sql is _ADD_ATTEMPT:
+            if params[:2] in attempts:
+                return None
+            attempts.add(params[:2])
+        elif sql is _ADD_RESULT:
+            added.add(params[0])
+            pollers.add(params[1])
+        elif sql is _REMOVE_RESULTS:
+            removed.update(params[0])
+        elif sql is _REMOVE_POLLER_RESULTS:
+            cleared.add(params[0])
+        elif sql is _APPEND_SEGMENT:
+            appended.add(params[0])
+        elif sql is _REMOVE_SEGMENTS:
+            dropped.add(params[0])
+    if added & removed or pollers & cleared or appended & dropped:
+        return None
+    # In no set order anyway: sorted, a write of the same kinds is the same statement
+    # (asyncpg prepares each text once).
+    arranged.sort(key=lambda statement: statement[0])
+    arranged.append((_MARK_COMMIT, (token, replica)))
+    queries: list[str] = []
+    selects: list[str] = []
+    args: list[Any] = []
+    for i, (sql, params) in enumerate(arranged):
+        parts = _PARTS[sql]
+        text = "".join(
+            part if j % 2 == 0 else f"${int(part) + len(args)}" for j, part in enumerate(parts)
+        )
+        args.extend(params)
+        if sql in _SELECTS:  # evaluated only if read: the final SELECT reads them
+            queries.append(f"q{i} AS ({text} AS x)")
+            selects.append(f"q{i}")
+        else:
+            queries.append(f"q{i} AS ({text})")
+    final = (
+        f"SELECT {' + '.join(f'count({q}.x)' for q in selects)} FROM {', '.join(selects)}"
+        if selects
+        else "SELECT 1"
+    )
+    return f"WITH {', '.join(queries)} {final}", tuple(args)
+
+
+def _delivered_at_once(statements: list[_Statement]) -> list[_Statement]:
+    """`statements` without the results they add and then remove."""
+    added: set[int] = set()
+    gone: set[int] = set()
+    for sql, params in statements:
+        if sql is _ADD_RESULT:
+            if params[0] in added:
+                return statements  # fails as it is (the seq is taken)
+            added.add(params[0])
+        elif sql is _REMOVE_RESULTS:
+            # Only those added before: one added after its removal stays queued.
+            gone.update(seq for seq in params[0] if seq in added)
+    if not gone:
+        return statements
+    kept: list[_Statement] = []
+    for sql, params in statements:
+        if sql is _REMOVE_RESULTS:
+            left = [seq for seq in params[0] if seq not in gone]
+            if left:
+                kept.append((sql, (left,)))
+        elif sql is not _ADD_RESULT or params[0] not in gone:
+            kept.append((sql, params))
+    return kept
 
 
 async def _execute(conn: Any, statements: list[_Statement]) -> None:
@@ -983,6 +1117,20 @@ class PostgresStore(Store):
     ) -> None:
         """Apply `groups` in one transaction; with `errors`, each group in a savepoint."""
         pg = self._pg
+        token = secrets.randbits(63)
+        combined = None if errors is not None else _combined(groups[0], token, self._replica)
+        if combined is not None:
+            try:
+                await conn.execute(combined[0], *combined[1])
+            except pg.PostgresError as exc:
+                if not conn.is_closed():
+                    raise  # the server refused the statement: nothing was written
+                raise _InDoubt(token, exc) from exc
+            except (pg.InterfaceError, OSError, TimeoutError) as exc:
+                conn.terminate()
+                raise _InDoubt(token, exc) from exc
+            self._commits += 1
+            return
         tx = conn.transaction()
         await tx.start()
         try:
@@ -1002,7 +1150,6 @@ class PostgresStore(Store):
                 else:
                     await savepoint.commit()
                     errors.append(None)
-            token = secrets.randbits(63)
             await conn.execute(_MARK_COMMIT, token, self._replica)
         except BaseException:
             if not conn.is_closed():
