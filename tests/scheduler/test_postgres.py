@@ -31,7 +31,9 @@ from dispatch_aio.scheduler.store import (
 )
 from dispatch_aio.scheduler.store._postgres import (
     _ADD_ATTEMPT,
+    _ADD_RESULT,
     _MIGRATIONS,
+    _REMOVE_RESULTS,
     _UPDATE_CALL,
     SCHEMA_VERSION,
     _arrange,
@@ -328,6 +330,24 @@ def test_attempt_rows_go_last_so_that_updates_share_a_round_trip() -> None:
     arranged = _arrange([statement for op in ops for statement in _statements(op)])
     assert [sql for sql, _ in arranged] == [_UPDATE_CALL] * 2 + [_ADD_ATTEMPT] * 2
     assert [params[0] for _, params in arranged[2:]] == ["a", "b"]
+
+
+def test_writes_go_by_table_in_their_order_within_each() -> None:
+    # Children finishing together each update their call and queue their result: by
+    # table, the updates go in one round trip and the results in another, not one each.
+    ops: list[Op] = []
+    for child in ("a", "b", "c"):
+        ops += [UpdateCall(record(child)), AddResult(QueuedResult(ord(child), "p", 0, b""))]
+    ops += [RemoveResults((ord("a"),)), AddResult(QueuedResult(1, "p", 0, b""))]
+    arranged = _arrange([statement for op in ops for statement in _statements(op)])
+    assert [sql for sql, _ in arranged] == [_UPDATE_CALL] * 3 + [
+        _ADD_RESULT,
+        _ADD_RESULT,
+        _ADD_RESULT,
+        _REMOVE_RESULTS,
+        _ADD_RESULT,
+    ]
+    assert [params[0] for _, params in arranged[3:]] == [ord("a"), ord("b"), ord("c"), [97], 1]
 
 
 class Statements:

@@ -355,6 +355,27 @@ _PARTS = MappingProxyType(
     }
 )
 _SELECTS = (_FENCE, _NOTIFY)
+# The table each writing statement writes (`_arrange`).
+_TABLES = MappingProxyType(
+    {
+        _INSERT_CALL: "calls",
+        _UPDATE_CALL: "calls",
+        _ADD_RESULT: "results",
+        _REMOVE_RESULTS: "results",
+        _REMOVE_POLLER_RESULTS: "results",
+        _SET_META: "meta",
+        _KEEP_META: "meta",
+        _APPEND_SEGMENT: "segments",
+        _REMOVE_SEGMENTS: "segments",
+        _PUT_KEY: "keys",
+        _PRUNE_KEYS: "keys",
+        _PUT_EVENT: "events",
+        _PUT_SCHEDULE: "schedules",
+        _MOVE_SCHEDULE: "schedules",
+        _DELETE_SCHEDULE: "schedules",
+        _NOTIFY: "",  # sent at the commit, whatever their order
+    }
+)
 _COMBINE_MAX = 32  # statements; a larger write (a gather's children) goes by executemany
 _ID_AT = CALL_COLUMNS.index("id")
 
@@ -483,14 +504,16 @@ def _arrange(statements: list[_Statement]) -> list[_Statement]:
     """Put a transaction's statements in the order to run them.
 
     Fences first (one per partition and epoch: the first holds the lease row until the
-    commit), then the writes, then the attempt rows, then the notifications of the
-    markers. The attempt rows are an append-only log that no other statement reads:
-    gathered at the end, they go in one round trip, and the writes they sat between
-    (the calls' updates of many writes committed together) run consecutively, also in
-    one round trip each kind (see `_execute`).
+    commit), then the writes grouped by table, each table's in their own order, then
+    the attempt rows, then the notifications of the markers. No statement reads or
+    writes a table other than its own (no triggers, no foreign keys; the attempt rows
+    are a log nothing reads), so only the order within a table tells. Grouped, the
+    writes of many operations committed together (each a call's update and its
+    parent's queued result, or a call and its idempotency key) run as a few runs of
+    one SQL each, one round trip each (see `_execute`), not one round trip each.
     """
     fences: dict[tuple[Any, ...], _Statement] = {}
-    body: list[_Statement] = []
+    tables: dict[str, list[_Statement]] = {}
     attempts: list[_Statement] = []
     marked = False
     for statement in statements:
@@ -502,7 +525,8 @@ def _arrange(statements: list[_Statement]) -> list[_Statement]:
         elif sql is _ADD_ATTEMPT:
             attempts.append(statement)
         else:
-            body.append(statement)
+            tables.setdefault(_TABLES[sql], []).append(statement)
+    body = [statement for writes in tables.values() for statement in writes]
     if not fences and not marked and not attempts:
         return body
     notes = _notifications(statements) if marked else []
