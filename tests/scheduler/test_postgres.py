@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -21,8 +22,10 @@ from dispatch_aio.scheduler.store import (
     AttemptRecord,
     CallQuery,
     InsertCall,
+    KeyTakenError,
     Op,
     Phase,
+    PutIdempotencyKey,
     QueuedResult,
     RemoveResults,
     RemoveSegments,
@@ -440,5 +443,23 @@ async def test_writes_that_change_a_row_twice_go_statement_by_statement(pg_url: 
         assert await statements.write(ops) > 1
         listed = [rec.id for _, rec in await store.list_calls(CallQuery())]
         assert listed == ["a", "k0", "k1", "k2"]
+    finally:
+        await store.close()
+
+
+async def test_a_submission_commits_in_one_statement_and_a_taken_key_in_none(
+    pg_url: str,
+) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        statements = Statements(store)
+        far = time.time() + 3600
+        submitted: list[Op] = [InsertCall(record("a")), PutIdempotencyKey("k", "a", far)]
+        assert await statements.write(submitted) == 1
+        with pytest.raises(KeyTakenError):
+            await statements.write([InsertCall(record("b")), PutIdempotencyKey("k", "b", far)])
+        assert await store.get_call("b") is None
+        assert await store.find_idempotency_keys(["k"], time.time()) == {"k": "a"}
     finally:
         await store.close()

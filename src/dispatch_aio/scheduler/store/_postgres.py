@@ -350,11 +350,12 @@ _PARTS = MappingProxyType(
             _APPEND_SEGMENT,
             _REMOVE_SEGMENTS,
             _ADD_ATTEMPT,
+            _PUT_KEY,
             _MARK_COMMIT,
         )
     }
 )
-_SELECTS = (_FENCE, _NOTIFY)
+_SELECTS = (_FENCE, _NOTIFY, _PUT_KEY)
 # The table each writing statement writes (`_arrange`).
 _TABLES = MappingProxyType(
     {
@@ -545,8 +546,8 @@ def _combined(statements: list[_Statement], token: int, replica: str) -> _Statem
     the calls inserted and updated; a result's seq, and its poller, among results
     added and removed; a call's segments appended and removed). Rows numbered in the
     order of their inserts (a call's seq, an attempt's) must not depend on it: one
-    call inserted at most, and one attempt of each number of a call. None if not,
-    if a kind is not combinable, or for a large write.
+    call inserted at most, and one attempt of each number of a call. An idempotency
+    key goes once. None if not, if a kind is not combinable, or for a large write.
 
     A result queued and then removed in the same write (a child's result delivered
     to its caller at once: every step of a chain) is neither.
@@ -555,7 +556,7 @@ def _combined(statements: list[_Statement], token: int, replica: str) -> _Statem
     if len(arranged) > _COMBINE_MAX:
         return None
     inserted = False
-    attempts: set[tuple[str, int]] = set()
+    keys: set[Any] = set()  # attempts' (call, number), idempotency keys
     calls: set[str] = set()
     added: set[int] = set()
     removed: set[int] = set()
@@ -572,10 +573,11 @@ def _combined(statements: list[_Statement], token: int, replica: str) -> _Statem
                 return None
             calls.add(call_id)
             inserted = inserted or sql is _INSERT_CALL
-        elif sql is _ADD_ATTEMPT:
-            if params[:2] in attempts:
+        elif sql is _ADD_ATTEMPT or sql is _PUT_KEY:
+            key = params[:2] if sql is _ADD_ATTEMPT else params[0]
+            if key in keys:
                 return None
-            attempts.add(params[:2])
+            keys.add(key)
         elif sql is _ADD_RESULT:
             added.add(params[0])
             pollers.add(params[1])
