@@ -18,11 +18,15 @@ from dispatch_aio.scheduler import SQLiteStore, StoreError
 from dispatch_aio.scheduler.store import (
     WRITE_ALONE,
     AddAttempt,
+    AddResult,
     AttemptRecord,
     CallQuery,
     InsertCall,
     Phase,
     PutEvent,
+    QueuedResult,
+    RemoveResults,
+    UpdateCall,
     _sqlite,
 )
 from dispatch_aio.scheduler.store._sqlite import SCHEMA_VERSION
@@ -270,3 +274,24 @@ async def test_unfinished_calls_are_found_by_their_index_whatever_the_history(
         plan = " ".join(row[3] for row in store._conn.execute(f"EXPLAIN QUERY PLAN {select}"))
         assert "calls_unfinished" in plan, (query, plan)
     store._conn.set_trace_callback(None)
+
+
+async def test_a_result_delivered_in_the_write_that_queues_it_is_not_written(
+    store: SQLiteStore,
+) -> None:
+    # Each step of a chain queues the child's result and delivers it in one write: the
+    # blob would go into the table only to be deleted.
+    await store.write([InsertCall(record("p", phase=Phase.SUSPENDED))])
+    statements: list[str] = []
+    assert store._conn is not None
+    store._conn.set_trace_callback(statements.append)
+    await store.write(
+        [
+            UpdateCall(record("p", phase=Phase.SUSPENDED, polls=1)),
+            AddResult(QueuedResult(1, "p", 0, b"result")),
+            RemoveResults((1,)),
+        ]
+    )
+    store._conn.set_trace_callback(None)
+    assert any(s.startswith("UPDATE calls") for s in statements), statements
+    assert not any(" results " in s for s in statements), statements

@@ -122,6 +122,32 @@ async def test_load_returns_unfinished_calls_and_their_queues(store: Store) -> N
     assert snapshot.next_seq == 1
 
 
+async def test_a_result_queued_and_delivered_in_one_write_is_neither(store: Store) -> None:
+    # As a chain step writes: the child's result queued, and delivered to its caller.
+    await store.write([InsertCall(record("p", phase=Phase.SUSPENDED))])
+    await store.write([AddResult(QueuedResult(1, "p", 0, b"r1")), RemoveResults((1,))])
+    assert (await store.load()).results == []
+    # Removed before it is queued: it stays queued.
+    await store.write([RemoveResults((2,)), AddResult(QueuedResult(2, "p", 0, b"r2"))])
+    assert [r.seq for r in (await store.load()).results] == [2]
+    # In writes committed together, as in one.
+    await asyncio.gather(
+        store.write([AddResult(QueuedResult(3, "p", 0, b"r3"))]),
+        store.write([RemoveResults((2, 3))]),
+    )
+    assert (await store.load()).results == []
+    # A seq queued twice fails the write, as it would alone.
+    with pytest.raises(StoreError):
+        await store.write(
+            [
+                AddResult(QueuedResult(4, "p", 0, b"r4")),
+                AddResult(QueuedResult(4, "p", 0, b"r4")),
+                RemoveResults((4,)),
+            ]
+        )
+    assert (await store.load()).results == []
+
+
 async def test_fences_and_announcements(store: Store) -> None:
     coordination = store.coordination()
     ops = [Fence(0, "r", 1), Announce(0, ("a",)), InsertCall(record("a"))]

@@ -335,6 +335,30 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_DELETE_SCHEDULE, (schedule_id,))]
 
 
+def _delivered_at_once(statements: list[_Statement]) -> list[_Statement]:
+    """`statements` without the results they queue and then remove.
+
+    A child's result delivered to its caller in the write that queues it (every step
+    of a chain of awaits) need not be written, blob and all, only to be deleted.
+    """
+    added: set[int] = set()
+    gone: set[int] = set()
+    for sql, params in statements:
+        if sql is _ADD_RESULT:
+            if params[0] in added:
+                return statements  # fails as it is (the seq is taken)
+            added.add(params[0])
+        elif sql is _REMOVE_RESULT and params[0] in added:
+            gone.add(params[0])  # only after its add: one added after stays queued
+    if not gone:
+        return statements
+    return [
+        (sql, params)
+        for sql, params in statements
+        if not ((sql is _ADD_RESULT or sql is _REMOVE_RESULT) and params[0] in gone)
+    ]
+
+
 class _KeyTaken(sqlite3.IntegrityError):
     """A `PutIdempotencyKey` met the live key of another call (`StoreError`: KeyTakenError)."""
 
@@ -845,7 +869,8 @@ class SQLiteStore(Store):
         unless nothing could be applied.
         """
         try:
-            self._begin(conn, [[s for group in groups for s in group]])
+            # All or nothing: a result queued and delivered by two groups may go too.
+            self._begin(conn, [_delivered_at_once([s for group in groups for s in group])])
             return [None] * len(groups)
         except sqlite3.Error as exc:
             if len(groups) == 1:
