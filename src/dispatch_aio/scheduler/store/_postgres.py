@@ -11,8 +11,10 @@ retries the calls they were for), and the next write connects again.
 Writes of concurrent operations are grouped as in the SQLite store: while a
 transaction commits, new writes queue up and the next transaction takes all of them;
 if one group fails, the batch is applied again with a savepoint per group, so that
-only the failing writes fail. Reads (start-up recovery, inspection, journal segments)
-use a small pool of other connections and see every committed write.
+only the failing writes fail. A small transaction of the usual kinds goes as one
+statement of data-modifying WITH queries instead (`_combined`): one round trip where
+BEGIN, each statement and COMMIT take one each. Reads (start-up recovery, inspection,
+journal segments) use a small pool of other connections and see every committed write.
 
 A connection lost while its COMMIT was on the way leaves the outcome unknown. Each
 transaction therefore records a random token in the database, in a row of its own
