@@ -1148,16 +1148,7 @@ class PostgresStore(Store):
         token = secrets.randbits(63)
         combined = None if errors is not None else _combined(groups[0], token, self._replica)
         if combined is not None:
-            try:
-                await conn.execute(combined[0], *combined[1])
-            except pg.PostgresError as exc:
-                if not conn.is_closed():
-                    raise  # the server refused the statement: nothing was written
-                raise _InDoubt(token, exc) from exc
-            except (pg.InterfaceError, OSError, TimeoutError) as exc:
-                conn.terminate()
-                raise _InDoubt(token, exc) from exc
-            self._commits += 1
+            await self._committing(conn, token, conn.execute(combined[0], *combined[1]))
             return
         tx = conn.transaction()
         await tx.start()
@@ -1186,11 +1177,21 @@ class PostgresStore(Store):
                 except (Exception, TimeoutError):
                     conn.terminate()
             raise
+        await self._committing(conn, token, tx.commit())
+
+    async def _committing(self, conn: Any, token: int, commit: Awaitable[object]) -> None:
+        """Await `commit` (COMMIT, or a statement that commits on its own).
+
+        Raises:
+            asyncpg.PostgresError: The server refused it: nothing was written.
+            _InDoubt: The connection was lost meanwhile: it may have committed.
+        """
+        pg = self._pg
         try:
-            await tx.commit()
+            await commit
         except pg.PostgresError as exc:
             if not conn.is_closed():
-                raise  # the server refused the commit: nothing was written
+                raise
             raise _InDoubt(token, exc) from exc
         except (pg.InterfaceError, OSError, TimeoutError) as exc:
             conn.terminate()
