@@ -136,6 +136,11 @@ async def test_a_result_queued_and_delivered_in_one_write_is_neither(store: Stor
         store.write([RemoveResults((2, 3))]),
     )
     assert (await store.load()).results == []
+    # Removed, queued again and removed in one write: gone, as one by one.
+    await store.write([AddResult(QueuedResult(9, "p", 0, b"r9"))])
+    again = AddResult(QueuedResult(9, "p", 0, b"r9 again"))
+    await store.write([RemoveResults((9,)), again, RemoveResults((9,))])
+    assert (await store.load()).results == []
     # A seq queued twice fails the write, as it would alone.
     with pytest.raises(StoreError):
         await store.write(

@@ -620,23 +620,25 @@ def _combined(statements: list[_Statement], token: int, replica: str) -> _Statem
 
 
 def _delivered_at_once(statements: list[_Statement]) -> list[_Statement]:
-    """`statements` without the results they add and then remove."""
-    added: set[int] = set()
+    """`statements` without the results they add and then remove.
+
+    A removal before the result is added stays.
+    """
+    added: dict[int, int] = {}  # seq: the index of the statement adding it
     gone: set[int] = set()
-    for sql, params in statements:
+    for i, (sql, params) in enumerate(statements):
         if sql is _ADD_RESULT:
             if params[0] in added:
                 return statements  # fails as it is (the seq is taken)
-            added.add(params[0])
+            added[params[0]] = i
         elif sql is _REMOVE_RESULTS:
-            # Only those added before: one added after its removal stays queued.
             gone.update(seq for seq in params[0] if seq in added)
     if not gone:
         return statements
     kept: list[_Statement] = []
-    for sql, params in statements:
+    for i, (sql, params) in enumerate(statements):
         if sql is _REMOVE_RESULTS:
-            left = [seq for seq in params[0] if seq not in gone]
+            left = [seq for seq in params[0] if seq not in gone or i < added[seq]]
             if left:
                 kept.append((sql, (left,)))
         elif sql is not _ADD_RESULT or params[0] not in gone:

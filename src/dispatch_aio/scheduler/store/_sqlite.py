@@ -339,24 +339,28 @@ def _delivered_at_once(statements: list[_Statement]) -> list[_Statement]:
     """`statements` without the results they queue and then remove.
 
     A child's result delivered to its caller in the write that queues it (every step
-    of a chain of awaits) need not be written, blob and all, only to be deleted.
+    of a chain of awaits) need not be written, blob and all, only to be deleted. A
+    removal before the result is queued stays.
     """
-    added: set[int] = set()
+    added: dict[int, int] = {}  # seq: the index of the statement queuing it
     gone: set[int] = set()
-    for sql, params in statements:
+    for i, (sql, params) in enumerate(statements):
         if sql is _ADD_RESULT:
             if params[0] in added:
                 return statements  # fails as it is (the seq is taken)
-            added.add(params[0])
+            added[params[0]] = i
         elif sql is _REMOVE_RESULT and params[0] in added:
-            gone.add(params[0])  # only after its add: one added after stays queued
+            gone.add(params[0])
     if not gone:
         return statements
-    return [
-        (sql, params)
-        for sql, params in statements
-        if not ((sql is _ADD_RESULT or sql is _REMOVE_RESULT) and params[0] in gone)
-    ]
+    kept: list[_Statement] = []
+    for i, (sql, params) in enumerate(statements):
+        if sql is _ADD_RESULT or sql is _REMOVE_RESULT:
+            seq = params[0]
+            if seq in gone and (sql is _ADD_RESULT or i > added[seq]):
+                continue
+        kept.append((sql, params))
+    return kept
 
 
 class _KeyTaken(sqlite3.IntegrityError):
