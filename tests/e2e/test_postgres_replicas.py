@@ -196,6 +196,15 @@ class Cluster:
         finally:
             await conn.close()
 
+    async def into_the_run(self, owner_pid: int | None = None) -> None:
+        """Wait a random moment into the run, less if its work (or the replica's) is
+        nearly done: a kill must come while there is some left."""
+        deadline = time.monotonic() + random.uniform(0.1, 0.8)
+        for _ in itertools.count():
+            if time.monotonic() >= deadline or await self.unfinished(owner_pid) <= JOBS // 10:
+                break
+            await asyncio.sleep(0.02)
+
     async def check(self, accepted: dict[str, int], server: Server, killed_at: float) -> None:
         """Every job done with its result, its three calls made once, no step overlapping."""
         async with asyncio.timeout(30):
@@ -249,8 +258,8 @@ async def test_a_scheduler_replica_killed_mid_run_loses_no_job(
     await cluster.balanced()
     accepted = await cluster.submit()
     assert len(accepted) == JOBS
-    await asyncio.sleep(random.uniform(0.1, 0.8))
     victim, survivor = random.sample(cluster.servers, 2)
+    await cluster.into_the_run(victim.proc.popen.pid)
     assert await cluster.unfinished(victim.proc.popen.pid) > 0  # it drove calls
     victim.proc.kill()  # SIGKILL: its leases expire, the other replica takes them
     killed_at = time.monotonic()
@@ -274,7 +283,7 @@ async def test_an_app_replica_killed_mid_run_loses_no_job(
     cluster = Cluster(procs, tmp_path, pg_url)
     await cluster.balanced()
     accepted = await cluster.submit()
-    await asyncio.sleep(random.uniform(0.1, 0.8))
+    await cluster.into_the_run()
     assert await cluster.unfinished() > 0
     victim = random.choice(cluster.apps)
     await cluster.running_step(victim.popen.pid)  # killed in the middle of a step
