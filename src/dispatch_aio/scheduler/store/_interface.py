@@ -69,6 +69,7 @@ __all__ = [
     "StoreInUseError",
     "UpdateCall",
     "answer_writers",
+    "without_delivered",
 ]
 
 
@@ -586,3 +587,35 @@ class Store(abc.ABC):
     async def list_attempts(self, dispatch_id: str) -> list[AttemptRecord]:
         """Return the attempts recorded for a call, oldest first (none: an empty list)."""
         return []
+
+
+def without_delivered(ops: Sequence[Op]) -> Sequence[Op]:
+    """`ops` without the results they queue and then remove (stores' helper).
+
+    A child's result delivered to its caller in the write that queues it (every step of
+    a chain of awaits) need not be written, blob and all, only to be deleted. A removal
+    made before the result is queued stays; with a seq queued twice, `ops` go as they
+    are (and fail).
+    """
+    added: dict[int, int] = {}  # seq: the index of the op queuing it
+    gone: set[int] = set()
+    for i, op in enumerate(ops):
+        if isinstance(op, AddResult):
+            if op.result.seq in added:
+                return ops
+            added[op.result.seq] = i
+        elif isinstance(op, RemoveResults):
+            gone.update(seq for seq in op.seqs if seq in added)
+    if not gone:
+        return ops
+    kept: list[Op] = []
+    for i, op in enumerate(ops):
+        if isinstance(op, AddResult) and op.result.seq in gone:
+            continue
+        if isinstance(op, RemoveResults):
+            left = tuple(seq for seq in op.seqs if seq not in gone or i < added[seq])
+            if left:
+                kept.append(RemoveResults(left))
+            continue
+        kept.append(op)
+    return kept

@@ -86,6 +86,7 @@ from ._interface import (
     StoreError,
     UpdateCall,
     answer_writers,
+    without_delivered,
 )
 from ._rows import (
     CALL_COLUMNS,
@@ -550,11 +551,8 @@ def _combined(statements: list[_Statement], token: int, replica: str) -> _Statem
     order of their inserts (a call's seq, an attempt's) must not depend on it: one
     call inserted at most, and one attempt of each number of a call. An idempotency
     key goes once. None if not, if a kind is not combinable, or for a large write.
-
-    A result queued and then removed in the same write (a child's result delivered
-    to its caller at once: every step of a chain) is neither.
     """
-    arranged = _delivered_at_once(_arrange(statements))
+    arranged = _arrange(statements)
     if len(arranged) > _COMBINE_MAX:
         return None
     inserted = False
@@ -617,33 +615,6 @@ def _combined(statements: list[_Statement], token: int, replica: str) -> _Statem
         else "SELECT 1"
     )
     return f"WITH {', '.join(queries)} {final}", tuple(args)
-
-
-def _delivered_at_once(statements: list[_Statement]) -> list[_Statement]:
-    """`statements` without the results they add and then remove.
-
-    A removal before the result is added stays.
-    """
-    added: dict[int, int] = {}  # seq: the index of the statement adding it
-    gone: set[int] = set()
-    for i, (sql, params) in enumerate(statements):
-        if sql is _ADD_RESULT:
-            if params[0] in added:
-                return statements  # fails as it is (the seq is taken)
-            added[params[0]] = i
-        elif sql is _REMOVE_RESULTS:
-            gone.update(seq for seq in params[0] if seq in added)
-    if not gone:
-        return statements
-    kept: list[_Statement] = []
-    for i, (sql, params) in enumerate(statements):
-        if sql is _REMOVE_RESULTS:
-            left = [seq for seq in params[0] if seq not in gone or i < added[seq]]
-            if left:
-                kept.append((sql, (left,)))
-        elif sql is not _ADD_RESULT or params[0] not in gone:
-            kept.append((sql, params))
-    return kept
 
 
 async def _execute(conn: Any, statements: list[_Statement]) -> None:
@@ -808,7 +779,7 @@ class PostgresStore(Store):
         """
         if not self._opened:
             raise StoreError("the store is not open")
-        statements = [s for op in ops for s in _statements(op)]
+        statements = [s for op in without_delivered(ops) for s in _statements(op)]
         if not statements:
             return
         loop = asyncio.get_running_loop()

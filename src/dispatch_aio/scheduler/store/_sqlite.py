@@ -85,6 +85,7 @@ from ._interface import (
     StoreInUseError,
     UpdateCall,
     answer_writers,
+    without_delivered,
 )
 from ._rows import (
     CALL_COLUMNS,
@@ -335,34 +336,6 @@ def _statements(op: Op) -> list[_Statement]:
             return [(_DELETE_SCHEDULE, (schedule_id,))]
 
 
-def _delivered_at_once(statements: list[_Statement]) -> list[_Statement]:
-    """`statements` without the results they queue and then remove.
-
-    A child's result delivered to its caller in the write that queues it (every step
-    of a chain of awaits) need not be written, blob and all, only to be deleted. A
-    removal before the result is queued stays.
-    """
-    added: dict[int, int] = {}  # seq: the index of the statement queuing it
-    gone: set[int] = set()
-    for i, (sql, params) in enumerate(statements):
-        if sql is _ADD_RESULT:
-            if params[0] in added:
-                return statements  # fails as it is (the seq is taken)
-            added[params[0]] = i
-        elif sql is _REMOVE_RESULT and params[0] in added:
-            gone.add(params[0])
-    if not gone:
-        return statements
-    kept: list[_Statement] = []
-    for i, (sql, params) in enumerate(statements):
-        if sql is _ADD_RESULT or sql is _REMOVE_RESULT:
-            seq = params[0]
-            if seq in gone and (sql is _ADD_RESULT or i > added[seq]):
-                continue
-        kept.append((sql, params))
-    return kept
-
-
 class _KeyTaken(sqlite3.IntegrityError):
     """A `PutIdempotencyKey` met the live key of another call (`StoreError`: KeyTakenError)."""
 
@@ -458,7 +431,7 @@ class SQLiteStore(Store):
         """
         if self._executor is None:
             raise StoreError("the store is not open")
-        statements = [s for op in ops for s in _statements(op)]
+        statements = [s for op in without_delivered(ops) for s in _statements(op)]
         if not statements:
             return
         deferrable = WRITE_DEFERRABLE.get()
@@ -873,8 +846,7 @@ class SQLiteStore(Store):
         unless nothing could be applied.
         """
         try:
-            # All or nothing: a result queued and delivered by two groups may go too.
-            self._begin(conn, [_delivered_at_once([s for group in groups for s in group])])
+            self._begin(conn, [[s for group in groups for s in group]])
             return [None] * len(groups)
         except sqlite3.Error as exc:
             if len(groups) == 1:
