@@ -25,6 +25,7 @@ from dispatch_aio.cli._inspect import InspectClient
 from dispatch_aio.proto.v1 import inspect_pb2
 
 from .harness import PYTHON, Proc, Server, Starter, start_server, wait_for_port
+from .test_crash import UNFINISHED
 
 APP = textwrap.dedent(
     """
@@ -136,13 +137,7 @@ async def test_a_chain_goes_on_one_batch_a_step_in_a_restarted_app(
     server, start_app, endpoint = _serve(procs, tmp_path)
     app = start_app()
     unfinished = inspect_pb2.ListCallsRequest(
-        states=[
-            inspect_pb2.CALL_STATE_PENDING,
-            inspect_pb2.CALL_STATE_RUNNING,
-            inspect_pb2.CALL_STATE_SUSPENDED,
-        ],
-        top_level_only=True,
-        omit_payloads=True,
+        states=UNFINISHED, top_level_only=True, omit_payloads=True
     )
     async with (
         Client(
