@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -132,6 +133,22 @@ async def test_connect_json_errors_are_mapped(api: FakeAPI) -> None:
         with pytest.raises(errors.ClientError, match=r"slow down.*rate limiting") as caught:
             await client.dispatch([Call("f")])
     assert Classifier().status_for_error(caught.value) is Status.THROTTLED
+
+    # Too large: the scheduler says what to do; nothing about rate limits, and retrying
+    # the same request cannot help.
+    too_large = "the request submits 20000 calls, over the limit of 10000 per request"
+    api.respond = answer(413, json.dumps({"code": "resource_exhausted", "message": too_large}))  # type: ignore[assignment]
+    async with make_client(api) as client:
+        with pytest.raises(errors.ClientError) as caught:
+            await client.dispatch([Call("f")])
+    assert caught.value.message == too_large
+    assert str(caught.value) == f"Dispatch API error (HTTP 413, resource_exhausted): {too_large}"
+    assert Classifier().status_for_error(caught.value) is Status.PERMANENT_ERROR
+    api.respond = answer(413, "", "text/plain")  # type: ignore[assignment]
+    async with make_client(api) as client:
+        with pytest.raises(errors.ClientError, match="too large for the Dispatch API") as caught:
+            await client.dispatch([Call("f")])
+    assert Classifier().status_for_error(caught.value) is Status.PERMANENT_ERROR
 
 
 async def test_non_json_error_bodies(api: FakeAPI) -> None:

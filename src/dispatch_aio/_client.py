@@ -683,7 +683,7 @@ def _client_error(url: str, status: int, payload: bytes) -> errors.ClientError:
     else:
         text = payload[:_MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
         message = text + ("..." if len(payload) > _MAX_ERROR_TEXT else "")
-    hint = _hint(status, code, url)
+    hint = "" if status == 413 and message else _hint(status, code, url)
     if hint:
         message = f"{message} ({hint})" if message else hint
     return errors.ClientError(message, http_status=status, code=code)
@@ -699,6 +699,8 @@ def _hint(status: int, code: str, url: str) -> str:
         return "the API key (DISPATCH_API_KEY) is not allowed to dispatch calls"
     if status == 404 or code in ("not_found", "unimplemented"):
         return f"no Dispatch API answers at {url}: check DISPATCH_API_URL"
+    if status == 413:
+        return "the request is too large for the Dispatch API: send fewer or smaller calls"
     if status == 429 or code == "resource_exhausted":
         return "the Dispatch API is rate limiting this application: try again later"
     if status == 400 or code in ("invalid_argument", "out_of_range"):

@@ -183,6 +183,8 @@ def status_for_connect_error(code: str, http_status: int) -> Status:
     Returns:
         The status of the failed API call (never OK or UNSPECIFIED).
     """
+    if http_status == 413:  # too large: as large when retried, whatever the code says
+        return Status.PERMANENT_ERROR
     status = _CONNECT_CODES.get(code)
     if status is None:
         status = _CONNECT_CODES[_CONNECT_CODE_FOR_HTTP.get(http_status, "unknown")]

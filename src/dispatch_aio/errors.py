@@ -396,7 +396,8 @@ class ClientError(DispatchError):
     ``canceled`` are TIMEOUT (retried), ``unauthenticated`` is UNAUTHENTICATED,
     ``permission_denied`` is PERMISSION_DENIED, ``not_found`` and ``unimplemented`` are
     NOT_FOUND, ``invalid_argument`` and ``out_of_range`` are INVALID_ARGUMENT, the others
-    PERMANENT_ERROR. Without a Connect code the HTTP status decides. The `status` class
+    PERMANENT_ERROR. Without a Connect code the HTTP status decides. An HTTP 413 (the
+    request is too large) is PERMANENT_ERROR whatever its code. The `status` class
     attribute is the status of an ``unknown`` code.
 
     Args:
