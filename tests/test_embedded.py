@@ -18,6 +18,7 @@ import pytest
 from dispatch_aio import Call, Client, Dispatch
 from dispatch_aio.errors import ClientError, ConfigurationError, DispatchTimeoutError
 from dispatch_aio.scheduler import StoreError
+from dispatch_aio.scheduler.store import _sqlite
 
 DISPATCH_AIO = str(Path(sys.executable).parent / "dispatch-aio")
 
@@ -69,6 +70,32 @@ async def test_a_call_tree_runs_in_process_and_is_persisted(tmp_path: Path) -> N
     mode = (tmp_path / "data").stat().st_mode & 0o777
     assert mode == 0o700
     assert (tmp_path / "data" / ".gitignore").exists()
+
+
+async def test_calls_run_while_the_process_submits_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As with a store that commits at once: every submission on the loop's thread,
+    # with nothing to wait for.
+    monkeypatch.setattr(_sqlite, "_INLINE_MAX", 10.0)
+    monkeypatch.setattr(_sqlite.SQLiteStore, "_idle", lambda self: True)
+    dispatch = Dispatch(env={}, data_dir=str(tmp_path / "data"))
+    submitted = 0
+    ran_after: list[int] = []  # how many submissions had returned when each call ran
+
+    @dispatch.function(name="note")
+    async def note(i: int) -> int:
+        ran_after.append(submitted)
+        return i
+
+    async with await dispatch.start():
+        ids = []
+        for i in range(100):  # never yields but in `dispatch`
+            ids.append(await note.dispatch(i))
+            submitted += 1
+        results = [await dispatch.client.result(i, timeout=30) for i in ids]
+    assert results == list(range(100))
+    assert min(ran_after) < 100  # the first calls ran while the loop went on submitting
 
 
 async def test_errors_and_unknown_functions_reach_the_client(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from dispatch_aio.scheduler import DEFAULT_EXPIRATION, RetryPolicy, Scheduler, S
 from dispatch_aio.scheduler._engine import _Ids
 from dispatch_aio.scheduler.store import (
     WRITE_ALONE,
+    WRITE_URGENT,
     CallQuery,
     CallRecord,
     InsertCall,
@@ -760,11 +761,12 @@ def test_backoff_is_capped_and_never_overflows() -> None:
 
 
 class HintRecordingStore(Store):
-    """A real SQLite store that notes, for each write, its calls and the WRITE_ALONE hint."""
+    """A real SQLite store that notes, for each write, its calls and the WRITE_ALONE and
+    WRITE_URGENT hints."""
 
     def __init__(self) -> None:
         self.inner = SQLiteStore(":memory:")
-        self.writes: list[tuple[str, bool]] = []
+        self.writes: list[tuple[str, bool, bool]] = []
         self.written = asyncio.Event()
 
     async def wait_writes(self, count: int) -> None:
@@ -785,7 +787,7 @@ class HintRecordingStore(Store):
             for op in ops
             if isinstance(op, InsertCall | UpdateCall)
         ]
-        self.writes.append((" ".join(changed), WRITE_ALONE.get()))
+        self.writes.append((" ".join(changed), WRITE_ALONE.get(), WRITE_URGENT.get()))
         await self.inner.write(ops)
         self.written.set()
 
@@ -805,9 +807,10 @@ class HintRecordingStore(Store):
         return await self.inner.get_meta(key)
 
 
-async def test_writes_are_marked_alone_only_with_no_other_attempt_in_flight(
+async def test_the_write_hints_alone_and_urgent(
     endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
 ) -> None:
+    """Alone: no other attempt in flight. Urgent: a submission, which its client awaits."""
     store = HintRecordingStore()
     s = await make_scheduler(store, default_endpoint=endpoint.url)
     gate = Gate()
@@ -829,11 +832,11 @@ async def test_writes_are_marked_alone_only_with_no_other_attempt_in_flight(
     async with asyncio.timeout(5):
         await s.wait(pid)
     assert store.writes == [
-        ("parent:PENDING", False),  # a submission: not an attempt
-        ("child:PENDING child:PENDING parent:SUSPENDED", True),  # the parent's poll
-        ("child:DONE", False),  # a finished while b ran
+        ("parent:PENDING", False, True),  # a submission: not an attempt, its client waits
+        ("child:PENDING child:PENDING parent:SUSPENDED", True, False),  # the parent's poll
+        ("child:DONE", False, False),  # a finished while b ran
         # b's result resumed the parent at once: b's finish is written with the parent's
-        ("parent:DONE child:DONE", True),
+        ("parent:DONE child:DONE", True, False),
     ]
 
 

@@ -17,6 +17,7 @@ import pytest
 from dispatch_aio.scheduler import SQLiteStore, StoreError
 from dispatch_aio.scheduler.store import (
     WRITE_ALONE,
+    WRITE_URGENT,
     AddAttempt,
     AddResult,
     AttemptRecord,
@@ -92,15 +93,19 @@ async def test_unopenable_path_is_reported(tmp_path: Path) -> None:
         await store.open()
 
 
-async def yields_to_the_loop(write: Awaitable[None], *, alone: bool) -> bool:
-    """Await `write` with the WRITE_ALONE hint; return whether the loop got a turn meanwhile."""
+async def yields_to_the_loop(
+    write: Awaitable[None], *, alone: bool = False, urgent: bool = False
+) -> bool:
+    """Await `write` with the WRITE_ALONE and WRITE_URGENT hints; return whether the loop
+    got a turn meanwhile."""
     turns: list[int] = []
     asyncio.get_running_loop().call_soon(turns.append, 1)
-    token = WRITE_ALONE.set(alone)
+    tokens = WRITE_ALONE.set(alone), WRITE_URGENT.set(urgent)
     try:
         await write
     finally:
-        WRITE_ALONE.reset(token)
+        WRITE_ALONE.reset(tokens[0])
+        WRITE_URGENT.reset(tokens[1])
     return bool(turns)
 
 
@@ -135,6 +140,46 @@ async def test_a_write_made_alone_commits_on_the_loop_thread(tmp_path: Path) -> 
         assert [c.id for c in (await reopened.load()).calls] == ["t", "a"]
     finally:
         await reopened.close()
+
+
+async def until_idle(store: SQLiteStore) -> None:
+    """Wait past the time the last commit took: the store is idle again."""
+    await asyncio.sleep(max(store._last_commit * 2, 0.01))
+
+
+@pytest.mark.usefixtures("any_disk_is_fast")
+async def test_an_urgent_write_commits_on_the_loop_thread_when_the_store_is_idle(
+    store: SQLiteStore,
+) -> None:
+    await store.write([InsertCall(record("t"))])
+    await until_idle(store)
+    before = store.commits
+    assert not await yields_to_the_loop(store.write([InsertCall(record("a"))]), urgent=True)
+    assert store.commits == before + 1
+    # Right after that commit the store is not idle: more writes are likely coming.
+    assert await yields_to_the_loop(store.write([InsertCall(record("b"))]), urgent=True)
+    # Nor is a write of many statements ever urgent: they would hold up the loop.
+    await until_idle(store)
+    many = [InsertCall(record(f"m{i}")) for i in range(_sqlite._SPLIT_MAX + 1)]
+    assert await yields_to_the_loop(store.write(many), urgent=True)
+    assert len(await store.list_calls(CallQuery())) == 3 + len(many)
+
+
+@pytest.mark.usefixtures("any_disk_is_fast")
+async def test_urgent_writes_made_together_are_grouped(store: SQLiteStore) -> None:
+    await store.write([InsertCall(record("t"))])
+    await until_idle(store)
+
+    async def submit(i: int) -> None:
+        WRITE_URGENT.set(True)  # this task's own context
+        await store.write([InsertCall(record(f"c{i}"))])
+
+    before = store.commits
+    await asyncio.gather(*(submit(i) for i in range(20)))
+    # The first commits alone on the loop's thread; the others find the store busy and
+    # go together, not one commit each.
+    assert store.commits - before <= 3
+    assert len(await store.list_calls(CallQuery())) == 21
 
 
 @pytest.mark.usefixtures("any_disk_is_fast")

@@ -113,6 +113,7 @@ from ._validate import call_problem
 from .store import (
     WRITE_ALONE,
     WRITE_DEFERRABLE,
+    WRITE_URGENT,
     AddAttempt,
     AddResult,
     AppendSegment,
@@ -601,7 +602,7 @@ class Engine:
             self._pruned_at = now
             ops.append(PruneIdempotencyKeys(now))
         if self._parts is None:
-            await self._store.write(ops)
+            await self._write_submission(ops)
             self._created(records)
             for rec in records:
                 self._adopt(rec)
@@ -610,7 +611,7 @@ class Engine:
         submitting = self._parts.submitting
         submitting.update(rec.id for rec in records)  # their announcements: nothing to load
         try:
-            await self._store.write(ops)
+            await self._write_submission(ops)
         finally:
             submitting.difference_update(rec.id for rec in records)
         self._created(records)
@@ -619,6 +620,17 @@ class Engine:
             if self._parts.adoptable(rec.id) and self._parts.holds(rec.root_id):
                 self._adopt(rec)
         return ids
+
+    async def _write_submission(self, ops: list[Op]) -> None:
+        """Write a submission, which its client waits for (`WRITE_URGENT`)."""
+        token = WRITE_URGENT.set(True)
+        try:
+            await self._store.write(ops)
+        finally:
+            WRITE_URGENT.reset(token)
+        # The store may have committed without suspending: a client in this process that
+        # submits call after call must not keep the calls it made from running.
+        await asyncio.sleep(0)
 
     async def wait(self, dispatch_id: str, max_seconds: float | None = None) -> CallRecord | None:
         """Wait until a call is done.

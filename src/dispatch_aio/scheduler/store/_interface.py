@@ -14,6 +14,12 @@ the only thing the scheduler has in flight: a store that hands writes to a threa
 then commit it on the calling thread instead, since the event loop has nothing else to
 do meanwhile. It is a hint about cost only: what a write guarantees is the same.
 
+Through `WRITE_URGENT`, it tells a store that a client waits for a small write (a
+submission) while other work may be in flight: a store that hands writes to a thread
+may commit it on the calling thread all the same when no other write is committing or
+has just committed (a single client submitting one call after another), and groups it
+with the others otherwise (many clients at once).
+
 Through `WRITE_DEFERRABLE`, it tells a store that nobody waits for a write yet (a
 top-level call finished, its result not asked for): a store that groups writes may
 hold it back for up to `DEFER_MAX` seconds, so that it commits with the next write
@@ -37,6 +43,7 @@ __all__ = [
     "DEFER_MAX",
     "WRITE_ALONE",
     "WRITE_DEFERRABLE",
+    "WRITE_URGENT",
     "AddAttempt",
     "AddResult",
     "Announce",
@@ -75,6 +82,9 @@ __all__ = [
 
 WRITE_ALONE = contextvars.ContextVar("dispatch_aio_scheduler_write_alone", default=False)
 """True while the engine writes with no other attempt in flight (see the module docstring)."""
+
+WRITE_URGENT = contextvars.ContextVar("dispatch_aio_scheduler_write_urgent", default=False)
+"""True while the engine writes what a client waits for (see the module docstring)."""
 
 WRITE_DEFERRABLE = contextvars.ContextVar("dispatch_aio_scheduler_write_deferrable", default=False)
 """True while the engine writes what nobody waits for yet (see the module docstring)."""

@@ -17,6 +17,12 @@ disk works while the loop goes on (a thread left to wait for the interpreter loc
 behind a busy loop would begin only once the loop next idles). A lock keeps the
 connection to one thread at a time.
 
+A small write a client waits for (`WRITE_URGENT`, a submission) is committed on the
+loop's thread too, though attempts may be in flight, when the store is idle: no write
+committing, and none committed within the time the last commit took. A client that
+submits one call after another then waits for one commit and no hand-off; writes that
+come in a burst (many clients) find the store busy and are grouped as usual.
+
 A write nobody waits for yet (`WRITE_DEFERRABLE`) waits in the queue, up to
 `DEFER_MAX`, for another write to start a transaction: submissions made one after the
 other then commit with the result of the call before, one commit each instead of two.
@@ -55,6 +61,7 @@ from ._interface import (
     DEFER_MAX,
     WRITE_ALONE,
     WRITE_DEFERRABLE,
+    WRITE_URGENT,
     AddAttempt,
     AddResult,
     Announce,
@@ -381,6 +388,7 @@ class SQLiteStore(Store):
         self._conn_lock = threading.Lock()  # held by whichever thread uses the connection
         self._jobs = 0  # jobs handed to the writer thread whose futures are not done
         self._last_commit = 0.0  # seconds the last transaction took
+        self._last_end = 0.0  # when it committed (time.perf_counter())
         self._counted = 0  # transactions the database holds, as of the last commit
         self._mark: int | None = None  # file descriptor of the mark file
 
@@ -435,8 +443,10 @@ class SQLiteStore(Store):
         if not statements:
             return
         deferrable = WRITE_DEFERRABLE.get()
+        # An urgent write of many statements would hold up the loop: it is not urgent.
+        urgent = WRITE_URGENT.get() and len(statements) <= _SPLIT_MAX and self._idle()
         if (
-            WRITE_ALONE.get()
+            (WRITE_ALONE.get() or urgent)
             and not deferrable
             and self._flusher is None  # no write committing (deferred ones may wait)
             and self._last_commit < _INLINE_MAX
@@ -462,6 +472,14 @@ class SQLiteStore(Store):
             elif self._deferred is None:
                 self._deferred = loop.call_later(DEFER_MAX, self._start_flush)
         await future
+
+    def _idle(self) -> bool:
+        """Whether no write committed within the time the last commit took.
+
+        After a write committed just now, more are likely coming (many clients): they
+        had better be grouped than committed one by one on the loop's thread.
+        """
+        return time.perf_counter() - self._last_end >= self._last_commit
 
     def _start_flush(self) -> None:
         self._deferred = None
@@ -921,7 +939,8 @@ class SQLiteStore(Store):
             raise
         self._commits += 1
         self._counted += 1
-        self._last_commit = time.perf_counter() - start
+        self._last_end = time.perf_counter()
+        self._last_commit = self._last_end - start
         try:
             self._write_mark()
         except OSError as exc:  # committed all the same; only damage detection is weaker
