@@ -628,9 +628,6 @@ class Engine:
             await self._store.write(ops)
         finally:
             WRITE_URGENT.reset(token)
-        # The store may have committed without suspending: a client in this process that
-        # submits call after call must not keep the calls it made from running.
-        await asyncio.sleep(0)
 
     async def wait(self, dispatch_id: str, max_seconds: float | None = None) -> CallRecord | None:
         """Wait until a call is done.
