@@ -443,7 +443,7 @@ class SQLiteStore(Store):
         if not statements:
             return
         deferrable = WRITE_DEFERRABLE.get()
-        # An urgent write of many statements would hold up the loop: it is not urgent.
+        # Urgent and small only: the statements of a large write would hold up the loop.
         urgent = WRITE_URGENT.get() and len(statements) <= _SPLIT_MAX and self._idle()
         if (
             (WRITE_ALONE.get() or urgent)
