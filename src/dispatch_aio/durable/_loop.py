@@ -189,12 +189,25 @@ class _HostAware(Coroutine[Any, _T, Any]):
     must find, and cancel, the task that awaits them.
     """
 
-    __slots__ = ("_coro", "_loop", "task")
+    __slots__ = ("_coro", "_loop", "_task")
 
     def __init__(self, coro: Coroutine[Any, Any, _T], loop: DurableLoop) -> None:
         self._coro = coro
         self._loop = loop
-        self.task: asyncio.Task[Any] | None = None
+        self._task: weakref.ref[asyncio.Task[Any]] | None = None
+
+    @property
+    def task(self) -> asyncio.Task[Any] | None:
+        """The task that runs the coroutine.
+
+        Held weakly: the task holds the coroutine, and a cycle between them would leave
+        every finished run to the garbage collector rather than free it at once.
+        """
+        return None if self._task is None else self._task()
+
+    @task.setter
+    def task(self, task: asyncio.Task[Any]) -> None:
+        self._task = weakref.ref(task)
 
     def send(self, value: Any) -> Any:
         """Resume the coroutine with `value`."""
@@ -469,10 +482,22 @@ class DurableLoop(asyncio.AbstractEventLoop):
         # Tasks of a parked run, kept until it is discarded (see park()).
         self._parked_tasks: list[DurableTask[Any]] = []
         self.parked = self.discarded = False
-        # Set by the owner, read by code inside the run (see _context.py).
-        self.owner: Any = None
+        self._owner: weakref.ref[Any] | None = None
 
     # -- owner interface -------------------------------------------------------
+
+    @property
+    def owner(self) -> Any:
+        """The run this loop runs: set by it, read by code inside it (see _context.py).
+
+        Held weakly: the run holds its loop, and a cycle between them would leave every
+        finished run to the garbage collector rather than free it at once.
+        """
+        return None if self._owner is None else self._owner()
+
+    @owner.setter
+    def owner(self, run: Any) -> None:
+        self._owner = weakref.ref(run)
 
     def _next_seq(self) -> int:
         self._seq += 1
