@@ -193,10 +193,13 @@ def serve_embedded(key: str, long_chain: int, folder: str) -> None:
             async with InspectClient(server.api_url, EMBEDDED_KEY) as inspect:
                 await app.dispatch.client.result(await app.fan_out.dispatch(4), timeout=60)
                 # As dispatch.run() does once started, in the sources that have it (with
-                # --base-src, older sources may not).
-                freeze = getattr(dispatch_aio._serving, "freeze_startup_objects", None)
-                if freeze is not None:
-                    freeze()
+                # --base-src, older sources may not, or have its earlier name).
+                serving = dispatch_aio._serving
+                tune = getattr(serving, "tune_garbage_collector", None) or getattr(
+                    serving, "freeze_startup_objects", None
+                )
+                if tune is not None:
+                    tune()
                 print("ready", flush=True)
                 await loop.run_in_executor(None, sys.stdin.readline)
                 seconds, marks = await workload.run(app, inspect, workload.size)

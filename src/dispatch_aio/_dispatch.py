@@ -35,9 +35,9 @@ from ._serving import (
     IDLE_TIMEOUT,
     ConnectionGuard,
     default_connection_limit,
-    freeze_startup_objects,
     quiet_accept_errors,
     raise_file_limit,
+    tune_garbage_collector,
 )
 from ._status import Classifier, Status
 from ._sync import Executor, ProcessPools
@@ -641,7 +641,7 @@ class Dispatch:
             # The program cannot start where it runs (its database, its port, its
             # settings): one line that says why, as a command would, not a traceback.
             raise SystemExit(f"dispatch.run(): cannot start: {exc}") from None
-        freeze_startup_objects()  # the process is ours: see `_serving`
+        tune_garbage_collector()  # the process is ours: see `_serving`
         signals = (signal.SIGINT, signal.SIGTERM)
         installed = []
         for sig in signals:

@@ -14,9 +14,10 @@ Both servers of the package (the function endpoint and the scheduler's API) use 
   the connection limit, not the file limit, is what a flood reaches.
 - Accept errors (``EMFILE`` when the process is out of file descriptors anyway) are logged
   once per minute with a count, instead of a traceback per attempt.
-- `freeze_startup_objects`: once a process that is ours alone (``dispatch.run()``, the
+- `tune_garbage_collector`: once a process that is ours alone (``dispatch.run()``, the
   ``dispatch-aio`` commands) has started, what it holds is set aside from the cyclic
-  garbage collector, which would otherwise walk it at every full collection.
+  garbage collector, which would otherwise walk it at every full collection, and the
+  collector runs less often.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ __all__ = [
     "IDLE_TIMEOUT",
     "ConnectionGuard",
     "default_connection_limit",
-    "freeze_startup_objects",
     "quiet_accept_errors",
     "raise_file_limit",
+    "tune_garbage_collector",
 ]
 
 import asyncio
@@ -66,16 +67,28 @@ def raise_file_limit() -> int:
     return int(soft) if soft != resource.RLIM_INFINITY else _FILE_LIMIT_CAP
 
 
-def freeze_startup_objects() -> None:
-    """Collect the garbage made while starting, then freeze every object left.
+_GC_THRESHOLDS = (10_000, 20, 20)  # the defaults: (700, 10, 10)
+
+
+def tune_garbage_collector() -> None:
+    """Set the cyclic garbage collector up for a long-running server process.
 
     The modules, descriptors and settings a server loads at start live as long as it
     does, yet a full collection walks them all: tens of thousands of objects, tens of
-    milliseconds each time, several times per thousand calls. Frozen (`gc.freeze`),
-    they are no longer walked; objects made later are collected as before.
+    milliseconds each time, several times per thousand calls. So the garbage made
+    while starting is collected, and every object left frozen (`gc.freeze`): no
+    longer walked.
+
+    Objects made later are collected as before, less often: at the default
+    thresholds a scheduler that creates thousands of calls runs a young collection
+    every 700 new objects and walks its live calls again and again, finding nothing
+    (a finished run is freed by reference counting), a tenth of its time in a batch
+    of 2,000 calls. Collections run 14 times less often here; garbage in cycles is
+    freed a little later.
     """
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 def default_connection_limit(file_limit: int) -> int:

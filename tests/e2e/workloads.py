@@ -33,9 +33,10 @@ async def fan_out(n: int) -> list[int]:
 
 
 @dispatch.function
-def frozen_objects() -> int:
-    """How many objects dispatch.run() set aside from the garbage collector once started."""
-    return gc.get_freeze_count()
+def collector() -> tuple[int, int]:
+    """How many objects dispatch.run() set aside from the garbage collector once started,
+    and after how many new objects the collector runs."""
+    return gc.get_freeze_count(), gc.get_threshold()[0]
 
 
 @dispatch.function

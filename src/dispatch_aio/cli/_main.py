@@ -52,7 +52,7 @@ from .. import __version__
 from .._client import Call
 from .._function import check_function_name
 from .._logs import LOG_FORMAT, LOG_FORMATS, log_format_from_env
-from .._serving import freeze_startup_objects
+from .._serving import tune_garbage_collector
 from .._status import Status
 from ..proto.v1 import inspect_pb2
 from ..scheduler._ui import ui_address
@@ -594,7 +594,7 @@ async def _server_command(args: argparse.Namespace, console: Console) -> int:
     try:
         tracker = CallTracker()
         async with LocalScheduler(settings, tracker) as local:
-            freeze_startup_objects()  # the process is ours: see `_serving`
+            tune_garbage_collector()  # the process is ours: see `_serving`
             Progress(console, tracker)  # a line per finished top-level call
             exports = {
                 "DISPATCH_API_URL": local.api_url,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._logs import LOG_FORMAT
-from .._serving import freeze_startup_objects
+from .._serving import tune_garbage_collector
 from ..scheduler._ui import ui_address
 from ._console import Console, Style
 from ._progress import CallTracker, Progress
@@ -264,7 +264,7 @@ async def run_app(options: RunOptions, console: Console) -> int:
         async with LocalScheduler(settings, tracker) as local:
             if signals.received.is_set():
                 return _exit_status(-(signals.first or signal.SIGINT))
-            freeze_startup_objects()  # the process is ours: see `_serving`
+            tune_garbage_collector()  # the process is ours: see `_serving`
             # The engine's own set: no query of the calls at each refresh.
             progress = Progress(console, tracker, prefix=ours, running=local.running)
             console.line(f"{ours}scheduler API on {local.api_url}, calls kept in {local.database}")
