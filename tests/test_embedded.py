@@ -75,8 +75,8 @@ async def test_a_call_tree_runs_in_process_and_is_persisted(tmp_path: Path) -> N
 async def test_calls_run_while_the_process_submits_more(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # As with a store that commits at once: every submission on the loop's thread,
-    # with nothing to wait for.
+    # A submitter in process shares the loop with the calls' runs: even with a store
+    # as eager as can be to commit on the loop's thread, they run between submissions.
     monkeypatch.setattr(_sqlite, "_INLINE_MAX", 10.0)
     monkeypatch.setattr(_sqlite.SQLiteStore, "_idle", lambda self: True)
     dispatch = Dispatch(env={}, data_dir=str(tmp_path / "data"))

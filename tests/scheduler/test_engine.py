@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from google.protobuf import any_pb2, duration_pb2
 
-from dispatch_aio import Dispatch, errors
+from dispatch_aio import Call, Client, Dispatch, errors
 from dispatch_aio._status import status_for_http
 from dispatch_aio.proto.sdk.v1 import call_pb2, error_pb2, exit_pb2, function_pb2, status_pb2
 from dispatch_aio.scheduler import DEFAULT_EXPIRATION, RetryPolicy, Scheduler, SQLiteStore
@@ -810,9 +810,10 @@ class HintRecordingStore(Store):
 async def test_the_write_hints_alone_and_urgent(
     endpoint: ScriptedEndpoint, make_scheduler: MakeScheduler
 ) -> None:
-    """Alone: no other attempt in flight. Urgent: a submission, which its client awaits."""
+    """Alone: no other attempt in flight. Urgent: a submission a client awaits from afar."""
     store = HintRecordingStore()
     s = await make_scheduler(store, default_endpoint=endpoint.url)
+    await s.serve()
     gate = Gate()
     endpoint.on("child", gate.script())
 
@@ -824,19 +825,29 @@ async def test_the_write_hints_alone_and_urgent(
         return ok("done")
 
     endpoint.on("parent", parent)
-    [pid] = await s.dispatch([call("parent")])
+    assert s.url is not None
+    client = Client(api_key=API_KEY, api_url=s.url, endpoint_url=endpoint.url, env={})
+    async with client:
+        [pid] = await client.dispatch([Call("parent")])
     await endpoint.wait_for(lambda: len(endpoint.requests_for("child")) == 2)
     gate.release("a")
     await store.wait_writes(3)  # a's result is recorded while b still runs
     gate.release("b")
     async with asyncio.timeout(5):
         await s.wait(pid)
+    endpoint.on("alone", lambda req: ok("done"))
+    [other] = await s.dispatch([call("alone")])
+    async with asyncio.timeout(5):
+        await s.wait(other)
     assert store.writes == [
-        ("parent:PENDING", False, True),  # a submission: not an attempt, its client waits
+        ("parent:PENDING", False, True),  # through the API: not an attempt, its client waits
         ("child:PENDING child:PENDING parent:SUSPENDED", True, False),  # the parent's poll
         ("child:DONE", False, False),  # a finished while b ran
         # b's result resumed the parent at once: b's finish is written with the parent's
         ("parent:DONE child:DONE", True, False),
+        # In process: the submitter shares the loop with the runs a commit there holds up.
+        ("alone:PENDING", False, False),
+        ("alone:DONE", True, False),
     ]
 
 

@@ -240,7 +240,7 @@ class _Service:
                 f"{MAX_CALLS_PER_REQUEST} per request; submit them in several requests",
             )
         try:
-            ids = await self._engine.submit(req.calls, req.idempotency_keys)
+            ids = await self._engine.submit(req.calls, req.idempotency_keys, urgent=True)
         except InvalidCallError as exc:
             raise _ConnectError(400, "invalid_argument", str(exc)) from exc
         return _reply(dispatch_pb2.DispatchResponse(dispatch_ids=ids), as_json)

@@ -503,6 +503,7 @@ class Engine:
         idempotency_keys: Sequence[str] = (),
         *,
         with_ops: Sequence[Op] = (),
+        urgent: bool = False,
     ) -> list[str]:
         """Persist top-level calls atomically and start them.
 
@@ -513,6 +514,10 @@ class Engine:
                 created again: its dispatch id is the first submission's.
             with_ops: More writes committed in the same transaction as the calls (a
                 schedule's next firing time), even if every call existed already.
+            urgent: A client in another process waits for the answer with nothing
+                else to do (the scheduler API): the store may commit the calls on the
+                loop's thread (`WRITE_URGENT`). Not for a submitter in this process,
+                which shares the loop with the calls' runs that such a commit holds up.
 
         Returns:
             The dispatch ids, in the order of `calls`.
@@ -538,7 +543,7 @@ class Engine:
             more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
             raise InvalidCallError("; ".join(problems[:3]) + more)
         if not keyed:
-            return await self._create(calls, {}, with_ops=with_ops)
+            return await self._create(calls, {}, with_ops=with_ops, urgent=urgent)
         while busy := [self._keys_in_flight[k] for k in keyed if k in self._keys_in_flight]:
             await asyncio.wait(busy)
         done = asyncio.get_running_loop().create_future()
@@ -549,13 +554,13 @@ class Engine:
             try:
                 # Most keys are new (clients key every submission, for their retries):
                 # the write that stores them finds any taken, with no lookup first.
-                return await self._create(calls, keys, with_ops=with_ops)
+                return await self._create(calls, keys, with_ops=with_ops, urgent=urgent)
             except KeyTakenError:
                 pass  # submitted before: the calls found below are the answer
             for attempt in range(3):
                 known = await self._store.find_idempotency_keys(list(keyed), self._clock())
                 try:
-                    return await self._create(calls, keys, known, with_ops=with_ops)
+                    return await self._create(calls, keys, known, with_ops=with_ops, urgent=urgent)
                 except KeyTakenError:
                     # Another replica stored one of the keys meanwhile: its call is the
                     # answer, found at the next look.
@@ -574,6 +579,7 @@ class Engine:
         known: Mapping[str, str] | None = None,
         *,
         with_ops: Sequence[Op] = (),
+        urgent: bool = False,
     ) -> list[str]:
         """Create the calls whose key (by index in `keys`) is not `known`; return all ids."""
         default = self._settings.default_endpoint
@@ -602,7 +608,7 @@ class Engine:
             self._pruned_at = now
             ops.append(PruneIdempotencyKeys(now))
         if self._parts is None:
-            await self._write_submission(ops)
+            await self._write_submission(ops, urgent)
             self._created(records)
             for rec in records:
                 self._adopt(rec)
@@ -611,7 +617,7 @@ class Engine:
         submitting = self._parts.submitting
         submitting.update(rec.id for rec in records)  # their announcements: nothing to load
         try:
-            await self._write_submission(ops)
+            await self._write_submission(ops, urgent)
         finally:
             submitting.difference_update(rec.id for rec in records)
         self._created(records)
@@ -621,9 +627,10 @@ class Engine:
                 self._adopt(rec)
         return ids
 
-    async def _write_submission(self, ops: list[Op]) -> None:
-        """Write a submission, which its client waits for (`WRITE_URGENT`)."""
-        token = WRITE_URGENT.set(True)
+    async def _write_submission(self, ops: list[Op], urgent: bool) -> None:
+        """Write a submission, `WRITE_URGENT` if its client waits from afar."""
+        # Set here, not around `submit`: the calls' attempt tasks would inherit it.
+        token = WRITE_URGENT.set(urgent)
         try:
             await self._store.write(ops)
         finally:

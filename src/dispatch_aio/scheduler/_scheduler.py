@@ -395,11 +395,7 @@ class Scheduler:
             ValueError: A call is invalid; none was submitted.
             StoreError: The calls could not be persisted; none was submitted.
         """
-        ids = await self._require().submit(calls, idempotency_keys)
-        # The store may commit a submission without suspending (`WRITE_URGENT`): a caller
-        # in this process that submits call after call must still let its calls run.
-        await asyncio.sleep(0)
-        return ids
+        return await self._require().submit(calls, idempotency_keys)
 
     async def cancel(self, dispatch_id: str) -> int | None:
         """Cancel a call and every unfinished call below it.

@@ -14,8 +14,9 @@ the only thing the scheduler has in flight: a store that hands writes to a threa
 then commit it on the calling thread instead, since the event loop has nothing else to
 do meanwhile. It is a hint about cost only: what a write guarantees is the same.
 
-Through `WRITE_URGENT`, it tells a store that a client waits for a small write (a
-submission) while other work may be in flight: a store that hands writes to a thread
+Through `WRITE_URGENT`, it tells a store that a client in another process waits for a
+small write (a submission through the API) while other work may be in flight, none of
+it in the caller's way: a store that hands writes to a thread
 may commit it on the calling thread all the same when no other write is committing or
 has just committed (a single client submitting one call after another), and groups it
 with the others otherwise (many clients at once).
@@ -84,7 +85,7 @@ WRITE_ALONE = contextvars.ContextVar("dispatch_aio_scheduler_write_alone", defau
 """True while the engine writes with no other attempt in flight (see the module docstring)."""
 
 WRITE_URGENT = contextvars.ContextVar("dispatch_aio_scheduler_write_urgent", default=False)
-"""True while the engine writes what a client waits for (see the module docstring)."""
+"""True while the engine writes what a client waits for from afar (see the module docstring)."""
 
 WRITE_DEFERRABLE = contextvars.ContextVar("dispatch_aio_scheduler_write_deferrable", default=False)
 """True while the engine writes what nobody waits for yet (see the module docstring)."""

@@ -17,11 +17,12 @@ disk works while the loop goes on (a thread left to wait for the interpreter loc
 behind a busy loop would begin only once the loop next idles). A lock keeps the
 connection to one thread at a time.
 
-A small write a client waits for (`WRITE_URGENT`, a submission) is committed on the
-loop's thread too, though attempts may be in flight, when the store is idle: no write
-committing, and none committed within the time the last commit took. A client that
-submits one call after another then waits for one commit and no hand-off; writes that
-come in a burst (many clients) find the store busy and are grouped as usual.
+A small write a client waits for from another process (`WRITE_URGENT`, a submission
+through the API) is committed on the loop's thread too, though attempts may be in
+flight, when the store is idle: no write committing, and none committed within the time
+the last commit took. A client that submits one call after another then waits for one
+commit and no hand-off; writes that come in a burst (many clients) find the store busy
+and are grouped as usual.
 
 A write nobody waits for yet (`WRITE_DEFERRABLE`) waits in the queue, up to
 `DEFER_MAX`, for another write to start a transaction: submissions made one after the
