@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 
@@ -66,3 +67,67 @@ def test_invalid_options_are_refused() -> None:
         Environment(app, expiration=0)
     with pytest.raises(ValueError, match="max_attempts must be 0"):
         Environment(app, max_attempts=-1)
+
+
+@app.function(name="brief", expiration=60)
+async def brief(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "in time"
+
+
+@app.function(name="calls_brief")
+async def calls_brief(seconds: float) -> str:
+    try:
+        return await brief(seconds)
+    except TimeoutError as exc:
+        return f"caught: {exc}"
+
+
+async def test_a_function_expiration_policy_bounds_its_calls() -> None:
+    expired = "function 'brief': the call expired: it did not finish within 60 s"
+    async with Environment(app) as env:
+        assert await env.call(brief, 59) == "in time"
+        with pytest.raises(errors.DispatchTimeoutError, match=expired):
+            await env.call(brief, 61)
+        assert await env.call(calls_brief, 61) == f"caught: {expired}"  # made by a call
+        info = await env.run(calls_brief, 1)
+        child = info.children[0]
+        assert child.expires_at - child.created_at == 60
+        assert info.expires_at - info.created_at == 7 * 24 * 3600
+
+
+@app.function(name="dawdle", timeout=0.2, retry=dispatch_aio.RetryPolicy(max_attempts=3))
+async def dawdle(seconds: float) -> str:
+    tries.append(dispatch_aio.now().timestamp())
+    await asyncio.sleep(seconds)  # waited out within the attempt: it counts
+    return "answered"
+
+
+async def test_an_attempt_past_its_timeout_is_retried_then_fails_as_in_the_scheduler() -> None:
+    tries.clear()
+    async with Environment(app) as env:
+        assert await env.call(dawdle, 0.1) == "answered"
+        tries.clear()
+        timed_out = (
+            r"function 'dawdle': gave up after 3 failed attempts; the last one: "
+            r"the attempt outlived the function's timeout of 0\.2 s"
+        )
+        with pytest.raises(errors.DispatchTimeoutError, match=timed_out):
+            await env.call(dawdle, 0.6)
+    assert len(tries) == 3
+
+
+@app.function(name="stuck", timeout=0.1, retry=dispatch_aio.RetryPolicy(max_attempts=2))
+def stuck(seconds: float) -> str:
+    time.sleep(seconds)
+    return "unstuck"
+
+
+async def test_a_thread_past_its_timeout_is_cut_on_the_real_clock() -> None:
+    async with Environment(app, virtual_time=False) as env:
+        started = time.monotonic()
+        with pytest.raises(errors.DispatchTimeoutError, match=r"timeout of 0\.1 s"):
+            await env.call(stuck, 1.0)
+        assert time.monotonic() - started < 0.9  # cut, not waited for
+    async with Environment(app) as env:  # a thread takes no virtual time
+        assert await env.call(stuck, 0.2) == "unstuck"

@@ -12,6 +12,13 @@ full Poll semantics and no HTTP::
 Time is virtual: durable sleeps and timeouts of hours complete at once, with
 ``loop.time()`` and ``dispatch_aio.now()`` moving as if they had passed.
 
+A function's policies (``retry``, ``timeout``, ``expiration``, ``concurrency``,
+``rate_limit``) apply as the scheduler applies them, on the environment's clock. An
+attempt that outlives the function's ``timeout`` is a TIMEOUT answer, retried as its
+``retry`` says; a sleep inside the attempt counts, while work the event loop cannot
+see (a plain ``def`` in a thread or a process, a ``replay="process"`` worker) takes
+no virtual time: with ``virtual_time=False`` it counts in real time.
+
 Replay checking proves that a function is deterministic. ``replay="always"``
 turns the live cache off, so every round replays the function from its
 journal; ``shuffle=True`` delivers concurrent results in random order and
@@ -341,6 +348,8 @@ class CallInfo:
     divergences: int = 0
     """Runs of the call that diverged from their journal (with
     ``on_divergence="restart"`` each restarted the call from its input)."""
+    created_at: float = 0.0
+    """Clock time at which the call was made."""
     expires_at: float = math.inf
     """Clock time at which the call expires (fails with ``DispatchTimeoutError``), as the
     scheduler expires calls; a child never outlives its parent."""
@@ -392,7 +401,8 @@ class Environment:
         expiration: Seconds after which a call that has not finished fails with
             `errors.DispatchTimeoutError` (a ``TimeoutError``), as the scheduler
             expires calls: 7 days, so a durable sleep of 8 days fails here as it does
-            there. ``math.inf``: never.
+            there. ``math.inf``: never. A call's own expiration, else its function's
+            ``expiration`` policy, wins.
         workers: With ``replay="process"``, the `WorkerPool` to run requests
             in, to share its spare interpreters between environments; by
             default the environment starts a pool of its own and closes it.
@@ -686,13 +696,27 @@ class Environment:
         fn = self._functions.get(name)
         return None if fn is None else fn.fn
 
-    def _new_call(self, function: str, input: any_pb2.Any, parent: CallInfo | None) -> CallInfo:
+    def _new_call(
+        self,
+        function: str,
+        input: any_pb2.Any,
+        parent: CallInfo | None,
+        call: call_pb2.Call | None = None,
+    ) -> CallInfo:
         try:
             args, kwargs = _codec.decode_input(input)
         except _codec.DecodeError:
             args, kwargs = (input,), {}
-        info = CallInfo(str(len(self._calls) + 1), function, args, kwargs, parent)
-        info.expires_at = self.clock.time() + self._expiration
+        now = self.clock.time()
+        info = CallInfo(str(len(self._calls) + 1), function, args, kwargs, parent, created_at=now)
+        # As the scheduler: the call's own expiration, else its function's, else the default.
+        seconds = self._expiration
+        registered = self._functions.get(function)
+        if call is not None and call.expiration.ToNanoseconds() > 0:
+            seconds = call.expiration.ToNanoseconds() / 1e9
+        elif registered is not None and registered.policy.expiration is not None:
+            seconds = registered.policy.expiration
+        info.expires_at = now + seconds
         if parent is not None:
             info.expires_at = min(info.expires_at, parent.expires_at)
         self._calls.append(info)
@@ -725,7 +749,7 @@ class Environment:
         restarts = 0
         while True:
             if self.clock.time() >= info.expires_at:
-                return self._finish(info, Status.TIMEOUT, _expired(self._expiration))
+                return self._finish(info, Status.TIMEOUT, _expired(info))
             registered = self._functions.get(info.function)
             policy = registered.policy if registered is not None else None
             # As the scheduler: a first run or a retry takes a rate token; every attempt a
@@ -733,12 +757,12 @@ class Environment:
             starting = request.WhichOneof("directive") == "input"
             async with self._limits.attempt(info.function, policy, starting=starting):
                 with self._opaque(registered):
-                    response = await self._send(info, request)
-                    if _journal_needed(response) and info.id in self._journals:
-                        # Not live any more: the same resume, with the whole journal.
-                        whole = b"".join(d.segment for d in self._journals[info.id])
-                        request.poll_result.typed_coroutine_state.CopyFrom(pack_state(whole))
-                        response = await self._send(info, request)
+                    cut_at = policy.timeout if policy is not None else None
+                    response = await self._attempt(info, request, cut_at)
+            cut = None
+            if response is None:  # cut at the function's timeout: a TIMEOUT answer
+                cut = f"the attempt outlived the function's timeout of {cut_at:.6g} s"
+                response = _timed_out(info, cut)
             if response.WhichOneof("directive") == "poll":
                 request = await self._resume(info, request, response.poll)
                 continue
@@ -776,7 +800,47 @@ class Environment:
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
                 request = self._first_request(info, info.function, input)
                 continue
+            if retried and cut is not None:  # out of attempts: as the scheduler says it
+                failure = f"gave up after {info.attempts + 1} failed attempts; the last one: {cut}"
+                return self._finish(info, status, _timed_out(info, failure).exit.result)
             return self._finish(info, status, done.result)
+
+    async def _attempt(
+        self, info: CallInfo, request: function_pb2.RunRequest, cut_at: float | None
+    ) -> function_pb2.RunResponse | None:
+        """One attempt: its Run request, or None once it has taken `cut_at` seconds.
+
+        Seconds of the environment's clock, as the scheduler counts a function's
+        ``timeout``. As over HTTP, a run that outlives it goes on unobserved.
+        """
+        exchange = self._exchange(info, request)
+        if cut_at is None:
+            return await exchange
+        task = asyncio.ensure_future(exchange)
+        sleeper = asyncio.ensure_future(self.clock.sleep_until(self.clock.time() + cut_at))
+        try:
+            await asyncio.wait((task, sleeper), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            sleeper.cancel()
+        if task.done():
+            return task.result()
+        self._background.add(task)  # stopped when the environment closes
+        task.add_done_callback(_abandoned(self._background))
+        return None
+
+    async def _exchange(
+        self, info: CallInfo, request: function_pb2.RunRequest
+    ) -> function_pb2.RunResponse:
+        """Send a Run request; again with the whole journal if the run is not live."""
+        response = await self._send(info, request)
+        if _journal_needed(response) and info.id in self._journals:
+            whole = b"".join(d.segment for d in self._journals[info.id])
+            request.poll_result.typed_coroutine_state.CopyFrom(pack_state(whole))
+            response = await self._send(info, request)
+        return response
 
     def _opaque(
         self, function: Function[Any, Any] | None
@@ -877,7 +941,7 @@ class Environment:
                 info, request, poll, [], error_pb2.Error(type="Rejected", message=rejections.pop(0))
             )
         for call in poll.calls:
-            child = self._new_call(call.function, call.input, info)
+            child = self._new_call(call.function, call.input, info, call)
             if call.function == WAIT_EVENT:
                 task = asyncio.ensure_future(self._answer_wait(child, call))
             else:
@@ -1075,8 +1139,30 @@ async def check_journals(
     return reports
 
 
-def _expired(expiration: float) -> call_pb2.CallResult:
+def _abandoned(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    """A done callback for a run nobody waits for: forget it, and its error."""
+
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
+
+
+def _timed_out(info: CallInfo, failure: str) -> function_pb2.RunResponse:
+    """A TIMEOUT answer without a response, with the error the scheduler gives it."""
+    response = function_pb2.RunResponse(status=status_pb2.STATUS_TIMEOUT)
+    response.exit.result.error.type = Status.TIMEOUT.proto_name
+    response.exit.result.error.message = f"function {info.function!r}: {failure}"
+    return response
+
+
+def _expired(info: CallInfo) -> call_pb2.CallResult:
     """The result of a call that expired, as the scheduler writes it."""
-    message = f"the call expired: it did not finish within {expiration:.6g} s"
+    seconds = info.expires_at - info.created_at
+    message = (
+        f"function {info.function!r}: the call expired: it did not finish within {seconds:.6g} s"
+    )
     error = error_pb2.Error(type=Status.TIMEOUT.proto_name, message=message)
     return call_pb2.CallResult(error=error)
