@@ -6,6 +6,9 @@ this process against them (or, once the server stopped, against its database).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import signal
 import time
@@ -14,6 +17,13 @@ from pathlib import Path
 import pytest
 from e2e.harness import CLI, PYTHON, Starter, start_server
 from ports import free_port
+
+from dispatch_aio.cli._calls import offline_api
+from dispatch_aio.cli._console import Console
+from dispatch_aio.cli._inspect import InspectClient
+from dispatch_aio.proto.v1 import inspect_pb2
+from dispatch_aio.scheduler import SQLiteStore
+from dispatch_aio.scheduler.store import CallQuery
 
 from .apps import EXAMPLE_APP, write_app
 from .test_server import inspect
@@ -112,3 +122,35 @@ def test_a_call_made_while_the_app_is_down_shows_why_then_runs(
     )
     watch.send(signal.SIGINT)
     assert watch.wait(10) == 130
+
+
+async def test_an_offline_listing_stops_at_once_with_a_read_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(str(tmp_path / "scheduler.db"))
+    await store.open()
+    await store.close()
+    reading = asyncio.Event()
+
+    async def slow_read(self: SQLiteStore, query: CallQuery) -> list[object]:
+        reading.set()
+        await asyncio.sleep(20)  # a read the machine is slow to finish
+        return []
+
+    monkeypatch.setattr(SQLiteStore, "list_calls", slow_read)
+    console = Console(io.StringIO(), io.StringIO(), env={})
+
+    async def listing() -> None:
+        async with (
+            offline_api(str(tmp_path), console) as (url, key),
+            InspectClient(url, key) as client,
+        ):
+            await client.list_calls(inspect_pb2.ListCallsRequest())
+
+    task = asyncio.ensure_future(listing())
+    await asyncio.wait_for(reading.wait(), 10)
+    stopped = time.monotonic()
+    task.cancel()  # Ctrl-C: its own API server does not wait for that read
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - stopped < 5

@@ -309,7 +309,11 @@ async def offline_api(
     runner = None
     try:
         engine = cast(Engine, _StoredCalls(store, where))
-        runner = web.AppRunner(create_app(engine, store, api_key=key), access_log=None)
+        # Its only client is this command: once it stops (Ctrl-C), a read still in
+        # flight is not waited for.
+        runner = web.AppRunner(
+            create_app(engine, store, api_key=key), access_log=None, shutdown_timeout=1.0
+        )
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
