@@ -41,6 +41,26 @@ def wait_for_port(port: int, timeout: float = 15.0, proc: Proc | None = None) ->
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+@contextlib.contextmanager
+def _sigint_not_ignored() -> Iterator[None]:
+    """Let a process started meanwhile take SIGINT as a terminal would start it.
+
+    An ignored SIGINT is inherited: a suite run in the background (``pytest &``) has
+    one, and its processes would not stop on the SIGINT the tests send them.
+    """
+    ignored = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    )
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Proc:
     """A child process whose output is collected line by line."""
 
@@ -53,15 +73,16 @@ class Proc:
         stdout: int | None = None,
     ) -> None:
         self.args = list(args)
-        self.popen = subprocess.Popen(
-            self.args,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout is None else stdout,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        with _sigint_not_ignored():
+            self.popen = subprocess.Popen(
+                self.args,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout is None else stdout,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
         self.out: list[str] = []
         self.err: list[str] = []
         self._changed = threading.Condition()
