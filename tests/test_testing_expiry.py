@@ -94,6 +94,8 @@ async def test_a_function_expiration_policy_bounds_its_calls() -> None:
         child = info.children[0]
         assert child.expires_at - child.created_at == 60
         assert info.expires_at - info.created_at == 7 * 24 * 3600
+    async with Environment(app, replay="process") as env:  # a new process at each round
+        assert await env.call(calls_brief, 61) == f"caught: {expired}"
 
 
 @app.function(name="dawdle", timeout=0.2, retry=dispatch_aio.RetryPolicy(max_attempts=3))
@@ -115,6 +117,11 @@ async def test_an_attempt_past_its_timeout_is_retried_then_fails_as_in_the_sched
         with pytest.raises(errors.DispatchTimeoutError, match=timed_out):
             await env.call(dawdle, 0.6)
     assert len(tries) == 3
+    # Each request in a new process, which keeps time of its own: the same outcome.
+    async with Environment(app, replay="process") as env:
+        assert await env.call(dawdle, 0.1) == "answered"
+        with pytest.raises(errors.DispatchTimeoutError, match=timed_out):
+            await env.call(dawdle, 0.6)
 
 
 @app.function(name="stuck", timeout=0.1, retry=dispatch_aio.RetryPolicy(max_attempts=2))

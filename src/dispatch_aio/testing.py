@@ -816,8 +816,9 @@ class Environment:
         exchange = self._exchange(info, request)
         if cut_at is None:
             return await exchange
+        started = self.clock.time()
         task = asyncio.ensure_future(exchange)
-        sleeper = asyncio.ensure_future(self.clock.sleep_until(self.clock.time() + cut_at))
+        sleeper = asyncio.ensure_future(self.clock.sleep_until(started + cut_at))
         try:
             await asyncio.wait((task, sleeper), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -825,11 +826,19 @@ class Environment:
             raise
         finally:
             sleeper.cancel()
-        if task.done():
-            return task.result()
-        self._background.add(task)  # stopped when the environment closes
-        task.add_done_callback(_abandoned(self._background))
-        return None
+        if not task.done():
+            self._background.add(task)  # stopped when the environment closes
+            task.add_done_callback(self._forget)
+            return None
+        response = task.result()
+        # A worker process keeps time of its own: what it took shows once it answered.
+        return response if self.clock.time() - started < cut_at else None
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        """Drop a run nobody waits for any more, and its error with it."""
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()
 
     async def _exchange(
         self, info: CallInfo, request: function_pb2.RunRequest
@@ -1137,17 +1146,6 @@ async def check_journals(
     finally:
         await runner.aclose()
     return reports
-
-
-def _abandoned(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    """A done callback for a run nobody waits for: forget it, and its error."""
-
-    def done(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled():
-            task.exception()
-
-    return done
 
 
 def _timed_out(info: CallInfo, failure: str) -> function_pb2.RunResponse:
