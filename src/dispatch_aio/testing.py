@@ -15,9 +15,9 @@ Time is virtual: durable sleeps and timeouts of hours complete at once, with
 A function's policies (``retry``, ``timeout``, ``expiration``, ``concurrency``,
 ``rate_limit``) apply as the scheduler applies them, on the environment's clock. An
 attempt that outlives the function's ``timeout`` is a TIMEOUT answer, retried as its
-``retry`` says; a sleep inside the attempt counts, while work the event loop cannot
-see (a plain ``def`` in a thread or a process, a ``replay="process"`` worker) takes
-no virtual time: with ``virtual_time=False`` it counts in real time.
+``retry`` says; a sleep inside the attempt counts (in a ``replay="process"`` worker
+too), while work the event loop cannot see (a plain ``def`` in a thread or a process)
+takes no virtual time: with ``virtual_time=False`` it counts in real time.
 
 Replay checking proves that a function is deterministic. ``replay="always"``
 turns the live cache off, so every round replays the function from its
