@@ -829,19 +829,24 @@ async def _submit_local(
 def _not_done(call: inspect_pb2.CallInfo, timeout: float) -> str:
     """Why a call waited for has no result yet: it never ran, its attempts fail, or it runs."""
     what = f"call {call.dispatch_id} ({call.function})"
-    if call.state == inspect_pb2.CALL_STATE_PENDING and not call.polls:
-        if not call.attempts:
-            return (
-                f"{what} has not run after {timeout:g} s: the scheduler has made no attempt "
-                "yet (it is busy, or the call waits for its start time)"
-            )
-        if call.last_error:
-            return (
-                f"{what} has not run after {timeout:g} s: its {call.attempts} attempts "
-                f"failed, the last one with: {call.last_error}; it is retried until it "
-                "expires (is the app running and serving the function?)"
-            )
-    if call.last_error and call.state == inspect_pb2.CALL_STATE_PENDING:
+    pending = call.state == inspect_pb2.CALL_STATE_PENDING
+    running = call.state == inspect_pb2.CALL_STATE_RUNNING
+    if pending and not call.polls and not call.attempts:
+        return (
+            f"{what} has not run after {timeout:g} s: the scheduler has made no attempt "
+            "yet (it is busy, or the call waits for its start time)"
+        )
+    # A retry may be in flight when the wait ends: the attempts before it still say why.
+    failed = call.attempts - 1 if running else call.attempts
+    if (pending or running) and not call.polls and call.last_error and failed > 0:
+        plural = "s" if failed > 1 else ""
+        retry = "another is in flight and it" if running else "it"
+        return (
+            f"{what} has not run after {timeout:g} s: its {failed} attempt{plural} "
+            f"failed, the last one with: {call.last_error}; {retry} is retried until it "
+            "expires (is the app running and serving the function?)"
+        )
+    if call.last_error and pending:
         return (
             f"{what} has not finished after {timeout:g} s: its last attempt failed "
             f"({call.last_error}) and it is retried"
