@@ -89,11 +89,35 @@ _HOST_LOOP_HINT = (  # see host_loop_error()
 _CURRENT_TASKS: dict[asyncio.AbstractEventLoop, asyncio.Task[Any] | None] = getattr(
     asyncio.tasks, "_current_tasks", {}
 )
+if sys.version_info >= (3, 14):
+    # One current task per thread, not per loop: a host task that steps a durable loop
+    # steps aside while the durable tasks run (see _install()).
+    from asyncio.tasks import _swap_current_task
 _OTHER_LOOP = re.compile(r"got (?:Future )?(.*) attached to a different loop", re.DOTALL)
 
 
+def _install(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[asyncio.AbstractEventLoop | None, asyncio.Task[Any] | None]:
+    """Make `loop` the running loop; return what to give back to `_uninstall()`."""
+    host = asyncio.events._get_running_loop()
+    hidden = None
+    if sys.version_info >= (3, 14) and host is not None:
+        # Python 3.14 refuses to enter a task while another is current in the thread.
+        hidden = _swap_current_task(host, None)
+    asyncio.events._set_running_loop(loop)
+    return host, hidden
+
+
+def _uninstall(host: asyncio.AbstractEventLoop | None, hidden: asyncio.Task[Any] | None) -> None:
+    """Give the running loop, and its current task, back to the host."""
+    asyncio.events._set_running_loop(host)
+    if sys.version_info >= (3, 14) and hidden is not None:
+        _swap_current_task(host, hidden)
+
+
 def host_loop_error(exc: BaseException | None) -> HostLoopError | None:
-    """Explain asyncio's "attached to a different loop" error, if ``exc`` is one.
+    """Explain an error of an object used on the wrong event loop, if ``exc`` is one.
 
     The C task implementation throws it straight into the coroutine, so it is
     explained where it leaves the function rather than where it is raised. The
@@ -116,6 +140,16 @@ def host_loop_error(exc: BaseException | None) -> HostLoopError | None:
             "function, and every replay of one, has a loop of its own); create it inside "
             "the function and pass it to the tasks that share it. State shared between "
             "runs does not replay: share it through durable calls instead"
+        )
+    elif text == "Timeout context manager should be used inside a task":
+        # aiohttp's timeouts look their task up on the session's loop. Python 3.14 keeps
+        # one current task per thread, so a durable task is never current on the host loop.
+        error = HostLoopError(
+            "a durable function used an aiohttp ClientSession created outside it, on the "
+            "app's event loop: its timeouts look up the current task on that loop, which "
+            "Python 3.14 and later cannot show there while a durable function runs; create "
+            "the session inside the function, or run the request on the app's loop with "
+            "dispatch_aio.run_on_host()"
         )
     else:
         return None
@@ -186,7 +220,9 @@ class _HostAware(Coroutine[Any, _T, Any]):
     follows it (`DurableLoop._bridge`), so the operation runs on the host loop, as
     forwarded I/O does. While it steps, the task is also the host loop's current task:
     such objects look their task up on their own loop (aiohttp's timeouts do) and
-    must find, and cancel, the task that awaits them.
+    must find, and cancel, the task that awaits them. Python 3.14 keeps one current
+    task per thread, the durable loop's then: there such a lookup finds none (see
+    `host_loop_error`).
     """
 
     __slots__ = ("_coro", "_loop", "_task")
@@ -546,8 +582,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         ready = self._ready
         if not ready:
             return
-        host = asyncio.events._get_running_loop()
-        asyncio.events._set_running_loop(self)
+        host, hidden = _install(self)
         # Async generators first iterated here are finalized here, not on the host loop.
         hooks = sys.get_asyncgen_hooks()
         sys.set_asyncgen_hooks(firstiter=self._first_iter, finalizer=self._finalize_asyncgen)
@@ -573,7 +608,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
             self._stepping = False
             self._step_frame = None
             sys.set_asyncgen_hooks(*hooks)
-            asyncio.events._set_running_loop(host)
+            _uninstall(host, hidden)
         # Compared as lists, not counts: a thread that ended during the step would
         # hide one the function started.
         after = threading.enumerate()
@@ -770,8 +805,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
         """
         self.discarded = True
         tasks, self._parked_tasks = self._parked_tasks, []
-        host = asyncio.events._get_running_loop()
-        asyncio.events._set_running_loop(self)
+        host, hidden = _install(self)
         try:
             for task in tasks:
                 task._log_destroy_pending = False  # type: ignore[attr-defined]
@@ -782,7 +816,7 @@ class DurableLoop(asyncio.AbstractEventLoop):
                 except BaseException:
                     pass  # what its finally blocks raised: nobody is there to see it
         finally:
-            asyncio.events._set_running_loop(host)
+            _uninstall(host, hidden)
         self._ready.clear()
 
     # -- scheduling ------------------------------------------------------------
