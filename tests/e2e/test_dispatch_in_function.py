@@ -9,6 +9,7 @@ submission in the code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -108,6 +109,6 @@ def test_a_replayed_dispatch_returns_the_first_dispatch_id(procs: Starter, tmp_p
     # Submitted by three processes (a: three times, b: twice), one dispatch id each.
     assert [len([e for e in events if e[1] == "a"]), len(ids["a"]), len(ids["b"])] == [3, 1, 1]
     assert result == [*ids["a"], *ids["b"]]
-    with sqlite3.connect(tmp_path / ".dispatch" / "scheduler.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / ".dispatch" / "scheduler.db")) as db:
         rows = db.execute("SELECT input FROM calls WHERE function = 'child'").fetchall()
     assert len(rows) == 2, rows

@@ -62,7 +62,8 @@ def test_a_pickle_that_would_run_code_runs_nothing(tmp_path: Path) -> None:
     target = tmp_path / "ran"
     data = pickle.dumps([Trap(str(target))])
     modules = set(sys.modules)
-    parts = ", ".join(repr(part) for part in target.parts)
+    # What a path pickles as differs across Python versions (its parts, or its string).
+    parts = ", ".join(repr(part) for part in Path(str(target)).__reduce__()[1])
     assert preview_pickle(data) == f"[<touch(<PosixPath({parts})>)>]"
     assert preview_value(encode_value(Trap(str(target)))).startswith("<touch(")
     assert not target.exists()
