@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from endpoint_driver import serve_app
 
-from dispatch_aio import Dispatch, run_on_host
+from dispatch_aio import Dispatch, Function, run_on_host
 from dispatch_aio.errors import HostLoopError
 
 
@@ -72,6 +72,17 @@ async def server() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+def app_with_a_step(tmp_path: Path) -> tuple[Dispatch, Function[[int], int]]:
+    """An app that keeps no run live (every resume replays), and a function to call."""
+    dispatch = Dispatch(env={}, data_dir=str(tmp_path), cache_size=0)
+
+    @dispatch.function(name="step")
+    async def step(x: int) -> int:
+        return x + 1
+
+    return dispatch, step
+
+
 # Python 3.14 keeps one current task per thread: aiohttp's timeouts cannot find the
 # function's task on the session's loop (see test_a_shared_session_on_python_3_14).
 @pytest.mark.skipif(sys.version_info >= (3, 14), reason="asyncio's current task is per thread")
@@ -82,12 +93,8 @@ async def test_a_shared_session_and_pool_work_inside_durable_functions(
     errors: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: errors.append(context))
-    dispatch = Dispatch(env={}, data_dir=str(tmp_path), cache_size=0)
+    dispatch, step = app_with_a_step(tmp_path)
     pool = Pool()
-
-    @dispatch.function(name="step")
-    async def step(x: int) -> int:
-        return x + 1
 
     async with aiohttp.ClientSession() as session:  # the app's own, made on the host loop
 
@@ -132,12 +139,8 @@ async def test_a_shared_session_and_pool_work_inside_durable_functions(
 async def test_a_shared_session_on_python_3_14_says_what_to_do_and_run_on_host_works(
     tmp_path: Path, server: str
 ) -> None:
-    dispatch = Dispatch(env={}, data_dir=str(tmp_path), cache_size=0)
+    dispatch, step = app_with_a_step(tmp_path)
     pool = Pool()
-
-    @dispatch.function(name="step")
-    async def step(x: int) -> int:
-        return x + 1
 
     async with aiohttp.ClientSession() as session:  # the app's own, made on the host loop
 
