@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +31,14 @@ dispatch = Dispatch(env={}, api_url="http://127.0.0.1:9", endpoint_addr="127.0.0
 def pid_and_square(x: int) -> tuple[int, int]:
     """Runs in a pool process: module level, found there by name."""
     return os.getpid(), x * x
+
+
+@dispatch.function(executor="process")
+def crash(log: str) -> None:
+    """Ends its pool process without an answer, as a crash or a kill would."""
+    with open(log, "a") as out:
+        out.write("ran\n")
+    os._exit(3)
 
 
 @pytest.fixture
@@ -159,3 +168,26 @@ async def test_a_blocking_def_finishes_on_the_testing_environment_s_virtual_time
         info = await env.run(fan)
         assert env.clock.time() - before < 60
     assert (info.output, info.error) == ([0, 1, 2, 3], None)
+
+
+async def test_a_process_that_dies_is_named_retried_and_replaced(tmp_path: Path) -> None:
+    app = Dispatch(env={"DISPATCH_DATA_DIR": str(tmp_path)})
+    retry = dispatch_aio.RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.02)
+    app.function(name="crash", executor="process", retry=retry)(crash.__wrapped__)
+    app.function(name="pid_and_square", executor="process")(pid_and_square.__wrapped__)
+
+    async with await app.start():
+        log = tmp_path / "crash.log"
+        with pytest.raises(BrokenProcessPool) as info:
+            await app.client.result(await app.functions["crash"].dispatch(str(log)), timeout=60)
+        # The pool that broke was replaced: the next call runs.
+        _, square = await app.client.result(
+            await app.functions["pid_and_square"].dispatch(5), timeout=30
+        )
+    message = str(info.value)
+    assert "the process that runs 'crash' (executor='process')" in message
+    assert "ended without an answer" in message
+    assert 'must be under `if __name__ == "__main__":`' in message
+    # Retried: a process that died is a temporary failure, up to the policy's attempts.
+    assert log.read_text() == "ran\n" * 2
+    assert square == 25

@@ -679,8 +679,8 @@ class Dispatch:
             self._runner = Runner(self._lookup, classifier=self._classifier, **self._runner_options)
         return self._runner
 
-    def _process_pool(self) -> Any:
-        return self._processes.get()
+    def _process_pools(self) -> ProcessPools:
+        return self._processes
 
     def _divergence_policy(self, name: str) -> DivergencePolicy | None:
         function = self._functions.get(name)

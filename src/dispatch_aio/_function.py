@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar
 
 from ._codec import encode_input
 from ._policy import FunctionPolicy
-from ._sync import EXECUTORS, Executor, sync_runner
+from ._sync import EXECUTORS, Executor, ProcessPools, sync_runner
 from .durable import DivergencePolicy, TailCall, durable_call, in_durable_function
 from .errors import ConfigurationError
 
@@ -106,7 +106,7 @@ class Function(Generic[P, R]):
                 "`def` that returns its result"
             )
         else:
-            coro_fn = sync_runner(fn, executor or "thread", self._process_pool)
+            coro_fn = sync_runner(fn, executor or "thread", self._process_pools)
         self._sync = not inspect.iscoroutinefunction(fn)
         self._fn = coro_fn
         self._name = check_function_name(name if name is not None else fn.__qualname__)
@@ -127,8 +127,8 @@ class Function(Generic[P, R]):
         """Whether the function is a plain ``def`` run in a thread or a process."""
         return self._sync
 
-    def _process_pool(self) -> Any:
-        return None if self._owner is None else self._owner._process_pool()
+    def _process_pools(self) -> ProcessPools | None:
+        return None if self._owner is None else self._owner._process_pools()
 
     @property
     def on_divergence(self) -> DivergencePolicy | None:

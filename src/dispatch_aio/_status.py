@@ -17,6 +17,7 @@ __all__ = [
 ]
 
 import asyncio
+import concurrent.futures
 import enum
 import errno
 import logging
@@ -382,6 +383,9 @@ def _default_error_status(exc: BaseException) -> Status:
         # retries. asyncio never restarts a cancelled task, and neither do we: the
         # caller gets the error at once.
         return Status.PERMANENT_ERROR
+    if isinstance(exc, concurrent.futures.BrokenExecutor):
+        # A process of the pool died (killed, out of memory) or could not start.
+        return Status.TEMPORARY_ERROR
     if isinstance(exc, KeyboardInterrupt):
         # The worker was interrupted, not the call at fault: run it again elsewhere.
         return Status.TEMPORARY_ERROR

@@ -9,6 +9,7 @@ import concurrent.futures
 import functools
 import importlib
 from collections.abc import Callable, Coroutine
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal
 
 Executor = Literal["thread", "process"]
@@ -26,6 +27,12 @@ class ProcessPools:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor()
         return self._pool
+
+    def discard(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        """Drop a pool that broke (a process died or could not start); the next use starts one."""
+        if self._pool is pool:
+            self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def shutdown(self) -> None:
         """Stop the pool's processes once their work is done (without waiting)."""
@@ -47,10 +54,20 @@ def _call_by_name(module: str, qualname: str, args: tuple[Any, ...], kwargs: dic
     return target(*args, **kwargs)
 
 
+def _broken(fn: Callable[..., Any], exc: BaseException) -> BrokenProcessPool:
+    return BrokenProcessPool(
+        f"the process that runs {fn.__qualname__!r} (executor='process') could not start or "
+        f"ended without an answer ({type(exc).__name__}: {exc}): it crashed or was killed, "
+        "or the app failed in it. Such a process imports the app's main module where Python "
+        "starts it afresh (on Python 3.14 and later, on macOS and on Windows): code that "
+        'starts the app at the top level of its script must be under `if __name__ == "__main__":`'
+    )
+
+
 def sync_runner(
     fn: Callable[..., Any],
     executor: Executor,
-    pool: Callable[[], concurrent.futures.Executor | None],
+    pools: Callable[[], ProcessPools | None],
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     """Return a coroutine function running ``fn`` in a thread or a process.
 
@@ -71,7 +88,20 @@ def sync_runner(
         loop = asyncio.get_running_loop()
         if executor == "process":
             work = functools.partial(_call_by_name, fn.__module__, fn.__qualname__, args, kwargs)
-            return await loop.run_in_executor(pool(), work)
+            owner = pools()
+            if owner is None:
+                return await loop.run_in_executor(None, work)
+            pool = owner.get()
+            try:
+                done = loop.run_in_executor(pool, work)  # starts the processes: may fail
+            except (BrokenProcessPool, OSError) as exc:
+                owner.discard(pool)
+                raise _broken(fn, exc) from exc
+            try:
+                return await done
+            except BrokenProcessPool as exc:
+                owner.discard(pool)
+                raise _broken(fn, exc) from exc
         return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
     return run
