@@ -7,7 +7,10 @@ scheduler on a real SQLite file.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -191,3 +194,47 @@ async def test_a_process_that_dies_is_named_retried_and_replaced(tmp_path: Path)
     # Retried: a process that died is a temporary failure, up to the policy's attempts.
     assert log.read_text() == "ran\n" * 2
     assert square == 25
+
+
+SCRIPT = """\
+import asyncio
+import json
+import os
+
+from dispatch_aio import Dispatch
+
+dispatch = Dispatch()
+
+
+@dispatch.function(executor="process")
+def pid_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+@dispatch.function
+async def work(x: int) -> list:
+    return [await pid_and_square(x), os.getpid()]
+
+
+async def main() -> None:
+    async with await dispatch.start():
+        print(json.dumps(await dispatch.client.result(await work.dispatch(7))))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_process_function_of_a_script_runs_in_a_pool_process(tmp_path: Path) -> None:
+    # The function lives in the script's __main__: forked pool processes have it, and
+    # those Python starts afresh (3.14 and later) import the script again to find it.
+    (tmp_path / "app.py").write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+    done = subprocess.run(
+        [sys.executable, "app.py"], cwd=tmp_path, env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    [[pool_pid, square], app_pid] = json.loads(done.stdout.decode().splitlines()[-1])
+    assert square == 49
+    assert pool_pid != app_pid
