@@ -4,6 +4,7 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures.process import BrokenProcessPool
 
 import aiohttp
 import pytest
@@ -299,6 +300,8 @@ ERROR_CASES: list[tuple[str, Callable[[], BaseException], Status]] = [
     ("ZeroDivisionError", lambda: ZeroDivisionError(), Status.PERMANENT_ERROR),
     ("Exception", lambda: Exception(), Status.PERMANENT_ERROR),
     ("KeyboardInterrupt", lambda: KeyboardInterrupt(), Status.TEMPORARY_ERROR),
+    # A process of the pool died or could not start: another may do
+    ("BrokenProcessPool", lambda: BrokenProcessPool("died"), Status.TEMPORARY_ERROR),
     ("SystemExit", lambda: SystemExit(1), Status.PERMANENT_ERROR),
 ]
 
